@@ -1,0 +1,87 @@
+"""`expqa` command line: the pipeline stages (run from a checkout) plus `ask` and `params`.
+
+Stage subcommands run the checkout's own `stages/<name>.py`, the same scripts `dvc repro` calls, so there is one
+implementation of each stage. `expqa <stage> --help` shows its options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import runpy
+import sys
+from pathlib import Path
+
+STAGES = {
+    "base": "materialise models/base from params model.*",
+    "collect": "import a Stack Exchange Posts.xml dump into ChatML JSONL",
+    "combine": "validate, deduplicate, weight and split the raw data into data/processed",
+    "stats": "dataset statistics and token-length histogram (metrics/data_stats.json)",
+    "train": "QLoRA fine-tuning into models/adapter",
+    "merge": "merge the adapter into the base weights (models/merged), verified",
+    "evaluate": "base vs fine-tuned report (metrics/eval.json)",
+}
+
+
+def find_project(start: Path | None = None) -> Path:
+    """The checkout root: the nearest folder (upwards) with dvc.yaml and stages/."""
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "dvc.yaml").exists() and (folder / "stages").is_dir():
+            return folder
+    raise SystemExit("error: not inside an expqa checkout (no dvc.yaml + stages/ here or above); "
+                     "cd into the repository first")
+
+
+def run_stage(name: str, argv: list[str]) -> int:
+    script = find_project() / "stages" / f"{name}.py"
+    if not script.exists():
+        raise SystemExit(f"error: {script} does not exist")
+    module = runpy.run_path(str(script), run_name="expqa_stage")
+    return module["main"](argv)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="expqa", description="Reproducible QLoRA fine-tuning for "
+                                     "experimentation and statistics Q&A. Stages are normally run by `dvc repro`.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, text in STAGES.items():
+        sub.add_parser(name, help=text, add_help=False)
+    sub.add_parser("ask", help="answer a question with the fine-tuned model (streams tokens)", add_help=False)
+    sub.add_parser("params", help="print every params.yaml key with its meaning")
+    return parser
+
+
+def print_params_help() -> None:
+    from expqa import config
+
+    for section, cls in [("base", config.BaseConfig), ("model", config.ModelConfig),
+                         ("collect", config.CollectConfig), ("data", config.DataConfig),
+                         ("quantization", config.QuantizationConfig), ("lora", config.LoRAConfig),
+                         ("train", config.TrainingConfig), ("eval", config.EvalConfig)]:
+        print(f"{section}:")
+        for key, text in config.section_help(cls).items():
+            print(f"  {key:30s} {text}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command in STAGES:
+        return run_stage(command, rest)
+    if command == "ask":
+        from expqa.ask import main as ask_main
+
+        return ask_main(rest)
+    if command == "params":
+        print_params_help()
+        return 0
+    parser.parse_args(argv)  # prints the usage error for an unknown command
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

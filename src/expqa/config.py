@@ -1,0 +1,357 @@
+"""Typed configuration: one dataclass per params.yaml section, one loader, errors that name the key.
+
+Every value lives in params.yaml where DVC sees it; nothing here supplies a hidden default at load time
+(the dataclass defaults only document the seed's values and feed tests). Unknown keys, wrong types and invalid
+values are collected and reported together, each with its dotted key, file:line, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+EMBEDDED_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+class ConfigError(ValueError):
+    """One or more invalid configuration values; the message lists them all (one line when there is one)."""
+
+    def __init__(self, problems: list[str] | str):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        if len(self.problems) == 1:
+            super().__init__(self.problems[0])
+        else:
+            super().__init__(f"{len(self.problems)} configuration problems:\n  " + "\n  ".join(self.problems))
+
+
+def _help(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: json.loads(json.dumps(d)), metadata={"help": text})
+    return field(default=default, metadata={"help": text}, **kw)
+
+
+@dataclass
+class BaseConfig:
+    seed: int = _help("Seed for data splitting, LoRA init, shuffling and sampling.", 42)
+
+
+@dataclass
+class ModelConfig:
+    name: str = _help("Base model: the embedded default, a hub id (e.g. meta-llama/Llama-3.2-3B-Instruct) or a "
+                      "local directory in Hugging Face layout.", EMBEDDED_MODEL)
+    revision: str = _help("Hub revision (branch, tag or commit) for hub ids; ignored otherwise.", "main")
+
+    def validate(self) -> list[str]:
+        return [] if self.name.strip() else ["model.name is empty; give a hub id or a local directory"]
+
+
+@dataclass
+class CollectConfig:
+    tags: list[str] = _help("Keep Stack Exchange questions with any of these tags; [] keeps all.", [])
+    min_question_score: int = _help("Minimum question score.", 1)
+    min_answer_score: int = _help("Minimum score of a non-accepted answer.", 2)
+    min_answer_chars: int = _help("Skip answers shorter than this (Markdown characters).", 80)
+    max_answer_chars: int = _help("Skip answers longer than this (Markdown characters).", 6000)
+    site_url: str = _help("Site the dump comes from; used for attribution URLs.", "https://stats.stackexchange.com")
+
+    def validate(self) -> list[str]:
+        if self.min_answer_chars > self.max_answer_chars:
+            return [f"collect.min_answer_chars ({self.min_answer_chars}) > collect.max_answer_chars "
+                    f"({self.max_answer_chars})"]
+        return []
+
+
+@dataclass
+class DataConfig:
+    weights: dict[str, float] = _help("Sampling weight of each source in the train split (seed: --cv-weight 2.0 "
+                                      "--arxiv-weight 1.0); 2.5 = 2 copies + a 50 % chance of a third.",
+                                      {"cross_validated": 2.0, "arxiv_synthetic": 1.0})
+    test_fraction: float = _help("Holdout share for the final evaluation (seed: 10 %).", 0.10)
+    val_fraction: float = _help("Share used for eval loss during training.", 0.05)
+    on_invalid: str = _help("What to do with an invalid row: error (stop, name file:line) or skip (quarantine).",
+                            "error")
+
+    def validate(self) -> list[str]:
+        errors = [f"data.weights.{k} is {v}; weights must be >= 0" for k, v in self.weights.items() if v < 0]
+        if not 0 <= self.test_fraction < 1 or not 0 <= self.val_fraction < 1 \
+                or self.test_fraction + self.val_fraction >= 1:
+            errors.append(f"data.test_fraction ({self.test_fraction}) and data.val_fraction ({self.val_fraction}) "
+                          "must be in [0, 1) and sum to less than 1")
+        if self.on_invalid not in ("error", "skip"):
+            errors.append(f"data.on_invalid is {self.on_invalid!r}; allowed: error, skip")
+        return errors
+
+
+@dataclass
+class QuantizationConfig:
+    load_in_4bit: bool = _help("QLoRA: load the frozen base in 4-bit (bitsandbytes). false = plain LoRA on "
+                               "full-precision weights (faster on CPU).", True)
+    bnb_4bit_quant_type: str = _help("4-bit data type: nf4 or fp4.", "nf4")
+    bnb_4bit_use_double_quant: bool = _help("Quantise the quantisation constants too (~0.4 bit/param saved).", True)
+    bnb_4bit_compute_dtype: str = _help("Dtype of the de-quantised matmuls: bfloat16, float16 or float32.",
+                                        "bfloat16")
+
+    def validate(self) -> list[str]:
+        errors = []
+        if self.bnb_4bit_quant_type not in ("nf4", "fp4"):
+            errors.append(f"quantization.bnb_4bit_quant_type is {self.bnb_4bit_quant_type!r}; allowed: nf4, fp4")
+        if self.bnb_4bit_compute_dtype not in ("bfloat16", "float16", "float32"):
+            errors.append(f"quantization.bnb_4bit_compute_dtype is {self.bnb_4bit_compute_dtype!r}; "
+                          "allowed: bfloat16, float16, float32")
+        return errors
+
+
+@dataclass
+class LoRAConfig:
+    r: int = _help("LoRA rank.", 16)
+    alpha: int = _help("LoRA scaling numerator (scale = alpha / r); usually 2 * r.", 32)
+    dropout: float = _help("Dropout on the LoRA input, in [0, 1).", 0.05)
+    target_modules: list[str] = _help("Linear layers that get adapters (all 7 Llama projections).", LLAMA_PROJECTIONS)
+
+    def validate(self) -> list[str]:
+        errors = []
+        if self.r <= 0:
+            errors.append(f"lora.r is {self.r}; must be a positive integer (typical: 8, 16, 32, 64)")
+        if self.alpha <= 0:
+            errors.append(f"lora.alpha is {self.alpha}; must be positive (usually 2 * lora.r)")
+        if not 0 <= self.dropout < 1:
+            errors.append(f"lora.dropout is {self.dropout}; must be in [0, 1)")
+        if not self.target_modules:
+            errors.append("lora.target_modules is empty; list at least one linear layer, e.g. q_proj")
+        return errors
+
+
+@dataclass
+class TrainingConfig:
+    per_device_train_batch_size: int = _help("Sequences per device per micro-batch.", 2)
+    gradient_accumulation_steps: int = _help("Micro-batches per optimizer step (effective batch = product).", 4)
+    learning_rate: float = _help("Peak learning rate.", 2e-4)
+    lr_scheduler_type: str = _help("Schedule after warmup: cosine, linear or constant.", "cosine")
+    warmup_ratio: float = _help("Share of optimizer steps spent warming up, in [0, 1).", 0.03)
+    num_train_epochs: float = _help("Passes over the train split (ignored when max_steps > 0).", 3.0)
+    max_steps: int = _help("Stop after this many optimizer steps; -1 = use num_train_epochs.", -1)
+    optim: str = _help("Optimizer: paged_adamw_8bit, adamw_8bit, adamw_torch, adamw_torch_fused.", "paged_adamw_8bit")
+    weight_decay: float = _help("AdamW weight decay on LoRA weights.", 0.0)
+    max_grad_norm: float = _help("Gradient clipping norm.", 0.3)
+    max_seq_length: int = _help("Tokens per conversation; longer ones are truncated (counted in data stats).", 2048)
+    gradient_checkpointing: bool = _help("Recompute activations in backward: less memory, ~30 % more compute.", True)
+    bf16: bool = _help("bf16 mixed precision where the hardware supports it (fp32 otherwise).", True)
+    logging_steps: int = _help("Log loss, lr and grad norm every N optimizer steps.", 10)
+    eval_steps: int = _help("Evaluate on the val split every N optimizer steps.", 100)
+    save_steps: int = _help("Write a resumable checkpoint every N optimizer steps.", 500)
+    save_total_limit: int = _help("Checkpoints kept (older ones are deleted).", 3)
+    num_threads: int = _help("CPU threads for torch; 0 = torch's default. Fixed for reproducible CPU runs.", 0)
+
+    def validate(self) -> list[str]:
+        errors = []
+        for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_seq_length",
+                    "logging_steps", "eval_steps", "save_steps", "save_total_limit"):
+            if getattr(self, key) <= 0:
+                errors.append(f"train.{key} is {getattr(self, key)}; must be a positive integer")
+        if self.learning_rate <= 0:
+            errors.append(f"train.learning_rate is {self.learning_rate}; must be > 0 (seed: 2e-4)")
+        if self.lr_scheduler_type not in ("cosine", "linear", "constant", "constant_with_warmup"):
+            errors.append(f"train.lr_scheduler_type is {self.lr_scheduler_type!r}; "
+                          "allowed: cosine, linear, constant, constant_with_warmup")
+        if not 0 <= self.warmup_ratio < 1:
+            errors.append(f"train.warmup_ratio is {self.warmup_ratio}; must be in [0, 1)")
+        if self.max_steps <= 0 and self.max_steps != -1:
+            errors.append(f"train.max_steps is {self.max_steps}; use a positive count or -1 (epochs decide)")
+        if self.max_steps == -1 and self.num_train_epochs <= 0:
+            errors.append(f"train.num_train_epochs is {self.num_train_epochs}; must be > 0")
+        allowed_optim = ("paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw_torch", "adamw_torch_fused")
+        if self.optim not in allowed_optim:
+            errors.append(f"train.optim is {self.optim!r}; allowed: {', '.join(allowed_optim)}")
+        if self.num_threads < 0:
+            errors.append(f"train.num_threads is {self.num_threads}; use 0 (default) or a positive count")
+        return errors
+
+
+@dataclass
+class EvalConfig:
+    max_new_tokens: int = _help("Longest generated answer for ROUGE and stop-rate.", 256)
+    batch_size: int = _help("Prompts per generation / scoring batch.", 8)
+    max_examples: int = _help("Evaluate at most this many test conversations; 0 = all.", 0)
+    critical_questions: str = _help("Multiple-choice question set (JSONL) scored by log-likelihood.",
+                                    "data/eval/critical_questions.jsonl")
+
+    def validate(self) -> list[str]:
+        errors = [f"eval.{k} is {getattr(self, k)}; must be a positive integer"
+                  for k in ("max_new_tokens", "batch_size") if getattr(self, k) <= 0]
+        if self.max_examples < 0:
+            errors.append(f"eval.max_examples is {self.max_examples}; use 0 (all) or a positive count")
+        return errors
+
+
+@dataclass
+class Params:
+    base: BaseConfig = field(default_factory=BaseConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    collect: CollectConfig = field(default_factory=CollectConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    train: TrainingConfig = field(default_factory=TrainingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    # Partial overrides applied only when no CUDA device is present, so that the seed's GPU values stay the
+    # defaults for Llama 3.2 3B while `make repro` on a 2-core laptop finishes in minutes. Same shape as above.
+    cpu: dict = field(default_factory=dict, metadata={"help": "Overrides applied on CPU-only machines."})
+
+    def for_device(self, cuda: bool) -> "Params":
+        """The params that actually run: `cpu` overrides merged in when there is no GPU."""
+        if cuda or not self.cpu:
+            return self
+        raw = dataclasses.asdict(self)
+        raw.pop("cpu")
+        return params_from_dict(_deep_merge(raw, self.cpu), source="params.yaml (cpu overrides)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# loading and checking
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _key_lines(text: str, path: str) -> dict[str, str]:
+    """Map dotted keys to "file:line", so errors can point into the YAML file."""
+    lines: dict[str, str] = {}
+
+    def walk(node: yaml.Node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                dotted = f"{prefix}{key_node.value}"
+                lines[dotted] = f"{path}:{key_node.start_mark.line + 1}"
+                walk(value_node, dotted + ".")
+
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+    if root is not None:
+        walk(root, "")
+    return lines
+
+
+def _type_ok(value: Any, annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        return isinstance(value, list) and all(_type_ok(v, item) for v in value)
+    if origin is dict or annotation is dict:
+        args = typing.get_args(annotation)
+        return isinstance(value, dict) and (not args or all(
+            _type_ok(k, args[0]) and _type_ok(v, args[1]) for k, v in value.items()))
+    return True
+
+
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", None) if typing.get_origin(annotation) is None else str(annotation)
+
+
+def params_from_dict(raw: dict, source: str = "params.yaml", key_lines: dict[str, str] | None = None) -> Params:
+    """Build and validate Params (and the `cpu` overrides merged in); raise one ConfigError listing every problem."""
+    key_lines = key_lines or {}
+    errors: list[str] = []
+
+    def where(key: str) -> str:
+        return key_lines.get(key, source)
+
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections (base, model, data, ...), got {type(raw).__name__}")
+    sections: dict[str, Any] = {}
+    hints = typing.get_type_hints(Params)
+    for name, value in raw.items():
+        if name not in hints:
+            errors.append(f"{where(name)}: unknown section '{name}'; known: {', '.join(hints)}")
+            continue
+        cls = hints[name]
+        if cls is dict:
+            sections[name] = value or {}
+            continue
+        if not isinstance(value, dict):
+            errors.append(f"{where(name)}: section '{name}' must be a mapping")
+            continue
+        field_types = typing.get_type_hints(cls)
+        kwargs = {}
+        for key, item in value.items():
+            dotted = f"{name}.{key}"
+            if key not in field_types:
+                errors.append(f"{where(dotted)}: unknown key '{dotted}'; known keys in {name}: "
+                              f"{', '.join(field_types)}")
+            elif not _type_ok(item, field_types[key]):
+                errors.append(f"{where(dotted)}: {dotted} is {item!r} ({type(item).__name__}); "
+                              f"expected {_type_name(field_types[key])}")
+            else:
+                kwargs[key] = float(item) if field_types[key] is float else item
+        sections[name] = cls(**kwargs)
+    params = Params(**sections)
+    for name in hints:
+        section = getattr(params, name)
+        if hasattr(section, "validate"):
+            for message in section.validate():
+                key = message.split(" ", 1)[0]
+                errors.append(f"{where(key)}: {message}")
+    if not errors and params.cpu:
+        # check the CPU overrides now, not only on the first CPU machine that runs them
+        merged = _deep_merge({k: v for k, v in raw.items() if k != "cpu"}, params.cpu)
+        cpu_lines = {k[len("cpu."):]: v for k, v in key_lines.items() if k.startswith("cpu.")}
+        try:
+            params_from_dict(merged, f"{source} (cpu overrides)", {**key_lines, **cpu_lines})
+        except ConfigError as exc:
+            errors.extend(exc.problems)
+    if errors:
+        raise ConfigError(errors)
+    return params
+
+
+def read_config_file(path: str | Path) -> tuple[dict, dict[str, int]]:
+    """Read a YAML or JSON config file; return its mapping and the line of every key."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: file not found")
+    text = path.read_text(encoding="utf-8")
+    try:
+        raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot parse: {exc}") from None
+    return raw or {}, ({} if path.suffix == ".json" else _key_lines(text, str(path)))
+
+
+def load_params(path: str | Path = "params.yaml", override: str | Path | None = None) -> Params:
+    """Load params.yaml, optionally merge a partial override file (`--config my.yaml`), validate."""
+    raw, lines = read_config_file(path)
+    source = str(path)
+    if override is not None:
+        extra, extra_lines = read_config_file(override)
+        if not isinstance(extra, dict):
+            raise ConfigError(f"{override}: expected a mapping like {{lora: {{r: 32}}}}")
+        # keys set by the override file are reported against it
+        return params_from_dict(_deep_merge(raw, extra), f"{source} + {override}", {**lines, **extra_lines})
+    return params_from_dict(raw, source, lines)
+
+
+def section_help(cls: type) -> dict[str, str]:
+    """Help text of each field, for `expqa params` and for tests that check params.yaml comments."""
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}

@@ -1,0 +1,792 @@
+"""Import a Stack Exchange data dump (Posts.xml) into ChatML JSON Lines.
+
+Each output line pairs one question (title + body) with one answer: the accepted answer when
+the dump has it, else the highest-scoring answer above a threshold. Bodies are converted from
+the dump's HTML to Markdown by `html_to_markdown`.
+
+Memory stays bounded on multi-GB dumps: the XML is streamed twice and everything that grows
+with the dump lives in a temporary SQLite database next to the output, never in Python objects.
+  pass 1  per-post integers only (id, parent, score, accepted id, tag match)
+  choose  one answer per question, in SQL
+  pass 2  Markdown of the chosen questions and answers only
+  write   joined rows in question-Id order, to a temp file renamed over the output
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import sqlite3
+import tempfile
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import urlparse
+
+DEFAULT_LICENSE = "CC BY-SA 4.0"
+QUESTION_TYPE = 1
+ANSWER_TYPE = 2
+DUMP_HINT = (
+    "check that the dump was fully downloaded and extracted (e.g. `7z t site.7z`, then extract "
+    "again)"
+)
+
+
+class DumpError(ValueError):
+    """A Posts.xml that cannot be imported; the message names file, line and the fix."""
+
+
+# --------------------------------------------------------------------------------------------
+# HTML -> Markdown
+#
+# Stack Exchange bodies are sanitised, well-formed HTML rendered from Markdown, so a small tree
+# builder plus a recursive renderer is enough. Text is never Markdown-escaped: the bodies were
+# written as Markdown and TeX in the first place, and escaping would mangle `$a_i * b$`.
+# --------------------------------------------------------------------------------------------
+
+VOID_TAGS = frozenset({"br", "hr", "img", "input", "meta", "link", "wbr", "col", "area", "source"})
+BLOCK_TAGS = frozenset(
+    {"p", "div", "pre", "ul", "ol", "blockquote", "hr", "table", "dl", "dt", "dd", "details",
+     "summary", "h1", "h2", "h3", "h4", "h5", "h6"}
+)
+# Dollar-delimited TeX: display math first so `$$x$$` is not read as two inline spans.
+# `\$` is a literal dollar on MathJax-enabled sites, so it never opens or closes math.
+MATH_RE = re.compile(r"(?<!\\)\$\$.+?(?<!\\)\$\$|(?<!\\)\$[^$]+?(?<!\\)\$", re.DOTALL)
+WHITESPACE_RE = re.compile(r"\s+")
+LINE_END_SPACE_RE = re.compile(r"[ \t]*\n[ \t]*")
+BLANK_RUN_RE = re.compile(r"\n{3,}")
+
+
+@dataclass
+class _Node:
+    """One HTML element (tag) or text run (tag is None, text set)."""
+
+    tag: str | None
+    attrs: dict[str, str] = field(default_factory=dict)
+    children: list[_Node] = field(default_factory=list)
+    text: str = ""
+
+
+class _TreeBuilder(HTMLParser):
+    """Builds a `_Node` tree; stray end tags are ignored, unclosed tags closed at the end."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)  # text arrives with entities unescaped
+        self.root = _Node("root")
+        self._stack = [self.root]
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        node = _Node(tag, {name: value or "" for name, value in attrs})
+        self._stack[-1].children.append(node)
+        if tag not in VOID_TAGS:
+            self._stack.append(node)
+
+    def handle_startendtag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self._stack[-1].children.append(_Node(tag, {name: value or "" for name, value in attrs}))
+
+    def handle_endtag(self, tag: str) -> None:
+        # Pop up to the matching open tag, which also closes implicitly-closed <p>/<li>.
+        for depth in range(len(self._stack) - 1, 0, -1):
+            if self._stack[depth].tag == tag:
+                del self._stack[depth:]
+                return
+
+    def handle_data(self, data: str) -> None:
+        self._stack[-1].children.append(_Node(None, text=data))
+
+
+def html_to_markdown(html_text: str) -> str:
+    """Convert a Stack Exchange post body (HTML) to Markdown; TeX and code are kept verbatim."""
+    builder = _TreeBuilder()
+    builder.feed(html_text)
+    builder.close()
+    return _join_blocks(_render_blocks(builder.root)).strip()
+
+
+def _render_blocks(node: _Node) -> list[tuple[str, str]]:
+    """Render a container's children as (kind, markdown) blocks; inline runs become paragraphs."""
+    blocks: list[tuple[str, str]] = []
+    inline: list[_Node] = []
+    for child in node.children:
+        if child.tag in BLOCK_TAGS or child.tag in {"li", "tr", "thead", "tbody", "tfoot"}:
+            _flush_paragraph(inline, blocks)
+            blocks.extend(_render_block(child))
+        else:
+            inline.append(child)
+    _flush_paragraph(inline, blocks)
+    return blocks
+
+
+def _flush_paragraph(inline: list[_Node], blocks: list[tuple[str, str]]) -> None:
+    """Turn pending inline nodes into one paragraph block; whitespace between blocks is dropped."""
+    text = _tidy_paragraph(_render_inline_nodes(inline))
+    if text:
+        blocks.append(("p", text))
+    inline.clear()
+
+
+def _tidy_paragraph(text: str) -> str:
+    """Strip line ends and collapse blank-line runs that <br>s or joins can produce."""
+
+    def tidy(prose: str) -> str:
+        if "\n" not in prose:
+            return prose
+        return BLANK_RUN_RE.sub("\n\n", LINE_END_SPACE_RE.sub("\n", prose))
+
+    return _map_outside_math(text, tidy).strip()
+
+
+def _join_blocks(blocks: list[tuple[str, str]], tight: bool = False) -> str:
+    """Join blocks with blank lines; in tight list items a nested list follows on the next line."""
+    parts: list[str] = []
+    for index, (kind, text) in enumerate(blocks):
+        if index:
+            parts.append("\n" if tight and kind == "list" else "\n\n")
+        parts.append(text)
+    return "".join(parts)
+
+
+def _render_block(node: _Node) -> list[tuple[str, str]]:
+    """Render one block-level element."""
+    tag = node.tag or ""
+    if tag == "pre":
+        return [("code", _render_code_block(node))]
+    if tag in {"ul", "ol"}:
+        text = _render_list(node)
+        return [("list", text)] if text else []
+    if tag == "blockquote":
+        inner = _join_blocks(_render_blocks(node))
+        return [("quote", _prefix_lines(inner, "> ", ">"))] if inner else []
+    if tag == "hr":
+        return [("hr", "---")]
+    if len(tag) == 2 and tag[0] == "h" and tag[1] in "123456":
+        text = " ".join(_render_inline_nodes(node.children).split())
+        return [("heading", f"{'#' * int(tag[1])} {text}")] if text else []
+    if tag == "table":
+        text = _render_table(node)
+        return [("table", text)] if text else []
+    # div, dl, li outside a list, tr outside a table, ...: keep the content, drop the wrapper.
+    return _render_blocks(node)
+
+
+def _render_code_block(pre: _Node) -> str:
+    """A fenced block whose content is the <pre>'s text exactly (entities already unescaped)."""
+    code = "".join(_raw_text(pre))
+    code = code[:-1] if code.endswith("\n") else code  # the dump ends every block with "\n"
+    longest_run = max((len(run) for run in re.findall(r"`{3,}", code)), default=2)
+    fence = "`" * (longest_run + 1)
+    return f"{fence}{_code_language(pre)}\n{code}\n{fence}"
+
+
+def _code_language(pre: _Node) -> str:
+    """The language from class="lang-python" / "language-r" on <pre> or its <code>, else ''."""
+    for node in [pre, *[child for child in pre.children if child.tag == "code"]]:
+        for css_class in node.attrs.get("class", "").split():
+            for prefix in ("lang-", "language-"):
+                if css_class.startswith(prefix) and css_class != "lang-none":
+                    return css_class[len(prefix):]
+    return ""
+
+
+def _raw_text(node: _Node) -> Iterator[str]:
+    """All text below a node, untouched; <br> counts as a newline."""
+    for child in node.children:
+        if child.tag is None:
+            yield child.text
+        elif child.tag == "br":
+            yield "\n"
+        else:
+            yield from _raw_text(child)
+
+
+def _render_list(node: _Node) -> str:
+    """`- ` or `1. ` items; continuation lines and nested lists indent under the item text."""
+    ordered = node.tag == "ol"
+    start = int(node.attrs.get("start", "1")) if node.attrs.get("start", "").isdigit() else 1
+    items: list[str] = []
+    for child in node.children:
+        if child.tag != "li":
+            continue  # whitespace between <li>s; anything else is invalid inside a list
+        marker = f"{start + len(items)}. " if ordered else "- "
+        body = _join_blocks(_render_blocks(child), tight=True)
+        indented = _prefix_lines(body, " " * len(marker), "")
+        items.append(marker + indented[len(marker):] if body else marker.rstrip())
+    return "\n".join(items)
+
+
+def _prefix_lines(text: str, prefix: str, empty_line: str) -> str:
+    """Prefix every line; empty lines get `empty_line` (whitespace-only code lines keep theirs)."""
+    return "\n".join(prefix + line if line else empty_line for line in text.split("\n"))
+
+
+def _render_table(table: _Node) -> str:
+    """A pipe table; the first row is the header (Markdown tables need one)."""
+    rows = [row for row in _iter_descendants(table) if row.tag == "tr"]
+    lines: list[str] = []
+    for row in rows:
+        cells = [child for child in row.children if child.tag in {"td", "th"}]
+        texts = [" ".join(_render_inline_nodes(cell.children).split()) for cell in cells]
+        lines.append("| " + " | ".join(texts) + " |")
+        if len(lines) == 1:
+            lines.append("|" + "|".join(" --- " for _ in cells) + "|")
+    return "\n".join(lines)
+
+
+def _iter_descendants(node: _Node) -> Iterator[_Node]:
+    for child in node.children:
+        yield child
+        yield from _iter_descendants(child)
+
+
+def _render_inline_nodes(nodes: list[_Node]) -> str:
+    """Concatenate inline renderings, never doubling the whitespace at a node boundary."""
+    out = ""
+    for node in nodes:
+        piece = _render_inline(node)
+        if out and out[-1] in " \n" and piece[:1] == " ":
+            piece = piece.lstrip(" ")
+        out += piece
+    return out
+
+
+def _render_inline(node: _Node) -> str:
+    """Render text or one inline element (unknown elements keep their text)."""
+    if node.tag is None:
+        return _collapse_whitespace_outside_math(node.text)
+    tag = node.tag
+    if tag == "br":
+        return "\n"
+    if tag == "img":
+        return f"![{node.attrs.get('alt', '')}]({node.attrs.get('src', '')})"
+    if tag == "code":
+        return _code_span("".join(_raw_text(node)))
+    if tag in BLOCK_TAGS or tag == "li":  # a block inside inline context, e.g. <p> in <a>
+        return " " + _join_blocks(_render_blocks(node)) + " "
+    inner = _render_inline_nodes(node.children)
+    if tag in {"strong", "b"}:
+        return _wrap_emphasis(inner, "**")
+    if tag in {"em", "i"}:
+        return _wrap_emphasis(inner, "*")
+    if tag == "a" and node.attrs.get("href"):
+        href = node.attrs["href"]
+        return f"[{inner.strip()}]({href})" if inner.strip() else f"<{href}>"
+    return inner
+
+
+def _collapse_whitespace_outside_math(text: str) -> str:
+    """HTML whitespace rules for prose; TeX spans are returned exactly as written."""
+    return _map_outside_math(text, lambda prose: WHITESPACE_RE.sub(" ", prose))
+
+
+def _map_outside_math(text: str, transform: Callable[[str], str]) -> str:
+    """Apply `transform` to the prose between TeX spans, leaving the spans untouched."""
+    if "$" not in text:  # the common case, and the hot path on large dumps
+        return transform(text)
+    pieces: list[str] = []
+    position = 0
+    for match in MATH_RE.finditer(text):
+        pieces.append(transform(text[position:match.start()]))
+        pieces.append(match.group())
+        position = match.end()
+    pieces.append(transform(text[position:]))
+    return "".join(pieces)
+
+
+def _wrap_emphasis(inner: str, marker: str) -> str:
+    """`**x**`, keeping surrounding spaces outside the markers (`** x **` is not emphasis)."""
+    core = inner.strip()
+    if not core:
+        return inner
+    lead = inner[: len(inner) - len(inner.lstrip())]
+    trail = inner[len(inner.rstrip()):]
+    return f"{lead}{marker}{core}{marker}{trail}"
+
+
+def _code_span(code: str) -> str:
+    """Inline code with a backtick fence longer than any run inside it."""
+    code = code.replace("\n", " ")
+    longest_run = max((len(run) for run in re.findall(r"`+", code)), default=0)
+    fence = "`" * (longest_run + 1)
+    pad = " " if code.startswith("`") or code.endswith("`") else ""
+    return f"{fence}{pad}{code}{pad}{fence}"
+
+
+# --------------------------------------------------------------------------------------------
+# Streaming the dump
+# --------------------------------------------------------------------------------------------
+
+MAX_FEED_BYTES = 1 << 20  # a dump with no newlines is still read in bounded pieces
+
+
+@dataclass(frozen=True)
+class Row:
+    """One <row> of Posts.xml with the line it ends on (for error messages)."""
+
+    line: int
+    attrs: dict[str, str]
+
+
+def iter_rows(posts_xml: Path) -> Iterator[Row]:
+    """Stream the <row> elements of a Posts.xml, keeping only the current row in memory.
+
+    The pull parser is fed one line at a time (dumps write one row per line), so each row's
+    line number is known; ElementTree's iterparse does not report it.
+    """
+    _check_readable(posts_xml)
+    parser = ET.XMLPullParser(events=("start", "end"))
+    root: ET.Element | None = None
+    line = 1
+    with open(posts_xml, "rb") as stream:
+        while chunk := stream.readline(MAX_FEED_BYTES):
+            for event, element in _feed(parser, chunk, posts_xml):
+                if root is None:
+                    root = element
+                    _check_root(element, posts_xml, line)
+                elif event == "end" and element.tag == "row":
+                    yield Row(line, dict(element.attrib))
+                    root.clear()  # drop finished rows so the tree never grows
+            line += chunk.endswith(b"\n")
+    _close(parser, posts_xml)
+
+
+def _check_readable(posts_xml: Path) -> None:
+    if not posts_xml.exists():
+        raise FileNotFoundError(
+            f"{posts_xml}: no such file. Download the site's dump from "
+            "https://archive.org/details/stackexchange, extract it with `7z x`, and pass the "
+            "path of its Posts.xml."
+        )
+    if not posts_xml.is_file():
+        raise DumpError(f"{posts_xml}: is not a file; pass the path of the dump's Posts.xml.")
+
+
+def _feed(parser: ET.XMLPullParser, chunk: bytes, path: Path) -> list[tuple[str, ET.Element]]:
+    try:
+        parser.feed(chunk)
+        return list(parser.read_events())
+    except ET.ParseError as error:
+        raise _malformed(error, path) from None
+
+
+def _close(parser: ET.XMLPullParser, path: Path) -> None:
+    try:
+        parser.close()
+    except ET.ParseError as error:
+        raise _malformed(error, path) from None
+
+
+def _malformed(error: ET.ParseError, path: Path) -> DumpError:
+    line, column = error.position
+    return DumpError(f"{path}:{line}:{column}: malformed XML ({error}); {DUMP_HINT}.")
+
+
+def _check_root(element: ET.Element, path: Path, line: int) -> None:
+    if element.tag != "posts":
+        raise DumpError(
+            f"{path}:{line}: root element is <{element.tag}>, expected <posts>; pass the "
+            "dump's Posts.xml (not Comments.xml, Users.xml, PostHistory.xml, ...)."
+        )
+
+
+def _required_int(row: Row, name: str, path: Path) -> int:
+    value = row.attrs.get(name)
+    if value is None:
+        raise DumpError(
+            f"{path}:{row.line}: <row> has no {name} attribute; every post in a Stack Exchange "
+            f"Posts.xml has Id and PostTypeId. Check that this is an unmodified Posts.xml; "
+            f"{DUMP_HINT}."
+        )
+    return _parse_int(value, row, name, path)
+
+
+def _optional_int(row: Row, name: str, path: Path) -> int | None:
+    value = row.attrs.get(name)
+    return None if value is None or value == "" else _parse_int(value, row, name, path)
+
+
+def _parse_int(value: str, row: Row, name: str, path: Path) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise DumpError(
+            f"{path}:{row.line}: {name}={value!r} is not an integer; {DUMP_HINT}."
+        ) from None
+
+
+def parse_tags(raw: str) -> list[str]:
+    """Tags from either dump format: `<a><b>` (older dumps) or `|a|b|` (2023 and later)."""
+    if raw.startswith("<"):
+        return re.findall(r"<([^<>]+)>", raw)
+    return [tag for tag in raw.split("|") if tag]
+
+
+# --------------------------------------------------------------------------------------------
+# The import
+# --------------------------------------------------------------------------------------------
+
+INSERT_BATCH = 10_000
+SCHEMA = """
+CREATE TABLE questions (id INTEGER PRIMARY KEY, score INTEGER, accepted INTEGER,
+                        matched INTEGER, line INTEGER);
+CREATE TABLE answers (id INTEGER PRIMARY KEY, parent INTEGER, score INTEGER, line INTEGER);
+CREATE TABLE chosen (qid INTEGER PRIMARY KEY, aid INTEGER UNIQUE, accepted INTEGER);
+CREATE TABLE question_text (qid INTEGER PRIMARY KEY, content TEXT, tags TEXT, license TEXT,
+                            score INTEGER);
+CREATE TABLE answer_text (aid INTEGER PRIMARY KEY, content TEXT, license TEXT, score INTEGER);
+"""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The stage parameters, validated once."""
+
+    tags: frozenset[str]
+    min_question_score: int
+    min_answer_score: int
+    min_answer_chars: int
+    max_answer_chars: int
+    site_url: str
+    host: str
+    source: str
+
+
+def collect_stackexchange(
+    posts_xml: Path,
+    out_path: Path,
+    *,
+    tags: list[str],
+    min_question_score: int,
+    min_answer_score: int,
+    min_answer_chars: int,
+    max_answer_chars: int,
+    site_url: str,
+    source: str = "cross_validated",
+) -> dict:
+    """Write one ChatML pair per usable question of `posts_xml` to `out_path`; return counts.
+
+    Counts: rows_read, questions_seen, answers_seen, other_posts (wiki, ...),
+    questions_matched (tag filter), pairs_written, accepted_answers_used,
+    accepted_answer_missing (fell back to the top answer), and `skipped` per reason:
+    low_score, no_answer, low_answer_score, too_short, too_long (questions) and
+    missing_parent (answers whose question is not in the dump).
+    """
+    posts_xml, out_path = Path(posts_xml), Path(out_path)
+    settings = _validate_settings(
+        tags, min_question_score, min_answer_score, min_answer_chars, max_answer_chars,
+        site_url, source,
+    )
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    # Next to the output, not in /tmp: /tmp is often RAM-backed and the spill can be GBs.
+    with tempfile.TemporaryDirectory(prefix=".collect-", dir=out_path.parent) as scratch:
+        db = _open_scratch_db(Path(scratch) / "posts.sqlite")
+        try:
+            counts = _index_posts(db, posts_xml, settings)
+            choice = _choose_answers(db, settings)
+            _store_chosen_texts(db, posts_xml)
+            written = _write_pairs(db, out_path, settings)
+        finally:
+            db.close()
+    return {
+        **counts,
+        "questions_matched": choice["questions_matched"],
+        "pairs_written": written["pairs_written"],
+        "accepted_answers_used": written["accepted_answers_used"],
+        "accepted_answer_missing": choice["accepted_answer_missing"],
+        "skipped": {
+            **choice["skipped"],
+            **{reason: written[reason] for reason in ("too_short", "too_long", "empty_question")},
+        },
+    }
+
+
+def _validate_settings(
+    tags: list[str], min_question_score: int, min_answer_score: int, min_answer_chars: int,
+    max_answer_chars: int, site_url: str, source: str,
+) -> Settings:
+    if isinstance(tags, str):
+        raise ValueError(f"tags must be a list of tag names, got the string {tags!r}")
+    if min_answer_chars > max_answer_chars:
+        raise ValueError(
+            f"min_answer_chars ({min_answer_chars}) is larger than max_answer_chars "
+            f"({max_answer_chars}); no answer could pass."
+        )
+    parsed = urlparse(site_url)
+    if parsed.scheme not in {"http", "https"} or not parsed.netloc:
+        raise ValueError(
+            f"site_url must look like 'https://stats.stackexchange.com', got {site_url!r}"
+        )
+    return Settings(
+        tags=frozenset(tag.strip().lower() for tag in tags),
+        min_question_score=int(min_question_score),
+        min_answer_score=int(min_answer_score),
+        min_answer_chars=int(min_answer_chars),
+        max_answer_chars=int(max_answer_chars),
+        site_url=site_url.rstrip("/"),
+        host=parsed.netloc,
+        source=source,
+    )
+
+
+def _open_scratch_db(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(path)
+    # A throwaway database: durability buys nothing, a bounded page cache keeps RSS flat.
+    db.executescript(
+        "PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; PRAGMA cache_size=-65536;" + SCHEMA
+    )
+    return db
+
+
+def _index_posts(db: sqlite3.Connection, posts_xml: Path, settings: Settings) -> dict:
+    """Pass 1: record the integers that answer choice needs; bodies are not kept."""
+    counts = {"rows_read": 0, "questions_seen": 0, "answers_seen": 0, "other_posts": 0}
+    questions: list[tuple[int, int, int | None, int, int]] = []
+    answers: list[tuple[int, int | None, int, int]] = []
+    for row in iter_rows(posts_xml):
+        counts["rows_read"] += 1
+        post_id = _required_int(row, "Id", posts_xml)
+        post_type = _required_int(row, "PostTypeId", posts_xml)
+        score = _optional_int(row, "Score", posts_xml) or 0
+        if post_type == QUESTION_TYPE:
+            counts["questions_seen"] += 1
+            accepted = _optional_int(row, "AcceptedAnswerId", posts_xml)
+            matched = _matches_tags(row.attrs.get("Tags", ""), settings.tags)
+            questions.append((post_id, score, accepted, matched, row.line))
+        elif post_type == ANSWER_TYPE:
+            counts["answers_seen"] += 1
+            parent = _optional_int(row, "ParentId", posts_xml)
+            answers.append((post_id, parent, score, row.line))
+        else:
+            counts["other_posts"] += 1
+        if len(questions) + len(answers) >= INSERT_BATCH:
+            _insert_index_batch(db, questions, answers, posts_xml)
+    _insert_index_batch(db, questions, answers, posts_xml)
+    db.execute("CREATE INDEX answers_by_parent ON answers (parent, score DESC, id)")
+    return counts
+
+
+def _matches_tags(raw_tags: str, wanted: frozenset[str]) -> int:
+    if not wanted:
+        return 1
+    return int(any(tag.lower() in wanted for tag in parse_tags(raw_tags)))
+
+
+def _insert_index_batch(
+    db: sqlite3.Connection, questions: list[tuple], answers: list[tuple], posts_xml: Path
+) -> None:
+    for table, rows, sql in (
+        ("questions", questions, "INSERT INTO questions VALUES (?, ?, ?, ?, ?)"),
+        ("answers", answers, "INSERT INTO answers VALUES (?, ?, ?, ?)"),
+    ):
+        try:
+            db.executemany(sql, rows)
+        except sqlite3.IntegrityError:
+            raise _duplicate_id_error(db, table, rows, posts_xml) from None
+        rows.clear()
+
+
+def _duplicate_id_error(
+    db: sqlite3.Connection, table: str, rows: list[tuple], posts_xml: Path
+) -> DumpError:
+    """Find which row of a failed batch repeats an Id (slow path, only on corrupt dumps).
+
+    Rows of the batch before the failing one are already in the table, so a stored row only
+    counts as the earlier copy when its line differs.
+    """
+    for row in rows:
+        post_id, line = row[0], row[-1]
+        stored = db.execute(f"SELECT line FROM {table} WHERE id = ?", (post_id,)).fetchone()
+        if stored is not None and stored[0] != line:
+            return DumpError(
+                f"{posts_xml}:{line}: post Id {post_id} appears twice (first on line "
+                f"{stored[0]}); the dump is corrupt or two dumps were concatenated; {DUMP_HINT}."
+            )
+    return DumpError(f"{posts_xml}: duplicate post Id; {DUMP_HINT}.")
+
+
+CHOOSE_ACCEPTED = """
+INSERT INTO chosen (qid, aid, accepted)
+SELECT q.id, a.id, 1 FROM questions q JOIN answers a ON a.id = q.accepted AND a.parent = q.id
+WHERE q.matched AND q.score >= :min_question_score
+"""
+# Questions without a usable accepted answer: best score, ties to the lowest Id.
+CHOOSE_TOP = """
+INSERT INTO chosen (qid, aid, accepted)
+SELECT qid, aid, 0 FROM (
+  SELECT q.id AS qid, a.id AS aid,
+         row_number() OVER (PARTITION BY q.id ORDER BY a.score DESC, a.id) AS answer_rank
+  FROM questions q JOIN answers a ON a.parent = q.id
+  WHERE q.matched AND q.score >= :min_question_score AND a.score >= :min_answer_score
+    AND q.id NOT IN (SELECT qid FROM chosen)
+) WHERE answer_rank = 1
+"""
+COUNT_SKIPS = """
+SELECT
+  sum(matched),
+  sum(matched AND score < :min_question_score),
+  sum(matched AND score >= :min_question_score
+      AND NOT EXISTS (SELECT 1 FROM answers a WHERE a.parent = q.id)),
+  sum(matched AND score >= :min_question_score
+      AND EXISTS (SELECT 1 FROM answers a WHERE a.parent = q.id)
+      AND NOT EXISTS (SELECT 1 FROM chosen c WHERE c.qid = q.id)),
+  sum(matched AND score >= :min_question_score AND accepted IS NOT NULL
+      AND NOT EXISTS (SELECT 1 FROM answers a WHERE a.id = q.accepted AND a.parent = q.id))
+FROM questions q
+"""
+COUNT_ORPHANS = """
+SELECT count(*) FROM answers a WHERE NOT EXISTS (SELECT 1 FROM questions q WHERE q.id = a.parent)
+"""
+
+
+def _choose_answers(db: sqlite3.Connection, settings: Settings) -> dict:
+    """Pick each question's answer in SQL and count why the others were skipped."""
+    params = {
+        "min_question_score": settings.min_question_score,
+        "min_answer_score": settings.min_answer_score,
+    }
+    db.execute(CHOOSE_ACCEPTED, params)
+    db.execute(CHOOSE_TOP, params)
+    matched, low_score, no_answer, low_answer_score, accepted_missing = (
+        value or 0 for value in db.execute(COUNT_SKIPS, params).fetchone()
+    )
+    (orphans,) = db.execute(COUNT_ORPHANS).fetchone()
+    return {
+        "questions_matched": matched,
+        "accepted_answer_missing": accepted_missing,
+        "skipped": {
+            "low_score": low_score,
+            "no_answer": no_answer,
+            "low_answer_score": low_answer_score,
+            "missing_parent": orphans,
+        },
+    }
+
+
+def _store_chosen_texts(db: sqlite3.Connection, posts_xml: Path) -> None:
+    """Pass 2: convert and spill only the chosen questions and answers."""
+    batch: list[tuple[str, tuple]] = []
+    for row in iter_rows(posts_xml):
+        post_type = int(row.attrs["PostTypeId"])  # validated in pass 1
+        post_id = int(row.attrs["Id"])
+        if post_type == QUESTION_TYPE and _is_chosen(db, "qid", post_id):
+            batch.append(("question_text", _question_record(row, post_id)))
+        elif post_type == ANSWER_TYPE and _is_chosen(db, "aid", post_id):
+            batch.append(("answer_text", _answer_record(row, post_id)))
+        if len(batch) >= INSERT_BATCH:
+            _insert_texts(db, batch)
+    _insert_texts(db, batch)
+
+
+def _is_chosen(db: sqlite3.Connection, column: str, post_id: int) -> bool:
+    sql = f"SELECT 1 FROM chosen WHERE {column} = ?"
+    return db.execute(sql, (post_id,)).fetchone() is not None
+
+
+def _question_record(row: Row, qid: int) -> tuple:
+    title = row.attrs.get("Title", "").strip()  # titles are plain text in dumps, not HTML
+    body = html_to_markdown(row.attrs.get("Body", ""))
+    content = f"{title}\n\n{body}".strip()
+    tags = json.dumps(parse_tags(row.attrs.get("Tags", "")), ensure_ascii=False)
+    license_name = row.attrs.get("ContentLicense")
+    return (qid, content, tags, license_name, int(row.attrs.get("Score") or 0))
+
+
+def _answer_record(row: Row, aid: int) -> tuple:
+    content = html_to_markdown(row.attrs.get("Body", ""))
+    return (aid, content, row.attrs.get("ContentLicense"), int(row.attrs.get("Score") or 0))
+
+
+def _insert_texts(db: sqlite3.Connection, batch: list[tuple[str, tuple]]) -> None:
+    for table, record in batch:
+        placeholders = ", ".join("?" * len(record))
+        db.execute(f"INSERT INTO {table} VALUES ({placeholders})", record)
+    batch.clear()
+
+
+WRITE_QUERY = """
+SELECT c.qid, c.aid, c.accepted, q.content, q.tags, q.license, q.score,
+       a.content, a.license, a.score
+FROM chosen c
+LEFT JOIN question_text q ON q.qid = c.qid
+LEFT JOIN answer_text a ON a.aid = c.aid
+ORDER BY c.qid
+"""
+
+
+def _write_pairs(db: sqlite3.Connection, out_path: Path, settings: Settings) -> dict:
+    """Write pairs in question-Id order to a temp file, then rename it over `out_path`.
+
+    Returns pairs_written, accepted_answers_used and the length-based skips.
+    """
+    counts = {"pairs_written": 0, "accepted_answers_used": 0, "too_short": 0, "too_long": 0,
+              "empty_question": 0}
+    # A sibling temp file (same filesystem, so the rename is atomic), opened with the normal
+    # umask; mkstemp would leave the output readable by its owner only.
+    temp_path = out_path.with_name(f".{out_path.name}.{secrets.token_hex(6)}.tmp")
+    try:
+        with open(temp_path, "x", encoding="utf-8", newline="\n") as out:
+            for row in db.execute(WRITE_QUERY):
+                record, problem = _pair_or_problem(row, settings)
+                if problem:
+                    counts[problem] += 1
+                    continue
+                out.write(json.dumps(record, ensure_ascii=False) + "\n")
+                counts["pairs_written"] += 1
+                counts["accepted_answers_used"] += row[2]
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temp_path, out_path)
+    except BaseException:
+        temp_path.unlink(missing_ok=True)
+        raise
+    return counts
+
+
+def _pair_or_problem(row: tuple, settings: Settings) -> tuple[dict | None, str | None]:
+    """The output record for one chosen pair, or the skip reason."""
+    qid, aid, _, question, tags, q_license, q_score, answer, a_license, a_score = row
+    if question is None or answer is None:
+        raise DumpError(
+            f"post {qid} or its answer {aid} was in pass 1 but not in pass 2; was the dump "
+            "modified while it was being read? Run the import again."
+        )
+    if not question:
+        return None, "empty_question"
+    # An empty answer is never useful, even when min_answer_chars is 0.
+    if len(answer) < max(settings.min_answer_chars, 1):
+        return None, "too_short"
+    if len(answer) > settings.max_answer_chars:
+        return None, "too_long"
+    license_name = _license(q_license, a_license)
+    return {
+        "id": f"se-{settings.host}-{qid}",
+        "source": settings.source,
+        "messages": [
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": answer},
+        ],
+        "post_id": qid,
+        "answer_id": aid,
+        "url": f"{settings.site_url}/questions/{qid}",
+        "answer_url": f"{settings.site_url}/a/{aid}",
+        "license": license_name,
+        "attribution": (
+            f"Question and answer from {settings.site_url} (post {qid}, answer {aid}), "
+            f"licensed under {license_name}."
+        ),
+        "tags": json.loads(tags),
+        "question_score": q_score,
+        "answer_score": a_score,
+    }, None
+
+
+def _license(question_license: str | None, answer_license: str | None) -> str:
+    """One license when both posts share it; otherwise name each (both must be honoured)."""
+    question_license = question_license or DEFAULT_LICENSE
+    answer_license = answer_license or DEFAULT_LICENSE
+    if question_license == answer_license:
+        return question_license
+    return f"{question_license} (question); {answer_license} (answer)"

@@ -1,0 +1,641 @@
+"""Combine collected ChatML files into deduplicated, leak-free, weighted train/val/test splits.
+
+One call of ``combine_datasets`` does four steps:
+
+1. Scan every input once, in the given order: parse and validate each row, check that its
+   source has a weight, drop weight-0 sources, then drop exact and normalised duplicates
+   (the first occurrence wins). Per kept conversation only fixed-size keys are kept (64-bit
+   hashes, file index, byte offset), never its text, so memory grows by roughly 300 bytes
+   per row instead of by the data size (see benchmarks/collect_combine_memory.py).
+2. Split by group. A group is every conversation whose first user message normalises to the
+   same text, so a question and its follow-up variants never cross splits. Groups are
+   ordered by sha256(f"{seed}:{group_key}") and cut into test, val and train by
+   conversation counts.
+3. Weight the train split only: val and test keep natural source frequencies, which is what
+   evaluation should see. Copies of a conversation stay in its split.
+4. Write train/val/test by seeking back to each kept row's byte offset, plus
+   quarantine.jsonl and manifest.json, into a temporary directory that then replaces
+   ``out_dir``. Outputs depend only on input bytes and parameters (no timestamps, no
+   absolute paths), so they are byte-identical on every machine.
+
+Keys are the first 64 bits of SHA-256. Two different conversations share a key with
+probability about n**2 / 2**65 (3e-8 for a million rows): accepted in exchange for memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import secrets
+import shutil
+import sys
+import unicodedata
+from array import array
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, NamedTuple
+
+from expqa.chatml import (
+    DataError,
+    RawLine,
+    canonical_messages,
+    check_on_invalid,
+    hint_for,
+    iter_raw_lines,
+    parse_json_line,
+    row_id,
+    validate_conversation,
+)
+
+logger = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+QUARANTINE_FILE = "quarantine.jsonl"
+MANIFEST_FILE = "manifest.json"
+OUTPUT_FILES = tuple(f"{split}.jsonl" for split in SPLITS) + (QUARANTINE_FILE,)
+DEFAULT_WEIGHTS = {"cross_validated": 2.0, "arxiv_synthetic": 1.0}
+UNKNOWN_SOURCE = "(unknown)"  # invalid rows whose source cannot be read
+MAX_WEIGHT = 1000.0  # copies are stored in 16 bits; a larger weight is surely a typo
+# Every read row ends up in exactly one of these, so read == their sum.
+OUTCOME_FIELDS = ("kept", "invalid", "duplicates_exact", "duplicates_normalised", "dropped_weight0")
+SPLIT_FIELDS = tuple(f"{split}_conversations" for split in SPLITS)
+STAT_FIELDS = ("read", *OUTCOME_FIELDS, *SPLIT_FIELDS, "train_rows")
+_HASH_END = 1 << 64  # all 64-bit keys are below this
+
+
+# --- keys -----------------------------------------------------------------------------------
+
+
+def hash64(text: str) -> int:
+    """The first 64 bits of SHA-256(text): a compact key that is the same on every machine."""
+    return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
+
+
+def normalise_text(text: str) -> str:
+    """Text as compared for near-duplicates: NFKC, lowercase, single spaces, no edge punctuation."""
+    # split()/join() collapses Unicode whitespace runs several times faster than re.sub.
+    text = " ".join(unicodedata.normalize("NFKC", text).lower().split())
+    start, end = 0, len(text)
+    while start < end and _is_edge_junk(text[start]):
+        start += 1
+    while end > start and _is_edge_junk(text[end - 1]):
+        end -= 1
+    return text[start:end]
+
+
+def _is_edge_junk(char: str) -> bool:
+    return char == " " or unicodedata.category(char).startswith("P")
+
+
+class ConversationKeys(NamedTuple):
+    """What deduplication and splitting need to know about one conversation."""
+
+    row_id: str
+    id_key: int  # hash of row_id, to catch an id reused by a different conversation
+    exact: int  # same messages (canonical JSON)
+    normalised: int  # same roles and normalised contents
+    group: int  # keyed hash of the normalised first user message; decides the split
+
+
+def conversation_keys(row: Mapping[str, Any], seed: int) -> ConversationKeys:
+    """Keys of a validated row."""
+    messages = row["messages"]
+    normalised = [(message["role"], normalise_text(message["content"])) for message in messages]
+    first_user_text = next(text for role, text in normalised if role == "user")
+    conversation_id = row_id(row)
+    return ConversationKeys(
+        row_id=conversation_id,
+        id_key=hash64(conversation_id),
+        exact=hash64(canonical_messages(messages)),
+        normalised=hash64(json.dumps(normalised, ensure_ascii=False)),
+        group=hash64(f"{seed}:{first_user_text}"),
+    )
+
+
+def train_copies(weight: float, seed: int, conversation_id: str) -> int:
+    """How many rows a train conversation becomes.
+
+    ``floor(weight)`` copies, plus one more when the keyed hash of its id, mapped to [0, 1),
+    is below the fractional part: deterministic, independent of row order, and over many
+    conversations the mean number of copies approaches ``weight``.
+    """
+    whole = int(weight)
+    fraction = weight - whole
+    extra = fraction > 0 and hash64(f"{seed}:copy:{conversation_id}") / _HASH_END < fraction
+    return whole + int(extra)
+
+
+def copy_id(conversation_id: str, copy: int) -> str:
+    """Id of the n-th weighted copy: the first keeps the id, later ones get '#w2', '#w3'..."""
+    return conversation_id if copy == 1 else f"{conversation_id}#w{copy}"
+
+
+def order_key(seed: int, output_id: str) -> int:
+    """Position of a row in its output file: a keyed hash, so copies are spread out."""
+    return hash64(f"{seed}:order:{output_id}")
+
+
+# --- scan: validate, count, deduplicate ------------------------------------------------------
+
+
+@dataclass
+class KeptRows:
+    """Fixed-size keys of every kept conversation, in input order.
+
+    30 bytes per conversation, plus 8 per weighted copy beyond the first.
+    """
+
+    file_index: array = field(default_factory=lambda: array("H"))
+    offset: array = field(default_factory=lambda: array("Q"))
+    source_index: array = field(default_factory=lambda: array("H"))
+    group: array = field(default_factory=lambda: array("Q"))
+    order: array = field(default_factory=lambda: array("Q"))  # of the first copy
+    copies: array = field(default_factory=lambda: array("H"))  # rows if it lands in train
+    extra_order: array = field(default_factory=lambda: array("Q"))  # copies 2.., flat
+
+    def __len__(self) -> int:
+        return len(self.offset)
+
+
+class Scanner:
+    """Reads inputs once, keeping counts, dedup sets and ``KeptRows``; quarantines bad rows."""
+
+    def __init__(
+        self, weights: Mapping[str, float], seed: int, on_invalid: str, quarantine: IO[str]
+    ) -> None:
+        self.weights = weights
+        self.sources = sorted(weights)
+        self._source_index = {source: index for index, source in enumerate(self.sources)}
+        self.seed = seed
+        self.on_invalid = on_invalid
+        self.quarantine = quarantine
+        self.stats: dict[str, Counter[str]] = {source: Counter() for source in self.sources}
+        self.kept = KeptRows()
+        self._seen_exact: set[int] = set()
+        self._seen_normalised: set[int] = set()
+        self._seen_ids: set[int] = set()
+
+    def scan_file(self, file_index: int, path: Path) -> None:
+        for raw in iter_raw_lines(path):
+            self._scan_line(file_index, path, raw)
+
+    def forget_seen(self) -> None:
+        """Free the dedup sets (the largest memory) once every input is scanned."""
+        self._seen_exact, self._seen_normalised, self._seen_ids = set(), set(), set()
+
+    def _scan_line(self, file_index: int, path: Path, raw: RawLine) -> None:
+        row: Any = None
+        try:
+            row = parse_json_line(raw.data)
+            validate_conversation(row)
+        except ValueError as err:
+            self._reject(path, raw, str(err), self._attributed_source(row))
+            return
+        source = row["source"]
+        self._check_known_source(path, raw.line, source)
+        if self.weights[source] == 0:
+            self._count(source, "dropped_weight0")
+            return
+        keys = conversation_keys(row, self.seed)
+        if keys.exact in self._seen_exact:
+            self._count(source, "duplicates_exact")
+        elif keys.normalised in self._seen_normalised:
+            self._count(source, "duplicates_normalised")
+        elif keys.id_key in self._seen_ids:
+            reason = f"id {keys.row_id!r} is already used by an earlier conversation"
+            hint = "give every conversation a unique 'id', or leave 'id' out"
+            self._reject(path, raw, reason, source, hint)
+        else:
+            self._keep(file_index, raw.offset, source, keys)
+
+    def _keep(self, file_index: int, offset: int, source: str, keys: ConversationKeys) -> None:
+        self._seen_exact.add(keys.exact)
+        self._seen_normalised.add(keys.normalised)
+        self._seen_ids.add(keys.id_key)
+        self._count(source, "kept")
+        kept = self.kept
+        kept.file_index.append(file_index)
+        kept.offset.append(offset)
+        kept.source_index.append(self._source_index[source])
+        kept.group.append(keys.group)
+        kept.order.append(order_key(self.seed, keys.row_id))
+        # Copies are decided now (the weight is known) though only train rows use them.
+        copies = train_copies(self.weights[source], self.seed, keys.row_id)
+        kept.copies.append(copies)
+        for copy in range(2, copies + 1):
+            kept.extra_order.append(order_key(self.seed, copy_id(keys.row_id, copy)))
+
+    def _check_known_source(self, path: Path, line: int, source: str) -> None:
+        # Always an error, even with on_invalid="skip": quarantining a whole source because
+        # params.yaml lacks its weight would silently shrink the dataset.
+        if source not in self.weights:
+            raise DataError(
+                path,
+                line,
+                f"source {source!r} has no weight; allowed sources: {', '.join(self.sources)}",
+                f"add a weight for {source!r} under data.weights in params.yaml "
+                "(0 drops the source), or fix the row's 'source'",
+            )
+
+    def _attributed_source(self, row: object) -> str:
+        source = row.get("source") if isinstance(row, dict) else None
+        return source if isinstance(source, str) and source in self.weights else UNKNOWN_SOURCE
+
+    def _reject(
+        self, path: Path, raw: RawLine, reason: str, source: str, hint: str = ""
+    ) -> None:
+        if self.on_invalid == "error":
+            raise DataError(path, raw.line, reason, hint or hint_for(reason))
+        self.stats.setdefault(source, Counter())
+        self._count(source, "invalid")
+        record = {
+            "path": display_path(path),
+            "line": raw.line,
+            "reason": reason,
+            "raw": raw.data.decode("utf-8", "backslashreplace").rstrip("\r\n"),
+        }
+        self.quarantine.write(json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n")
+
+    def _count(self, source: str, outcome: str) -> None:
+        self.stats[source]["read"] += 1
+        self.stats[source][outcome] += 1
+
+
+# --- split ------------------------------------------------------------------------------------
+
+
+class SplitBounds(NamedTuple):
+    """Group-hash thresholds: below ``val_start`` is test, below ``train_start`` val, else train."""
+
+    val_start: int
+    train_start: int
+
+    def split_of(self, group: int) -> str:
+        if group < self.val_start:
+            return "test"
+        return "val" if group < self.train_start else "train"
+
+
+def target_count(n: int, fraction: float) -> int:
+    """Conversations wanted in a split: round(n * fraction), but at least 1 when
+    fraction > 0 and n >= 3 so a small dataset still gets a test and a val conversation."""
+    count = round(n * fraction)
+    return max(count, 1) if fraction > 0 and n >= 3 else count
+
+
+def split_bounds(groups: Sequence[int], test_fraction: float, val_fraction: float) -> SplitBounds:
+    """Cut the groups, ordered by keyed hash, into test, val and train by conversation counts.
+
+    A group straddling a cut goes wholly to the earlier split, so no group is cut in two.
+    """
+    ordered = sorted(groups)
+    test_end = _group_end(ordered, target_count(len(ordered), test_fraction))
+    val_end = _group_end(ordered, test_end + target_count(len(ordered), val_fraction))
+    return SplitBounds(_hash_at(ordered, test_end), _hash_at(ordered, val_end))
+
+
+def _group_end(ordered: list[int], index: int) -> int:
+    """The first position at or after ``index`` where a new group starts (or the end)."""
+    index = min(index, len(ordered))
+    while 0 < index < len(ordered) and ordered[index] == ordered[index - 1]:
+        index += 1
+    return index
+
+
+def _hash_at(ordered: list[int], index: int) -> int:
+    return ordered[index] if index < len(ordered) else _HASH_END
+
+
+# --- write ------------------------------------------------------------------------------------
+
+# Output positions are packed into one int (order key, row index, copy number) because a
+# list of ints sorts in far less memory than a list of tuples.
+_INDEX_BITS, _COPY_BITS = 32, 16
+
+
+def _pack(order: int, index: int, copy: int) -> int:
+    return (((order << _INDEX_BITS) | index) << _COPY_BITS) | copy
+
+
+def _unpack(packed: int) -> tuple[int, int]:
+    """(row index, copy number) of a packed output position."""
+    copy = packed & ((1 << _COPY_BITS) - 1)
+    index = (packed >> _COPY_BITS) & ((1 << _INDEX_BITS) - 1)
+    return index, copy
+
+
+def plan_outputs(
+    kept: KeptRows, bounds: SplitBounds, sources: list[str], stats: dict[str, Counter[str]]
+) -> dict[str, list[int]]:
+    """Sorted packed output positions per split; counts split conversations and train rows."""
+    plan: dict[str, list[int]] = {split: [] for split in SPLITS}
+    extra = 0  # position of this row's copies 2.. in kept.extra_order
+    for index in range(len(kept)):
+        split = bounds.split_of(kept.group[index])
+        copies = kept.copies[index]
+        source_stats = stats[sources[kept.source_index[index]]]
+        source_stats[f"{split}_conversations"] += 1
+        if split != "train":
+            plan[split].append(_pack(kept.order[index], index, 1))
+        else:
+            source_stats["train_rows"] += copies
+            if copies:
+                plan[split].append(_pack(kept.order[index], index, 1))
+            for copy in range(2, copies + 1):
+                plan[split].append(_pack(kept.extra_order[extra + copy - 2], index, copy))
+        extra += max(copies - 1, 0)
+    for positions in plan.values():
+        positions.sort()
+    return plan
+
+
+class RowReader:
+    """Re-reads kept rows from the inputs by byte offset."""
+
+    def __init__(self, inputs: Sequence[Path]) -> None:
+        self._files = [open(path, "rb") for path in inputs]
+
+    def read(self, file_index: int, offset: int) -> dict[str, Any]:
+        file = self._files[file_index]
+        file.seek(offset)
+        row = parse_json_line(file.readline())
+        if not isinstance(row, dict):  # only if an input changed while combining
+            raise RuntimeError(f"{file.name} changed while it was being combined; run again")
+        return row
+
+    def close(self) -> None:
+        for file in self._files:
+            file.close()
+
+
+def write_rows(path: Path, positions: list[int], kept: KeptRows, reader: RowReader) -> int:
+    """Write the planned rows of one split; weighted copies get '#wN' ids. Returns the count."""
+    with open(path, "w", encoding="utf-8", newline="\n") as out:
+        for packed in positions:
+            index, copy = _unpack(packed)
+            row = reader.read(kept.file_index[index], kept.offset[index])
+            row["id"] = copy_id(row_id(row), copy)
+            out.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
+    return len(positions)
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def display_path(path: Path) -> str:
+    """A path as recorded in outputs: relative to the working directory when inside it, else
+    as given when relative, else the bare file name (outputs never hold absolute paths)."""
+    if not path.is_absolute():
+        return path.as_posix()
+    try:
+        return path.relative_to(Path.cwd()).as_posix()
+    except ValueError:
+        return path.name
+
+
+# --- manifest ---------------------------------------------------------------------------------
+
+
+def build_manifest(
+    inputs: Sequence[Path],
+    out_dir: Path,
+    stats: dict[str, Counter[str]],
+    params: dict[str, Any],
+    row_counts: dict[str, int],
+) -> dict[str, Any]:
+    """Counts per source and in total, the parameters, and SHA-256 of every input and output."""
+    sources = {name: {key: counts[key] for key in STAT_FIELDS} for name, counts in stats.items()}
+    totals = {key: sum(counts[key] for counts in sources.values()) for key in STAT_FIELDS}
+    for name, counts in {**sources, "totals": totals}.items():
+        _check_counts_add_up(name, counts)
+    return {
+        "inputs": [{"path": display_path(p), "sha256": file_sha256(p)} for p in inputs],
+        "outputs": {
+            name: {"sha256": file_sha256(out_dir / name), "rows": row_counts[name]}
+            for name in OUTPUT_FILES
+        },
+        "params": params,
+        "sources": sources,
+        "totals": totals,
+    }
+
+
+def _check_counts_add_up(name: str, counts: Mapping[str, int]) -> None:
+    # Explicit raises rather than assert: these must hold even under python -O.
+    if counts["read"] != sum(counts[key] for key in OUTCOME_FIELDS):
+        raise AssertionError(f"{name}: read != kept + invalid + duplicates + dropped: {counts}")
+    if counts["kept"] != sum(counts[key] for key in SPLIT_FIELDS):
+        raise AssertionError(f"{name}: kept != train + val + test conversations: {counts}")
+
+
+# --- atomic output directory --------------------------------------------------------------------
+
+
+def _make_work_dir(out_dir: Path) -> Path:
+    """A fresh directory next to ``out_dir`` (same filesystem, so the final rename is atomic).
+
+    Made with os.mkdir rather than tempfile.mkdtemp so it gets the usual umask permissions
+    instead of 0700, since it becomes ``out_dir``.
+    """
+    while True:
+        work_dir = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            work_dir.mkdir()
+            return work_dir
+        except FileExistsError:
+            continue
+
+
+def replace_directory(new_dir: Path, out_dir: Path) -> None:
+    """Put ``new_dir`` at ``out_dir``; a failure before the swap leaves ``out_dir`` untouched.
+
+    Files in ``out_dir`` that combine does not produce (e.g. the .gitignore DVC writes there)
+    are copied over first so they survive.
+    """
+    if not out_dir.exists():
+        new_dir.rename(out_dir)
+        return
+    if not out_dir.is_dir():
+        raise NotADirectoryError(f"output path {out_dir} exists and is not a directory")
+    _carry_over_foreign_entries(out_dir, new_dir)
+    previous = out_dir.with_name(f".{out_dir.name}.previous-{os.getpid()}")
+    shutil.rmtree(previous, ignore_errors=True)  # left behind by a crashed run
+    out_dir.rename(previous)
+    try:
+        new_dir.rename(out_dir)
+    except BaseException:
+        previous.rename(out_dir)
+        raise
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def _carry_over_foreign_entries(out_dir: Path, new_dir: Path) -> None:
+    for entry in out_dir.iterdir():
+        if entry.name in OUTPUT_FILES or entry.name == MANIFEST_FILE:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, new_dir / entry.name, symlinks=True)
+        else:
+            shutil.copy2(entry, new_dir / entry.name, follow_symlinks=False)
+
+
+# --- entry point ------------------------------------------------------------------------------
+
+
+def combine_datasets(
+    inputs: Sequence[Path],
+    out_dir: Path,
+    *,
+    weights: Mapping[str, float],
+    test_fraction: float = 0.10,
+    val_fraction: float = 0.05,
+    on_invalid: str = "error",
+    seed: int = 42,
+) -> dict[str, Any]:
+    """Combine ChatML JSONL ``inputs`` into ``out_dir``; returns the manifest (see module doc).
+
+    Writes train.jsonl, val.jsonl, test.jsonl, quarantine.jsonl and manifest.json. With
+    ``on_invalid="error"`` the first invalid row raises DataError and nothing is written;
+    with ``"skip"`` invalid rows go to quarantine.jsonl. A source without a weight is
+    always a DataError.
+    """
+    inputs = [Path(path) for path in inputs]
+    out_dir = Path(out_dir)
+    _check_params(inputs, weights, test_fraction, val_fraction, on_invalid)
+    params = {
+        "weights": {source: float(weights[source]) for source in sorted(weights)},
+        "test_fraction": float(test_fraction),
+        "val_fraction": float(val_fraction),
+        "on_invalid": on_invalid,
+        "seed": seed,
+    }
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work_dir = _make_work_dir(out_dir)
+    try:
+        manifest = _combine_into(inputs, work_dir, params)
+        replace_directory(work_dir, out_dir)
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)  # already gone after a successful swap
+    return manifest
+
+
+def _combine_into(inputs: list[Path], work_dir: Path, params: dict[str, Any]) -> dict[str, Any]:
+    weights, seed = params["weights"], params["seed"]
+    with open(work_dir / QUARANTINE_FILE, "w", encoding="utf-8", newline="\n") as quarantine:
+        scanner = Scanner(weights, seed, params["on_invalid"], quarantine)
+        for file_index, path in enumerate(inputs):
+            scanner.scan_file(file_index, path)
+    scanner.forget_seen()
+    kept, stats = scanner.kept, scanner.stats
+    bounds = split_bounds(kept.group, params["test_fraction"], params["val_fraction"])
+    plan = plan_outputs(kept, bounds, scanner.sources, stats)
+    row_counts = {QUARANTINE_FILE: sum(counts["invalid"] for counts in stats.values())}
+    reader = RowReader(inputs)
+    try:
+        for split in SPLITS:
+            row_counts[f"{split}.jsonl"] = write_rows(
+                work_dir / f"{split}.jsonl", plan.pop(split), kept, reader
+            )
+    finally:
+        reader.close()
+    manifest = build_manifest(inputs, work_dir, stats, params, row_counts)
+    logger.info(
+        "combined %d file(s): %s", len(inputs),
+        ", ".join(f"{name} {count} rows" for name, count in sorted(row_counts.items())),
+    )
+    manifest_text = json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    (work_dir / MANIFEST_FILE).write_text(manifest_text, encoding="utf-8", newline="\n")
+    return manifest
+
+
+def _check_params(
+    inputs: list[Path],
+    weights: Mapping[str, float],
+    test_fraction: float,
+    val_fraction: float,
+    on_invalid: str,
+) -> None:
+    check_on_invalid(on_invalid)
+    if not inputs:
+        raise ValueError("no input files given")
+    for path in inputs:
+        if not path.is_file():
+            raise FileNotFoundError(f"input file not found: {path} (run the collect stage?)")
+    if not weights:
+        raise ValueError("weights is empty; give every source a weight in data.weights")
+    for source, weight in weights.items():
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (
+            math.isfinite(weight) and 0 <= weight <= MAX_WEIGHT
+        ):
+            raise ValueError(
+                f"weight for source {source!r} is {weight!r}; expected a number from 0 "
+                f"(drops the source) to {MAX_WEIGHT:g} (data.weights in params.yaml)"
+            )
+    for name, fraction in (("test_fraction", test_fraction), ("val_fraction", val_fraction)):
+        if not 0 <= fraction < 1:
+            raise ValueError(f"{name} is {fraction!r}; expected 0 <= {name} < 1")
+    if test_fraction + val_fraction >= 1:
+        raise ValueError(
+            f"test_fraction + val_fraction is {test_fraction + val_fraction:g}; "
+            "it must be below 1 to leave conversations for train"
+        )
+
+
+def _parse_weight(text: str) -> tuple[str, float]:
+    source, sep, value = text.partition("=")
+    try:
+        if not sep or not source:
+            raise ValueError
+        return source, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--weight {text!r}: expected SOURCE=WEIGHT, e.g. cross_validated=2.0"
+        ) from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI: ``python -m expqa.combine IN.jsonl... --out-dir DIR [--weight SOURCE=W]...``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m expqa.combine", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("inputs", nargs="+", type=Path, help="ChatML JSONL files, in order")
+    parser.add_argument("--out-dir", type=Path, required=True)
+    parser.add_argument("--cv-weight", type=float, default=DEFAULT_WEIGHTS["cross_validated"])
+    parser.add_argument("--arxiv-weight", type=float, default=DEFAULT_WEIGHTS["arxiv_synthetic"])
+    parser.add_argument(
+        "--weight", type=_parse_weight, action="append", default=[], metavar="SOURCE=WEIGHT",
+        help="weight of another source (repeatable); overrides --cv-weight/--arxiv-weight",
+    )
+    parser.add_argument("--test-fraction", type=float, default=0.10)
+    parser.add_argument("--val-fraction", type=float, default=0.05)
+    parser.add_argument("--on-invalid", choices=("error", "skip"), default="error")
+    parser.add_argument("--seed", type=int, default=42)
+    args = parser.parse_args(argv)
+    weights = {"cross_validated": args.cv_weight, "arxiv_synthetic": args.arxiv_weight}
+    weights.update(dict(args.weight))
+    try:
+        manifest = combine_datasets(
+            args.inputs, args.out_dir, weights=weights, test_fraction=args.test_fraction,
+            val_fraction=args.val_fraction, on_invalid=args.on_invalid, seed=args.seed,
+        )
+    except (DataError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps(manifest["totals"], sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

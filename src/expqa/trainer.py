@@ -1,0 +1,330 @@
+"""The train stage: QLoRA (or plain LoRA) fine-tuning with TRL's SFTTrainer, resumable and tracked with dvclive.
+
+    trainer = QLoRATrainer(TrainingConfig(max_steps=40))   # paths default to the pipeline's
+    metrics = trainer.train()
+    trainer.save_model("models/adapter")
+    trainer.evaluate()                                      # {"eval_loss": ...} on the val split
+
+Same code path on CUDA and CPU. Checkpoints go to `checkpoint_dir` (a `persist: true` DVC output): a killed
+`dvc repro` resumes from the last complete checkpoint whose fingerprint (resolved params + data + base weights)
+matches this run; anything else there is cleared, so an experiment with other params never resumes a stranger.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+from transformers.integrations import DVCLiveCallback
+
+from expqa.config import LoRAConfig, Params, QuantizationConfig, TrainingConfig
+from expqa.dataset import build_sft_dataset
+from expqa.model import load_for_training, use_bf16
+
+log = logging.getLogger("expqa.train")
+FINGERPRINT_FILE = "expqa_fingerprint.json"
+CHECKPOINT_FILES = ("trainer_state.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt",
+                    FINGERPRINT_FILE)
+OOM_ADVICE = ("CUDA ran out of memory. Try, in this order: a smaller train.per_device_train_batch_size (raise "
+              "train.gradient_accumulation_steps to keep the effective batch), a shorter train.max_seq_length, "
+              "train.gradient_checkpointing: true, fewer lora.target_modules (e.g. [q_proj, v_proj]).")
+
+
+class TrainingError(RuntimeError):
+    """Training stopped for a reason the user must act on; the message says what to do."""
+
+
+class TrainingInterrupted(TrainingError):
+    """Ctrl-C / SIGTERM: a checkpoint was written; running the stage again resumes from it."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# callbacks
+
+class DVCLiveMetrics(DVCLiveCallback):
+    """transformers' dvclive integration without dumping every TrainingArguments field into a params file
+    (DVC already tracks params.yaml) and with the eval loss before training kept as a summary metric."""
+
+    def setup(self, args, state, model):
+        self._initialized = True
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if state.is_world_process_zero and state.global_step == 0 and metrics and "eval_loss" in metrics:
+            self.live.summary["eval_loss_before_training"] = metrics["eval_loss"]
+
+
+class StopOnSignal(TrainerCallback):
+    """Turn SIGINT/SIGTERM into 'save a checkpoint and stop' at the end of the current optimizer step."""
+
+    def __init__(self):
+        self.received: int | None = None
+
+    def install(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.received is not None:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.received = signum
+        print(f"\nreceived signal {signum}: saving a checkpoint after this step (Ctrl-C again to abort)",
+              flush=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.received is not None:
+            control.should_save = True
+            control.should_training_stop = True
+
+
+class WriteFingerprint(TrainerCallback):
+    """Mark a checkpoint complete, last, with the fingerprint of the run that wrote it."""
+
+    def __init__(self, fingerprint: dict):
+        self.fingerprint = fingerprint
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                (folder / FINGERPRINT_FILE).write_text(json.dumps(self.fingerprint, indent=2, sort_keys=True))
+
+
+def make_sft_trainer_class():
+    from trl import SFTTrainer
+
+    class GuardedSFTTrainer(SFTTrainer):
+        """SFTTrainer that stops on a non-finite loss (naming the step) and counts real tokens for tok/s."""
+
+        real_tokens = 0
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            tokens = inputs["attention_mask"].sum() if "attention_mask" in inputs else inputs["input_ids"].new_tensor(
+                inputs["input_ids"].numel())
+            loss_value, token_count = torch.stack([loss.detach().float(), tokens.float().to(loss.device)]).tolist()
+            if not math.isfinite(loss_value):
+                raise TrainingError(f"loss is {loss_value} at optimizer step {self.state.global_step + 1}: training "
+                                    "diverged. Lower train.learning_rate, keep train.max_grad_norm small (0.3), or "
+                                    "check the data of this step; the last checkpoint is kept")
+            self.real_tokens += int(token_count)
+            return loss
+
+    return GuardedSFTTrainer
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# checkpoints
+
+def checkpoint_is_complete(folder: Path, fingerprint: dict) -> tuple[bool, str]:
+    missing = [name for name in CHECKPOINT_FILES if not (folder / name).is_file()]
+    if missing:
+        return False, f"missing {', '.join(missing)}"
+    try:
+        if json.loads((folder / FINGERPRINT_FILE).read_text()) != fingerprint:
+            return False, "written by a run with other params, data or base weights"
+        json.loads((folder / "trainer_state.json").read_text())
+        from safetensors import safe_open
+
+        with safe_open(folder / "adapter_model.safetensors", "pt") as handle:
+            handle.keys()
+        torch.load(folder / "scheduler.pt", weights_only=True)
+    except Exception as exc:  # any unreadable file makes the checkpoint unusable
+        return False, f"unreadable ({type(exc).__name__}: {str(exc)[:120]})"
+    return True, "ok"
+
+
+def find_resumable_checkpoint(checkpoint_dir: Path, fingerprint: dict) -> Path | None:
+    """Newest complete checkpoint of this run; warns about and skips broken ones; clears foreign ones."""
+    folders = sorted((p for p in checkpoint_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                     key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for folder in folders:
+        ok, why = checkpoint_is_complete(folder, fingerprint)
+        if ok:
+            return folder
+        if why.startswith("written by a run with other"):
+            log.warning("removing %s: %s", folder, why)
+            shutil.rmtree(folder)
+        else:
+            log.warning("skipping checkpoint %s (%s); falling back to the one before", folder, why)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the trainer
+
+class QLoRATrainer:
+    """Fine-tune `base_model` on `data_dir`/{train,val}.jsonl and save a LoRA adapter."""
+
+    def __init__(self, config: TrainingConfig | None = None, *, lora: LoRAConfig | None = None,
+                 quantization: QuantizationConfig | None = None, seed: int = 42,
+                 base_model: str | Path = "models/base", data_dir: str | Path = "data/processed",
+                 checkpoint_dir: str | Path = "models/checkpoints", metrics_dir: str | Path | None = "metrics/train",
+                 log_dir: str | Path | None = "logs", attn_implementation: str = "sdpa"):
+        self.config = config or TrainingConfig()
+        self.lora = lora or LoRAConfig()
+        self.quantization = quantization or QuantizationConfig()
+        self.seed = seed
+        self.base_model, self.data_dir = Path(base_model), Path(data_dir)
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.metrics_dir = Path(metrics_dir) if metrics_dir else None
+        self.log_dir = Path(log_dir) if log_dir else None
+        self.attn_implementation = attn_implementation
+        self.trainer = None
+
+    @classmethod
+    def from_params(cls, params: Params, **paths) -> "QLoRATrainer":
+        """From params.yaml sections, with the `cpu` overrides applied when there is no GPU."""
+        run = params.for_device(torch.cuda.is_available())
+        return cls(run.train, lora=run.lora, quantization=run.quantization, seed=run.base.seed, **paths)
+
+    # -- setup ----------------------------------------------------------------------------------------------------
+    def resolved_config(self) -> dict:
+        return {"train": dataclasses.asdict(self.config), "lora": dataclasses.asdict(self.lora),
+                "quantization": dataclasses.asdict(self.quantization), "seed": self.seed,
+                "device": "cuda" if torch.cuda.is_available() else "cpu"}
+
+    def fingerprint(self) -> dict:
+        inputs = {name: sha256_file(self.data_dir / f"{name}.jsonl") for name in ("train", "val")}
+        info = self.base_model / "base_info.json"
+        base = json.loads(info.read_text()).get("weights_sha256") if info.exists() else None
+        return {"config": self.resolved_config(), "data_sha256": inputs, "base_weights_sha256": base}
+
+    def _setup_logging(self) -> None:
+        if self.log_dir is None:
+            return
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(self.log_dir / "training.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        for name in ("expqa", "transformers.trainer"):
+            logging.getLogger(name).addHandler(handler)
+            logging.getLogger(name).setLevel(logging.INFO)
+
+    def _sft_config(self, has_eval: bool):
+        from trl import SFTConfig
+
+        c = self.config
+        report_to = ["tensorboard"] if self.log_dir else []
+        if self.log_dir:  # transformers 5 reads the TensorBoard folder from the environment only
+            os.environ["TENSORBOARD_LOGGING_DIR"] = str(self.log_dir / "tensorboard")
+        return SFTConfig(
+            output_dir=str(self.checkpoint_dir), seed=self.seed, data_seed=self.seed,
+            per_device_train_batch_size=c.per_device_train_batch_size,
+            per_device_eval_batch_size=c.per_device_train_batch_size,
+            gradient_accumulation_steps=c.gradient_accumulation_steps, learning_rate=c.learning_rate,
+            lr_scheduler_type=c.lr_scheduler_type, warmup_steps=c.warmup_ratio,  # float < 1 = ratio
+            num_train_epochs=c.num_train_epochs, max_steps=c.max_steps, optim=c.optim,
+            weight_decay=c.weight_decay, max_grad_norm=c.max_grad_norm, max_length=c.max_seq_length,
+            gradient_checkpointing=False,  # already enabled on the model (non-reentrant) by load_for_training
+            bf16=use_bf16(c.bf16), use_cpu=not torch.cuda.is_available(),
+            logging_steps=c.logging_steps, logging_first_step=True,
+            eval_strategy="steps" if has_eval else "no", eval_steps=c.eval_steps, eval_on_start=has_eval,
+            save_strategy="steps", save_steps=c.save_steps, save_total_limit=c.save_total_limit,
+            report_to=report_to,
+            dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=False)
+
+    def setup(self):
+        """Load model and data and build the SFTTrainer (called by train(); useful alone in tests)."""
+        from transformers import set_seed
+
+        if self.config.num_threads:
+            torch.set_num_threads(self.config.num_threads)
+        set_seed(self.seed)
+        model, tokenizer = load_for_training(
+            self.base_model, self.quantization, self.lora, bf16=self.config.bf16,
+            gradient_checkpointing=self.config.gradient_checkpointing,
+            attn_implementation=self.attn_implementation)
+        self.tokenizer = tokenizer
+        train_data = build_sft_dataset(self.data_dir / "train.jsonl", tokenizer, self.config.max_seq_length)
+        val_path = self.data_dir / "val.jsonl"
+        val_data = build_sft_dataset(val_path, tokenizer, self.config.max_seq_length) \
+            if val_path.exists() and val_path.stat().st_size else None
+        self.stop_on_signal = StopOnSignal()
+        callbacks = [self.stop_on_signal, WriteFingerprint(self.fingerprint())]
+        if self.metrics_dir is not None:
+            from dvclive import Live
+
+            live = Live(dir=str(self.metrics_dir), dvcyaml=False, save_dvc_exp=False, report=None)
+            callbacks.append(DVCLiveMetrics(live=live, log_model=False))
+        self.trainer = make_sft_trainer_class()(
+            model=model, args=self._sft_config(val_data is not None), train_dataset=train_data,
+            eval_dataset=val_data, processing_class=tokenizer, callbacks=callbacks)
+        return self.trainer
+
+    # -- train / evaluate / save ---------------------------------------------------------------------------------
+    def train(self) -> dict:
+        self._setup_logging()
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        resume = find_resumable_checkpoint(self.checkpoint_dir, self.fingerprint())
+        if self.metrics_dir is not None and resume is None:
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)  # a fresh run starts fresh curves
+        trainer = self.setup()
+        self.stop_on_signal.install()
+        if resume is not None:
+            log.warning("resuming from %s", resume)
+            print(f"train: resuming from {resume}", flush=True)
+        try:
+            result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        except torch.cuda.OutOfMemoryError as exc:
+            raise TrainingError(OOM_ADVICE) from exc
+        if self.stop_on_signal.received is not None:
+            raise TrainingInterrupted(f"stopped at step {trainer.state.global_step}; checkpoint saved in "
+                                      f"{self.checkpoint_dir}. Run the stage again to resume.")
+        metrics = dict(result.metrics)
+        metrics["real_tokens_per_second"] = trainer.real_tokens / max(metrics.get("train_runtime", 0), 1e-9)
+        metrics["global_step"] = trainer.state.global_step
+        metrics["resumed_from_step"] = int(resume.name.split("-")[-1]) if resume else 0
+        if trainer.eval_dataset is not None:
+            metrics.update(self.evaluate())
+        self.metrics = metrics
+        return metrics
+
+    def evaluate(self) -> dict:
+        """Loss on the val split with the current weights."""
+        if self.trainer is None:
+            self.setup()
+        return self.trainer.evaluate()
+
+    def save_model(self, path: str | Path) -> None:
+        """Adapter + tokenizer/chat template + resolved config and input hashes, written atomically."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=path.parent))
+        try:
+            self.trainer.model.save_pretrained(tmp)
+            self.tokenizer.save_pretrained(tmp)
+            record = {**self.fingerprint(), "base_model": str(self.base_model),
+                      "metrics": getattr(self, "metrics", {}), "versions": library_versions()}
+            (tmp / "training_config.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+            if path.exists():
+                shutil.rmtree(path)
+            tmp.rename(path)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def library_versions() -> dict:
+    import peft
+    import transformers
+    import trl
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+            "trl": trl.__version__, "cuda": torch.version.cuda, "device": torch.cuda.get_device_name(0)
+            if torch.cuda.is_available() else "cpu", "threads": torch.get_num_threads()}

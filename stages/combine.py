@@ -1,0 +1,36 @@
+"""Stage `combine` (seed: combine_datasets): validate, deduplicate, weight and split into data/processed.
+
+Params: data (weights, fractions, on_invalid) and base.seed.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from expqa.chatml import DataError
+from expqa.combine import combine_datasets
+from expqa.config import ConfigError, load_params
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="expqa combine", description=__doc__)
+    parser.add_argument("inputs", nargs="+", type=Path, help="ChatML JSONL files")
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--config", help="partial override file (YAML or JSON)")
+    args = parser.parse_args(argv)
+    try:
+        params = load_params(args.params, args.config)
+        d = params.data
+        manifest = combine_datasets(args.inputs, args.out, weights=d.weights, test_fraction=d.test_fraction,
+                                    val_fraction=d.val_fraction, on_invalid=d.on_invalid, seed=params.base.seed)
+    except (ConfigError, DataError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    totals = manifest["totals"]
+    print("combine: " + ", ".join(f"{k} {v}" for k, v in sorted(totals.items()) if isinstance(v, int)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""Stage `train` (seed: QLoRATrainer): fine-tune models/base on data/processed into models/adapter.
+
+Params: base.seed, quantization, lora, train, and the `cpu` overrides when there is no GPU.
+Checkpoints land in --checkpoints (a persist output): a killed run resumes from the last complete one.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from expqa.config import ConfigError, load_params
+from expqa.trainer import QLoRATrainer, TrainingError, TrainingInterrupted
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="expqa train", description=__doc__)
+    parser.add_argument("--base", type=Path, default=Path("models/base"))
+    parser.add_argument("--data", type=Path, default=Path("data/processed"))
+    parser.add_argument("--out", type=Path, default=Path("models/adapter"))
+    parser.add_argument("--checkpoints", type=Path, default=Path("models/checkpoints"))
+    parser.add_argument("--metrics", type=Path, default=Path("metrics/train"), help="dvclive folder")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--config", help="partial override file (YAML or JSON), e.g. lora: {r: 32}")
+    args = parser.parse_args(argv)
+    try:
+        params = load_params(args.params, args.config)
+        trainer = QLoRATrainer.from_params(params, base_model=args.base, data_dir=args.data,
+                                           checkpoint_dir=args.checkpoints, metrics_dir=args.metrics)
+        metrics = trainer.train()
+        trainer.save_model(args.out)
+    except TrainingInterrupted as exc:
+        print(f"train: {exc}", file=sys.stderr)
+        return 130
+    except (ConfigError, TrainingError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    summary = {k: metrics.get(k) for k in ("global_step", "train_loss", "eval_loss", "real_tokens_per_second")}
+    print("train: " + json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

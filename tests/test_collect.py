@@ -1,0 +1,329 @@
+"""Tests for the Stack Exchange import (expqa.collect): HTML conversion, answer choice, errors."""
+
+from __future__ import annotations
+
+import json
+from html import escape
+from pathlib import Path
+
+import pytest
+
+from expqa.collect import DumpError, collect_stackexchange, html_to_markdown, parse_tags
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE_POSTS = REPO / "data" / "raw" / "stackexchange_sample" / "Posts.xml"
+SITE = "https://stats.stackexchange.com"
+DEFAULT_PARAMS = dict(
+    tags=["ab-testing", "hypothesis-testing", "statistical-power", "sample-size", "p-value",
+          "confidence-interval", "experiment-design", "bayesian", "causality",
+          "multiple-comparisons", "bootstrap", "variance-reduction", "t-test"],
+    min_question_score=1,
+    min_answer_score=2,
+    min_answer_chars=80,
+    max_answer_chars=6000,
+    site_url=SITE,
+)
+LONG = "<p>" + "An answer that is long enough to pass the length filter. " * 3 + "</p>"
+
+
+# --- html_to_markdown ------------------------------------------------------------------------
+
+
+def test_paragraphs_and_line_breaks() -> None:
+    assert html_to_markdown("<p>one\ntwo</p>\n\n<p>three<br>four</p>") == "one two\n\nthree\nfour"
+
+
+def test_code_block_content_is_preserved_exactly() -> None:
+    code = 'def f(x):\n    if x < 1 and y > 2:\n\n\n        return "a & b"\n'
+    escaped = escape(code, quote=False)
+    body = f'<pre class="lang-py prettyprint-override"><code>{escaped}</code></pre>'
+    assert html_to_markdown(f"<p>Try:</p>\n\n{body}") == f"Try:\n\n```py\n{code}```"
+
+
+def test_code_block_containing_a_fence_gets_a_longer_fence() -> None:
+    assert html_to_markdown("<pre><code>```\nx\n```\n</code></pre>") == "````\n```\nx\n```\n````"
+
+
+def test_code_inside_list_and_quote_keeps_its_lines() -> None:
+    html = "<ul><li><pre><code>x = 1\n    \ny = 2\n</code></pre></li></ul>"
+    assert html_to_markdown(html) == "- ```\n  x = 1\n      \n  y = 2\n  ```"
+    html = "<blockquote><pre><code>a\n\nb\n</code></pre></blockquote>"
+    assert html_to_markdown(html) == "> ```\n> a\n>\n> b\n> ```"
+
+
+def test_inline_code_and_entities() -> None:
+    html = "<p>Use <code>a &lt; b</code> &amp; don&#39;t &quot;panic&quot; &mdash;</p>"
+    markdown = html_to_markdown(html)
+    assert markdown == "Use `a < b` & don't \"panic\" —"
+
+
+def test_latex_is_kept_verbatim() -> None:
+    display = "$$\n  \\hat\\beta = (X^\\top X)^{-1} X^\\top y \\\\\n  a_i * b_j\n$$"
+    html = f"<p>Inline $x_1 * y_2 = \\alpha_{{i}}$ and   spaced.</p>\n\n<p>{display}</p>"
+    assert html_to_markdown(html) == f"Inline $x_1 * y_2 = \\alpha_{{i}}$ and spaced.\n\n{display}"
+
+
+def test_nested_lists() -> None:
+    html = ("<ul>\n<li>a <strong>bold</strong></li>\n<li>b\n<ol>\n<li>one</li>\n<li>two</li>\n"
+            "</ol></li>\n</ul>")
+    assert html_to_markdown(html) == "- a **bold**\n- b\n  1. one\n  2. two"
+
+
+def test_ordered_list_start_and_multi_paragraph_items() -> None:
+    html = '<ol start="3"><li><p>first</p><p>more</p></li><li><p>second</p></li></ol>'
+    assert html_to_markdown(html) == "3. first\n\n   more\n4. second"
+
+
+def test_links_images_emphasis() -> None:
+    html = ('<p>See <a href="https://e.org/?a=1&amp;b=2">the <em>docs</em></a>, '
+            '<b>bold</b>, <i>it</i>, <img src="https://i.e.org/p.png" alt="plot"></p>')
+    assert html_to_markdown(html) == (
+        "See [the *docs*](https://e.org/?a=1&b=2), **bold**, *it*, ![plot](https://i.e.org/p.png)"
+    )
+
+
+def test_blockquote_headings_rule_and_unknown_tags() -> None:
+    html = ("<h2>Title</h2>\n<blockquote><p>quoted</p><p>two</p></blockquote>\n<hr>\n"
+            "<p><span class='x'>kept</span> <sup>2</sup> <kbd>Ctrl</kbd></p>")
+    assert html_to_markdown(html) == "## Title\n\n> quoted\n>\n> two\n\n---\n\nkept 2 Ctrl"
+
+
+def test_blank_line_runs_are_collapsed_and_result_stripped() -> None:
+    assert html_to_markdown("\n\n<p>a<br><br><br><br>b</p>\n\n\n") == "a\n\nb"
+
+
+def test_parse_tags_both_formats() -> None:
+    assert parse_tags("<ab-testing><p-value>") == ["ab-testing", "p-value"]
+    assert parse_tags("|ab-testing|p-value|") == ["ab-testing", "p-value"]
+    assert parse_tags("") == []
+
+
+# --- selection rules -------------------------------------------------------------------------
+
+
+def question(qid: int, *, tags: str = "<ab-testing>", score: int = 5, accepted: int | None = None,
+             body: str = "<p>Question body?</p>", **extra: object) -> dict:
+    row = {"Id": qid, "PostTypeId": 1, "Score": score, "Title": f"Question {qid}", "Body": body,
+           "Tags": tags, "CreationDate": "2020-01-01T00:00:00.000", **extra}
+    if accepted is not None:
+        row["AcceptedAnswerId"] = accepted
+    return row
+
+
+def answer(aid: int, parent: int, *, score: int = 5, body: str = LONG, **extra: object) -> dict:
+    return {"Id": aid, "PostTypeId": 2, "ParentId": parent, "Score": score, "Body": body,
+            "CreationDate": "2020-01-02T00:00:00.000", **extra}
+
+
+def write_posts(path: Path, rows: list[dict]) -> Path:
+    """A Posts.xml in the dump's layout: one row per line, newlines in values as &#xA;."""
+    lines = ['<?xml version="1.0" encoding="utf-8"?>', "<posts>"]
+    for row in rows:
+        attrs = " ".join(
+            f'{name}="{escape(str(value)).replace(chr(10), "&#xA;")}"'
+            for name, value in row.items()
+        )
+        lines.append(f"  <row {attrs} />")
+    lines.append("</posts>")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def run(tmp_path: Path, rows: list[dict], **overrides: object) -> tuple[dict, list[dict]]:
+    posts = write_posts(tmp_path / "Posts.xml", rows)
+    out = tmp_path / "out" / "pairs.jsonl"
+    stats = collect_stackexchange(posts, out, **{**DEFAULT_PARAMS, **overrides})
+    return stats, [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+
+
+def chosen(pairs: list[dict]) -> dict[int, int]:
+    return {pair["post_id"]: pair["answer_id"] for pair in pairs}
+
+
+def test_accepted_answer_wins_over_higher_score(tmp_path: Path) -> None:
+    rows = [question(1, accepted=3), answer(2, 1, score=50), answer(3, 1, score=1)]
+    stats, pairs = run(tmp_path, rows)
+    assert chosen(pairs) == {1: 3}
+    assert stats["accepted_answers_used"] == 1
+
+
+def test_top_answer_without_accepted_ties_to_lowest_id(tmp_path: Path) -> None:
+    rows = [question(1), answer(4, 1, score=7), answer(3, 1, score=7), answer(2, 1, score=6)]
+    _, pairs = run(tmp_path, rows)
+    assert chosen(pairs) == {1: 3}
+
+
+def test_missing_accepted_answer_falls_back_to_top_answer(tmp_path: Path) -> None:
+    rows = [question(1, accepted=99), answer(2, 1, score=3), answer(5, 1, score=9)]
+    stats, pairs = run(tmp_path, rows)
+    assert chosen(pairs) == {1: 5}
+    assert stats["accepted_answer_missing"] == 1
+
+
+def test_accepted_answer_of_another_question_is_not_used(tmp_path: Path) -> None:
+    rows = [question(1, accepted=4), answer(2, 1, score=3), question(3), answer(4, 3, score=9)]
+    _, pairs = run(tmp_path, rows)
+    assert chosen(pairs) == {1: 2, 3: 4}
+
+
+def test_score_thresholds(tmp_path: Path) -> None:
+    rows = [
+        question(1, score=0), answer(2, 1, score=10),  # question below min_question_score
+        question(3), answer(4, 3, score=1), answer(5, 3, score=0),  # answers below threshold
+        question(6),  # no answers at all
+        question(7, score=1), answer(8, 7, score=2),  # both exactly at the thresholds
+    ]
+    stats, pairs = run(tmp_path, rows)
+    assert chosen(pairs) == {7: 8}
+    assert stats["skipped"]["low_score"] == 1
+    assert stats["skipped"]["low_answer_score"] == 1
+    assert stats["skipped"]["no_answer"] == 1
+
+
+def test_answer_length_limits(tmp_path: Path) -> None:
+    rows = [question(1), answer(2, 1, body="<p>" + "x" * 10 + "</p>"),
+            question(3), answer(4, 3, body="<p>" + "y" * 50 + "</p>"),
+            question(5), answer(6, 5, body="<p>" + "z" * 51 + "</p>")]
+    stats, pairs = run(tmp_path, rows, min_answer_chars=11, max_answer_chars=50)
+    assert chosen(pairs) == {3: 4}
+    assert stats["skipped"]["too_short"] == 1
+    assert stats["skipped"]["too_long"] == 1
+
+
+def test_answer_with_deleted_parent_is_counted(tmp_path: Path) -> None:
+    rows = [question(1), answer(2, 1), answer(3, 77)]
+    stats, pairs = run(tmp_path, rows)
+    assert chosen(pairs) == {1: 2}
+    assert stats["skipped"]["missing_parent"] == 1
+
+
+def test_tag_filter_reads_both_formats_and_ignores_other_post_types(tmp_path: Path) -> None:
+    rows = [
+        question(1, tags="<r><ggplot2>"), answer(2, 1),
+        question(3, tags="|r|p-value|"), answer(4, 3),
+        question(5, tags="<Bayesian>"), answer(6, 5),
+        {"Id": 7, "PostTypeId": 4, "Body": "<p>tag wiki excerpt</p>"},
+        {"Id": 8, "PostTypeId": 5, "Body": "<p>tag wiki</p>"},
+    ]
+    stats, pairs = run(tmp_path, rows)
+    assert chosen(pairs) == {3: 4, 5: 6}
+    assert pairs[0]["tags"] == ["r", "p-value"]
+    assert stats["questions_matched"] == 2
+    assert stats["other_posts"] == 2
+
+
+def test_empty_tag_list_takes_every_question(tmp_path: Path) -> None:
+    rows = [question(1, tags="<r>"), answer(2, 1), question(3, tags=""), answer(4, 3)]
+    _, pairs = run(tmp_path, rows, tags=[])
+    assert chosen(pairs) == {1: 2, 3: 4}
+
+
+def test_output_row_schema(tmp_path: Path) -> None:
+    rows = [question(12, body="<p>Why &amp; how?</p>", ContentLicense="CC BY-SA 3.0"),
+            answer(15, 12, score=4)]
+    _, (pair,) = run(tmp_path, rows)
+    assert pair == {
+        "id": "se-stats.stackexchange.com-12",
+        "source": "cross_validated",
+        "messages": [
+            {"role": "user", "content": "Question 12\n\nWhy & how?"},
+            {"role": "assistant", "content": html_to_markdown(LONG)},
+        ],
+        "post_id": 12,
+        "answer_id": 15,
+        "url": f"{SITE}/questions/12",
+        "answer_url": f"{SITE}/a/15",
+        "license": "CC BY-SA 3.0 (question); CC BY-SA 4.0 (answer)",
+        "attribution": f"Question and answer from {SITE} (post 12, answer 15), licensed under "
+                       "CC BY-SA 3.0 (question); CC BY-SA 4.0 (answer).",
+        "tags": ["ab-testing"],
+        "question_score": 5,
+        "answer_score": 4,
+    }
+
+
+def test_output_is_ordered_by_question_and_byte_identical(tmp_path: Path) -> None:
+    rows = [question(30), answer(31, 30), question(10), answer(32, 10),
+            question(20), answer(33, 20)]
+    posts = write_posts(tmp_path / "Posts.xml", rows)
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    collect_stackexchange(posts, first, **DEFAULT_PARAMS)
+    collect_stackexchange(posts, second, **DEFAULT_PARAMS)
+    assert first.read_bytes() == second.read_bytes()
+    assert [json.loads(line)["post_id"] for line in first.read_text().splitlines()] == [10, 20, 30]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["Posts.xml", "a.jsonl", "b.jsonl"]
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+
+def test_malformed_xml_names_path_and_line(tmp_path: Path) -> None:
+    posts = write_posts(tmp_path / "Posts.xml", [question(1), answer(2, 1)])
+    lines = posts.read_text().splitlines()
+    lines[3] = lines[3].replace('ParentId="1"', 'ParentId="1')  # unterminated attribute
+    posts.write_text("\n".join(lines[:5]))  # and truncated, as an interrupted extraction
+    out = tmp_path / "pairs.jsonl"
+    out.write_text("previous output\n")
+    with pytest.raises(DumpError, match=rf"{posts}:4:\d+: malformed XML .*fully downloaded"):
+        collect_stackexchange(posts, out, **DEFAULT_PARAMS)
+    assert out.read_text() == "previous output\n"  # never half-written
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["Posts.xml", "pairs.jsonl"]
+
+
+def test_truncated_dump_is_reported(tmp_path: Path) -> None:
+    posts = write_posts(tmp_path / "Posts.xml", [question(1), answer(2, 1)])
+    posts.write_text(posts.read_text().replace("</posts>\n", ""))
+    with pytest.raises(DumpError, match="malformed XML"):
+        collect_stackexchange(posts, tmp_path / "pairs.jsonl", **DEFAULT_PARAMS)
+
+
+def test_row_without_post_type_names_its_line(tmp_path: Path) -> None:
+    rows = [question(1), {"Id": 2, "Score": 1}]
+    with pytest.raises(DumpError, match=r"Posts.xml:4: <row> has no PostTypeId attribute"):
+        run(tmp_path, rows)
+
+
+def test_non_integer_score_is_reported(tmp_path: Path) -> None:
+    with pytest.raises(DumpError, match=r"Posts.xml:3: Score='high' is not an integer"):
+        run(tmp_path, [question(1, score="high")])
+
+
+def test_duplicate_post_id_is_reported(tmp_path: Path) -> None:
+    with pytest.raises(DumpError, match=r"Posts.xml:4: post Id 1 appears twice"):
+        run(tmp_path, [question(1), question(1)])
+
+
+def test_wrong_dump_file_is_reported(tmp_path: Path) -> None:
+    comments = tmp_path / "Comments.xml"
+    comments.write_text('<?xml version="1.0"?>\n<comments>\n  <row Id="1" />\n</comments>\n')
+    with pytest.raises(DumpError, match="root element is <comments>, expected <posts>"):
+        collect_stackexchange(comments, tmp_path / "pairs.jsonl", **DEFAULT_PARAMS)
+
+
+def test_missing_file_is_reported(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no such file.*Posts.xml"):
+        collect_stackexchange(tmp_path / "Posts.xml", tmp_path / "pairs.jsonl", **DEFAULT_PARAMS)
+
+
+def test_inconsistent_length_limits_are_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="min_answer_chars"):
+        run(tmp_path, [], min_answer_chars=100, max_answer_chars=10)
+
+
+# --- the shipped sample ----------------------------------------------------------------------
+
+
+def test_shipped_sample_imports_with_default_params(tmp_path: Path) -> None:
+    out = tmp_path / "se.jsonl"
+    stats = collect_stackexchange(SAMPLE_POSTS, out, **DEFAULT_PARAMS)
+    pairs = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert stats["pairs_written"] == len(pairs) >= 12
+    for reason in ("low_score", "no_answer", "low_answer_score", "too_short", "missing_parent"):
+        assert stats["skipped"][reason] >= 1, reason
+    assert stats["accepted_answer_missing"] >= 1
+    assert stats["other_posts"] >= 2
+    for pair in pairs:
+        roles = [message["role"] for message in pair["messages"]]
+        assert roles == ["user", "assistant"] * (len(roles) // 2) and roles
+        assert all(message["content"].strip() for message in pair["messages"])
+    assert [pair["post_id"] for pair in pairs] == sorted(pair["post_id"] for pair in pairs)

@@ -1,0 +1,424 @@
+"""Combining ChatML sources: validation, dedup, leak-free splits, weighting, determinism."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import expqa.combine as combine_module
+from expqa.chatml import DataError, content_id
+from expqa.combine import (
+    MANIFEST_FILE,
+    OUTPUT_FILES,
+    SPLITS,
+    UNKNOWN_SOURCE,
+    combine_datasets,
+    main,
+    normalise_text,
+)
+
+WEIGHTS = {"cross_validated": 2.0, "arxiv_synthetic": 1.0}
+ALL_FILES = (*OUTPUT_FILES, MANIFEST_FILE)
+
+
+def conversation(
+    question: str,
+    answer: str = "An answer.",
+    *,
+    source: str = "cross_validated",
+    id: str | None = None,
+    system: str | None = None,
+) -> dict[str, Any]:
+    messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    if system is not None:
+        messages.insert(0, {"role": "system", "content": system})
+    row: dict[str, Any] = {"messages": messages, "source": source}
+    if id is not None:
+        row["id"] = id
+    return row
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any] | str | bytes]) -> Path:
+    lines = []
+    for row in rows:
+        if isinstance(row, dict):
+            row = json.dumps(row)
+        lines.append(row if isinstance(row, bytes) else row.encode("utf-8"))
+    path.write_bytes(b"".join(line + b"\n" for line in lines))
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def run(inputs: list[Path], out_dir: Path, **overrides: Any) -> dict[str, Any]:
+    params: dict[str, Any] = dict(
+        weights=WEIGHTS, test_fraction=0.10, val_fraction=0.05, on_invalid="error", seed=7
+    )
+    params.update(overrides)
+    return combine_datasets(inputs, out_dir, **params)
+
+
+def split_rows(out_dir: Path) -> dict[str, list[dict[str, Any]]]:
+    return {split: read_jsonl(out_dir / f"{split}.jsonl") for split in SPLITS}
+
+
+def base_id(output_id: str) -> str:
+    return re.sub(r"#w\d+$", "", output_id)
+
+
+def distinct_questions(n: int, source: str = "cross_validated") -> list[dict[str, Any]]:
+    return [
+        conversation(f"Question number {i} from {source}?", source=source, id=f"{source}-{i}")
+        for i in range(n)
+    ]
+
+
+def assert_counts_add_up(manifest: dict[str, Any]) -> None:
+    for counts in [*manifest["sources"].values(), manifest["totals"]]:
+        outcomes = ("kept", "invalid", "duplicates_exact", "duplicates_normalised", "dropped_weight0")
+        assert counts["read"] == sum(counts[key] for key in outcomes)
+        assert counts["kept"] == sum(counts[f"{split}_conversations"] for split in SPLITS)
+
+
+# --- invalid rows -----------------------------------------------------------------------------
+
+INVALID_ROWS = {
+    "bad JSON": ("{not json", "invalid JSON: "),
+    "bad UTF-8": (b'{"a": "caf\xe9"}', "not valid UTF-8 (byte 0xe9 at column 11)"),
+    "no assistant": (json.dumps({"messages": [{"role": "user", "content": "q"}], "source": "x"}),
+                     "no assistant message"),
+    "unknown role": (json.dumps({"messages": [{"role": "bot", "content": "q"}], "source": "x"}),
+                     "messages[0].role is 'bot'; allowed: system, user, assistant"),
+}
+
+
+@pytest.mark.parametrize("bad_row, reason", INVALID_ROWS.values(), ids=INVALID_ROWS.keys())
+def test_invalid_row_raises_with_file_line_and_writes_nothing(
+    tmp_path: Path, bad_row: str | bytes, reason: str
+) -> None:
+    path = write_jsonl(tmp_path / "in.jsonl", [conversation("Fine?"), bad_row])
+    with pytest.raises(DataError) as caught:
+        run([path], tmp_path / "out")
+    assert str(caught.value).startswith(f"{path}:2: ")
+    assert reason in caught.value.reason
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]  # no outputs, no temp dirs
+
+
+def test_skip_quarantines_invalid_rows_and_counts_add_up(tmp_path: Path) -> None:
+    no_assistant = {"messages": [{"role": "user", "content": "q"}], "source": "arxiv_synthetic"}
+    rows: list[Any] = [
+        conversation("Good one?"),
+        "{not json",
+        b'{"a": "caf\xe9"}',
+        json.dumps(no_assistant),
+        conversation("Another good one?", source="arxiv_synthetic"),
+    ]
+    path = write_jsonl(tmp_path / "in.jsonl", rows)
+    manifest = run([path], tmp_path / "out", on_invalid="skip")
+    quarantine = read_jsonl(tmp_path / "out" / "quarantine.jsonl")
+    assert [(q["path"], q["line"]) for q in quarantine] == [("in.jsonl", 2), ("in.jsonl", 3), ("in.jsonl", 4)]
+    assert quarantine[0]["raw"] == "{not json"
+    assert quarantine[1]["raw"] == '{"a": "caf\\xe9"}'
+    assert quarantine[2]["reason"].startswith("no assistant message")
+    assert manifest["sources"]["arxiv_synthetic"]["invalid"] == 1
+    assert manifest["sources"][UNKNOWN_SOURCE]["invalid"] == 2
+    assert manifest["totals"]["read"] == 5 and manifest["totals"]["kept"] == 2
+    assert manifest["outputs"]["quarantine.jsonl"]["rows"] == 3
+    assert_counts_add_up(manifest)
+
+
+def test_quarantine_is_written_empty_when_every_row_is_valid(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "in.jsonl", distinct_questions(5))
+    run([path], tmp_path / "out", on_invalid="skip")
+    assert (tmp_path / "out" / "quarantine.jsonl").read_bytes() == b""
+
+
+@pytest.mark.parametrize("on_invalid", ["error", "skip"])
+def test_unknown_source_names_source_location_and_allowed_keys(tmp_path: Path, on_invalid: str) -> None:
+    path = write_jsonl(tmp_path / "in.jsonl", [conversation("q?"), conversation("r?", source="reddit")])
+    with pytest.raises(DataError) as caught:
+        run([path], tmp_path / "out", on_invalid=on_invalid)
+    message = str(caught.value)
+    assert message.startswith(f"{path}:2: source 'reddit' has no weight")
+    assert "allowed sources: arxiv_synthetic, cross_validated" in message
+    assert "data.weights in params.yaml" in message
+
+
+@pytest.mark.parametrize("weight", [-1.0, float("nan"), float("inf")])
+def test_bad_weight_is_rejected(tmp_path: Path, weight: float) -> None:
+    path = write_jsonl(tmp_path / "in.jsonl", distinct_questions(3))
+    with pytest.raises(ValueError, match="weight for source 'arxiv_synthetic' is"):
+        run([path], tmp_path / "out", weights={**WEIGHTS, "arxiv_synthetic": weight})
+
+
+def test_weight_zero_drops_the_source(tmp_path: Path) -> None:
+    rows = distinct_questions(10) + distinct_questions(4, source="arxiv_synthetic")
+    path = write_jsonl(tmp_path / "in.jsonl", rows)
+    manifest = run([path], tmp_path / "out", weights={**WEIGHTS, "arxiv_synthetic": 0})
+    assert manifest["sources"]["arxiv_synthetic"]["dropped_weight0"] == 4
+    assert manifest["sources"]["arxiv_synthetic"]["kept"] == 0
+    sources = {row["source"] for rows in split_rows(tmp_path / "out").values() for row in rows}
+    assert sources == {"cross_validated"}
+    assert_counts_add_up(manifest)
+
+
+# --- deduplication ----------------------------------------------------------------------------
+
+
+def test_exact_and_normalised_duplicates_are_dropped_keeping_the_first(tmp_path: Path) -> None:
+    first = conversation("What is a p-value?", "A probability.", id="first")
+    exact_copy = {**first, "id": "exact-copy"}
+    variant = conversation("  WHAT is a\tp-value ", "a probability", id="variant")  # case, space, punct
+    fullwidth = conversation("Ｗhat is a p-value?", "A probability.", id="fullwidth")  # NFKC
+    other_answer = conversation("What is a p-value?", "Something else.", id="other-answer")
+    file_a = write_jsonl(tmp_path / "a.jsonl", [first, variant])
+    file_b = write_jsonl(
+        tmp_path / "b.jsonl", [{**exact_copy, "source": "cross_validated"}, fullwidth, other_answer]
+    )
+    manifest = run([file_a, file_b], tmp_path / "out", weights={**WEIGHTS, "cross_validated": 1.0})
+    counts = manifest["sources"]["cross_validated"]
+    assert (counts["duplicates_exact"], counts["duplicates_normalised"], counts["kept"]) == (1, 2, 2)
+    ids = {row["id"] for rows in split_rows(tmp_path / "out").values() for row in rows}
+    assert ids == {"first", "other-answer"}
+    assert_counts_add_up(manifest)
+
+
+def test_normalise_text() -> None:
+    assert normalise_text("  Ｈello,\n\tWORLD?! ") == "hello, world"
+    assert normalise_text("¿Qué?") == "qué"
+
+
+def test_reused_id_for_a_different_conversation_is_invalid(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "in.jsonl", [conversation("a?", id="x"), conversation("b?", id="x")])
+    with pytest.raises(DataError, match=r"in.jsonl:2: id 'x' is already used"):
+        run([path], tmp_path / "out")
+    manifest = run([path], tmp_path / "out", on_invalid="skip")
+    assert manifest["totals"]["invalid"] == 1
+
+
+# --- splits -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "n, test_fraction, val_fraction, expected",
+    [(100, 0.10, 0.05, (85, 5, 10)), (3, 0.10, 0.05, (1, 1, 1)), (20, 0.0, 0.25, (15, 5, 0))],
+)
+def test_split_sizes_follow_the_fractions(
+    tmp_path: Path, n: int, test_fraction: float, val_fraction: float, expected: tuple[int, ...]
+) -> None:
+    path = write_jsonl(tmp_path / "in.jsonl", distinct_questions(n))
+    manifest = run([path], tmp_path / "out", test_fraction=test_fraction, val_fraction=val_fraction)
+    totals = manifest["totals"]
+    assert tuple(totals[f"{split}_conversations"] for split in SPLITS) == expected
+
+
+def random_dataset(rng: random.Random, n_questions: int) -> list[dict[str, Any]]:
+    """Questions asked several times: reworded variants, follow-ups and different answers."""
+    rows = []
+    for q in range(n_questions):
+        for variant in range(rng.choice([1, 1, 2, 3])):
+            question = f"How do I test hypothesis {q}?"
+            question = question.upper() if variant == 1 else question
+            follow_up = variant == 2
+            row = conversation(
+                question + ("" if variant != 1 else " ..."),
+                f"Answer {q}/{variant}",
+                source=rng.choice(list(WEIGHTS)),
+                id=None if rng.random() < 0.2 else f"q{q}-v{variant}",
+            )
+            if follow_up:
+                row["messages"] += [{"role": "user", "content": "And why?"},
+                                    {"role": "assistant", "content": "Because."}]
+            rows.append(row)
+    rng.shuffle(rows)
+    return rows
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_no_group_or_id_appears_in_two_splits(tmp_path: Path, seed: int) -> None:
+    rng = random.Random(seed)
+    rows = random_dataset(rng, n_questions=rng.randint(3, 60))
+    half = len(rows) // 2
+    inputs = [write_jsonl(tmp_path / "a.jsonl", rows[:half]), write_jsonl(tmp_path / "b.jsonl", rows[half:])]
+    weights = {"cross_validated": rng.choice([1.0, 2.0, 2.5]), "arxiv_synthetic": rng.choice([0.5, 1.0])}
+    manifest = run(inputs, tmp_path / "out", seed=seed, weights=weights, test_fraction=0.2, val_fraction=0.2)
+    splits = split_rows(tmp_path / "out")
+    groups = {s: {normalise_text(r["messages"][0]["content"]) for r in rows_} for s, rows_ in splits.items()}
+    ids = {s: {base_id(r["id"]) for r in rows_} for s, rows_ in splits.items()}
+    for one, other in [("train", "val"), ("train", "test"), ("val", "test")]:
+        assert not groups[one] & groups[other]
+        assert not ids[one] & ids[other]
+    assert_counts_add_up(manifest)
+
+
+# --- weighting --------------------------------------------------------------------------------
+
+
+def test_integer_weights_copy_train_rows_only(tmp_path: Path) -> None:
+    rows = distinct_questions(40) + distinct_questions(40, source="arxiv_synthetic")
+    path = write_jsonl(tmp_path / "in.jsonl", rows)
+    manifest = run([path], tmp_path / "out", weights={"cross_validated": 3.0, "arxiv_synthetic": 1.0})
+    splits = split_rows(tmp_path / "out")
+    train_ids = [row["id"] for row in splits["train"]]
+    cv_train = {base_id(i) for i in train_ids if i.startswith("cross_validated")}
+    for conversation_id in cv_train:
+        assert {conversation_id, f"{conversation_id}#w2", f"{conversation_id}#w3"} <= set(train_ids)
+    assert all("#w" not in i for i in train_ids if i.startswith("arxiv_synthetic"))
+    assert all("#w" not in row["id"] for split in ("val", "test") for row in splits[split])
+    counts = manifest["sources"]["cross_validated"]
+    cv_rows = sum(i.startswith("cross_validated") for i in train_ids)
+    assert counts["train_rows"] == 3 * counts["train_conversations"] == cv_rows
+
+
+def test_fractional_weight_is_deterministic_and_close_to_the_expected_rate(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "in.jsonl", distinct_questions(4000))
+    weights = {"cross_validated": 1.5, "arxiv_synthetic": 1.0}
+    first = run([path], tmp_path / "one", weights=weights, test_fraction=0.0, val_fraction=0.0)
+    second = run([path], tmp_path / "two", weights=weights, test_fraction=0.0, val_fraction=0.0)
+    counts = first["sources"]["cross_validated"]
+    assert counts["train_conversations"] == 4000
+    # Binomial(4000, 0.5) extra copies: the standard deviation of the rate is 0.008.
+    assert counts["train_rows"] / 4000 == pytest.approx(1.5, abs=0.04)
+    assert (tmp_path / "one" / "train.jsonl").read_bytes() == (tmp_path / "two" / "train.jsonl").read_bytes()
+    assert second["totals"] == first["totals"]
+
+
+def test_weights_below_one_keep_some_conversations_once(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "in.jsonl", distinct_questions(1000))
+    weights = {"cross_validated": 0.25, "arxiv_synthetic": 1.0}
+    manifest = run([path], tmp_path / "out", weights=weights, test_fraction=0.0, val_fraction=0.0)
+    train_ids = [row["id"] for row in read_jsonl(tmp_path / "out" / "train.jsonl")]
+    assert len(train_ids) == manifest["totals"]["train_rows"]
+    assert len(train_ids) / 1000 == pytest.approx(0.25, abs=0.05)
+    assert all("#w" not in i for i in train_ids)
+
+
+# --- determinism --------------------------------------------------------------------------------
+
+
+def mixed_inputs(tmp_path: Path, rows: list[dict[str, Any]]) -> list[Path]:
+    half = len(rows) // 2
+    return [write_jsonl(tmp_path / "cv.jsonl", rows[:half]), write_jsonl(tmp_path / "ax.jsonl", rows[half:])]
+
+
+def test_two_runs_are_byte_identical(tmp_path: Path) -> None:
+    inputs = mixed_inputs(tmp_path, random_dataset(random.Random(1), n_questions=80))
+    run(inputs, tmp_path / "one", on_invalid="skip")
+    run(inputs, tmp_path / "two", on_invalid="skip")
+    for name in ALL_FILES:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+
+
+def test_shuffling_rows_within_files_keeps_split_membership(tmp_path: Path) -> None:
+    rows = distinct_questions(60) + distinct_questions(60, source="arxiv_synthetic")
+    # Same questions as cross_validated-0..9 with other answers: same groups, not duplicates.
+    rows += [
+        conversation(f"Question number {i} from cross_validated?", "Another answer.", id=f"alt-{i}")
+        for i in range(10)
+    ]
+    random.Random(3).shuffle(rows)
+    manifest = run(mixed_inputs(tmp_path, rows), tmp_path / "ordered")
+    # Without duplicates nothing depends on which occurrence comes first.
+    assert manifest["totals"]["kept"] == manifest["totals"]["read"]
+    shuffled = tmp_path / "shuffled"
+    shuffled.mkdir()
+    half = len(rows) // 2
+    first_file, second_file = rows[:half], rows[half:]
+    random.Random(4).shuffle(first_file)
+    random.Random(5).shuffle(second_file)
+    run(mixed_inputs(shuffled, first_file + second_file), tmp_path / "shuffled_out")
+    assert (shuffled / "cv.jsonl").read_bytes() != (tmp_path / "cv.jsonl").read_bytes()
+    before, after = split_rows(tmp_path / "ordered"), split_rows(tmp_path / "shuffled_out")
+    for split in SPLITS:
+        assert {row["id"] for row in before[split]} == {row["id"] for row in after[split]}, split
+        # Rows are ordered by keyed hash, not input order, so even the bytes match.
+        name = f"{split}.jsonl"
+        assert (tmp_path / "ordered" / name).read_bytes() == (tmp_path / "shuffled_out" / name).read_bytes()
+
+
+def test_manifest_records_params_hashes_and_no_absolute_paths(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("data").mkdir()
+    write_jsonl(Path("data/cv.jsonl"), distinct_questions(10))
+    manifest = run([Path("data/cv.jsonl")], tmp_path / "data" / "combined")
+    text = (tmp_path / "data" / "combined" / MANIFEST_FILE).read_text()
+    assert json.loads(text) == manifest
+    assert str(tmp_path) not in text
+    assert manifest["inputs"][0]["path"] == "data/cv.jsonl"
+    assert manifest["params"]["weights"] == WEIGHTS and manifest["params"]["seed"] == 7
+    assert set(manifest["outputs"]) == set(OUTPUT_FILES)
+
+
+def test_rows_without_id_get_their_content_hash_id_in_outputs(tmp_path: Path) -> None:
+    row = conversation("Only one?")
+    path = write_jsonl(tmp_path / "in.jsonl", [row])
+    run([path], tmp_path / "out", test_fraction=0.0, val_fraction=0.0)
+    train = read_jsonl(tmp_path / "out" / "train.jsonl")
+    expected = content_id(row["messages"])
+    assert sorted(r["id"] for r in train) == [expected, expected + "#w2"]
+
+
+# --- atomic writes ------------------------------------------------------------------------------
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in directory.iterdir()}
+
+
+def test_a_failing_run_leaves_the_previous_outputs_intact(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    good = write_jsonl(tmp_path / "good.jsonl", distinct_questions(20))
+    run([good], tmp_path / "out")
+    before = snapshot(tmp_path / "out")
+    bad = write_jsonl(tmp_path / "bad.jsonl", [conversation("q?"), "{broken"])
+    with pytest.raises(DataError):
+        run([bad], tmp_path / "out")
+    assert snapshot(tmp_path / "out") == before
+
+    def fail_while_writing(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(combine_module, "build_manifest", fail_while_writing)
+    with pytest.raises(OSError, match="disk full"):
+        run([good], tmp_path / "out", seed=99)
+    assert snapshot(tmp_path / "out") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "good.jsonl", "out"]
+
+
+def test_a_rerun_replaces_outputs_but_keeps_foreign_files(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "in.jsonl", distinct_questions(20))
+    run([path], tmp_path / "out", seed=1)
+    (tmp_path / "out" / ".gitignore").write_text("/train.jsonl\n")
+    run([path], tmp_path / "out", seed=2)
+    assert (tmp_path / "out" / ".gitignore").read_text() == "/train.jsonl\n"
+    assert json.loads((tmp_path / "out" / MANIFEST_FILE).read_text())["params"]["seed"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out"]
+
+
+# --- CLI ----------------------------------------------------------------------------------------
+
+
+def test_cli_reports_data_errors_without_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write_jsonl(tmp_path / "in.jsonl", ["{broken"])
+    assert main([str(path), "--out-dir", str(tmp_path / "out")]) == 1
+    assert f"error: {path}:1: invalid JSON" in capsys.readouterr().err
+
+
+def test_cli_weights(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "in.jsonl", distinct_questions(10, source="forum"))
+    out = tmp_path / "out"
+    assert main([str(path), "--out-dir", str(out), "--weight", "forum=3", "--seed", "5"]) == 0
+    params = json.loads((out / MANIFEST_FILE).read_text())["params"]
+    assert params["weights"] == {"arxiv_synthetic": 1.0, "cross_validated": 2.0, "forum": 3.0}

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 from expqa.config import ConfigError, load_params
-from expqa.trainer import QLoRATrainer, TrainingError, TrainingInterrupted
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,6 +24,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         params = load_params(args.params, args.config)
+    except ConfigError as exc:  # checked before torch is imported: fast, and no library noise around it
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from expqa.trainer import QLoRATrainer, TrainingError, TrainingInterrupted
+
+    try:
         trainer = QLoRATrainer.from_params(params, base_model=args.base, data_dir=args.data,
                                            checkpoint_dir=args.checkpoints, metrics_dir=args.metrics)
         metrics = trainer.train()
@@ -32,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as exc:
         print(f"train: {exc}", file=sys.stderr)
         return 130
-    except (ConfigError, TrainingError, ValueError) as exc:
+    except (TrainingError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     summary = {k: metrics.get(k) for k in ("global_step", "train_loss", "eval_loss", "real_tokens_per_second")}

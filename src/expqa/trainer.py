@@ -291,8 +291,12 @@ class QLoRATrainer:
         metrics["real_tokens_per_second"] = trainer.real_tokens / max(metrics.get("train_runtime", 0), 1e-9)
         metrics["global_step"] = trainer.state.global_step
         metrics["resumed_from_step"] = int(resume.name.split("-")[-1]) if resume else 0
+        before = [e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e and e.get("step") == 0]
+        if before:  # eval_on_start: the base model's val loss (LoRA B starts at zero)
+            metrics["eval_loss_before_training"] = before[0]
         if trainer.eval_dataset is not None:
-            metrics.update(self.evaluate())
+            final = [e for e in trainer.state.log_history if "eval_loss" in e and e.get("step") == trainer.state.global_step]
+            metrics.update({"eval_loss": final[-1]["eval_loss"]} if final else self.evaluate())
         self.metrics = metrics
         return metrics
 

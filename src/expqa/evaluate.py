@@ -1,0 +1,151 @@
+"""The evaluate stage: base and fine-tuned side by side on the held-out test split and the critical questions.
+
+- perplexity on assistant tokens of the test conversations (the same labels training uses);
+- ROUGE-1/2/L F1 of greedy answers to each test conversation's last user turn against the reference answer;
+- stop rate: share of those generations that end with an end-of-turn token before eval.max_new_tokens;
+- critical-questions accuracy: each option scored by its length-normalised log-likelihood as the assistant's
+  answer; no generation, deterministic.
+Memory stays flat: every batch is reduced to a few numbers before the next one runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from expqa.dataset import IGNORE_INDEX, end_of_turn_ids, render, tokenize_conversation
+
+
+def batches(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def pad_right(sequences: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(s) for s in sequences)
+    return torch.tensor([s + [value] * (width - len(s)) for s in sequences])
+
+
+@torch.no_grad()
+def sequence_logprobs(model, input_ids: list[list[int]], labels: list[list[int]]) -> list[tuple[float, int]]:
+    """(sum of log p(label token | prefix), number of label tokens) for each sequence of one batch."""
+    ids = pad_right(input_ids, 0).to(model.device)
+    mask = pad_right([[1] * len(s) for s in input_ids], 0).to(model.device)
+    target = pad_right(labels, IGNORE_INDEX).to(model.device)
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    target = target[:, 1:]
+    logprobs = torch.log_softmax(logits, dim=-1)
+    picked = logprobs.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    valid = target != IGNORE_INDEX
+    sums = (picked * valid).sum(dim=1).tolist()
+    counts = valid.sum(dim=1).tolist()
+    return list(zip(sums, counts))
+
+
+def perplexity(model, tokenizer, conversations: list[list[dict]], max_length: int, batch_size: int) -> dict:
+    """exp(mean negative log-likelihood per assistant token) over all conversations."""
+    total_logprob, total_tokens = 0.0, 0
+    examples = [tokenize_conversation(tokenizer, messages, max_length) for messages in conversations]
+    for batch in batches(examples, batch_size):
+        for logprob, count in sequence_logprobs(model, [e["input_ids"] for e in batch], [e["labels"] for e in batch]):
+            total_logprob += logprob
+            total_tokens += count
+    return {"perplexity": math.exp(-total_logprob / total_tokens), "assistant_tokens": total_tokens}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# critical questions
+
+def option_example(tokenizer, question: str, option: str) -> dict:
+    """Token ids of prompt + option, with labels on the option's tokens only (no end-of-turn token)."""
+    prompt = render(tokenizer, [{"role": "user", "content": question}], add_generation_prompt=True)
+    encoded = tokenizer(prompt + option, add_special_tokens=False, return_offsets_mapping=True)
+    labels = [token if start >= len(prompt) else IGNORE_INDEX
+              for token, (start, _) in zip(encoded["input_ids"], encoded["offset_mapping"])]
+    return {"input_ids": encoded["input_ids"], "labels": labels}
+
+
+def choose_option(scores: list[tuple[float, int]]) -> int:
+    """Index of the option with the highest mean log-probability per token (length-normalised)."""
+    means = [logprob / max(count, 1) for logprob, count in scores]
+    return max(range(len(means)), key=lambda i: (means[i], -i))
+
+
+def critical_questions_accuracy(model, tokenizer, questions: list[dict], batch_size: int) -> dict:
+    correct, per_question = 0, []
+    for q in questions:
+        examples = [option_example(tokenizer, q["question"], option) for option in q["options"]]
+        scores = []
+        for batch in batches(examples, batch_size):
+            scores += sequence_logprobs(model, [e["input_ids"] for e in batch], [e["labels"] for e in batch])
+        chosen = choose_option(scores)
+        correct += chosen == q["answer"]
+        per_question.append({"id": q["id"], "chosen": chosen, "answer": q["answer"]})
+    return {"accuracy": correct / len(questions), "questions": len(questions), "per_question": per_question}
+
+
+def load_questions(path: str | Path) -> list[dict]:
+    questions = []
+    for line_number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        q = json.loads(line)
+        if not (isinstance(q.get("options"), list) and len(q["options"]) >= 2
+                and isinstance(q.get("answer"), int) and 0 <= q["answer"] < len(q["options"])):
+            raise ValueError(f"{path}:{line_number}: needs 'question', 'options' (>= 2) and 'answer' (an index "
+                             "into options)")
+        questions.append(q)
+    return questions
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# generation: ROUGE and stop rate
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int) -> list[dict]:
+    """Greedy answers, left-padded batches; records whether each ended with an end-of-turn token."""
+    eos_ids = end_of_turn_ids(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    results = []
+    for batch in batches(prompts, batch_size):
+        encoded = [tokenizer(render(tokenizer, m, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+                   for m in batch]
+        width = max(len(e) for e in encoded)
+        ids = torch.tensor([[pad_id] * (width - len(e)) + e for e in encoded], device=model.device)
+        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=model.device)
+        output = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+                                eos_token_id=eos_ids, pad_token_id=pad_id)[:, width:].tolist()
+        for tokens in output:
+            stop_at = next((i for i, t in enumerate(tokens) if t in eos_ids), None)
+            answer = tokens if stop_at is None else tokens[:stop_at]
+            results.append({"answer": tokenizer.decode(answer, skip_special_tokens=True).strip(),
+                            "stopped": stop_at is not None, "new_tokens": len(answer)})
+    return results
+
+
+def rouge_scores(predictions: list[str], references: list[str]) -> list[dict]:
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    return [{k: v.fmeasure for k, v in scorer.score(ref, pred).items()} for pred, ref in zip(predictions, references)]
+
+
+def evaluate_model(model, tokenizer, test_rows: list[dict], questions: list[dict], *, max_length: int,
+                   max_new_tokens: int, batch_size: int) -> tuple[dict, list[dict]]:
+    """All metrics for one model; returns (summary, per-example rows)."""
+    summary = perplexity(model, tokenizer, [r["messages"] for r in test_rows], max_length, batch_size)
+    prompts = [r["messages"][:-1] for r in test_rows]
+    references = [r["messages"][-1]["content"] for r in test_rows]
+    generations = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size)
+    rouge = rouge_scores([g["answer"] for g in generations], references)
+    for key in ("rouge1", "rouge2", "rougeL"):
+        summary[key] = sum(r[key] for r in rouge) / len(rouge)
+    summary["stop_rate"] = sum(g["stopped"] for g in generations) / len(generations)
+    mc = critical_questions_accuracy(model, tokenizer, questions, batch_size)
+    summary["critical_questions_accuracy"] = mc["accuracy"]
+    examples = [{"id": row["id"], **g, **r} for row, g, r in zip(test_rows, generations, rouge)]
+    examples += [{"id": q["id"], "chosen": q["chosen"], "answer_index": q["answer"]} for q in mc["per_question"]]
+    return summary, examples

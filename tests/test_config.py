@@ -1,0 +1,123 @@
+import dataclasses
+import json
+
+import pytest
+import yaml
+
+from conftest import REPO
+from expqa import config as cfg
+from expqa.config import ConfigError, load_params
+
+
+def write(tmp_path, text, name="params.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def shipped_text():
+    return (REPO / "params.yaml").read_text()
+
+
+def test_shipped_params_load_into_every_dataclass(shipped_params):
+    assert isinstance(shipped_params.lora, cfg.LoRAConfig)
+    assert isinstance(shipped_params.train, cfg.TrainingConfig)
+    assert isinstance(shipped_params.quantization, cfg.QuantizationConfig)
+    raw = yaml.safe_load(shipped_text())
+    for section in ("base", "model", "collect", "data", "quantization", "lora", "train", "eval"):
+        fields = {f.name for f in dataclasses.fields(type(getattr(shipped_params, section)))}
+        assert set(raw[section]) == fields, f"params.yaml section {section} must set every key explicitly"
+    shipped_params.for_device(False)  # the cpu overrides are valid too
+
+
+def test_seed_defaults_are_the_gpu_profile(shipped_params):
+    p = shipped_params
+    assert (p.lora.r, p.lora.alpha, p.lora.dropout) == (16, 32, 0.05)
+    assert p.lora.target_modules == cfg.LLAMA_PROJECTIONS
+    t = p.train
+    assert (t.per_device_train_batch_size, t.gradient_accumulation_steps, t.learning_rate) == (2, 4, 2e-4)
+    assert (t.lr_scheduler_type, t.warmup_ratio, t.num_train_epochs, t.optim) == ("cosine", 0.03, 3.0,
+                                                                                  "paged_adamw_8bit")
+    assert (t.max_seq_length, t.gradient_checkpointing, t.bf16, t.save_steps, t.save_total_limit) == \
+        (2048, True, True, 500, 3)
+    q = p.quantization
+    assert (q.load_in_4bit, q.bnb_4bit_quant_type, q.bnb_4bit_use_double_quant, q.bnb_4bit_compute_dtype) == \
+        (True, "nf4", True, "bfloat16")
+    # the dataclass defaults document the same seed values
+    assert dataclasses.asdict(cfg.TrainingConfig()) == dataclasses.asdict(t)
+
+
+def test_cpu_overrides_apply_only_without_gpu(shipped_params):
+    assert shipped_params.for_device(True) is shipped_params
+    cpu = shipped_params.for_device(False)
+    assert cpu.quantization.load_in_4bit is False and cpu.train.optim == "adamw_torch"
+    assert cpu.lora == shipped_params.lora
+
+
+@pytest.mark.parametrize("old,new,expected", [
+    ("  r: 16", "  r: 0", "lora.r is 0; must be a positive integer"),
+    ("learning_rate: 2.0e-4", "learning_rate: 0", "train.learning_rate is 0.0; must be > 0"),
+    ("bnb_4bit_quant_type: nf4", "bnb_4bit_quant_type: int3", "quantization.bnb_4bit_quant_type is 'int3'; allowed: nf4, fp4"),
+    ("per_device_train_batch_size: 2", "per_device_train_batch_size: 0", "train.per_device_train_batch_size is 0"),
+    ("  r: 16", "  r: sixteen", "lora.r is 'sixteen' (str); expected int"),
+    ("on_invalid: error", "on_invalid: ignore", "data.on_invalid is 'ignore'; allowed: error, skip"),
+])
+def test_invalid_value_gives_one_line_naming_key_value_and_line(tmp_path, old, new, expected):
+    text = shipped_text()
+    assert old in text
+    path = write(tmp_path, text.replace(old, new, 1))
+    with pytest.raises(ConfigError) as info:
+        load_params(path)
+    message = str(info.value)
+    assert "\n" not in message and expected in message
+    line = next(i for i, l in enumerate(path.read_text().splitlines(), 1) if new in l)
+    assert message.startswith(f"{path}:{line}: ")
+
+
+def test_unknown_key_is_rejected_with_known_keys(tmp_path):
+    path = write(tmp_path, shipped_text().replace("  dropout: 0.05", "  dropout: 0.05\n  rank: 8"))
+    with pytest.raises(ConfigError, match=r"unknown key 'lora.rank'; known keys in lora: r, alpha, dropout"):
+        load_params(path)
+
+
+def test_unknown_section_and_all_problems_reported_together(tmp_path):
+    path = write(tmp_path, shipped_text().replace("  r: 16", "  r: -1") + "\noptimizer: {lr: 1}\n")
+    with pytest.raises(ConfigError) as info:
+        load_params(path)
+    assert "2 configuration problems" in str(info.value)
+    assert "unknown section 'optimizer'" in str(info.value) and "lora.r is -1" in str(info.value)
+
+
+def test_bad_cpu_override_is_caught_on_any_machine(tmp_path):
+    path = write(tmp_path, shipped_text().replace("    max_steps: 20", "    max_steps: 0"))
+    with pytest.raises(ConfigError, match=r"cpu overrides.*|train.max_steps is 0"):
+        load_params(path)
+
+
+@pytest.mark.parametrize("suffix", [".yaml", ".json"])
+def test_partial_override_file_merges_nested(tmp_path, suffix):
+    override = {"lora": {"r": 32}, "train": {"learning_rate": 1e-4}}
+    text = json.dumps(override) if suffix == ".json" else yaml.safe_dump(override)
+    path = write(tmp_path, text, "my" + suffix)
+    params = load_params(REPO / "params.yaml", path)
+    assert params.lora.r == 32 and params.lora.alpha == 32 and params.train.learning_rate == 1e-4
+    assert params.lora.target_modules == cfg.LLAMA_PROJECTIONS
+
+
+def test_override_file_errors_point_at_the_override(tmp_path):
+    path = write(tmp_path, "lora:\n  r: -2\n", "my.yaml")
+    with pytest.raises(ConfigError, match=rf"^{path}:2: lora.r is -2"):
+        load_params(REPO / "params.yaml", path)
+
+
+def test_missing_and_unparsable_files(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_params(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="cannot parse"):
+        load_params(write(tmp_path, "lora: [r: 1\n"))
+
+
+def test_every_field_has_help():
+    for cls in (cfg.BaseConfig, cfg.ModelConfig, cfg.CollectConfig, cfg.DataConfig, cfg.QuantizationConfig,
+                cfg.LoRAConfig, cfg.TrainingConfig, cfg.EvalConfig):
+        assert all(cfg.section_help(cls).values()), cls

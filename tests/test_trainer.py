@@ -1,0 +1,125 @@
+"""Training on a tiny random Llama: adapters move, the base does not, checkpoints resume, failures are clear."""
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import REPO, make_tiny_llama, tiny_training_config
+from expqa.config import LoRAConfig, QuantizationConfig
+from expqa.trainer import (FINGERPRINT_FILE, QLoRATrainer, StopOnSignal, TrainingError,
+                           find_resumable_checkpoint)
+
+
+def make_trainer(base, data, tmp_path, quantized=False, **overrides):
+    params, train = tiny_training_config(**overrides)
+    return QLoRATrainer(train, lora=LoRAConfig(r=4, alpha=8, dropout=0.0, target_modules=params.lora.target_modules),
+                        quantization=dataclasses.replace(params.quantization, load_in_4bit=quantized),
+                        base_model=base, data_dir=data, checkpoint_dir=tmp_path / "ckpt",
+                        metrics_dir=tmp_path / "metrics", log_dir=tmp_path / "logs")
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["lora", "qlora-4bit"])
+def test_training_moves_lora_weights_only_and_saves_a_complete_adapter(tiny_base, processed_dir, tmp_path, quantized):
+    trainer = make_trainer(tiny_base, processed_dir, tmp_path, quantized=quantized)
+    metrics = trainer.train()
+    assert metrics["global_step"] == 4 and metrics["eval_loss"] < metrics["eval_loss_before_training"]
+    model = trainer.trainer.model
+    base_weights = load_file(tiny_base / "model.safetensors")
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            assert param.abs().sum() > 0, f"{name} did not move (LoRA B starts at zero)"
+        elif not quantized and "lora_" not in name:
+            key = name.replace("base_model.model.", "").replace(".base_layer", "")
+            torch.testing.assert_close(param.detach().float(), base_weights[key].float(), msg=key)
+            assert not param.requires_grad
+    out = tmp_path / "adapter"
+    trainer.save_model(out)
+    names = {p.name for p in out.iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "chat_template.jinja",
+            "training_config.json"} <= names
+    record = json.loads((out / "training_config.json").read_text())
+    assert set(record["data_sha256"]) == {"train", "val"} and record["config"]["lora"]["r"] == 4
+    assert record["config"]["quantization"]["load_in_4bit"] is quantized
+    assert (tmp_path / "metrics" / "metrics.json").exists()
+    assert (tmp_path / "logs" / "training.log").exists()
+
+
+def test_corrupt_last_checkpoint_falls_back_and_foreign_ones_are_removed(tiny_base, processed_dir, tmp_path, caplog):
+    trainer = make_trainer(tiny_base, processed_dir, tmp_path)
+    trainer.train()
+    ckpt = tmp_path / "ckpt"
+    fingerprint = trainer.fingerprint()
+    assert find_resumable_checkpoint(ckpt, fingerprint).name == "checkpoint-4"
+    (ckpt / "checkpoint-4" / "adapter_model.safetensors").write_bytes(b"\0" * 10)  # killed mid-write
+    assert find_resumable_checkpoint(ckpt, fingerprint).name == "checkpoint-2"
+    assert "skipping checkpoint" in caplog.text
+    other = {**fingerprint, "config": {**fingerprint["config"], "seed": 7}}
+    assert find_resumable_checkpoint(ckpt, other) is None
+    assert not list(ckpt.glob("checkpoint-*")), "checkpoints of another configuration must not be resumed"
+
+
+def test_non_finite_loss_stops_naming_the_step(tiny_base, processed_dir, tmp_path, embedded_tokenizer):
+    from safetensors.torch import save_file
+
+    broken = make_tiny_llama(tmp_path / "broken", embedded_tokenizer)
+    weights = load_file(broken / "model.safetensors")
+    weights["model.norm.weight"][:] = float("nan")
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    trainer = make_trainer(broken, processed_dir, tmp_path, eval_steps=100)
+    trainer.config = dataclasses.replace(trainer.config, max_steps=2)
+    with pytest.raises(TrainingError, match=r"loss is nan at optimizer step 1"):
+        trainer.train()
+
+
+def test_signal_asks_for_a_checkpoint_and_a_stop():
+    from transformers import TrainerControl
+
+    callback, control = StopOnSignal(), TrainerControl()
+    callback.on_step_end(None, None, control)
+    assert not control.should_save
+    callback._handle(signal.SIGINT, None)
+    callback.on_step_end(None, None, control)
+    assert control.should_save and control.should_training_stop
+
+
+def run_stage(repo_params, base, data, out, ckpt, metrics):
+    return subprocess.Popen([sys.executable, str(REPO / "stages" / "train.py"), "--params", str(repo_params),
+                             "--base", str(base), "--data", str(data), "--out", str(out),
+                             "--checkpoints", str(ckpt), "--metrics", str(metrics)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_killed_run_resumes_from_last_complete_checkpoint(tiny_base, processed_dir, tmp_path):
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["cpu"]["train"].update(max_steps=8, save_steps=2, eval_steps=100, logging_steps=1,
+                                  per_device_train_batch_size=2, max_seq_length=128, num_threads=1)
+    params["lora"].update(r=4, alpha=8)
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params))
+    ckpt, out, metrics = tmp_path / "ckpt", tmp_path / "adapter", tmp_path / "metrics"
+    first = run_stage(params_file, tiny_base, processed_dir, out, ckpt, metrics)
+    deadline = time.time() + 240
+    while not (ckpt / "checkpoint-4" / FINGERPRINT_FILE).exists():
+        assert first.poll() is None, first.stdout.read()
+        assert time.time() < deadline, "no checkpoint-4 within 240 s"
+        time.sleep(0.2)
+    first.send_signal(signal.SIGKILL)  # no chance to clean up, like a power cut or the OOM killer
+    first.wait()
+    assert not out.exists()
+    second = run_stage(params_file, tiny_base, processed_dir, out, ckpt, metrics)
+    log, _ = second.communicate(timeout=300)
+    assert second.returncode == 0, log
+    resumed = [line for line in log.splitlines() if line.startswith("train: resuming from")]
+    assert resumed and int(resumed[0].rsplit("-", 1)[-1]) >= 4, log
+    summary = json.loads(log.strip().splitlines()[-1].removeprefix("train: "))
+    assert summary["global_step"] == 8
+    assert json.loads((out / "training_config.json").read_text())["metrics"]["resumed_from_step"] >= 4

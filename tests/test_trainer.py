@@ -27,9 +27,12 @@ def make_trainer(base, data, tmp_path, quantized=False, **overrides):
                         metrics_dir=tmp_path / "metrics", log_dir=tmp_path / "logs")
 
 
-@pytest.mark.parametrize("quantized", [False, True], ids=["lora", "qlora-4bit"])
-def test_training_moves_lora_weights_only_and_saves_a_complete_adapter(tiny_base, processed_dir, tmp_path, quantized):
-    trainer = make_trainer(tiny_base, processed_dir, tmp_path, quantized=quantized)
+@pytest.mark.parametrize("quantized,packed", [(False, False), (True, False), (False, True)],
+                         ids=["lora", "qlora-4bit", "lora-padding-free"])
+def test_training_moves_lora_weights_only_and_saves_a_complete_adapter(tiny_base, processed_dir, tmp_path, quantized,
+                                                                       packed):
+    extra = dict(padding_free=True, attn_implementation="expqa_varlen") if packed else {}
+    trainer = make_trainer(tiny_base, processed_dir, tmp_path, quantized=quantized, **extra)
     metrics = trainer.train()
     assert metrics["global_step"] == 4 and metrics["eval_loss"] < metrics["eval_loss_before_training"]
     model = trainer.trainer.model

@@ -18,6 +18,7 @@ import yaml
 
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 EMBEDDED_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+ATTENTION_KERNELS = ("sdpa", "eager", "expqa_varlen")
 
 
 class ConfigError(ValueError):
@@ -148,6 +149,12 @@ class TrainingConfig:
     save_steps: int = _help("Write a resumable checkpoint every N optimizer steps.", 500)
     save_total_limit: int = _help("Checkpoints kept (older ones are deleted).", 3)
     num_threads: int = _help("CPU threads for torch; 0 = torch's default. Fixed for reproducible CPU runs.", 0)
+    padding_free: bool = _help("Pack each micro-batch's conversations into one row without padding (position ids "
+                               "restart per conversation). Needs a document-masked attn_implementation.", False)
+    attn_implementation: str = _help("Attention kernel: sdpa, eager, or expqa_varlen (document-masked varlen "
+                                     "attention for padding_free; Flash-Attention varlen on CUDA).", "sdpa")
+    use_liger_kernel: bool = _help("Liger's fused Triton kernels (fused linear cross-entropy, RMSNorm, SwiGLU, "
+                                   "RoPE); CUDA only, needs the liger-kernel package.", False)
 
     def validate(self) -> list[str]:
         errors = []
@@ -171,6 +178,12 @@ class TrainingConfig:
             errors.append(f"train.optim is {self.optim!r}; allowed: {', '.join(allowed_optim)}")
         if self.num_threads < 0:
             errors.append(f"train.num_threads is {self.num_threads}; use 0 (default) or a positive count")
+        if self.attn_implementation not in ATTENTION_KERNELS:
+            errors.append(f"train.attn_implementation is {self.attn_implementation!r}; allowed: "
+                          f"{', '.join(ATTENTION_KERNELS)}")
+        elif self.padding_free and self.attn_implementation != "expqa_varlen":
+            errors.append(f"train.padding_free is true with train.attn_implementation {self.attn_implementation!r}; "
+                          "packed rows need expqa_varlen (or set padding_free: false)")
         return errors
 
 

@@ -31,18 +31,21 @@ def pad_right(sequences: list[list[int]], value: int) -> torch.Tensor:
 
 @torch.no_grad()
 def sequence_logprobs(model, input_ids: list[list[int]], labels: list[list[int]]) -> list[tuple[float, int]]:
-    """(sum of log p(label token | prefix), number of label tokens) for each sequence of one batch."""
+    """(sum of log p(label token | prefix), number of label tokens) for each sequence of one batch.
+
+    The vocabulary projection runs only at positions that predict a label: with a 49k-128k vocabulary, full
+    logits for a batch of 512-token rows would take gigabytes and most of the time.
+    """
     ids = pad_right(input_ids, 0).to(model.device)
     mask = pad_right([[1] * len(s) for s in input_ids], 0).to(model.device)
-    target = pad_right(labels, IGNORE_INDEX).to(model.device)
-    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-    target = target[:, 1:]
-    logprobs = torch.log_softmax(logits, dim=-1)
-    picked = logprobs.gather(-1, target.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    valid = target != IGNORE_INDEX
-    sums = (picked * valid).sum(dim=1).tolist()
-    counts = valid.sum(dim=1).tolist()
-    return list(zip(sums, counts))
+    target = pad_right(labels, IGNORE_INDEX).to(model.device)[:, 1:]
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
+    rows, cols = (target != IGNORE_INDEX).nonzero(as_tuple=True)
+    logits = model.get_output_embeddings()(hidden[rows, cols]).float()
+    picked = logits.gather(-1, target[rows, cols].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    sums = torch.zeros(len(input_ids), device=picked.device).index_add_(0, rows, picked)
+    counts = torch.bincount(rows, minlength=len(input_ids))
+    return list(zip(sums.tolist(), counts.tolist()))
 
 
 def perplexity(model, tokenizer, conversations: list[list[dict]], max_length: int, batch_size: int) -> dict:
@@ -109,20 +112,23 @@ def generate_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens
     """Greedy answers, left-padded batches; records whether each ended with an end-of-turn token."""
     eos_ids = end_of_turn_ids(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-    results = []
-    for batch in batches(prompts, batch_size):
-        encoded = [tokenizer(render(tokenizer, m, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
-                   for m in batch]
+    encoded_all = [tokenizer(render(tokenizer, m, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+                   for m in prompts]
+    # batch prompts of similar length together: left padding to a long neighbour costs a full prefill
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded_all[i]))
+    results: list[dict] = [{}] * len(prompts)
+    for batch_indices in batches(order, batch_size):
+        encoded = [encoded_all[i] for i in batch_indices]
         width = max(len(e) for e in encoded)
         ids = torch.tensor([[pad_id] * (width - len(e)) + e for e in encoded], device=model.device)
         mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=model.device)
         output = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
                                 eos_token_id=eos_ids, pad_token_id=pad_id)[:, width:].tolist()
-        for tokens in output:
+        for index, tokens in zip(batch_indices, output):
             stop_at = next((i for i, t in enumerate(tokens) if t in eos_ids), None)
             answer = tokens if stop_at is None else tokens[:stop_at]
-            results.append({"answer": tokenizer.decode(answer, skip_special_tokens=True).strip(),
-                            "stopped": stop_at is not None, "new_tokens": len(answer)})
+            results[index] = {"answer": tokenizer.decode(answer, skip_special_tokens=True).strip(),
+                              "stopped": stop_at is not None, "new_tokens": len(answer)}
     return results
 
 

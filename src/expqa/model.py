@@ -75,6 +75,10 @@ def load_for_training(base_dir: str | Path, quant: QuantizationConfig, lora: LoR
 
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if (cuda and use_bf16(bf16)) else torch.float32
+    if attn_implementation == "expqa_varlen":
+        from expqa.attention import register
+
+        register()
     kwargs = dict(dtype=dtype, attn_implementation=attn_implementation, use_safetensors=True,
                   trust_remote_code=False)
     if quant.load_in_4bit:

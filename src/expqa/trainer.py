@@ -177,7 +177,7 @@ class QLoRATrainer:
                  quantization: QuantizationConfig | None = None, seed: int = 42,
                  base_model: str | Path = "models/base", data_dir: str | Path = "data/processed",
                  checkpoint_dir: str | Path = "models/checkpoints", metrics_dir: str | Path | None = "metrics/train",
-                 log_dir: str | Path | None = "logs", attn_implementation: str = "sdpa"):
+                 log_dir: str | Path | None = "logs"):
         self.config = config or TrainingConfig()
         self.lora = lora or LoRAConfig()
         self.quantization = quantization or QuantizationConfig()
@@ -186,7 +186,6 @@ class QLoRATrainer:
         self.checkpoint_dir = Path(checkpoint_dir)
         self.metrics_dir = Path(metrics_dir) if metrics_dir else None
         self.log_dir = Path(log_dir) if log_dir else None
-        self.attn_implementation = attn_implementation
         self.trainer = None
 
     @classmethod
@@ -231,13 +230,15 @@ class QLoRATrainer:
             gradient_accumulation_steps=c.gradient_accumulation_steps, learning_rate=c.learning_rate,
             lr_scheduler_type=c.lr_scheduler_type, warmup_steps=c.warmup_ratio,  # float < 1 = ratio
             num_train_epochs=c.num_train_epochs, max_steps=c.max_steps, optim=c.optim,
-            weight_decay=c.weight_decay, max_grad_norm=c.max_grad_norm, max_length=c.max_seq_length,
+            weight_decay=c.weight_decay, max_grad_norm=c.max_grad_norm,
+            max_length=None,  # build_sft_dataset already truncated to train.max_seq_length
             gradient_checkpointing=False,  # already enabled on the model (non-reentrant) by load_for_training
             bf16=use_bf16(c.bf16), use_cpu=not torch.cuda.is_available(),
             logging_steps=c.logging_steps, logging_first_step=True,
             eval_strategy="steps" if has_eval else "no", eval_steps=c.eval_steps, eval_on_start=has_eval,
             save_strategy="steps", save_steps=c.save_steps, save_total_limit=c.save_total_limit,
             report_to=report_to,
+            padding_free=c.padding_free, use_liger_kernel=c.use_liger_kernel,
             dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=False)
 
     def setup(self):
@@ -250,7 +251,7 @@ class QLoRATrainer:
         model, tokenizer = load_for_training(
             self.base_model, self.quantization, self.lora, bf16=self.config.bf16,
             gradient_checkpointing=self.config.gradient_checkpointing,
-            attn_implementation=self.attn_implementation)
+            attn_implementation=self.config.attn_implementation)
         self.tokenizer = tokenizer
         train_data = build_sft_dataset(self.data_dir / "train.jsonl", tokenizer, self.config.max_seq_length)
         val_path = self.data_dir / "val.jsonl"

@@ -1,0 +1,150 @@
+"""GPU benchmark: the project's `train` code path vs the plain HF recipe, Llama-3.2-3B architecture, same lengths.
+
+    python benchmarks/gpu_train.py [VARIANT ...]     (on a CUDA machine; results -> benchmarks/results/)
+
+Builds the exact Llama-3.2-3B config with random bf16 weights (throughput and memory do not depend on values),
+writes ChatML conversations whose token lengths follow the plain recipe's realistic distribution (lognormal,
+median 450, clipped 64..2048, same seed), and trains through `QLoRATrainer` with params.yaml's GPU profile,
+varying only the batch shape per variant. The plain recipe (`plain_recipe_baseline.py real_pad`) runs in the
+same process so both numbers come from the same card.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import plain_recipe_baseline as plain  # noqa: E402
+
+from expqa.config import load_params  # noqa: E402
+from expqa.trainer import QLoRATrainer  # noqa: E402
+
+WORK = Path(os.environ.get("BENCH_DIR", "/tmp/expqa_bench"))
+WARM, TIMED = 2, 6
+N_PARAMS = 3.21e9  # Llama 3.2 3B incl. embeddings (FLOPs per token ~ 6N with gradient checkpointing)
+WORDS = ("test effect sample power data rate user metric value group control mean the of and to in is for "
+         "variance lift error level design analysis").split()
+# variant -> (conversations per micro-batch, gradient accumulation); "params" = params.yaml as shipped
+VARIANTS = {"params": None, "bs8": (8, 1), "bs16": (16, 1), "bs32": (32, 1)}
+
+
+def make_base(tokenizer_dir: Path) -> Path:
+    """Random Llama-3.2-3B weights + the embedded tokenizer/chat template (ids < 49152 fit the 128k vocab)."""
+    from transformers import AutoTokenizer
+
+    plain.make_ckpt()
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(plain.CKPT)
+    Path(plain.CKPT, "base_info.json").write_text(json.dumps({"name": "llama-3.2-3b-random", "source": "bench",
+                                                              "weights_sha256": {}}))
+    return Path(plain.CKPT)
+
+
+def make_data(n: int) -> Path:
+    out = WORK / "data"
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    lengths = plain.real_lengths(n)
+    for split, rows in (("train", lengths), ("val", [])):
+        with open(out / f"{split}.jsonl", "w") as handle:
+            for i, length in enumerate(rows):
+                text = " ".join(rng.choice(WORDS) for _ in range(max(1, length - 30)))  # ~30 template tokens
+                handle.write(json.dumps({"id": f"b{i}", "source": "bench", "messages": [
+                    {"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": text}]}) + "\n")
+    return out
+
+
+class StepTimer(TrainerCallback):
+    def __init__(self, runner):
+        self.runner, self.t0, self.tokens0 = runner, None, 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == WARM:
+            torch.cuda.synchronize()
+            self.t0, self.tokens0 = time.time(), self.runner.trainer.real_tokens
+
+    def on_train_end(self, args, state, control, **kwargs):
+        torch.cuda.synchronize()
+        self.elapsed, self.tokens = time.time() - self.t0, self.runner.trainer.real_tokens - self.tokens0
+
+
+def run_project(name: str, base: Path, data: Path) -> dict:
+    params = load_params(HERE.parent / "params.yaml")
+    shape = VARIANTS[name]
+    train = dataclasses.replace(params.train, max_steps=WARM + TIMED, save_steps=10_000, logging_steps=1)
+    if shape:
+        train = dataclasses.replace(train, per_device_train_batch_size=shape[0], gradient_accumulation_steps=shape[1])
+    runner = QLoRATrainer(train, lora=params.lora, quantization=params.quantization, seed=params.base.seed,
+                          base_model=base, data_dir=data, checkpoint_dir=WORK / f"ckpt_{name}", metrics_dir=None,
+                          log_dir=None)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    runner.setup()
+    timer = StepTimer(runner)
+    runner.trainer.add_callback(timer)
+    runner.trainer.train()
+    tok_s = timer.tokens / timer.elapsed
+    c = runner.config
+    result = {"variant": f"expqa:{name}", "micro_batch": c.per_device_train_batch_size,
+              "grad_accum": c.gradient_accumulation_steps, "padding_free": c.padding_free,
+              "attn": c.attn_implementation, "liger": c.use_liger_kernel, "tok_per_s": round(tok_s),
+              "mfu_vs_790T": round(tok_s * 6 * N_PARAMS / 790e12, 3),
+              "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+              "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
+              "last_loss": next((e["loss"] for e in reversed(runner.trainer.state.log_history) if "loss" in e), None)}
+    del runner
+    torch.cuda.empty_cache()
+    return result
+
+
+def main(names: list[str]) -> None:
+    out_dir = HERE / "results"
+    out_dir.mkdir(exist_ok=True)
+    plain.OUT = str(WORK)  # the plain recipe appends its results there
+    base = make_base(Path(os.environ.get("TOKENIZER_DIR", HERE.parent / "models" / "base")))
+    data = make_data(n=(WARM + TIMED) * 32)
+    device = torch.cuda.get_device_name(0)
+    results = []
+    for name in names:
+        try:
+            if name == "plain":
+                plain.run("real_pad")
+                row = json.loads((WORK / "results.jsonl").read_text().splitlines()[-1])
+                results.append({"variant": "plain:real_pad", **{k: row[k] for k in (
+                    "tok_per_s", "mfu_vs_790T", "peak_alloc_gib", "peak_reserved_gib", "last_loss")}})
+            else:
+                results.append(run_project(name, base, data))
+        except Exception as exc:  # keep the other variants' numbers
+            import traceback
+
+            traceback.print_exc()
+            results.append({"variant": name, "error": repr(exc)[:300]})
+        print("RESULT", json.dumps(results[-1]), flush=True)
+    stamp = time.strftime("%Y-%m-%d")
+    record = {"date": stamp, "device": device, "torch": torch.__version__, "results": results}
+    (out_dir / f"gpu_train_{stamp}.json").write_text(json.dumps(record, indent=2) + "\n")
+    lines = [f"# GPU train benchmark, {stamp}, {device}", "",
+             "| variant | micro-batch x GA | real tok/s | MFU | peak alloc GiB | peak reserved GiB | loss |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['variant']} | error: {r['error'][:80]} | | | | | |")
+            continue
+        shape = f"{r.get('micro_batch', 2)} x {r.get('grad_accum', 4)}"
+        lines.append(f"| {r['variant']} | {shape} | {r['tok_per_s']:,} | {r['mfu_vs_790T']:.0%} | "
+                     f"{r['peak_alloc_gib']} | {r['peak_reserved_gib']} | {r['last_loss']} |")
+    (out_dir / f"gpu_train_{stamp}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] or ["plain", "params", "bs8", "bs32"])

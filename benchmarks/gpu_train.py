@@ -34,8 +34,20 @@ WARM, TIMED = 2, 6
 N_PARAMS = 3.21e9  # Llama 3.2 3B incl. embeddings (FLOPs per token ~ 6N with gradient checkpointing)
 WORDS = ("test effect sample power data rate user metric value group control mean the of and to in is for "
          "variance lift error level design analysis").split()
-# variant -> (conversations per micro-batch, gradient accumulation); "params" = params.yaml as shipped
-VARIANTS = {"params": None, "bs8": (8, 1), "bs16": (16, 1), "bs32": (32, 1)}
+# variant -> overrides of params.yaml's train section; "params" = params.yaml as shipped
+VARIANTS = {"params": {}, "bs8": dict(per_device_train_batch_size=8, gradient_accumulation_steps=1),
+            "bs16": dict(per_device_train_batch_size=16, gradient_accumulation_steps=1),
+            "bs32": dict(per_device_train_batch_size=32, gradient_accumulation_steps=1),
+            "bs64": dict(per_device_train_batch_size=64, gradient_accumulation_steps=1),
+            "bs8_nogc": dict(per_device_train_batch_size=8, gradient_accumulation_steps=1,
+                             gradient_checkpointing=False),
+            "bs16_nogc": dict(per_device_train_batch_size=16, gradient_accumulation_steps=1,
+                              gradient_checkpointing=False),
+            "bs32_nogc": dict(per_device_train_batch_size=32, gradient_accumulation_steps=1,
+                              gradient_checkpointing=False),
+            "bs16_d0": dict(per_device_train_batch_size=16, gradient_accumulation_steps=1, lora_dropout=0.0),
+            "bs32_d0": dict(per_device_train_batch_size=32, gradient_accumulation_steps=1, lora_dropout=0.0),
+            "bs64_d0": dict(per_device_train_batch_size=64, gradient_accumulation_steps=1, lora_dropout=0.0)}
 
 
 def make_base(tokenizer_dir: Path) -> Path:
@@ -79,11 +91,11 @@ class StepTimer(TrainerCallback):
 
 def run_project(name: str, base: Path, data: Path) -> dict:
     params = load_params(HERE.parent / "params.yaml")
-    shape = VARIANTS[name]
-    train = dataclasses.replace(params.train, max_steps=WARM + TIMED, save_steps=10_000, logging_steps=1)
-    if shape:
-        train = dataclasses.replace(train, per_device_train_batch_size=shape[0], gradient_accumulation_steps=shape[1])
-    runner = QLoRATrainer(train, lora=params.lora, quantization=params.quantization, seed=params.base.seed,
+    overrides = dict(VARIANTS[name])
+    lora = dataclasses.replace(params.lora, dropout=overrides.pop("lora_dropout", params.lora.dropout))
+    train = dataclasses.replace(params.train, max_steps=WARM + TIMED, save_steps=10_000, logging_steps=1,
+                                **overrides)
+    runner = QLoRATrainer(train, lora=lora, quantization=params.quantization, seed=params.base.seed,
                           base_model=base, data_dir=data, checkpoint_dir=WORK / f"ckpt_{name}", metrics_dir=None,
                           log_dir=None)
     torch.cuda.empty_cache()
@@ -96,8 +108,9 @@ def run_project(name: str, base: Path, data: Path) -> dict:
     c = runner.config
     result = {"variant": f"expqa:{name}", "micro_batch": c.per_device_train_batch_size,
               "grad_accum": c.gradient_accumulation_steps, "padding_free": c.padding_free,
+              "gradient_checkpointing": c.gradient_checkpointing, "lora_dropout": lora.dropout,
               "attn": c.attn_implementation, "liger": c.use_liger_kernel, "tok_per_s": round(tok_s),
-              "mfu_vs_790T": round(tok_s * 6 * N_PARAMS / 790e12, 3),
+              "mfu_vs_790T": round(tok_s * (6 if c.gradient_checkpointing else 4) * N_PARAMS / 790e12, 3),
               "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
               "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
               "last_loss": next((e["loss"] for e in reversed(runner.trainer.state.log_history) if "loss" in e), None)}
@@ -111,7 +124,7 @@ def main(names: list[str]) -> None:
     out_dir.mkdir(exist_ok=True)
     plain.OUT = str(WORK)  # the plain recipe appends its results there
     base = make_base(Path(os.environ.get("TOKENIZER_DIR", HERE.parent / "models" / "base")))
-    data = make_data(n=(WARM + TIMED) * 32)
+    data = make_data(n=(WARM + TIMED) * 64)
     device = torch.cuda.get_device_name(0)
     results = []
     for name in names:
@@ -139,7 +152,9 @@ def main(names: list[str]) -> None:
         if "error" in r:
             lines.append(f"| {r['variant']} | error: {r['error'][:80]} | | | | | |")
             continue
-        shape = f"{r.get('micro_batch', 2)} x {r.get('grad_accum', 4)}"
+        shape = f"{r.get('micro_batch', 2)} x {r.get('grad_accum', 4)}" + \
+            ("" if r.get("gradient_checkpointing", True) else ", no GC") + \
+            (", LoRA dropout 0" if r.get("lora_dropout", 0.05) == 0 else "")
         lines.append(f"| {r['variant']} | {shape} | {r['tok_per_s']:,} | {r['mfu_vs_790T']:.0%} | "
                      f"{r['peak_alloc_gib']} | {r['peak_reserved_gib']} | {r['last_loss']} |")
     (out_dir / f"gpu_train_{stamp}.md").write_text("\n".join(lines) + "\n")

@@ -35,7 +35,7 @@ def test_seed_defaults_are_the_gpu_profile(shipped_params):
     assert (p.lora.r, p.lora.alpha, p.lora.dropout) == (16, 32, 0.05)
     assert p.lora.target_modules == cfg.LLAMA_PROJECTIONS
     t = p.train
-    assert (t.per_device_train_batch_size, t.gradient_accumulation_steps, t.learning_rate) == (2, 4, 2e-4)
+    assert t.learning_rate == 2e-4
     assert (t.lr_scheduler_type, t.warmup_ratio, t.num_train_epochs, t.optim) == ("cosine", 0.03, 3.0,
                                                                                   "paged_adamw_8bit")
     assert (t.max_seq_length, t.gradient_checkpointing, t.bf16, t.save_steps, t.save_total_limit) == \
@@ -44,7 +44,11 @@ def test_seed_defaults_are_the_gpu_profile(shipped_params):
     assert (q.load_in_4bit, q.bnb_4bit_quant_type, q.bnb_4bit_use_double_quant, q.bnb_4bit_compute_dtype) == \
         (True, "nf4", True, "bfloat16")
     # the dataclass defaults document the same seed values; params.yaml adds the GPU fast path on top
-    fast_path = {"padding_free", "attn_implementation", "use_liger_kernel"}
+    fast_path = {"padding_free", "attn_implementation", "use_liger_kernel", "per_device_train_batch_size",
+                 "gradient_accumulation_steps"}
+    seed = cfg.TrainingConfig()
+    assert (seed.per_device_train_batch_size, seed.gradient_accumulation_steps) == (2, 4)
+    assert (t.per_device_train_batch_size, t.gradient_accumulation_steps) == (16, 1)  # packed micro-batches
     defaults = {k: v for k, v in dataclasses.asdict(cfg.TrainingConfig()).items() if k not in fast_path}
     assert defaults == {k: v for k, v in dataclasses.asdict(t).items() if k not in fast_path}
     assert (t.padding_free, t.attn_implementation, t.use_liger_kernel) == (True, "expqa_varlen", True)

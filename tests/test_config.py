@@ -65,7 +65,7 @@ def test_cpu_overrides_apply_only_without_gpu(shipped_params):
     ("  r: 16", "  r: 0", "lora.r is 0; must be a positive integer"),
     ("learning_rate: 2.0e-4", "learning_rate: 0", "train.learning_rate is 0.0; must be > 0"),
     ("bnb_4bit_quant_type: nf4", "bnb_4bit_quant_type: int3", "quantization.bnb_4bit_quant_type is 'int3'; allowed: nf4, fp4"),
-    ("per_device_train_batch_size: 2", "per_device_train_batch_size: 0", "train.per_device_train_batch_size is 0"),
+    ("per_device_train_batch_size: 16", "per_device_train_batch_size: 0", "train.per_device_train_batch_size is 0"),
     ("  r: 16", "  r: sixteen", "lora.r is 'sixteen' (str); expected int"),
     ("on_invalid: error", "on_invalid: ignore", "data.on_invalid is 'ignore'; allowed: error, skip"),
 ])

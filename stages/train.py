@@ -1,7 +1,7 @@
 """Stage `train` (seed: QLoRATrainer): fine-tune models/base on data/processed into models/adapter.
 
 Params: base.seed, quantization, lora, train, and the `cpu` overrides when there is no GPU.
-Checkpoints land in --checkpoints (a persist output): a killed run resumes from the last complete one.
+Checkpoints land in --checkpoints (git-ignored, left alone by DVC): a killed run resumes from the last complete one.
 """
 
 import argparse

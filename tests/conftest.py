@@ -109,7 +109,7 @@ def copy_repo(tmp_path):
     """A copy of the tracked project files (no venv, no models), for CLI and DVC tests."""
     def _copy(dest_name: str = "repo") -> Path:
         dest = tmp_path / dest_name
-        ignore = shutil.ignore_patterns(".venv", ".git", "models", "__pycache__", "*.egg-info", "logs",
+        ignore = shutil.ignore_patterns(".venv", ".git", "cache", "models", "__pycache__", "*.egg-info", "logs",
                                         ".pytest_cache", "processed", "interim")
         shutil.copytree(REPO, dest, ignore=ignore)
         return dest

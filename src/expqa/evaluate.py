@@ -56,6 +56,9 @@ def perplexity(model, tokenizer, conversations: list[list[dict]], max_length: in
         for logprob, count in sequence_logprobs(model, [e["input_ids"] for e in batch], [e["labels"] for e in batch]):
             total_logprob += logprob
             total_tokens += count
+    if total_tokens == 0:
+        raise ValueError(f"no assistant tokens left within max_length={max_length} (train.max_seq_length) in the "
+                         "evaluated conversations; raise train.max_seq_length or eval.max_examples")
     return {"perplexity": math.exp(-total_logprob / total_tokens), "assistant_tokens": total_tokens}
 
 

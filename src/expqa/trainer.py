@@ -5,7 +5,7 @@
     trainer.save_model("models/adapter")
     trainer.evaluate()                                      # {"eval_loss": ...} on the val split
 
-Same code path on CUDA and CPU. Checkpoints go to `checkpoint_dir` (a `persist: true` DVC output): a killed
+Same code path on CUDA and CPU. Checkpoints go to `checkpoint_dir` (a folder DVC leaves alone): a killed
 `dvc repro` resumes from the last complete checkpoint whose fingerprint (resolved params + data + base weights)
 matches this run; anything else there is cleared, so an experiment with other params never resumes a stranger.
 """
@@ -65,6 +65,12 @@ class DVCLiveMetrics(DVCLiveCallback):
 
     def setup(self, args, state, model):
         self._initialized = True
+
+    def on_log(self, args, state, control, model=None, logs=None, **kwargs):
+        # plot against the optimizer step, not against the number of log events
+        if state.is_world_process_zero:
+            self.live.step = state.global_step
+        super().on_log(args, state, control, model=model, logs=logs, **kwargs)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if state.is_world_process_zero and state.global_step == 0 and metrics and "eval_loss" in metrics:

@@ -27,6 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:  # checked before torch is imported: fast, and no library noise around it
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    import torch
+
+    from expqa.distributed import inside_launch, is_main_process, relaunch, wanted_processes
+
+    processes = wanted_processes(params.for_device(torch.cuda.is_available()).train.num_processes)
+    if processes > 1 and not inside_launch():
+        return relaunch(__file__, sys.argv[1:] if argv is None else argv, processes)
     from expqa.trainer import QLoRATrainer, TrainingError, TrainingInterrupted
 
     try:
@@ -41,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     summary = {k: metrics.get(k) for k in ("global_step", "train_loss", "eval_loss", "real_tokens_per_second")}
-    print("train: " + json.dumps(summary))
+    if is_main_process():
+        print("train: " + json.dumps(summary))
     return 0
 
 

@@ -155,6 +155,8 @@ class TrainingConfig:
                                      "attention for padding_free; Flash-Attention varlen on CUDA).", "sdpa")
     use_liger_kernel: bool = _help("Liger's fused Triton kernels (fused linear cross-entropy, RMSNorm, SwiGLU, "
                                    "RoPE); CUDA only, needs the liger-kernel package.", False)
+    num_processes: int = _help("Training processes (DDP): 1 = single process, 0 = one per visible GPU. The "
+                               "effective batch is micro-batch x accumulation x processes.", 1)
 
     def validate(self) -> list[str]:
         errors = []
@@ -176,6 +178,8 @@ class TrainingConfig:
         allowed_optim = ("paged_adamw_8bit", "adamw_8bit", "paged_adamw_32bit", "adamw_torch", "adamw_torch_fused")
         if self.optim not in allowed_optim:
             errors.append(f"train.optim is {self.optim!r}; allowed: {', '.join(allowed_optim)}")
+        if self.num_processes < 0:
+            errors.append(f"train.num_processes is {self.num_processes}; use 1, 0 (one per GPU) or a count")
         if self.num_threads < 0:
             errors.append(f"train.num_threads is {self.num_threads}; use 0 (default) or a positive count")
         if self.attn_implementation not in ATTENTION_KERNELS:

@@ -29,6 +29,7 @@ from transformers.integrations import DVCLiveCallback
 
 from expqa.config import LoRAConfig, Params, QuantizationConfig, TrainingConfig
 from expqa.dataset import build_sft_dataset
+from expqa.distributed import is_main_process, world_size
 from expqa.model import load_for_training, use_bf16
 
 log = logging.getLogger("expqa.train")
@@ -157,15 +158,16 @@ def checkpoint_is_complete(folder: Path, fingerprint: dict) -> tuple[bool, str]:
     return True, "ok"
 
 
-def find_resumable_checkpoint(checkpoint_dir: Path, fingerprint: dict) -> Path | None:
-    """Newest complete checkpoint of this run; warns about and skips broken ones; clears foreign ones."""
+def find_resumable_checkpoint(checkpoint_dir: Path, fingerprint: dict, remove_foreign: bool = True) -> Path | None:
+    """Newest complete checkpoint of this run; warns about and skips broken ones; clears foreign ones (when
+    remove_foreign: only one process of a distributed run may delete)."""
     folders = sorted((p for p in checkpoint_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
                      key=lambda p: int(p.name.split("-")[-1]), reverse=True)
     for folder in folders:
         ok, why = checkpoint_is_complete(folder, fingerprint)
         if ok:
             return folder
-        if why.startswith("written by a run with other"):
+        if why.startswith("written by a run with other") and remove_foreign:
             log.warning("removing %s: %s", folder, why)
             shutil.rmtree(folder)
         else:
@@ -204,7 +206,7 @@ class QLoRATrainer:
     def resolved_config(self) -> dict:
         return {"train": dataclasses.asdict(self.config), "lora": dataclasses.asdict(self.lora),
                 "quantization": dataclasses.asdict(self.quantization), "seed": self.seed,
-                "device": "cuda" if torch.cuda.is_available() else "cpu"}
+                "device": "cuda" if torch.cuda.is_available() else "cpu", "world_size": world_size()}
 
     def fingerprint(self) -> dict:
         inputs = {name: sha256_file(self.data_dir / f"{name}.jsonl") for name in ("train", "val")}
@@ -213,7 +215,7 @@ class QLoRATrainer:
         return {"config": self.resolved_config(), "data_sha256": inputs, "base_weights_sha256": base}
 
     def _setup_logging(self) -> None:
-        if self.log_dir is None:
+        if self.log_dir is None or not is_main_process():
             return
         self.log_dir.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(self.log_dir / "training.log")
@@ -245,6 +247,7 @@ class QLoRATrainer:
             save_strategy="steps", save_steps=c.save_steps, save_total_limit=c.save_total_limit,
             report_to=report_to,
             padding_free=c.padding_free, use_liger_kernel=c.use_liger_kernel,
+            ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient every step
             dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=False)
 
     def setup(self):
@@ -265,7 +268,7 @@ class QLoRATrainer:
             if val_path.exists() and val_path.stat().st_size else None
         self.stop_on_signal = StopOnSignal()
         callbacks = [self.stop_on_signal, WriteFingerprint(self.fingerprint())]
-        if self.metrics_dir is not None:
+        if self.metrics_dir is not None and is_main_process():
             from dvclive import Live
 
             live = Live(dir=str(self.metrics_dir), dvcyaml=False, save_dvc_exp=False, report=None)
@@ -279,8 +282,8 @@ class QLoRATrainer:
     def train(self) -> dict:
         self._setup_logging()
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        resume = find_resumable_checkpoint(self.checkpoint_dir, self.fingerprint())
-        if self.metrics_dir is not None and resume is None:
+        resume = find_resumable_checkpoint(self.checkpoint_dir, self.fingerprint(), remove_foreign=is_main_process())
+        if self.metrics_dir is not None and resume is None and is_main_process():
             shutil.rmtree(self.metrics_dir, ignore_errors=True)  # a fresh run starts fresh curves
         trainer = self.setup()
         self.stop_on_signal.install()
@@ -295,14 +298,18 @@ class QLoRATrainer:
             raise TrainingInterrupted(f"stopped at step {trainer.state.global_step}; checkpoint saved in "
                                       f"{self.checkpoint_dir}. Run the stage again to resume.")
         metrics = dict(result.metrics)
-        metrics["real_tokens_per_second"] = trainer.real_tokens / max(metrics.get("train_runtime", 0), 1e-9)
+        tokens = torch.tensor(float(trainer.real_tokens), device=trainer.args.device)
+        if world_size() > 1:  # every process counted its own shard
+            torch.distributed.all_reduce(tokens)
+        metrics["real_tokens_per_second"] = float(tokens) / max(metrics.get("train_runtime", 0), 1e-9)
         metrics["global_step"] = trainer.state.global_step
         metrics["resumed_from_step"] = int(resume.name.split("-")[-1]) if resume else 0
         before = [e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e and e.get("step") == 0]
         if before:  # eval_on_start: the base model's val loss (LoRA B starts at zero)
             metrics["eval_loss_before_training"] = before[0]
         if trainer.eval_dataset is not None:
-            final = [e for e in trainer.state.log_history if "eval_loss" in e and e.get("step") == trainer.state.global_step]
+            final = [e for e in trainer.state.log_history
+                     if "eval_loss" in e and e.get("step") == trainer.state.global_step]
             metrics.update({"eval_loss": final[-1]["eval_loss"]} if final else self.evaluate())
         self.metrics = metrics
         return metrics
@@ -314,7 +321,9 @@ class QLoRATrainer:
         return self.trainer.evaluate()
 
     def save_model(self, path: str | Path) -> None:
-        """Adapter + tokenizer/chat template + resolved config and input hashes, written atomically."""
+        """Adapter + tokenizer/chat template + resolved config and input hashes, written atomically (rank 0)."""
+        if not is_main_process():
+            return
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=path.parent))

@@ -89,6 +89,26 @@ class StepTimer(TrainerCallback):
         self.elapsed, self.tokens = time.time() - self.t0, self.runner.trainer.real_tokens - self.tokens0
 
 
+class Profile(TrainerCallback):
+    """torch.profiler over two optimizer steps after warm-up; writes the kernel table (BENCH_PROFILE=1)."""
+
+    def __init__(self, path: Path):
+        self.path, self.prof = path, None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == WARM:
+            acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+            self.prof = torch.profiler.profile(activities=acts)
+            self.prof.__enter__()
+        elif state.global_step == WARM + 2 and self.prof is not None:
+            torch.cuda.synchronize()
+            self.prof.__exit__(None, None, None)
+            table = self.prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70)
+            self.path.write_text(table)
+            print(table, flush=True)
+            self.prof = None
+
+
 def run_project(name: str, base: Path, data: Path) -> dict:
     params = load_params(HERE.parent / "params.yaml")
     overrides = dict(VARIANTS[name])
@@ -103,6 +123,8 @@ def run_project(name: str, base: Path, data: Path) -> dict:
     runner.setup()
     timer = StepTimer(runner)
     runner.trainer.add_callback(timer)
+    if os.environ.get("BENCH_PROFILE"):
+        runner.trainer.add_callback(Profile(HERE / "results" / f"gpu_profile_{name}_{time.strftime('%Y-%m-%d')}.txt"))
     runner.trainer.train()
     tok_s = timer.tokens / timer.elapsed
     c = runner.config

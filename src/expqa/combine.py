@@ -52,6 +52,7 @@ from expqa.chatml import (
     row_id,
     validate_conversation,
 )
+from expqa.files import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -385,15 +386,6 @@ def write_rows(path: Path, positions: list[int], kept: KeptRows, reader: RowRead
     return len(positions)
 
 
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def display_path(path: Path) -> str:
     """A path as recorded in outputs: relative to the working directory when inside it, else
     as given when relative, else the bare file name (outputs never hold absolute paths)."""
@@ -421,9 +413,9 @@ def build_manifest(
     for name, counts in {**sources, "totals": totals}.items():
         _check_counts_add_up(name, counts)
     return {
-        "inputs": [{"path": display_path(p), "sha256": file_sha256(p)} for p in inputs],
+        "inputs": [{"path": display_path(p), "sha256": sha256_file(p)} for p in inputs],
         "outputs": {
-            name: {"sha256": file_sha256(out_dir / name), "rows": row_counts[name]}
+            name: {"sha256": sha256_file(out_dir / name), "rows": row_counts[name]}
             for name in OUTPUT_FILES
         },
         "params": params,

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from expqa.dataset import end_of_turn_ids, render
+from expqa.files import replace_dir
 
 VERIFY_PROMPTS = [
     "What is a p-value?",
@@ -105,9 +106,7 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
         if not report["passed"]:
             raise RuntimeError(f"merged model differs from base + adapter: {report}; models/merged not written")
         write_model_card(tmp, base_dir, adapter_dir, report)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+        replace_dir(tmp, out_dir)
         return report
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -13,7 +13,6 @@ matches this run; anything else there is cleared, so an experiment with other pa
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -30,6 +29,7 @@ from transformers.integrations import DVCLiveCallback
 from expqa.config import LoRAConfig, Params, QuantizationConfig, TrainingConfig
 from expqa.dataset import build_sft_dataset
 from expqa.distributed import is_main_process, world_size
+from expqa.files import replace_dir, sha256_file
 from expqa.model import load_for_training, use_bf16
 
 log = logging.getLogger("expqa.train")
@@ -47,14 +47,6 @@ class TrainingError(RuntimeError):
 
 class TrainingInterrupted(TrainingError):
     """Ctrl-C / SIGTERM: a checkpoint was written; running the stage again resumes from it."""
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -330,12 +322,14 @@ class QLoRATrainer:
         try:
             self.trainer.model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
-            record = {**self.fingerprint(), "base_model": str(self.base_model),
-                      "metrics": getattr(self, "metrics", {}), "versions": library_versions()}
+            # wall-clock figures (runtime, tokens/s) go to metrics/, not here: the adapter folder stays byte-identical
+            # when a run is reproduced
+            metrics = {k: v for k, v in getattr(self, "metrics", {}).items()
+                       if "runtime" not in k and "per_second" not in k}
+            record = {**self.fingerprint(), "base_model": str(self.base_model), "metrics": metrics,
+                      "versions": library_versions()}
             (tmp / "training_config.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-            if path.exists():
-                shutil.rmtree(path)
-            tmp.rename(path)
+            replace_dir(tmp, path)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 

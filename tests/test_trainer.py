@@ -140,3 +140,6 @@ def test_cpu_training_is_reproducible(tiny_base, processed_dir, tmp_path):
     assert first["train_loss"] == second["train_loss"] and first["eval_loss"] == second["eval_loss"]
     for key in weights_first:
         assert torch.equal(weights_first[key], weights_second[key]), key
+    for name in ("adapter_config.json", "adapter_model.safetensors", "training_config.json"):
+        assert (tmp_path / "first" / "adapter" / name).read_bytes() == \
+            (tmp_path / "second" / "adapter" / name).read_bytes(), name

@@ -321,6 +321,12 @@ class QLoRATrainer:
         tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=path.parent))
         try:
             self.trainer.model.save_pretrained(tmp)
+            # PEFT writes target_modules from a set, in hash-seed order: sort it so reruns are byte-identical
+            config_path = tmp / "adapter_config.json"
+            adapter_config = json.loads(config_path.read_text())
+            if isinstance(adapter_config.get("target_modules"), list):
+                adapter_config["target_modules"] = sorted(adapter_config["target_modules"])
+            config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
             self.tokenizer.save_pretrained(tmp)
             # wall-clock figures (runtime, tokens/s) go to metrics/, not here: the adapter folder stays byte-identical
             # when a run is reproduced

@@ -20,7 +20,8 @@ $(VENV)/.installed: pyproject.toml
 	else \
 	  python3 -m venv $(VENV) && $(PY) -m pip install -q $(TORCH); \
 	fi
-	$(PY) -m pip install -q -e '.[dev]'
+	@extras=dev; if $(PY) -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then \
+	  extras=dev,gpu; fi; echo "pip install -e .[$$extras]"; $(PY) -m pip install -q -e ".[$$extras]"
 	@touch $@
 
 repro: install

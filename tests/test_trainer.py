@@ -143,3 +143,13 @@ def test_cpu_training_is_reproducible(tiny_base, processed_dir, tmp_path):
     for name in ("adapter_config.json", "adapter_model.safetensors", "training_config.json"):
         assert (tmp_path / "first" / "adapter" / name).read_bytes() == \
             (tmp_path / "second" / "adapter" / name).read_bytes(), name
+
+
+def test_liger_requested_without_the_package_is_a_clear_error(tiny_base, processed_dir, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("liger_kernel") is not None:
+        pytest.skip("liger-kernel is installed here")
+    trainer = make_trainer(tiny_base, processed_dir, tmp_path, use_liger_kernel=True)
+    with pytest.raises(TrainingError, match=r"train.use_liger_kernel is true but liger-kernel is not installed"):
+        trainer.setup()

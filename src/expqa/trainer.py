@@ -246,6 +246,13 @@ class QLoRATrainer:
         """Load model and data and build the SFTTrainer (called by train(); useful alone in tests)."""
         from transformers import set_seed
 
+        if self.config.use_liger_kernel:
+            import importlib.util
+
+            if importlib.util.find_spec("liger_kernel") is None:
+                raise TrainingError("train.use_liger_kernel is true but liger-kernel is not installed: "
+                                    "pip install -e '.[gpu]' (CUDA only), or -S train.use_liger_kernel=false")
+
         if self.config.num_threads:
             torch.set_num_threads(self.config.num_threads)
         set_seed(self.seed)

@@ -1,12 +1,10 @@
 """Merge equivalence, the multiple-choice scorer, perplexity on a known case, and `expqa ask`."""
 
 import json
-import math
 
 import pytest
 import torch
 
-from conftest import make_tiny_llama
 from expqa.evaluate import (choose_option, critical_questions_accuracy, option_example, perplexity,
                             sequence_logprobs)
 

@@ -2,7 +2,6 @@
 
 import dataclasses
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import REPO, make_tiny_llama, tiny_training_config
-from expqa.config import LoRAConfig, QuantizationConfig
+from expqa.config import LoRAConfig
 from expqa.trainer import (FINGERPRINT_FILE, QLoRATrainer, StopOnSignal, TrainingError,
                            find_resumable_checkpoint)
 

@@ -30,24 +30,28 @@ from expqa.config import load_params  # noqa: E402
 from expqa.trainer import QLoRATrainer  # noqa: E402
 
 WORK = Path(os.environ.get("BENCH_DIR", "/tmp/expqa_bench"))
+RESULTS = Path(os.environ.get("BENCH_RESULTS", HERE / "results"))  # tables are rewritten after every variant
 WARM, TIMED = 2, 6
 N_PARAMS = 3.21e9  # Llama 3.2 3B incl. embeddings (FLOPs per token ~ 6N with gradient checkpointing)
 WORDS = ("test effect sample power data rate user metric value group control mean the of and to in is for "
          "variance lift error level design analysis").split()
-# variant -> overrides of params.yaml's train section; "params" = params.yaml as shipped
-VARIANTS = {"params": {}, "bs8": dict(per_device_train_batch_size=8, gradient_accumulation_steps=1),
-            "bs16": dict(per_device_train_batch_size=16, gradient_accumulation_steps=1),
-            "bs32": dict(per_device_train_batch_size=32, gradient_accumulation_steps=1),
-            "bs64": dict(per_device_train_batch_size=64, gradient_accumulation_steps=1),
-            "bs8_nogc": dict(per_device_train_batch_size=8, gradient_accumulation_steps=1,
-                             gradient_checkpointing=False),
-            "bs16_nogc": dict(per_device_train_batch_size=16, gradient_accumulation_steps=1,
-                              gradient_checkpointing=False),
-            "bs32_nogc": dict(per_device_train_batch_size=32, gradient_accumulation_steps=1,
-                              gradient_checkpointing=False),
-            "bs16_d0": dict(per_device_train_batch_size=16, gradient_accumulation_steps=1, lora_dropout=0.0),
-            "bs32_d0": dict(per_device_train_batch_size=32, gradient_accumulation_steps=1, lora_dropout=0.0),
-            "bs64_d0": dict(per_device_train_batch_size=64, gradient_accumulation_steps=1, lora_dropout=0.0)}
+# variant -> overrides of params.yaml's train section (lora_dropout: of the lora section); "params" = as shipped.
+# "seedbatch16" is the previous default (16 conversations per micro-batch, PEFT's LoRA forward).
+OLD_DEFAULT = dict(tokens_per_micro_batch=0, per_device_train_batch_size=16, gradient_accumulation_steps=1,
+                   fused_lora=False)
+VARIANTS = {"params": {}, "seedbatch16": OLD_DEFAULT,
+            "seedbatch16_d0": dict(OLD_DEFAULT, lora_dropout=0.0),
+            "bs16_fused": dict(OLD_DEFAULT, fused_lora=True),
+            **{f"tok{k}k": dict(tokens_per_micro_batch=k * 1024, gradient_accumulation_steps=1)
+               for k in (8, 12, 16, 24, 32)},
+            **{f"tok{k}k_d0": dict(tokens_per_micro_batch=k * 1024, gradient_accumulation_steps=1, lora_dropout=0.0)
+               for k in (8, 12, 16, 24, 32)},
+            **{f"tok{k}k_peft": dict(tokens_per_micro_batch=k * 1024, gradient_accumulation_steps=1,
+                                     fused_lora=False) for k in (16, 32)},
+            **{f"tok{k}k_adamfused": dict(tokens_per_micro_batch=k * 1024, gradient_accumulation_steps=1,
+                                          optim="adamw_torch_fused") for k in (16, 32)},
+            **{f"tok{k}k_nogc": dict(tokens_per_micro_batch=k * 1024, gradient_accumulation_steps=1,
+                                     gradient_checkpointing=False) for k in (8, 16)}}
 
 
 def make_base(tokenizer_dir: Path) -> Path:
@@ -84,23 +88,23 @@ class StepTimer(TrainerCallback):
             torch.cuda.synchronize()
             self.t0, self.tokens0 = time.time(), self.runner.trainer.real_tokens
 
-    def on_train_end(self, args, state, control, **kwargs):
-        torch.cuda.synchronize()
-        self.elapsed, self.tokens = time.time() - self.t0, self.runner.trainer.real_tokens - self.tokens0
+        elif state.global_step == WARM + TIMED:
+            torch.cuda.synchronize()
+            self.elapsed, self.tokens = time.time() - self.t0, self.runner.trainer.real_tokens - self.tokens0
 
 
 class Profile(TrainerCallback):
-    """torch.profiler over two optimizer steps after warm-up; writes the kernel table (BENCH_PROFILE=1)."""
+    """torch.profiler over two optimizer steps after the timed ones; writes the kernel table (BENCH_PROFILE=variant,..)."""
 
     def __init__(self, path: Path):
         self.path, self.prof = path, None
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == WARM:
+        if state.global_step == WARM + TIMED:
             acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
             self.prof = torch.profiler.profile(activities=acts)
             self.prof.__enter__()
-        elif state.global_step == WARM + 2 and self.prof is not None:
+        elif state.global_step == WARM + TIMED + 2 and self.prof is not None:
             torch.cuda.synchronize()
             self.prof.__exit__(None, None, None)
             table = self.prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70)
@@ -113,8 +117,9 @@ def run_project(name: str, base: Path, data: Path) -> dict:
     params = load_params(HERE.parent / "params.yaml")
     overrides = dict(VARIANTS[name])
     lora = dataclasses.replace(params.lora, dropout=overrides.pop("lora_dropout", params.lora.dropout))
-    train = dataclasses.replace(params.train, max_steps=WARM + TIMED, save_steps=10_000, logging_steps=1,
-                                **overrides)
+    profile = name in os.environ.get("BENCH_PROFILE", "").split(",")
+    train = dataclasses.replace(params.train, max_steps=WARM + TIMED + (2 if profile else 0), save_steps=10_000,
+                                logging_steps=1, **overrides)
     runner = QLoRATrainer(train, lora=lora, quantization=params.quantization, seed=params.base.seed,
                           base_model=base, data_dir=data, checkpoint_dir=WORK / f"ckpt_{name}", metrics_dir=None,
                           log_dir=None)
@@ -123,12 +128,13 @@ def run_project(name: str, base: Path, data: Path) -> dict:
     runner.setup()
     timer = StepTimer(runner)
     runner.trainer.add_callback(timer)
-    if os.environ.get("BENCH_PROFILE"):
-        runner.trainer.add_callback(Profile(HERE / "results" / f"gpu_profile_{name}_{time.strftime('%Y-%m-%d')}.txt"))
+    if profile:
+        runner.trainer.add_callback(Profile(RESULTS / f"gpu_profile_{name}_{time.strftime('%Y-%m-%d')}.txt"))
     runner.trainer.train()
     tok_s = timer.tokens / timer.elapsed
     c = runner.config
     result = {"variant": f"expqa:{name}", "micro_batch": c.per_device_train_batch_size,
+              "tokens_per_micro_batch": c.tokens_per_micro_batch, "fused_lora": c.fused_lora, "optim": c.optim,
               "grad_accum": c.gradient_accumulation_steps, "padding_free": c.padding_free,
               "gradient_checkpointing": c.gradient_checkpointing, "lora_dropout": lora.dropout,
               "attn": c.attn_implementation, "liger": c.use_liger_kernel, "tok_per_s": round(tok_s),
@@ -141,13 +147,36 @@ def run_project(name: str, base: Path, data: Path) -> dict:
     return result
 
 
+def write_tables(out_dir: Path, stamp: str, device: str, results: list[dict]) -> None:
+    record = {"date": stamp, "device": device, "torch": torch.__version__, "results": results}
+    (out_dir / f"gpu_train_{stamp}.json").write_text(json.dumps(record, indent=2) + "\n")
+    lines = [f"# GPU train benchmark, {stamp}, {device}", "",
+             "| variant | micro-batch x GA, options | real tok/s | MFU | peak alloc GiB | peak reserved GiB | loss |",
+             "|---|---|---|---|---|---|---|"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['variant']} | error: {r['error'][:80]} | | | | | |")
+            continue
+        batch = f"{r['tokens_per_micro_batch']:,} tokens" if r.get("tokens_per_micro_batch") else \
+            f"{r.get('micro_batch', 2)} conv"
+        shape = f"{batch} x {r.get('grad_accum', 4)}" + \
+            ("" if r.get("gradient_checkpointing", True) else ", no GC") + \
+            (", LoRA dropout 0" if r.get("lora_dropout", 0.05) == 0 else "") + \
+            (", PEFT LoRA" if r.get("fused_lora") is False else "") + \
+            (f", {r['optim']}" if r.get("optim", "paged_adamw_8bit") != "paged_adamw_8bit" else "")
+        lines.append(f"| {r['variant']} | {shape} | {r['tok_per_s']:,} | {r['mfu_vs_790T']:.0%} | "
+                     f"{r['peak_alloc_gib']} | {r['peak_reserved_gib']} | {r['last_loss']} |")
+    (out_dir / f"gpu_train_{stamp}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines), flush=True)
+
+
 def main(names: list[str]) -> None:
-    out_dir = HERE / "results"
-    out_dir.mkdir(exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     plain.OUT = str(WORK)  # the plain recipe appends its results there
     base = make_base(Path(os.environ.get("TOKENIZER_DIR", HERE.parent / "models" / "base")))
-    data = make_data(n=(WARM + TIMED) * 64)
+    data = make_data(n=(WARM + TIMED + 2) * 128)  # enough 32k-token packs for every step
     device = torch.cuda.get_device_name(0)
+    stamp = time.strftime("%Y-%m-%d_%H%M")
     results = []
     for name in names:
         try:
@@ -164,24 +193,8 @@ def main(names: list[str]) -> None:
             traceback.print_exc()
             results.append({"variant": name, "error": repr(exc)[:300]})
         print("RESULT", json.dumps(results[-1]), flush=True)
-    stamp = time.strftime("%Y-%m-%d")
-    record = {"date": stamp, "device": device, "torch": torch.__version__, "results": results}
-    (out_dir / f"gpu_train_{stamp}.json").write_text(json.dumps(record, indent=2) + "\n")
-    lines = [f"# GPU train benchmark, {stamp}, {device}", "",
-             "| variant | micro-batch x GA | real tok/s | MFU | peak alloc GiB | peak reserved GiB | loss |",
-             "|---|---|---|---|---|---|---|"]
-    for r in results:
-        if "error" in r:
-            lines.append(f"| {r['variant']} | error: {r['error'][:80]} | | | | | |")
-            continue
-        shape = f"{r.get('micro_batch', 2)} x {r.get('grad_accum', 4)}" + \
-            ("" if r.get("gradient_checkpointing", True) else ", no GC") + \
-            (", LoRA dropout 0" if r.get("lora_dropout", 0.05) == 0 else "")
-        lines.append(f"| {r['variant']} | {shape} | {r['tok_per_s']:,} | {r['mfu_vs_790T']:.0%} | "
-                     f"{r['peak_alloc_gib']} | {r['peak_reserved_gib']} | {r['last_loss']} |")
-    (out_dir / f"gpu_train_{stamp}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        write_tables(RESULTS, stamp, device, results)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["plain", "params", "bs8", "bs32"])
+    main(sys.argv[1:] or ["plain", "seedbatch16", "params"])

@@ -45,10 +45,10 @@ def test_seed_defaults_are_the_gpu_profile(shipped_params):
         (True, "nf4", True, "bfloat16")
     # the dataclass defaults document the same seed values; params.yaml adds the GPU fast path on top
     fast_path = {"padding_free", "attn_implementation", "use_liger_kernel", "per_device_train_batch_size",
-                 "gradient_accumulation_steps", "num_processes"}
+                 "gradient_accumulation_steps", "num_processes", "tokens_per_micro_batch", "fused_lora"}
     seed = cfg.TrainingConfig()
     assert (seed.per_device_train_batch_size, seed.gradient_accumulation_steps) == (2, 4)
-    assert (t.per_device_train_batch_size, t.gradient_accumulation_steps) == (16, 1)  # packed micro-batches
+    assert (t.tokens_per_micro_batch, t.gradient_accumulation_steps, t.fused_lora) == (16384, 1, True)
     defaults = {k: v for k, v in dataclasses.asdict(cfg.TrainingConfig()).items() if k not in fast_path}
     assert defaults == {k: v for k, v in dataclasses.asdict(t).items() if k not in fast_path}
     assert (t.padding_free, t.attn_implementation, t.use_liger_kernel) == (True, "expqa_varlen", True)

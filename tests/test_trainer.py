@@ -26,11 +26,15 @@ def make_trainer(base, data, tmp_path, quantized=False, **overrides):
                         metrics_dir=tmp_path / "metrics", log_dir=tmp_path / "logs")
 
 
-@pytest.mark.parametrize("quantized,packed", [(False, False), (True, False), (False, True)],
-                         ids=["lora", "qlora-4bit", "lora-padding-free"])
+FAST_PATH = dict(padding_free=True, attn_implementation="expqa_varlen", tokens_per_micro_batch=256, fused_lora=True)
+
+
+@pytest.mark.parametrize("quantized,packed", [(False, False), (True, False), (False, True), (True, "fast")],
+                         ids=["lora", "qlora-4bit", "lora-padding-free", "qlora-token-budget-fused"])
 def test_training_moves_lora_weights_only_and_saves_a_complete_adapter(tiny_base, processed_dir, tmp_path, quantized,
                                                                        packed):
-    extra = dict(padding_free=True, attn_implementation="expqa_varlen") if packed else {}
+    extra = FAST_PATH if packed == "fast" else dict(padding_free=True, attn_implementation="expqa_varlen") \
+        if packed else {}
     trainer = make_trainer(tiny_base, processed_dir, tmp_path, quantized=quantized, **extra)
     metrics = trainer.train()
     assert metrics["global_step"] == 4 and metrics["eval_loss"] < metrics["eval_loss_before_training"]
@@ -152,3 +156,32 @@ def test_liger_requested_without_the_package_is_a_clear_error(tiny_base, process
     trainer = make_trainer(tiny_base, processed_dir, tmp_path, use_liger_kernel=True)
     with pytest.raises(TrainingError, match=r"train.use_liger_kernel is true but liger-kernel is not installed"):
         trainer.setup()
+
+
+def test_token_budget_packs_whole_conversations_into_bounded_micro_batches(tiny_base, processed_dir, tmp_path):
+    trainer = make_trainer(tiny_base, processed_dir, tmp_path, **FAST_PATH)
+    sft = trainer.setup()
+    from expqa.dataset import build_sft_dataset
+
+    conversations = build_sft_dataset(processed_dir / "train.jsonl", trainer.tokenizer, 128)["input_ids"]
+    seen, sizes = [], []
+    for batch in sft.get_train_dataloader():
+        ids, positions = batch["input_ids"][0].tolist(), batch["position_ids"][0].tolist()
+        assert len(ids) <= 256 and batch["input_ids"].shape[0] == 1
+        starts = [i for i, p in enumerate(positions) if p == 0] + [len(ids)]
+        assert starts[0] == 0 and positions == [p for a, b in zip(starts, starts[1:]) for p in range(b - a)]
+        seen += [ids[a:b] for a, b in zip(starts, starts[1:])]
+        sizes.append(len(ids))
+    # every conversation exactly once, none split, and packs well filled (24 conversations of ~40-80 tokens)
+    assert sorted(seen) == sorted(conversations)
+    assert len(sizes) < len(conversations) / 2 and sum(sizes) / len(sizes) > 128
+
+
+def test_token_budget_below_max_seq_length_is_a_config_error():
+    from expqa.config import TrainingConfig
+
+    problems = TrainingConfig(tokens_per_micro_batch=1024, max_seq_length=2048, padding_free=True,
+                              attn_implementation="expqa_varlen").validate()
+    assert problems == ["train.tokens_per_micro_batch is 1024, below train.max_seq_length 2048: the longest "
+                        "conversation would not fit; raise it or lower max_seq_length"]
+    assert "needs train.padding_free: true" in TrainingConfig(tokens_per_micro_batch=4096).validate()[0]

@@ -2,13 +2,17 @@
 attending causally to itself only, without a dense (tokens x tokens) mask and without padding.
 
 Registered with transformers as `expqa_varlen` (select it with `train.attn_implementation: expqa_varlen`).
-Sequence boundaries come from `position_ids`, which restart at 0 for every packed conversation (TRL's
-`padding_free=True` collator produces them). On CUDA the kernel is torch's Flash-Attention varlen
-(`torch.nn.attention.varlen.varlen_attn`, torch >= 2.10); elsewhere each sequence runs through SDPA in turn,
-which is slower but gives the same result, so the CPU tests check the same code path.
+Sequence boundaries come from TRL's padding-free collator (`cu_seq_lens_q`, computed on the CPU, so no layer
+waits for the GPU) or else from `position_ids`, which restart at 0 for every packed conversation. On CUDA the
+kernel is torch's Flash-Attention varlen (`torch.nn.attention.varlen.varlen_attn`, torch >= 2.10) with grouped-query
+heads read in place where that torch supports it; elsewhere each sequence runs through SDPA in turn, which is
+slower but gives the same result, so the CPU tests check the same code path.
 """
 
 from __future__ import annotations
+
+import functools
+import inspect
 
 import torch
 import torch.nn.functional as F
@@ -56,14 +60,19 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
     groups = query.shape[1] // key.shape[1]
-    q = query[0].transpose(0, 1)  # (tokens, heads, dim)
-    k = key[0].repeat_interleave(groups, dim=0).transpose(0, 1)  # grouped-query heads repeated for the kernel
-    v = value[0].repeat_interleave(groups, dim=0).transpose(0, 1)
-    bounds, longest = _bounds(position_ids)
-    if q.is_cuda and _flash_varlen() is not None:
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, dim)
+    bounds, longest = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
+    if bounds is None or longest is None:
+        bounds, longest = _bounds(position_ids)
+    bounds = bounds.to(device=q.device, dtype=torch.int32)
+    flash = _flash_varlen() if q.is_cuda else None
+    if flash is None or (groups > 1 and not _flash_has_gqa()):
+        k, v = (t.repeat_interleave(groups, dim=1) for t in (k, v))  # grouped-query heads repeated for the kernel
+    if flash is not None:
         dtype = q.dtype if q.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16  # flash: 16-bit only
-        out = _flash_varlen()(q.to(dtype), k.to(dtype), v.to(dtype), bounds, bounds, longest, longest,
-                              scale=scaling, window_size=(-1, 0)).to(q.dtype)
+        extra = {"enable_gqa": True} if groups > 1 and _flash_has_gqa() else {}
+        out = flash(q.to(dtype), k.to(dtype), v.to(dtype), bounds, bounds, longest, longest, scale=scaling,
+                    window_size=(-1, 0), **extra).to(q.dtype)
     else:
         out = _attend_each_sequence(q, k, v, bounds, scaling)
     return out.unsqueeze(0), None
@@ -75,6 +84,11 @@ def _flash_varlen():
     except ImportError:
         return None
     return varlen_attn
+
+
+@functools.cache
+def _flash_has_gqa() -> bool:
+    return "enable_gqa" in inspect.signature(_flash_varlen()).parameters
 
 
 def register() -> str:

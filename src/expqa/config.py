@@ -131,7 +131,8 @@ class LoRAConfig:
 
 @dataclass
 class TrainingConfig:
-    per_device_train_batch_size: int = _help("Sequences per device per micro-batch.", 2)
+    per_device_train_batch_size: int = _help("Conversations per device per micro-batch (when tokens_per_micro_batch "
+                                             "is 0).", 2)
     gradient_accumulation_steps: int = _help("Micro-batches per optimizer step (effective batch = product).", 4)
     learning_rate: float = _help("Peak learning rate.", 2e-4)
     lr_scheduler_type: str = _help("Schedule after warmup: cosine, linear or constant.", "cosine")
@@ -155,6 +156,12 @@ class TrainingConfig:
                                      "attention for padding_free; Flash-Attention varlen on CUDA).", "sdpa")
     use_liger_kernel: bool = _help("Liger's fused Triton kernels (fused linear cross-entropy, RMSNorm, SwiGLU, "
                                    "RoPE); CUDA only, needs the liger-kernel package.", False)
+    tokens_per_micro_batch: int = _help("Token budget of a micro-batch: conversations are packed best-fit into "
+                                        "micro-batches of at most this many tokens (needs padding_free); 0 = "
+                                        "per_device_train_batch_size conversations. Tokens per optimizer step = "
+                                        "this x gradient_accumulation_steps x processes.", 0)
+    fused_lora: bool = _help("LoRA layers as one autograd function (no extra passes over the output, no "
+                             "dropout mask when lora.dropout is 0); false = PEFT's own forward.", False)
     num_processes: int = _help("Training processes (DDP): 1 = single process, 0 = one per visible GPU. The "
                                "effective batch is micro-batch x accumulation x processes.", 1)
 
@@ -182,6 +189,17 @@ class TrainingConfig:
             errors.append(f"train.num_processes is {self.num_processes}; use 1, 0 (one per GPU) or a count")
         if self.num_threads < 0:
             errors.append(f"train.num_threads is {self.num_threads}; use 0 (default) or a positive count")
+        if self.tokens_per_micro_batch < 0:
+            errors.append(f"train.tokens_per_micro_batch is {self.tokens_per_micro_batch}; use 0 (batch by "
+                          "conversation count) or a token budget >= train.max_seq_length")
+        elif self.tokens_per_micro_batch:
+            if not self.padding_free:
+                errors.append("train.tokens_per_micro_batch needs train.padding_free: true (a token budget packs "
+                              "conversations into one row); set it to 0 to batch by conversation count")
+            if 0 < self.tokens_per_micro_batch < self.max_seq_length:
+                errors.append(f"train.tokens_per_micro_batch is {self.tokens_per_micro_batch}, below "
+                              f"train.max_seq_length {self.max_seq_length}: the longest conversation would not "
+                              "fit; raise it or lower max_seq_length")
         if self.attn_implementation not in ATTENTION_KERNELS:
             errors.append(f"train.attn_implementation is {self.attn_implementation!r}; allowed: "
                           f"{', '.join(ATTENTION_KERNELS)}")

@@ -68,8 +68,11 @@ def quantization_config(quant: QuantizationConfig):
 
 
 def load_for_training(base_dir: str | Path, quant: QuantizationConfig, lora: LoRAConfig, *, bf16: bool,
-                      gradient_checkpointing: bool, attn_implementation: str = "sdpa"):
-    """The frozen base (4-bit or full precision) with fresh LoRA adapters; returns (peft_model, tokenizer)."""
+                      gradient_checkpointing: bool, attn_implementation: str = "sdpa", fused_lora: bool = False):
+    """The frozen base (4-bit or full precision) with fresh LoRA adapters; returns (peft_model, tokenizer).
+
+    fused_lora: LoRA layers run expqa.fused_lora's single autograd function instead of PEFT's forward.
+    """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -110,7 +113,12 @@ def load_for_training(base_dir: str | Path, quant: QuantizationConfig, lora: LoR
     model.config.use_cache = False
     peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                              target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, peft_config), tokenizer
+    model = get_peft_model(model, peft_config)
+    if fused_lora:
+        from expqa.fused_lora import patch_lora_layers
+
+        patch_lora_layers(model)
+    return model, tokenizer
 
 
 def load_for_inference(model_dir: str | Path, adapter_dir: str | Path | None = None, dtype=None):

@@ -221,17 +221,23 @@ class QLoRATrainer:
 
         c = self.config
         report_to = ["tensorboard"] if self.log_dir else []
+        # a token budget: TRL packs conversations best-fit (never split) into rows of at most that many tokens and
+        # one such row is a micro-batch; otherwise a micro-batch is per_device_train_batch_size conversations
+        packed = c.tokens_per_micro_batch > 0
+        batch = 1 if packed else c.per_device_train_batch_size
         if self.log_dir:  # transformers 5 reads the TensorBoard folder from the environment only
             os.environ["TENSORBOARD_LOGGING_DIR"] = str(self.log_dir / "tensorboard")
         return SFTConfig(
             output_dir=str(self.checkpoint_dir), seed=self.seed, data_seed=self.seed,
-            per_device_train_batch_size=c.per_device_train_batch_size,
-            per_device_eval_batch_size=c.per_device_train_batch_size,
+            per_device_train_batch_size=batch, per_device_eval_batch_size=batch,
+            packing=packed, packing_strategy="bfd",
             gradient_accumulation_steps=c.gradient_accumulation_steps, learning_rate=c.learning_rate,
             lr_scheduler_type=c.lr_scheduler_type, warmup_steps=c.warmup_ratio,  # float < 1 = ratio
             num_train_epochs=c.num_train_epochs, max_steps=c.max_steps, optim=c.optim,
             weight_decay=c.weight_decay, max_grad_norm=c.max_grad_norm,
-            max_length=None,  # build_sft_dataset already truncated to train.max_seq_length
+            # build_sft_dataset already truncated each conversation to train.max_seq_length; with packing this is
+            # the size of a pack
+            max_length=c.tokens_per_micro_batch if packed else None,
             gradient_checkpointing=False,  # already enabled on the model (non-reentrant) by load_for_training
             bf16=use_bf16(c.bf16), use_cpu=not torch.cuda.is_available(),
             logging_steps=c.logging_steps, logging_first_step=True,
@@ -259,7 +265,7 @@ class QLoRATrainer:
         model, tokenizer = load_for_training(
             self.base_model, self.quantization, self.lora, bf16=self.config.bf16,
             gradient_checkpointing=self.config.gradient_checkpointing,
-            attn_implementation=self.config.attn_implementation)
+            attn_implementation=self.config.attn_implementation, fused_lora=self.config.fused_lora)
         self.tokenizer = tokenizer
         train_data = build_sft_dataset(self.data_dir / "train.jsonl", tokenizer, self.config.max_seq_length)
         val_path = self.data_dir / "val.jsonl"

@@ -142,7 +142,10 @@ def run_project(name: str, base: Path, data: Path) -> dict:
               "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
               "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
               "last_loss": next((e["loss"] for e in reversed(runner.trainer.state.log_history) if "loss" in e), None)}
-    del runner
+    del runner, timer
+    import gc
+
+    gc.collect()
     torch.cuda.empty_cache()
     return result
 

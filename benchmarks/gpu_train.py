@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import random
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -48,8 +49,13 @@ VARIANTS = {"params": {}, "seedbatch16": OLD_DEFAULT,
                for k in (8, 12, 16, 24, 32)},
             **{f"tok{k}k_peft": dict(tokens_per_micro_batch=k * 1024, gradient_accumulation_steps=1,
                                      fused_lora=False) for k in (16, 32)},
-            **{f"tok{k}k_adamfused": dict(tokens_per_micro_batch=k * 1024, gradient_accumulation_steps=1,
-                                          optim="adamw_torch_fused") for k in (16, 32)},
+            **{f"tok{k}k_{short}": dict(tokens_per_micro_batch=k * 1024, gradient_accumulation_steps=1, optim=optim)
+               for k in (16, 32) for short, optim in (("paged", "paged_adamw_8bit"), ("a8", "adamw_8bit"),
+                                                      ("fusedadam", "adamw_torch_fused"))},
+            **{f"tok{k}k_d0_{short}": dict(tokens_per_micro_batch=k * 1024, gradient_accumulation_steps=1, optim=optim,
+                                           lora_dropout=0.0)
+               for k in (16, 24, 32) for short, optim in (("paged", "paged_adamw_8bit"), ("a8", "adamw_8bit"),
+                                                          ("fusedadam", "adamw_torch_fused"))},
             **{f"tok{k}k_nogc": dict(tokens_per_micro_batch=k * 1024, gradient_accumulation_steps=1,
                                      gradient_checkpointing=False) for k in (8, 16)}}
 
@@ -142,11 +148,6 @@ def run_project(name: str, base: Path, data: Path) -> dict:
               "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
               "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
               "last_loss": next((e["loss"] for e in reversed(runner.trainer.state.log_history) if "loss" in e), None)}
-    del runner, timer
-    import gc
-
-    gc.collect()
-    torch.cuda.empty_cache()
     return result
 
 
@@ -175,29 +176,39 @@ def write_tables(out_dir: Path, stamp: str, device: str, results: list[dict]) ->
 
 def main(names: list[str]) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    plain.OUT = str(WORK)  # the plain recipe appends its results there
     base = make_base(Path(os.environ.get("TOKENIZER_DIR", HERE.parent / "models" / "base")))
     data = make_data(n=(WARM + TIMED + 2) * 128)  # enough 32k-token packs for every step
     device = torch.cuda.get_device_name(0)
     stamp = time.strftime("%Y-%m-%d_%H%M")
     results = []
-    for name in names:
-        try:
-            if name == "plain":
-                plain.run("real_pad")
-                row = json.loads((WORK / "results.jsonl").read_text().splitlines()[-1])
-                results.append({"variant": "plain:real_pad", **{k: row[k] for k in (
-                    "tok_per_s", "mfu_vs_790T", "peak_alloc_gib", "peak_reserved_gib", "last_loss")}})
-            else:
-                results.append(run_project(name, base, data))
-        except Exception as exc:  # keep the other variants' numbers
-            import traceback
-
-            traceback.print_exc()
-            results.append({"variant": name, "error": repr(exc)[:300]})
+    for name in names:  # one process per variant: peak memory is that variant's alone
+        proc = subprocess.run([sys.executable, __file__, "--one", name, str(base), str(data)], text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+        if lines:
+            results.append(json.loads(lines[-1][len("RESULT "):]))
+        else:
+            print(proc.stdout[-4000:], flush=True)
+            last = (proc.stdout.strip().splitlines() or ["no output"])[-1]
+            results.append({"variant": name, "error": f"exit {proc.returncode}: {last}"[:300]})
         print("RESULT", json.dumps(results[-1]), flush=True)
         write_tables(RESULTS, stamp, device, results)
 
 
+def run_one(name: str, base: Path, data: Path) -> None:
+    if name == "plain":
+        plain.OUT = str(WORK)  # the plain recipe appends its results there
+        plain.run("real_pad")
+        row = json.loads((WORK / "results.jsonl").read_text().splitlines()[-1])
+        result = {"variant": "plain:real_pad", **{k: row[k] for k in (
+            "tok_per_s", "mfu_vs_790T", "peak_alloc_gib", "peak_reserved_gib", "last_loss")}}
+    else:
+        result = run_project(name, base, data)
+    print("RESULT", json.dumps(result), flush=True)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1:] or ["plain", "seedbatch16", "params"])
+    if sys.argv[1:2] == ["--one"]:
+        run_one(sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]))
+    else:
+        main(sys.argv[1:] or ["plain", "seedbatch16", "params"])

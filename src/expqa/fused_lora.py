@@ -69,17 +69,17 @@ class LoRALinearFunction(torch.autograd.Function):
             a, b = lora_A.to(dtype), lora_B.to(dtype)
             grad_h = (gy @ b).mul_(scale)  # (tokens, r)
             grad_b = (gy.t() @ h).mul_(scale)  # (out, r)
-            if mask is None:
-                grad_a = grad_h.t() @ x2  # (r, in)
-            else:
-                grad_a = grad_h.t() @ (x2 * mask).mul_(1.0 / (1.0 - ctx.p))
+            keep_scale = 1.0 / (1.0 - ctx.p)
+            # masked scaling through aten's dropout-backward kernel: one vectorised pass (a bf16 x bool multiply
+            # falls back to a slow mixed-dtype kernel)
+            grad_a = grad_h.t() @ (x2 if mask is None else torch.ops.aten.native_dropout_backward(x2, mask, keep_scale))
             grad_x = None
             if ctx.needs_input_grad[0]:
                 grad_x = gy @ dense_weight(ctx.base, dtype)
                 if mask is None:
                     grad_x.addmm_(grad_h, a)
                 else:
-                    grad_x.add_((grad_h @ a).mul_(mask), alpha=1.0 / (1.0 - ctx.p))
+                    grad_x += torch.ops.aten.native_dropout_backward(grad_h @ a, mask, keep_scale)
                 grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
         return grad_x, grad_a.to(lora_A.dtype), grad_b.to(lora_B.dtype), None, None, None, None
 

@@ -39,8 +39,12 @@ WORDS = ("test effect sample power data rate user metric value group control mea
 # variant -> overrides of params.yaml's train section (lora_dropout: of the lora section); "params" = as shipped.
 # "seedbatch16" is the previous default (16 conversations per micro-batch, PEFT's LoRA forward).
 OLD_DEFAULT = dict(tokens_per_micro_batch=0, per_device_train_batch_size=16, gradient_accumulation_steps=1,
-                   fused_lora=False)
+                   fused_lora=False, lora_dropout=0.05, optim="paged_adamw_8bit")
 VARIANTS = {"params": {}, "seedbatch16": OLD_DEFAULT,
+            # the shipped defaults with one thing changed back, to show what each costs
+            "params_dropout005": dict(lora_dropout=0.05), "params_paged": dict(optim="paged_adamw_8bit"),
+            "params_peft": dict(fused_lora=False), "params_tok24k": dict(tokens_per_micro_batch=24576),
+            "params_tok32k": dict(tokens_per_micro_batch=32768), "params_tok8k": dict(tokens_per_micro_batch=8192),
             "seedbatch16_d0": dict(OLD_DEFAULT, lora_dropout=0.0),
             "bs16_fused": dict(OLD_DEFAULT, fused_lora=True),
             **{f"tok{k}k": dict(tokens_per_micro_batch=k * 1024, gradient_accumulation_steps=1)
@@ -125,7 +129,7 @@ def run_project(name: str, base: Path, data: Path) -> dict:
     lora = dataclasses.replace(params.lora, dropout=overrides.pop("lora_dropout", params.lora.dropout))
     profile = name in os.environ.get("BENCH_PROFILE", "").split(",")
     train = dataclasses.replace(params.train, max_steps=WARM + TIMED + (2 if profile else 0), save_steps=10_000,
-                                logging_steps=1, **overrides)
+                                logging_steps=WARM + TIMED, **overrides)  # logs (and syncs) like a real run
     runner = QLoRATrainer(train, lora=lora, quantization=params.quantization, seed=params.base.seed,
                           base_model=base, data_dir=data, checkpoint_dir=WORK / f"ckpt_{name}", metrics_dir=None,
                           log_dir=None)
@@ -161,15 +165,20 @@ def write_tables(out_dir: Path, stamp: str, device: str, results: list[dict]) ->
         if "error" in r:
             lines.append(f"| {r['variant']} | error: {r['error'][:80]} | | | | | |")
             continue
-        batch = f"{r['tokens_per_micro_batch']:,} tokens" if r.get("tokens_per_micro_batch") else \
-            f"{r.get('micro_batch', 2)} conv"
-        shape = f"{batch} x {r.get('grad_accum', 4)}" + \
-            ("" if r.get("gradient_checkpointing", True) else ", no GC") + \
-            (", LoRA dropout 0" if r.get("lora_dropout", 0.05) == 0 else "") + \
-            (", PEFT LoRA" if r.get("fused_lora") is False else "") + \
-            (f", {r['optim']}" if r.get("optim", "paged_adamw_8bit") != "paged_adamw_8bit" else "")
+        if r["variant"].startswith("plain"):
+            shape = "2 conv x 4 padded, PEFT LoRA, dropout 0.05, paged_adamw_8bit, SDPA"
+        else:
+            batch = f"{r['tokens_per_micro_batch']:,} tokens" if r.get("tokens_per_micro_batch") else \
+                f"{r['micro_batch']} conv"
+            shape = f"{batch} x {r['grad_accum']}, {'fused' if r['fused_lora'] else 'PEFT'} LoRA, dropout " \
+                f"{r['lora_dropout']}, {r['optim']}" + ("" if r["gradient_checkpointing"] else ", no GC")
         lines.append(f"| {r['variant']} | {shape} | {r['tok_per_s']:,} | {r['mfu_vs_790T']:.0%} | "
                      f"{r['peak_alloc_gib']} | {r['peak_reserved_gib']} | {r['last_loss']} |")
+    lines += ["", f"real tok/s: non-padding tokens per second over {TIMED} optimizer steps after {WARM} warm-up steps. "
+              "MFU: 6 x 3.21e9 FLOPs per token (with checkpointing; 4x without) / 790 TFLOP/s bf16 dense. Peak memory: "
+              "torch.cuda.max_memory_allocated / max_memory_reserved, one process per row. loss: last logged training "
+              "loss of random weights on each recipe's own batches, not comparable across rows (packed = unpacked "
+              "loss is tested on CPU: tests/test_attention.py)."]
     (out_dir / f"gpu_train_{stamp}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
 

@@ -32,12 +32,14 @@ def test_shipped_params_load_into_every_dataclass(shipped_params):
 
 def test_seed_defaults_are_the_gpu_profile(shipped_params):
     p = shipped_params
-    assert (p.lora.r, p.lora.alpha, p.lora.dropout) == (16, 32, 0.05)
+    assert (p.lora.r, p.lora.alpha) == (16, 32) and p.lora.dropout == 0.0  # seed 0.05: README "Performance"
+    assert cfg.LoRAConfig().dropout == 0.05
     assert p.lora.target_modules == cfg.LLAMA_PROJECTIONS
     t = p.train
     assert t.learning_rate == 2e-4
     assert (t.lr_scheduler_type, t.warmup_ratio, t.num_train_epochs, t.optim) == ("cosine", 0.03, 3.0,
-                                                                                  "paged_adamw_8bit")
+                                                                                  "adamw_torch_fused")
+    assert cfg.TrainingConfig().optim == "paged_adamw_8bit"
     assert (t.max_seq_length, t.gradient_checkpointing, t.bf16, t.save_steps, t.save_total_limit) == \
         (2048, True, True, 500, 3)
     q = p.quantization
@@ -45,7 +47,7 @@ def test_seed_defaults_are_the_gpu_profile(shipped_params):
         (True, "nf4", True, "bfloat16")
     # the dataclass defaults document the same seed values; params.yaml adds the GPU fast path on top
     fast_path = {"padding_free", "attn_implementation", "use_liger_kernel", "per_device_train_batch_size",
-                 "gradient_accumulation_steps", "num_processes", "tokens_per_micro_batch", "fused_lora"}
+                 "gradient_accumulation_steps", "num_processes", "tokens_per_micro_batch", "fused_lora", "optim"}
     seed = cfg.TrainingConfig()
     assert (seed.per_device_train_batch_size, seed.gradient_accumulation_steps) == (2, 4)
     assert (t.tokens_per_micro_batch, t.gradient_accumulation_steps, t.fused_lora) == (16384, 1, True)
@@ -83,7 +85,7 @@ def test_invalid_value_gives_one_line_naming_key_value_and_line(tmp_path, old, n
 
 
 def test_unknown_key_is_rejected_with_known_keys(tmp_path):
-    path = write(tmp_path, shipped_text().replace("  dropout: 0.05", "  dropout: 0.05\n  rank: 8"))
+    path = write(tmp_path, shipped_text().replace("  alpha: 32", "  alpha: 32\n  rank: 8"))
     with pytest.raises(ConfigError, match=r"unknown key 'lora.rank'; known keys in lora: r, alpha, dropout"):
         load_params(path)
 

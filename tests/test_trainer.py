@@ -73,15 +73,18 @@ def test_corrupt_last_checkpoint_falls_back_and_foreign_ones_are_removed(tiny_ba
     assert not list(ckpt.glob("checkpoint-*")), "checkpoints of another configuration must not be resumed"
 
 
-def test_non_finite_loss_stops_naming_the_step(tiny_base, processed_dir, tmp_path, embedded_tokenizer):
+@pytest.mark.parametrize("logging_steps", [1, 3])
+def test_non_finite_loss_stops_naming_the_step(tiny_base, processed_dir, tmp_path, embedded_tokenizer, logging_steps):
+    """Checked where the Trainer syncs anyway (logging steps here), but always naming the first bad step."""
     from safetensors.torch import save_file
 
     broken = make_tiny_llama(tmp_path / "broken", embedded_tokenizer)
     weights = load_file(broken / "model.safetensors")
     weights["model.norm.weight"][:] = float("nan")
     save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
-    trainer = make_trainer(broken, processed_dir, tmp_path, eval_steps=100)
-    trainer.config = dataclasses.replace(trainer.config, max_steps=2)
+    trainer = make_trainer(broken, processed_dir, tmp_path, eval_steps=100, logging_steps=logging_steps,
+                           save_steps=100)
+    trainer.config = dataclasses.replace(trainer.config, max_steps=5)
     with pytest.raises(TrainingError, match=r"loss is nan at optimizer step 1"):
         trainer.train()
 

@@ -5,7 +5,9 @@
 Both runs train LoRA r16 on the same train split with 4 conversations per step, timed over 4 optimizer steps
 after 2 warm-up steps, and count real (non-padding) tokens. "expqa" is `QLoRATrainer` with params.yaml's CPU
 profile; "plain TRL" is `SFTTrainer` on the `messages` column with SFTConfig's defaults (its own tokenisation,
-loss on all tokens, fp32, gradient checkpointing), the same LoRA and max_length. Results -> benchmarks/results/.
+loss on all tokens, fp32, gradient checkpointing) with the seed's LoRA (r 16, alpha 32, dropout 0.05) and the same
+max_length. A third run is the CPU profile with PEFT's LoRA forward instead of the fused one.
+Results -> benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from expqa.config import load_params
+from expqa.config import LoRAConfig, load_params
 from expqa.trainer import QLoRATrainer, make_sft_trainer_class
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,12 +39,12 @@ class StepTimer(TrainerCallback):
         self.elapsed, self.tokens = time.time() - self.t0, self.trainer.real_tokens - self.tokens0
 
 
-def run_expqa(params, out: Path) -> dict:
+def run_expqa(params, out: Path, label: str = "expqa (CPU profile)", **overrides) -> dict:
     cpu = params.for_device(False)
-    train = dataclasses.replace(cpu.train, max_steps=WARM + TIMED, eval_steps=1000, save_steps=1000)
+    train = dataclasses.replace(cpu.train, max_steps=WARM + TIMED, eval_steps=1000, save_steps=1000, **overrides)
     runner = QLoRATrainer(train, lora=cpu.lora, quantization=cpu.quantization, seed=cpu.base.seed,
                           base_model=ROOT / "models" / "base", data_dir=ROOT / "data" / "processed",
-                          checkpoint_dir=out / "ckpt_expqa", metrics_dir=None, log_dir=None)
+                          checkpoint_dir=out / f"ckpt_expqa{len(overrides)}", metrics_dir=None, log_dir=None)
     trainer = runner.setup()
     trainer.eval_dataset = None
     trainer.args.eval_strategy = "no"
@@ -51,7 +53,7 @@ def run_expqa(params, out: Path) -> dict:
     timer.trainer = trainer
     trainer.add_callback(timer)
     trainer.train()
-    return {"run": "expqa (CPU profile)", "tok_per_s": round(timer.tokens / timer.elapsed, 1),
+    return {"run": label, "tok_per_s": round(timer.tokens / timer.elapsed, 1),
             "s_per_step": round(timer.elapsed / TIMED, 2)}
 
 
@@ -69,7 +71,7 @@ def run_plain_trl(params, out: Path) -> dict:
     data = Dataset.from_dict({"messages": [r["messages"] for r in rows]})
     model = AutoModelForCausalLM.from_pretrained(ROOT / "models" / "base", dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(ROOT / "models" / "base")
-    lora = cpu.lora
+    lora = LoRAConfig(target_modules=cpu.lora.target_modules)  # the seed's LoRA: r 16, alpha 32, dropout 0.05
     config = SFTConfig(output_dir=str(out / "ckpt_plain"), max_steps=WARM + TIMED, use_cpu=True, report_to=[],
                        per_device_train_batch_size=cpu.train.per_device_train_batch_size,
                        gradient_accumulation_steps=cpu.train.gradient_accumulation_steps,
@@ -90,7 +92,8 @@ def run_plain_trl(params, out: Path) -> dict:
 def main() -> None:
     params = load_params(ROOT / "params.yaml")
     out = Path("/tmp/expqa_cpu_bench")
-    results = [run_expqa(params, out), run_plain_trl(params, out)]
+    results = [run_expqa(params, out), run_plain_trl(params, out),
+               run_expqa(params, out, "expqa (CPU profile, PEFT's LoRA forward)", fused_lora=False)]
     ratio = results[0]["tok_per_s"] / results[1]["tok_per_s"]
     stamp = time.strftime("%Y-%m-%d")
     record = {"date": stamp, "cpu": Path("/proc/cpuinfo").read_text().split("model name")[1].split("\n")[0]

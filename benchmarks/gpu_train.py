@@ -1,12 +1,14 @@
 """GPU benchmark: the project's `train` code path vs the plain HF recipe, Llama-3.2-3B architecture, same lengths.
 
-    python benchmarks/gpu_train.py [VARIANT ...]     (on a CUDA machine; results -> benchmarks/results/)
+    python benchmarks/gpu_train.py [VARIANT ...]     (on a CUDA machine; tables -> benchmarks/results/)
+    BENCH_PROFILE=params python benchmarks/gpu_train.py plain params    (+ a kernel table of `params`)
 
 Builds the exact Llama-3.2-3B config with random bf16 weights (throughput and memory do not depend on values),
 writes ChatML conversations whose token lengths follow the plain recipe's realistic distribution (lognormal,
-median 450, clipped 64..2048, same seed), and trains through `QLoRATrainer` with params.yaml's GPU profile,
-varying only the batch shape per variant. The plain recipe (`plain_recipe_baseline.py real_pad`) runs in the
-same process so both numbers come from the same card.
+median 450, clipped 64..2048, same seed), and trains through `QLoRATrainer` with params.yaml's GPU profile
+("params") or that profile with the overrides of a VARIANTS entry. "plain" is `plain_recipe_baseline.py real_pad`
+(the seed's recipe). Each variant runs in its own process (so peak memory is its own) on the same card, and the
+tables are rewritten after every variant, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations

@@ -36,8 +36,9 @@ log = logging.getLogger("expqa.train")
 FINGERPRINT_FILE = "expqa_fingerprint.json"
 CHECKPOINT_FILES = ("trainer_state.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt",
                     FINGERPRINT_FILE)
-OOM_ADVICE = ("CUDA ran out of memory. Try, in this order: a smaller train.per_device_train_batch_size (raise "
-              "train.gradient_accumulation_steps to keep the effective batch), a shorter train.max_seq_length, "
+OOM_ADVICE = ("CUDA ran out of memory. Try, in this order: a smaller train.tokens_per_micro_batch (or "
+              "train.per_device_train_batch_size when it is 0; raise train.gradient_accumulation_steps to keep the "
+              "effective batch), a shorter train.max_seq_length, "
               "train.gradient_checkpointing: true, fewer lora.target_modules (e.g. [q_proj, v_proj]).")
 
 

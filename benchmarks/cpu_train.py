@@ -44,7 +44,7 @@ def run_expqa(params, out: Path, label: str = "expqa (CPU profile)", **overrides
     train = dataclasses.replace(cpu.train, max_steps=WARM + TIMED, eval_steps=1000, save_steps=1000, **overrides)
     runner = QLoRATrainer(train, lora=cpu.lora, quantization=cpu.quantization, seed=cpu.base.seed,
                           base_model=ROOT / "models" / "base", data_dir=ROOT / "data" / "processed",
-                          checkpoint_dir=out / f"ckpt_expqa{len(overrides)}", metrics_dir=None, log_dir=None)
+                          checkpoint_dir=out / "ckpt_expqa", metrics_dir=None, log_dir=None)
     trainer = runner.setup()
     trainer.eval_dataset = None
     trainer.args.eval_strategy = "no"

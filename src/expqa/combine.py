@@ -52,7 +52,7 @@ from expqa.chatml import (
     row_id,
     validate_conversation,
 )
-from expqa.files import sha256_file
+from expqa.files import replace_dir, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -451,26 +451,13 @@ def _make_work_dir(out_dir: Path) -> Path:
 
 
 def replace_directory(new_dir: Path, out_dir: Path) -> None:
-    """Put ``new_dir`` at ``out_dir``; a failure before the swap leaves ``out_dir`` untouched.
-
-    Files in ``out_dir`` that combine does not produce (e.g. the .gitignore DVC writes there)
-    are copied over first so they survive.
+    """Put ``new_dir`` at ``out_dir`` (``files.replace_dir``); a failure before the swap leaves ``out_dir``
+    untouched. Files in ``out_dir`` that combine does not produce (e.g. the .gitignore DVC writes there) are
+    copied over first so they survive.
     """
-    if not out_dir.exists():
-        new_dir.rename(out_dir)
-        return
-    if not out_dir.is_dir():
-        raise NotADirectoryError(f"output path {out_dir} exists and is not a directory")
-    _carry_over_foreign_entries(out_dir, new_dir)
-    previous = out_dir.with_name(f".{out_dir.name}.previous-{os.getpid()}")
-    shutil.rmtree(previous, ignore_errors=True)  # left behind by a crashed run
-    out_dir.rename(previous)
-    try:
-        new_dir.rename(out_dir)
-    except BaseException:
-        previous.rename(out_dir)
-        raise
-    shutil.rmtree(previous, ignore_errors=True)
+    if out_dir.is_dir():
+        _carry_over_foreign_entries(out_dir, new_dir)
+    replace_dir(new_dir, out_dir)
 
 
 def _carry_over_foreign_entries(out_dir: Path, new_dir: Path) -> None:

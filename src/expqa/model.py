@@ -98,18 +98,15 @@ def load_for_training(base_dir: str | Path, quant: QuantizationConfig, lora: LoR
     if quant.load_in_4bit and dtype is torch.float32:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
-    elif quant.load_in_4bit:
-        # bf16: skip prepare_model_for_kbit_training's upcast of norms and embeddings to float32. Those weights
-        # are bf16 values already, RMSNorm computes in float32 inside, and an fp32 residual stream doubles the
-        # activations that gradient checkpointing keeps (measured on the 3B shape, see benchmarks/results).
+    else:
+        # bf16 4-bit skips prepare_model_for_kbit_training's upcast of norms and embeddings to float32: those
+        # weights are bf16 values already, RMSNorm computes in float32 inside, and an fp32 residual stream doubles
+        # the activations that gradient checkpointing keeps (measured on the 3B shape, see benchmarks/results).
         for param in model.parameters():
-            param.requires_grad_(False)
+            param.requires_grad_(False)  # get_peft_model does this too; frozen before the hooks below
         if gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
-    elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()
     model.config.use_cache = False
     peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                              target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM")

@@ -13,6 +13,7 @@ matches this run; anything else there is cleared, so an experiment with other pa
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -220,11 +221,17 @@ class QLoRATrainer:
                 "quantization": dataclasses.asdict(self.quantization), "seed": self.seed,
                 "device": "cuda" if torch.cuda.is_available() else "cpu", "world_size": world_size()}
 
-    def fingerprint(self) -> dict:
+    @functools.cached_property
+    def _input_hashes(self) -> dict:
+        # the resume check, every checkpoint and the saved adapter all record these; the files do not change
+        # during a run, so they are hashed once
         inputs = {name: sha256_file(self.data_dir / f"{name}.jsonl") for name in ("train", "val")}
         info = self.base_model / "base_info.json"
         base = json.loads(info.read_text()).get("weights_sha256") if info.exists() else None
-        return {"config": self.resolved_config(), "data_sha256": inputs, "base_weights_sha256": base}
+        return {"data_sha256": inputs, "base_weights_sha256": base}
+
+    def fingerprint(self) -> dict:
+        return {"config": self.resolved_config(), **self._input_hashes}
 
     def _setup_logging(self) -> None:
         if self.log_dir is None or not is_main_process():

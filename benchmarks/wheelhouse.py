@@ -76,6 +76,8 @@ def read_pins(path: Path) -> dict[str, str]:
         if "==" in line:
             name, version = line.split("==", 1)
             pins[canonicalize_name(name)] = version.split("+", 1)[0].strip()  # 2.11.0+cu130 -> 2.11.0
+        elif " @ " in line:  # installed from a file or URL: present, version unknown
+            pins[canonicalize_name(line.split(" @ ", 1)[0])] = ""
     return pins
 
 

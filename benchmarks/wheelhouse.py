@@ -20,7 +20,8 @@ expqa[extras]; with `--no-lock` their versions are not taken from requirements.l
 requirements of each downloaded wheel (the newest version that the specs met so far allow; a later, stricter spec
 is reported, pin it with another --requirement). `--drop PACKAGE:FOLDER/` rewrites that package's wheel without the
 files under FOLDER/ (e.g. unsloth:studio/, a web app that training never imports); `--exclude PACKAGE` leaves
-out a required package that nothing run there imports. `check` verifies, offline, that
+out a required package that nothing run there imports, `--shadow PACKAGE` ships one although the host has it (the
+version this set needs, first on that site's sys.path). `check` verifies, offline, that
 every requirement of every wheel in the folders is met by a wheel there or by the host's freeze (`pip check` for a
 machine we cannot reach), and prints the sizes.
 """
@@ -284,6 +285,8 @@ def build(args) -> None:
     host = read_pins(Path(args.host_freeze)) if args.host_freeze else {}
     # left out on purpose (imported by nothing that runs there): treated as present, so the walk stops at them
     host.update({canonicalize_name(n): "" for n in args.exclude})
+    for name in args.shadow:  # shipped although the host has it: this site's copy comes first on sys.path
+        host.pop(canonicalize_name(name), None)
     problems: list[str] = []
     if args.no_lock:
         if not args.requirement:
@@ -382,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--no-lock", action="store_true", help="resolve versions here instead of requirements.lock's")
     b.add_argument("--exclude", action="append", default=[], metavar="PACKAGE",
                    help="leave this required package out (repeatable): nothing that runs on the target imports it")
+    b.add_argument("--shadow", action="append", default=[], metavar="PACKAGE",
+                   help="ship this package even if the host has it (a version the set needs; repeatable)")
     b.add_argument("--drop", action="append", default=[], metavar="PACKAGE:FOLDER/",
                    help="rewrite PACKAGE's wheel without the files under FOLDER/ (repeatable)")
     c = sub.add_parser("check", help="offline pip check of wheel folders against the host's freeze")

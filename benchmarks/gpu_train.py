@@ -347,8 +347,8 @@ def run_probe(arch: str, base: Path) -> dict:
         else:
             high = length
             break
-    while high is not None and high - low > max(2048, low // 16):  # bisect between the last fit and the first OOM
-        middle = (low + high) // 2 // 1024 * 1024
+    while high is not None and high - low > max(256, low // 8):  # bisect between the last fit and the first OOM
+        middle = (low + high) // 2 // 256 * 256
         if not affordable(middle):
             break
         if attempt(middle)["ok"]:
@@ -498,12 +498,13 @@ def short_table(results: list[dict]) -> str:
     rows = ["arch          variant                   tok/s  peak GiB  notes"]
     for r in results:
         if r["variant"] == "expqa:probe" and "longest_trained" in r:
-            rows.append(f"{r['arch']:13} {'probe':22} {'':>8}  {r.get('peak_alloc_gib') or '':>8}  longest "
+            rows.append(f"{r['arch']:13} {'probe':22} {'':>8}  {str(r.get('peak_alloc_gib')):>8}  longest "
                         f"{r['longest_trained']:,} ({r['stopped_by']}), memory-bound ~{r.get('memory_bound_estimate')}")
         elif "tok_per_s" in r:
             note = f"GC {r.get('gradient_checkpointing', '')} {r.get('checkpointed_layers', '')}".strip() \
                 if r["variant"].startswith("expqa") else r.get("recipe", "")[:40]
-            rows.append(f"{r.get('arch', ''):13} {r['variant']:22} {r['tok_per_s']:>8,}  {r['peak_alloc_gib']:>8}  {note}")
+            rows.append(f"{r.get('arch', ''):13} {r['variant']:22} {r['tok_per_s']:>8,}  "
+                        f"{str(r.get('peak_alloc_gib')):>8}  {note}")
         else:
             rows.append(f"{r.get('arch', ''):13} {r['variant']:22} {'-':>8}  {'':>8}  "
                         f"{(r.get('error') or r.get('skipped', ''))[:90]}")
@@ -610,7 +611,7 @@ def suite(args) -> int:
             print(f"skip {arch} {variant}: time budget", flush=True)
             continue
         site = sites.get("unsloth" if variant.startswith("unsloth") else "expqa")
-        env = child_env(site)
+        env = {**child_env(site), "BENCH_PROBE_SECONDS": str(max(20, expected - 40))}  # probe: trials after loading
         if arch not in bases:  # random weights once per architecture (and the data once), by a child
             t0 = time.time()
             result, tail = run_child(["--prepare", arch, str(args.tokenizer)], child_env(sites.get("expqa")),

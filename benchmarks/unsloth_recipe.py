@@ -38,8 +38,7 @@ def recipes(name: str, tokens: int, mean_length: float) -> list[tuple[str, dict]
 
 
 def run_unsloth(name: str, arch: str, base: Path, data: Path) -> dict:
-    from gpu_train import (count_real_tokens, last_loss, memory_peaks, param_count, reset_memory, shipped_params,
-                           step_timer, steps, PEAK_FLOPS, WORK)
+    from gpu_train import PEAK_FLOPS, WORK, memory_peaks, param_count, reset_memory, shipped_params, steps
 
     os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
     reset_memory()
@@ -71,8 +70,9 @@ def run_unsloth(name: str, arch: str, base: Path, data: Path) -> dict:
     for label, batching in recipes(name, budget, mean_length):
         try:
             result = train_once(model, tokenizer, dataset, batching, warm, timed, SFTConfig, SFTTrainer)
-            result["recipe"] = f"Unsloth {unsloth.__version__}: {label}, r 16 / alpha 16, dropout 0, " \
-                               "GC \"unsloth\", adamw_8bit"
+            ran = result["ran_with"]
+            result["recipe"] = (f"Unsloth {unsloth.__version__}: {label} (ran: packing {ran['packing']}, padding-free "
+                                f"{ran['padding_free']}, {ran['optim']}), r 16 / alpha 16, dropout 0, GC unsloth")
             break
         except Exception as exc:  # the next batching setup; every failure goes into the row
             failures.append(f"{label}: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}")
@@ -92,11 +92,17 @@ def run_unsloth(name: str, arch: str, base: Path, data: Path) -> dict:
 def train_once(model, tokenizer, dataset, batching: dict, warm: int, timed: int, SFTConfig, SFTTrainer) -> dict:
     import torch
 
+    from gpu_train import count_real_tokens, last_loss, step_timer
+
     args = SFTConfig(output_dir="/tmp/unsloth_bench_out", max_steps=warm + timed, learning_rate=2e-4,
                      warmup_steps=1, logging_steps=warm + timed, optim="adamw_8bit", weight_decay=0.001,
                      lr_scheduler_type="linear", seed=3407, report_to="none", save_strategy="no",
                      dataloader_num_workers=0, dataset_num_proc=1, **batching)
     trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=dataset, args=args)
+    ran = {k: getattr(trainer.args, k, None) for k in ("packing", "padding_free", "per_device_train_batch_size",
+                                                       "gradient_accumulation_steps", "optim")}
+    if batching.get("packing") and not ran["packing"]:  # Unsloth turned it off (its reason is in the log)
+        raise RuntimeError(f"Unsloth turned packing off: ran with {ran}")
     counted = {"tokens": 0, "first_batch": None}
     original = trainer.training_step
 
@@ -108,13 +114,11 @@ def train_once(model, tokenizer, dataset, batching: dict, warm: int, timed: int,
         return original(model, inputs, *rest, **kwargs)
 
     trainer.training_step = training_step
-    from gpu_train import step_timer
-
     timer = step_timer(warm, timed, lambda: counted["tokens"])
     trainer.add_callback(timer)
     trainer.train()
-    if timer.elapsed is None:
-        raise RuntimeError(f"training stopped before step {warm + timed} (at {trainer.state.global_step})")
+    if timer.elapsed is None or not timer.tokens:
+        raise RuntimeError(f"no timed window: stopped at step {trainer.state.global_step} of {warm + timed}, "
+                           f"{counted['tokens']} tokens counted")
     return {"tokens": timer.tokens, "elapsed": timer.elapsed, "timed_tokens": timer.tokens,
-            "first_batch": counted["first_batch"], "padding_free": getattr(trainer.args, "padding_free", None),
-            "packing": getattr(trainer.args, "packing", None), "last_loss": last_loss(trainer)}
+            "first_batch": counted["first_batch"], "ran_with": ran, "last_loss": last_loss(trainer)}

@@ -503,8 +503,10 @@ def short_table(results: list[dict]) -> str:
     rows = ["arch          variant                   tok/s  peak GiB  notes"]
     for r in results:
         if r["variant"] == "expqa:probe" and "longest_trained" in r:
+            estimate = r.get("memory_bound_estimate")
             rows.append(f"{r['arch']:13} {'probe':22} {'':>8}  {str(r.get('peak_alloc_gib')):>8}  longest "
-                        f"{r['longest_trained']:,} ({r['stopped_by']}), memory-bound ~{r.get('memory_bound_estimate')}")
+                        f"{r['longest_trained']:,} ({r['stopped_by']})"
+                        + (f", memory-bound ~{estimate:,}" if estimate else ""))
         elif "tok_per_s" in r:
             note = f"GC {r.get('gradient_checkpointing', '')} {r.get('checkpointed_layers', '')}".strip() \
                 if r["variant"].startswith("expqa") else r.get("recipe", "")[:40]
@@ -616,7 +618,8 @@ def suite(args) -> int:
             print(f"skip {arch} {variant}: time budget", flush=True)
             continue
         site = sites.get("unsloth" if variant.startswith("unsloth") else "expqa")
-        env = {**child_env(site), "BENCH_PROBE_SECONDS": str(max(20, expected - 40))}  # probe: trials after loading
+        probe_seconds = 600 if DRY else max(20, expected - 40)  # the probe's trials, after loading the model
+        env = {**child_env(site), "BENCH_PROBE_SECONDS": str(probe_seconds)}
         if arch not in bases:  # random weights once per architecture (and the data once), by a child
             t0 = time.time()
             result, tail = run_child(["--prepare", arch, str(args.tokenizer)], child_env(sites.get("expqa")),

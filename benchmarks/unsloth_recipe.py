@@ -99,8 +99,8 @@ def train_once(model, tokenizer, dataset, batching: dict, warm: int, timed: int,
                      lr_scheduler_type="linear", seed=3407, report_to="none", save_strategy="no",
                      dataloader_num_workers=0, dataset_num_proc=1, **batching)
     trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=dataset, args=args)
-    ran = {k: getattr(trainer.args, k, None) for k in ("packing", "padding_free", "per_device_train_batch_size",
-                                                       "gradient_accumulation_steps", "optim")}
+    ran = {k: getattr(getattr(trainer.args, k, None), "value", getattr(trainer.args, k, None))
+           for k in ("packing", "padding_free", "per_device_train_batch_size", "gradient_accumulation_steps", "optim")}
     if batching.get("packing") and not ran["packing"]:  # Unsloth turned it off (its reason is in the log)
         raise RuntimeError(f"Unsloth turned packing off: ran with {ran}")
     counted = {"tokens": 0, "first_batch": None}

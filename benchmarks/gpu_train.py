@@ -17,8 +17,8 @@ setting). Each variant runs in its own process (peak memory is its own), counted
 per second over the same timed steps after the same warm-up. Tables are rewritten after every variant, so a run cut
 short keeps what it measured.
 
---suite runs a list of (architecture, variant) within a time budget (most important first; what does not fit is
-skipped and listed), after installing the carried wheels: --wheels into one --target folder for the project's
+--suite runs a list of (architecture, variant) within --budget seconds (SUITES: issue21, or issue21-3b and
+issue21-8b for two calls; most important first; what does not fit is skipped and listed), after installing the carried wheels: --wheels into one --target folder for the project's
 variants, --unsloth-wheels into another for Unsloth (it pins older trl/datasets than ours), each child seeing only
 its own folder on PYTHONPATH. The host's `pip freeze`, each site's `pip check` and every child's log are written
 next to the tables. --dry-run does all of it on CPU with tiny random models of the same layout (to test the driver
@@ -539,7 +539,7 @@ def child_env(site: Path | None) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths + [os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
            "TOKENIZERS_PARALLELISM": "false", "DVC_NO_ANALYTICS": "1", "BENCH_DIR": str(WORK),
-           "UNSLOTH_COMPILE_LOCATION": str(WORK / "unsloth_compiled_cache")}
+           "UNSLOTH_COMPILE_LOCATION": str(WORK / "unsloth_compiled_cache"), "UNSLOTH_DISABLE_STATISTICS": "1"}
     if DRY:
         env["BENCH_DRY_RUN"] = "1"
     return env

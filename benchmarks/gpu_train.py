@@ -609,9 +609,11 @@ def suite(args) -> int:
     results: list[dict] = []
     bases: dict[str, Path] = {}
     data = WORK / "data"
+    spent = []  # (expected, took) of the variants run so far: the estimates are scaled by how they held up
     for arch, variant, expected in plan:
         elapsed = time.time() - started
-        need = expected + (0 if arch in bases else CHECKPOINT_SECONDS[arch])
+        scale = min(max(sum(t for _, t in spent) / sum(e for e, _ in spent), 0.5), 2.0) if spent else 1.0
+        need = round(scale * expected + (0 if arch in bases else CHECKPOINT_SECONDS[arch]))
         if args.budget and elapsed + need > args.budget:
             results.append({"variant": variant, "arch": arch,
                             "skipped": f"skipped: {elapsed:.0f} s used + ~{need} s expected > {args.budget} s budget"})
@@ -631,13 +633,14 @@ def suite(args) -> int:
             bases[arch], data = Path(result["base"]), Path(result["data"])
             notes.append(f"{arch}: random checkpoint in {time.time() - t0:.0f} s")
         remaining = (args.budget - (time.time() - started)) if args.budget else 3600
-        timeout = 900.0 if DRY else max(30.0, min(remaining, expected * 3))  # a shared CPU is slow and uneven
+        timeout = 900.0 if DRY else max(30.0, min(remaining, need * 3))  # a shared CPU is slow and uneven
         t0 = time.time()
         result, tail = run_child(["--one", variant, arch, str(bases[arch]), str(data)], env, timeout,
                                  logs / f"{arch}_{variant}.log")
         if result is None:
             result = {"variant": variant, "arch": arch, "error": tail}
         result["wall_seconds"] = round(time.time() - t0, 1)
+        spent.append((expected, result["wall_seconds"]))
         results.append(result)
         print("RESULT", json.dumps({k: v for k, v in result.items() if k != "trials"}), flush=True)
         write_tables(results_dir, stamp, results, notes)

@@ -91,7 +91,9 @@ def read_pins(path: Path) -> dict[str, str]:
         if "==" in line:
             name, version = line.split("==", 1)
             pins[canonicalize_name(name)] = version.split("+", 1)[0].strip()  # 2.11.0+cu130 -> 2.11.0
-        elif re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", line):
+        elif " @ " in line:  # installed from a file or URL: present, version unknown
+            pins[canonicalize_name(line.split(" @ ", 1)[0])] = ""
+        elif re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", line):  # a bare name: present, version unknown
             pins[canonicalize_name(line)] = ""
     return pins
 

@@ -1,73 +1,14 @@
-"""The GPU benchmark's pieces that run before any GPU does: wheel trimming and the offline requirement check
-(benchmarks/wheelhouse.py), the suite's variant names, and the tables (benchmarks/gpu_train.py). The whole driver is
-exercised on CPU by `python benchmarks/gpu_train.py --suite issue21 --dry-run` (minutes; not part of the suite)."""
+"""The GPU benchmark's pieces that run before any GPU does: the suite's variant names, Unsloth's batching setups and
+the tables (benchmarks/gpu_train.py). The whole driver is exercised on CPU by
+`python benchmarks/gpu_train.py --suite issue21 --dry-run` (minutes; not part of the test suite)."""
 
 import sys
-import zipfile
-
-import pytest
 
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import gpu_train  # noqa: E402
 import unsloth_recipe  # noqa: E402
-import wheelhouse  # noqa: E402
-
-
-def make_wheel(folder, name, version, files, requires=()):
-    dist = f"{name}-{version}.dist-info"
-    path = folder / f"{name}-{version}-py3-none-any.whl"
-    with zipfile.ZipFile(path, "w") as archive:
-        for file in files:
-            archive.writestr(file, b"x" * 1000)
-        archive.writestr(f"{dist}/METADATA", "Metadata-Version: 2.1\nName: {}\nVersion: {}\n{}".format(
-            name, version, "".join(f"Requires-Dist: {r}\n" for r in requires)))
-        archive.writestr(f"{dist}/RECORD", "".join(f"{f},sha256=x,1000\n" for f in files) + f"{dist}/RECORD,,\n")
-    return path
-
-
-def test_cuda_trim_keeps_one_cuda_build_and_drops_rocm(tmp_path):
-    libs = [f"bitsandbytes/libbitsandbytes_{v}.so" for v in ("cpu", "cuda126", "cuda130", "rocm71", "rocm714")]
-    wheel = make_wheel(tmp_path, "bitsandbytes", "0.50.2", ["bitsandbytes/__init__.py"] + libs)
-    assert wheelhouse.trim_cuda_libraries(wheel, "130") > 0
-    names = zipfile.ZipFile(wheel).namelist()
-    kept = [n for n in names if n.endswith(".so")]
-    assert kept == ["bitsandbytes/libbitsandbytes_cpu.so", "bitsandbytes/libbitsandbytes_cuda130.so"]
-    record = zipfile.ZipFile(wheel).read("bitsandbytes-0.50.2.dist-info/RECORD").decode()
-    assert "rocm" not in record and "cuda126" not in record and "cuda130" in record
-    with pytest.raises(SystemExit, match="no library for CUDA 118"):
-        wheelhouse.trim_cuda_libraries(wheel, "118")
-
-
-def test_drop_folder_rewrites_the_wheel_and_its_record(tmp_path):
-    wheel = make_wheel(tmp_path, "unsloth", "2026.10.9",
-                       ["unsloth/__init__.py", "studio/frontend/app.js", "studio/backend/server.py"])
-    assert wheelhouse.drop_folders(wheel, ["studio/"]) > 0
-    names = zipfile.ZipFile(wheel).namelist()
-    assert "unsloth/__init__.py" in names and not any(n.startswith("studio/") for n in names)
-    assert "studio" not in zipfile.ZipFile(wheel).read("unsloth-2026.10.9.dist-info/RECORD").decode()
-
-
-def test_check_reads_requirements_against_the_set_and_the_host(tmp_path, capsys):
-    site = tmp_path / "site"
-    site.mkdir()
-    make_wheel(site, "tool", "1.0", ["tool/__init__.py"],
-               requires=["trl<=1.15", "datasets<5", "torch>=2.4", "missing", "windows-only; sys_platform == 'win32'",
-                         "extra-only; extra == 'studio'", "certifi>=2026.1"])
-    make_wheel(site, "trl", "1.15.0", ["trl/__init__.py"])
-    make_wheel(site, "datasets", "5.2.0", ["datasets/__init__.py"])
-    host = {"torch": "2.11.0", "certifi": ""}
-    problems = wheelhouse.check([site], "3.12", host)
-    assert problems == ["site: tool needs datasets<5: datasets 5.2.0 there",
-                        "site: tool needs missing: neither shipped nor on the host"]
-    assert "certifi>=2026.1 (tool)" in capsys.readouterr().out  # unknown host version: reported, not failed
-
-
-def test_host_list_reads_bare_names_as_present(tmp_path):
-    freeze = tmp_path / "freeze.txt"
-    freeze.write_text("# comment\ntorch==2.11.0+cu130\nPyYAML\nhuggingface_hub==1.33.0\n")
-    assert wheelhouse.read_pins(freeze) == {"torch": "2.11.0", "pyyaml": "", "huggingface-hub": "1.33.0"}
 
 
 def test_every_suite_row_names_a_known_variant():

@@ -68,7 +68,7 @@ bench-wheels: install
 	  --cuda 130 --requirement trl --requirement datasets --requirement bitsandbytes --requirement liger-kernel
 	$(PY) benchmarks/wheelhouse.py build --out $(BENCH_WHEELS)/whl-unsloth --python $(BENCH_PYTHON) \
 	  --host-freeze $(BENCH_HOST) --cuda 130 --no-lock --requirement unsloth==2026.10.9 --requirement trl==1.15.0 \
-	  --requirement 'datasets>=4.7,<5' --requirement 'fsspec[http]<=2026.2.0' --shadow fsspec \
+	  --requirement 'datasets>=4.7,<5' --requirement 'fsspec[http]<=2026.2.0' --shadow fsspec --shadow certifi \
 	  --drop unsloth:studio/ $(UNSLOTH_LEFT_OUT)
 	$(PY) benchmarks/wheelhouse.py check $(BENCH_WHEELS)/whl $(BENCH_WHEELS)/whl-unsloth --python $(BENCH_PYTHON) \
 	  --host-freeze $(BENCH_HOST) $(UNSLOTH_LEFT_OUT)

@@ -109,6 +109,8 @@ def test_every_mode_gives_the_loss_and_gradients_of_no_checkpointing(tiny_base, 
     ckpt.apply(model, choice)
     assert choice.checkpointed_layers == layers
     assert forward_counts(model, ids) == [2 if i in layers else 1 for i in range(shape.layers)]
+    # without any recompute the embeddings' output needs no gradient (layer 0 skips its input gradient)
+    assert model.get_input_embeddings()(ids).requires_grad == bool(layers)
     loss, grads = loss_and_grads(model, ids)
     torch.testing.assert_close(loss, loss_ref)
     assert grads.keys() == grads_ref.keys()

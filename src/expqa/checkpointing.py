@@ -178,10 +178,13 @@ def apply(model, choice: Choice) -> None:
     chosen = set(choice.checkpointed_layers)
     for index, layer in enumerate(layers):
         layer.gradient_checkpointing = index in chosen
-    if not chosen:  # no layer is recomputed: the embeddings' output need not require grad
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        if getattr(base, "_require_grads_hook", None) is not None:
-            base.disable_input_require_grads()
+    if not chosen:  # no layer is recomputed: the embeddings' output need not require grad (layer 0 then skips
+        # its input gradient). transformers' hook, registered by load_for_training and again by PEFT (whose handle
+        # replaces the first one, so disable_input_require_grads alone would leave that one), removed by its name
+        for module in model.modules():
+            for key, hook in list(module._forward_hooks.items()):
+                if getattr(hook, "__name__", "") == "make_inputs_require_grads":
+                    del module._forward_hooks[key]
 
 
 def configure(model, requested: str, tokens: int, *, liger: bool, fused_lora: bool, lora_rank: int,

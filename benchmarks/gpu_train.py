@@ -18,9 +18,9 @@ per second over the same timed steps after the same warm-up. Tables are rewritte
 short keeps what it measured.
 
 --suite runs a list of (architecture, variant) within --budget seconds (SUITES: issue21, or issue21-3b and
-issue21-8b for two calls; most important first; what does not fit is skipped and listed), after installing the carried wheels: --wheels into one --target folder for the project's
-variants, --unsloth-wheels into another for Unsloth (it pins older trl/datasets than ours), each child seeing only
-its own folder on PYTHONPATH. The host's `pip freeze`, each site's `pip check` and every child's log are written
+issue21-8b for two calls; most important first; what does not fit is skipped and listed), after installing the
+carried wheels: --wheels into one --target folder for the project's variants, --unsloth-wheels into another for
+Unsloth (it pins older trl/datasets than ours), each child seeing only its own folder on PYTHONPATH. The host's `pip freeze`, each site's `pip check` and every child's log are written
 next to the tables. --dry-run does all of it on CPU with tiny random models of the same layout (to test the driver
 before a GPU call): same processes, same installs, same tables; only the numbers mean nothing.
 """
@@ -206,12 +206,13 @@ def run_project(name: str, arch: str, base: Path, data: Path) -> dict:
     timer = step_timer(warm, timed, lambda: runner.trainer.real_tokens)
     runner.trainer.add_callback(timer)
     if profile:
-        runner.trainer.add_callback(profiler_callback(TrainerCallback, warm + timed,
-                                                      RESULTS / f"gpu_profile_{arch}_{name}_{time.strftime('%Y-%m-%d')}.txt"))
+        table = RESULTS / f"gpu_profile_{arch}_{name}_{time.strftime('%Y-%m-%d')}.txt"
+        runner.trainer.add_callback(profiler_callback(TrainerCallback, warm + timed, table))
     runner.trainer.train()
     tok_s = timer.tokens / timer.elapsed
     c, choice = runner.config, runner.checkpointing
-    flops_per_token = (4 + 2 * len(choice.checkpointed_layers) / choice.layers) * param_count(runner.trainer.model.config)
+    recomputed = len(choice.checkpointed_layers) / choice.layers
+    flops_per_token = (4 + 2 * recomputed) * param_count(runner.trainer.model.config)
     return {"variant": f"expqa:{name}", "arch": arch, "micro_batch": c.per_device_train_batch_size,
             "tokens_per_micro_batch": c.tokens_per_micro_batch, "fused_lora": c.fused_lora,
             "grouped_lora": c.grouped_lora, "optim": c.optim, "grad_accum": c.gradient_accumulation_steps,
@@ -473,7 +474,8 @@ def write_tables(out_dir: Path, stamp: str, results: list[dict], notes: list[str
                      f"{r['peak_alloc_gib']} | {'' if reserved is None else reserved} | {r.get('last_loss')} |")
     steps_text = ", ".join(f"{a}: {w} warm-up + {t} timed" for a, (w, t) in STEPS.items()) + \
         "; plain: " + ", ".join(f"{w} + {t}" for w, t in PLAIN_STEPS.values())
-    lines += ["", f"real tok/s: non-padding tokens per second over the timed optimizer steps after warm-up ({steps_text}); "
+    lines += ["", "real tok/s: non-padding tokens per second over the timed optimizer steps after warm-up "
+              f"({steps_text}); "
               "x Unsloth / x plain: ratio to the `unsloth` / plain row of the same architecture in this call. MFU: "
               "(4 + 2 x checkpointed layers / layers) x N FLOPs per token (N: parameters incl. embeddings; 3.21e9 and "
               "8.03e9) / 790 TFLOP/s bf16 dense (measured on the card). Peak memory: torch.cuda.max_memory_allocated "
@@ -668,7 +670,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--suite", choices=sorted(SUITES))
     parser.add_argument("--arch", choices=ARCHS, default=os.environ.get("ARCH", "llama-3.2-3b"))
     parser.add_argument("--results", default=str(RESULTS), help="tables, logs, host freeze (on a lent GPU: $OUT)")
-    parser.add_argument("--tokenizer", type=Path, default=Path(os.environ.get("TOKENIZER_DIR", REPO / "models" / "base")))
+    parser.add_argument("--tokenizer", type=Path,
+                        default=Path(os.environ.get("TOKENIZER_DIR", REPO / "models" / "base")))
     parser.add_argument("--wheels", help="wheels for the project's variants (one --target site folder)")
     parser.add_argument("--unsloth-wheels", help="wheels for the Unsloth variants (a second site folder)")
     parser.add_argument("--budget", type=float, default=0, help="seconds for the whole suite; 0 = no limit")

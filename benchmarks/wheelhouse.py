@@ -357,7 +357,8 @@ def check(folders: list[Path], python_version: str, host: dict[str, str]) -> lis
         size = sum(w.stat().st_size for w in wheels.values())
         print(f"{folder}: {len(wheels)} wheels, {size / 2**20:.2f} MiB")
     if unknown:
-        print("  met by a host package (or an excluded one) whose version is not known here: " + ", ".join(sorted(unknown)))
+        print("  met by a host package (or an excluded one) whose version is not known here: "
+              + ", ".join(sorted(unknown)))
     return problems
 
 

@@ -67,8 +67,9 @@ def test_fixed_modes_need_no_measurement():
 
 def load(tiny_base, checkpointing: bool, grouped: bool = True):
     torch.manual_seed(0)
-    model, _ = load_for_training(tiny_base, QuantizationConfig(load_in_4bit=False), LoRAConfig(r=4, alpha=8, dropout=0.0),
-                                 bf16=False, gradient_checkpointing=checkpointing, fused_lora=True, grouped_lora=grouped)
+    model, _ = load_for_training(tiny_base, QuantizationConfig(load_in_4bit=False),
+                                 LoRAConfig(r=4, alpha=8, dropout=0.0), bf16=False,
+                                 gradient_checkpointing=checkpointing, fused_lora=True, grouped_lora=grouped)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:

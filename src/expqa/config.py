@@ -147,8 +147,8 @@ class TrainingConfig:
     gradient_checkpointing: str | bool = _help(
         "Recompute activations in backward (less memory, up to ~50 % more compute for a frozen base): auto (from the "
         "free device memory and the longest micro-batch: off if it fits, else the fewest checkpointed layers that "
-        "fit, else full), off, selective (the first half of the layers) or full. YAML reads off/false as false: it means off; "
-        "true means full.", "auto")
+        "fit, else full), off, selective (the first half of the layers) or full. YAML reads off/false as false: "
+        "it means off; true means full.", "auto")
     bf16: bool = _help("bf16 mixed precision where the hardware supports it (fp32 otherwise).", True)
     logging_steps: int = _help("Log loss, lr and grad norm every N optimizer steps.", 10)
     eval_steps: int = _help("Evaluate on the val split every N optimizer steps.", 100)

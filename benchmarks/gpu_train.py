@@ -20,9 +20,10 @@ short keeps what it measured.
 --suite runs a list of (architecture, variant) within --budget seconds (SUITES: issue21, or issue21-3b and
 issue21-8b for two calls; most important first; what does not fit is skipped and listed), after installing the
 carried wheels: --wheels into one --target folder for the project's variants, --unsloth-wheels into another for
-Unsloth (it pins older trl/datasets than ours), each child seeing only its own folder on PYTHONPATH. The host's `pip freeze`, each site's `pip check` and every child's log are written
-next to the tables. --dry-run does all of it on CPU with tiny random models of the same layout (to test the driver
-before a GPU call): same processes, same installs, same tables; only the numbers mean nothing.
+Unsloth (it pins older trl/datasets than ours), each child seeing only its own folder on PYTHONPATH. The host's
+`pip freeze`, each site's `pip check` and every child's log are written next to the tables. --dry-run does all of it
+on CPU with tiny random models of the same layout (to test the driver before a GPU call): same processes, same
+installs, same tables; only the numbers mean nothing.
 """
 
 from __future__ import annotations

@@ -55,11 +55,12 @@ wheelhouse:
 	  $(if $(HOST_FREEZE),,--torch $(TORCH))
 
 # what `benchmarks/gpu_train.py --suite` carries to a lent GPU (README "Performance (GPU)"): the project's missing
-# wheels (.gpu/whl), Unsloth's for a second site folder (.gpu/whl-unsloth: it pins older trl/datasets; its wheel
-# without the studio/ web app; packages nothing of its SFT path imports left out) and the tokenizer (.gpu/tokenizer).
+# wheels (.gpu/bench/whl), Unsloth's for a second site folder (.gpu/bench/whl-unsloth: it pins older trl/datasets;
+# its wheel without the studio/ web app; packages nothing of its SFT path imports left out) and the tokenizer
+# (.gpu/bench/tokenizer). A folder of its own: `make wheelhouse`'s .gpu/whl stays as it is.
 # Defaults: the lent H200 (Python 3.12, CUDA 13.0, its image's packages). For the CPU dry run on this machine:
 #   make bench-wheels BENCH_WHEELS=.gpu/dry BENCH_PYTHON=3.11 BENCH_HOST=<pip freeze of a venv like the GPU image>
-BENCH_WHEELS ?= .gpu
+BENCH_WHEELS ?= .gpu/bench
 BENCH_PYTHON ?= 3.12
 BENCH_HOST ?= benchmarks/gpu_host/pip_freeze.txt
 UNSLOTH_LEFT_OUT := --exclude xformers --exclude pydantic --exclude diffusers --exclude hf-transfer

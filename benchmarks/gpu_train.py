@@ -2,7 +2,7 @@
 
     python3 benchmarks/gpu_train.py [--arch llama-3.1-8b] VARIANT ...          (on a CUDA machine)
     python3 benchmarks/gpu_train.py --suite issue21 --results $OUT \\
-        --wheels .gpu/whl --unsloth-wheels .gpu/whl-unsloth --tokenizer .gpu/tokenizer
+        --wheels .gpu/bench/whl --unsloth-wheels .gpu/bench/whl-unsloth --tokenizer .gpu/bench/tokenizer
     python3 benchmarks/gpu_train.py --suite issue21 --dry-run ...              (CPU: the whole control flow, tiny model)
     BENCH_PROFILE=params python3 benchmarks/gpu_train.py plain params          (+ a kernel table of `params`)
 

@@ -24,7 +24,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install lock wheelhouse repro test combine-datasets stats train train-full merge evaluate clean-venv
+.PHONY: install lock wheelhouse bench-wheels repro test combine-datasets stats train train-full merge evaluate clean-venv
 
 install: $(VENV)/.installed
 
@@ -54,6 +54,30 @@ wheelhouse:
 	$(PY) benchmarks/wheelhouse.py build --out $(WHEELHOUSE) --python $(PYTHON_VERSION) --extras $(EXTRAS) \
 	  $(if $(HOST_FREEZE),--host-freeze $(HOST_FREEZE)) $(if $(CUDA),--cuda $(CUDA)) \
 	  $(if $(HOST_FREEZE),,--torch $(TORCH))
+
+# what `benchmarks/gpu_train.py --suite` carries to a lent GPU (README "Performance (GPU)"): the project's missing
+# wheels (.gpu/bench/whl), Unsloth's for a second site folder (.gpu/bench/whl-unsloth: it pins older trl/datasets;
+# its wheel without the studio/ web app; packages nothing of its SFT path imports left out) and the tokenizer
+# (.gpu/bench/tokenizer). A folder of its own: `make wheelhouse`'s .gpu/whl stays as it is.
+# Defaults: the lent H200 (Python 3.12, CUDA 13.0, its image's packages). For the CPU dry run on this machine:
+#   make bench-wheels BENCH_WHEELS=.gpu/dry BENCH_PYTHON=3.11 BENCH_HOST=<pip freeze of a venv like the GPU image>
+BENCH_WHEELS ?= .gpu/bench
+BENCH_PYTHON ?= 3.12
+BENCH_HOST ?= benchmarks/gpu_host/pip_freeze.txt
+UNSLOTH_LEFT_OUT := --exclude xformers --exclude pydantic --exclude diffusers --exclude hf-transfer
+bench-wheels: install
+	$(PY) benchmarks/wheelhouse.py build --out $(BENCH_WHEELS)/whl --python $(BENCH_PYTHON) --host-freeze $(BENCH_HOST) \
+	  --cuda 130 --requirement trl --requirement datasets --requirement bitsandbytes --requirement liger-kernel
+	$(PY) benchmarks/wheelhouse.py build --out $(BENCH_WHEELS)/whl-unsloth --python $(BENCH_PYTHON) \
+	  --host-freeze $(BENCH_HOST) --cuda 130 --no-lock --requirement unsloth==2026.10.9 --requirement trl==1.15.0 \
+	  --requirement 'datasets>=4.7,<5' --requirement 'fsspec[http]<=2026.2.0' --shadow fsspec --shadow certifi \
+	  --drop unsloth:studio/ $(UNSLOTH_LEFT_OUT)
+	$(PY) benchmarks/wheelhouse.py check $(BENCH_WHEELS)/whl $(BENCH_WHEELS)/whl-unsloth --python $(BENCH_PYTHON) \
+	  --host-freeze $(BENCH_HOST) $(UNSLOTH_LEFT_OUT)
+	@if [ -f models/base/tokenizer.json ]; then $(PY) -c "from transformers import AutoTokenizer; \
+	  AutoTokenizer.from_pretrained('models/base').save_pretrained('$(BENCH_WHEELS)/tokenizer')"; \
+	  else echo "no models/base: run 'dvc repro base' first, or copy a saved tokenizer to $(BENCH_WHEELS)/tokenizer"; fi
+	du -sh $(BENCH_WHEELS)/whl $(BENCH_WHEELS)/whl-unsloth $(BENCH_WHEELS)/tokenizer
 
 repro: install
 	dvc repro

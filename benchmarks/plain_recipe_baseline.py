@@ -13,6 +13,14 @@ from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 CKPT = "/tmp/llama32_3b_random"
 FLAT = False
 OUT = os.environ.get("OUT", "/tmp/out")
+WARM, TIMED = 2, 6  # optimizer steps (gpu_train.py sets these, CKPT and N_PARAMS per architecture)
+N_PARAMS = 3.21e9  # Llama 3.2 3B incl. embeddings
+CUDA = torch.cuda.is_available()  # False only in gpu_train.py's CPU dry run
+
+
+def cuda_sync():
+    if CUDA:
+        torch.cuda.synchronize()
 
 def make_ckpt():
     if os.path.exists(os.path.join(CKPT, "config.json")):
@@ -58,11 +66,11 @@ class Timer(TrainerCallback):
     def __init__(self, warm): self.warm, self.t0, self.steps = warm, None, 0
     def on_step_end(self, args, state, control, **kw):
         if state.global_step == self.warm:
-            torch.cuda.synchronize(); self.t0 = time.time(); self.steps = 0
+            cuda_sync(); self.t0 = time.time(); self.steps = 0
         elif state.global_step > self.warm:
             self.steps += 1
     def on_train_end(self, args, state, control, **kw):
-        torch.cuda.synchronize(); self.t1 = time.time()
+        cuda_sync(); self.t1 = time.time()
 
 def real_lengths(n, seed=1):
     g = torch.Generator().manual_seed(seed)
@@ -85,18 +93,19 @@ def run(name):
     global FLAT
     v = VARIANTS[name]
     FLAT = bool(v.get("flat"))
-    torch.cuda.reset_peak_memory_stats(); torch.cuda.empty_cache()
+    if CUDA:
+        torch.cuda.reset_peak_memory_stats(); torch.cuda.empty_cache()
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                              bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True)
     t = time.time()
     model = AutoModelForCausalLM.from_pretrained(CKPT, quantization_config=bnb, dtype=torch.bfloat16,
-                                                 device_map={"": 0}, attn_implementation=v["attn"])
+                                                 device_map={"": 0} if CUDA else None, attn_implementation=v["attn"])
     load_s = time.time() - t
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=v["gc"])
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM",
         target_modules=["q_proj","k_proj","v_proj","o_proj","gate_proj","up_proj","down_proj"]))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    warm, timed = 2, 6
+    warm, timed = WARM, TIMED
     steps = warm + timed
     n = steps * v["bs"] * v["ga"]
     lengths = real_lengths(n) if v.get("real") else None
@@ -104,7 +113,7 @@ def run(name):
     real_tokens = sum(x.numel() for x in ds.items) * timed / steps  # sampler shuffles: expected share
     args = TrainingArguments(output_dir=f"/tmp/run_{name}", per_device_train_batch_size=v["bs"],
         gradient_accumulation_steps=v["ga"], learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=1,
-        max_steps=steps, bf16=True, gradient_checkpointing=v["gc"],
+        max_steps=steps, bf16=CUDA, use_cpu=not CUDA, gradient_checkpointing=v["gc"],
         gradient_checkpointing_kwargs={"use_reentrant": False} if v["gc"] else None,
         optim="paged_adamw_8bit", logging_steps=1, save_strategy="no", report_to=[],
         use_liger_kernel=v["liger"], dataloader_num_workers=0, remove_unused_columns=False)
@@ -119,18 +128,19 @@ def run(name):
     tokens = real_tokens * timer.steps / timed if v.get("real") else timer.steps * v["bs"] * v["ga"] * v["seq"]
     res = dict(variant=name, **v, load_s=round(load_s, 1), trainable=trainable, timed_steps=timer.steps,
                tok_per_s=round(tokens / el), s_per_step=round(el / timer.steps, 3),
-               peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2),
-               peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2),
+               peak_alloc_gib=round(torch.cuda.max_memory_allocated() / 2**30, 2) if CUDA else None,
+               peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 2) if CUDA else None,
                last_loss=tr.state.log_history[-2].get("loss") if len(tr.state.log_history) > 1 else None)
     # FLOP model: forward 2N, act-grad backward 2N, recompute 2N (if GC); N ~ 3.21e9 incl. embeddings/lm_head matmul
-    n = 3.21e9
-    f_per_tok = (6 if v["gc"] else 4) * n
+    f_per_tok = (6 if v["gc"] else 4) * N_PARAMS
     res["mfu_vs_790T"] = round(res["tok_per_s"] * f_per_tok / 790e12, 3)
     print("RESULT", json.dumps(res), flush=True)
     os.makedirs(OUT, exist_ok=True)
     with open(os.path.join(OUT, "results.jsonl"), "a") as f:
         f.write(json.dumps(res) + "\n")
-    del tr, model; torch.cuda.empty_cache()
+    del tr, model
+    if CUDA:
+        torch.cuda.empty_cache()
 
 if __name__ == "__main__":
     import transformers, peft, bitsandbytes

@@ -29,13 +29,15 @@ ARCHITECTURES = {  # from the models' config.json on the Hugging Face Hub
 }
 
 
-def make_random_llama(arch: str, tokenizer_dir: Path, out: Path, seed: int = 0) -> Path:
+def make_random_llama(arch: str, tokenizer_dir: Path, out: Path, seed: int = 0, **shrink) -> Path:
+    """shrink: architecture values to override (e.g. num_hidden_layers=2 for a CPU dry run of a benchmark)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = LlamaConfig(vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5,
+    values = {"vocab_size": 128256, **ARCHITECTURES[arch], **shrink}
+    config = LlamaConfig(max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, dtype="bfloat16", **ARCHITECTURES[arch])
+                         pad_token_id=tokenizer.pad_token_id, dtype="bfloat16", **values)
     started = time.time()
     torch.manual_seed(seed)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):

@@ -3,6 +3,8 @@
     python benchmarks/wheelhouse.py lock                    # requirements.lock from this venv (+ the gpu extra)
     python benchmarks/wheelhouse.py build --out DIR [--python 3.12] [--platform manylinux_2_28_x86_64]
         [--extras dev,gpu] [--host-freeze FILE] [--cuda 130] [--torch torch==2.13.0]
+        [--requirement SPEC ...] [--no-lock] [--drop PACKAGE:FOLDER/ ...]
+    python benchmarks/wheelhouse.py check DIR [DIR ...] [--host-freeze FILE] [--python 3.12]
 
 `build` downloads, for the target Python and platform, every package that `expqa[extras]` needs, at the version
 in requirements.lock, as wheels (a package published only as pure-Python source, such as antlr4-python3-runtime,
@@ -11,6 +13,17 @@ already has are left out, so only what it lacks travels; with --cuda, bitsandbyt
 the one for that CUDA version (its wheel carries one per CUDA release: 43 MB -> ~4 MB). The folder gets a
 constraints.txt (the lock minus what the target keeps), which `make install WHEELHOUSE=DIR` installs against with
 `--no-index`. Standard library + `packaging` (which pip vendors) only: it runs before the project is installed.
+
+A separate set for a second site folder (e.g. a tool that pins other versions than ours, installed with
+`pip install --no-deps --target`): `--requirement SPEC` (repeatable) takes these specs as the roots instead of
+expqa[extras]; with `--no-lock` their versions are not taken from requirements.lock but resolved here, walking the
+requirements of each downloaded wheel (the newest version that the specs met so far allow; a later, stricter spec
+is reported, pin it with another --requirement). `--drop PACKAGE:FOLDER/` rewrites that package's wheel without the
+files under FOLDER/ (e.g. unsloth:studio/, a web app that training never imports); `--exclude PACKAGE` leaves
+out a required package that nothing run there imports, `--shadow PACKAGE` ships one although the host has it (the
+version this set needs, first on that site's sys.path). `check` verifies, offline, that
+every requirement of every wheel in the folders is met by a wheel there or by the host's freeze (`pip check` for a
+machine we cannot reach), and prints the sizes.
 """
 
 from __future__ import annotations
@@ -41,8 +54,9 @@ LOCK = REPO / "requirements.lock"
 # torch and the CUDA stack are the host's own (the Makefile keeps an importable torch); never locked or shipped
 TORCH_FAMILY = re.compile(r"^(torch|triton|nvidia-.*|cuda-.*)$")
 BUILD_BACKEND = "setuptools>=68"  # pyproject.toml's build-system requirement
-# wheels that carry one native library per CUDA release: pattern of those files, group 1 = the CUDA version
-PER_CUDA_LIBRARIES = {"bitsandbytes": re.compile(r"libbitsandbytes_cuda(\d+)\.(so|dll|dylib)$")}
+# wheels that carry one native library per CUDA release: pattern of those files, group 1 = the CUDA version (or
+# "rocm...": a CUDA target never loads the ROCm builds that bitsandbytes 0.50 also ships)
+PER_CUDA_LIBRARIES = {"bitsandbytes": re.compile(r"libbitsandbytes_(?:cuda(\d+)|(rocm\d+))\.(so|dll|dylib)$")}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -70,6 +84,7 @@ def write_lock(python: str) -> None:
 
 
 def read_pins(path: Path) -> dict[str, str]:
+    """name -> version of `name==version` lines; a bare `name` (a host package of unknown version) maps to ""."""
     pins = {}
     for line in path.read_text().splitlines():
         line = line.split("#", 1)[0].strip()
@@ -78,6 +93,8 @@ def read_pins(path: Path) -> dict[str, str]:
             pins[canonicalize_name(name)] = version.split("+", 1)[0].strip()  # 2.11.0+cu130 -> 2.11.0
         elif " @ " in line:  # installed from a file or URL: present, version unknown
             pins[canonicalize_name(line.split(" @ ", 1)[0])] = ""
+        elif re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", line):  # a bare name: present, version unknown
+            pins[canonicalize_name(line)] = ""
     return pins
 
 
@@ -98,20 +115,29 @@ def requirements_of(name: str, wheels: Path) -> list[str]:
     raise SystemExit(f"wheelhouse: cannot read the requirements of {name}: not installed here and no wheel yet")
 
 
+def target_environment(python_version: str) -> dict[str, str]:
+    return {"python_version": python_version, "python_full_version": f"{python_version}.0", "os_name": "posix",
+            "sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64",
+            "implementation_name": "cpython", "platform_python_implementation": "CPython"}
+
+
+def applies(req: Requirement, env: dict[str, str], extras: list[str] | None) -> bool:
+    """Whether a requirement holds on the target, for a package installed with these extras."""
+    return not req.marker or any(req.marker.evaluate({**env, "extra": e}) for e in extras or [""])
+
+
 def needed_packages(extras: list[str], python_version: str, pins: dict[str, str], host: dict[str, str],
-                    wheels: Path) -> list[str]:
-    """Names in the dependency closure of expqa[extras] on the target Python, torch's family excluded.
+                    wheels: Path, roots: list[str] | None = None) -> list[str]:
+    """Names in the dependency closure of expqa[extras] (or of `roots`) on the target Python, torch's family excluded.
 
     The walk stops at packages the host keeps: their own requirements are the host's (its pip check).
     """
-    env = {"python_version": python_version, "python_full_version": f"{python_version}.0", "os_name": "posix",
-           "sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64",
-           "implementation_name": "cpython", "platform_python_implementation": "CPython"}
-    queue = [(Requirement(text), extras) for text in requirements_of("expqa", wheels)]
+    env = target_environment(python_version)
+    queue = [(Requirement(text), extras) for text in (roots if roots is not None else requirements_of("expqa", wheels))]
     seen: set[str] = set()
     while queue:
         req, wanted_extras = queue.pop()
-        if req.marker and not any(req.marker.evaluate({**env, "extra": e}) for e in wanted_extras or [""]):
+        if not applies(req, env, wanted_extras):
             continue
         name = canonicalize_name(req.name)
         if TORCH_FAMILY.match(name) or name in seen:
@@ -159,7 +185,7 @@ def trim_cuda_libraries(wheel: Path, cuda: str) -> int:
     trimmed = wheel.with_suffix(".trimmed")
     with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(trimmed, "w", zipfile.ZIP_DEFLATED) as dst:
         dropped = {info.filename for info in src.infolist()
-                   if (m := pattern.search(info.filename)) and m.group(1) != cuda}
+                   if (m := pattern.search(info.filename)) and m.group(1) != cuda}  # rocm: group 1 is None
         for info in src.infolist():
             if info.filename in dropped:
                 continue
@@ -168,7 +194,7 @@ def trim_cuda_libraries(wheel: Path, cuda: str) -> int:
                 data = "".join(line + "\n" for line in data.decode().splitlines()
                                if line.split(",", 1)[0] not in dropped).encode()
             dst.writestr(info, data)
-    if not any(pattern.search(n) for n in zipfile.ZipFile(trimmed).namelist()):
+    if not any((m := pattern.search(n)) and m.group(1) == cuda for n in zipfile.ZipFile(trimmed).namelist()):
         trimmed.unlink()
         raise SystemExit(f"wheelhouse: {wheel.name} has no library for CUDA {cuda}; check --cuda (torch.version.cuda "
                          "without the dot, e.g. 130 for 13.0)")
@@ -176,33 +202,164 @@ def trim_cuda_libraries(wheel: Path, cuda: str) -> int:
     return before - wheel.stat().st_size
 
 
+def drop_folders(wheel: Path, folders: list[str]) -> int:
+    """Rewrite a wheel without the files under `folders` (top-level paths ending in /); return the bytes saved."""
+    before = wheel.stat().st_size
+    trimmed = wheel.with_suffix(".trimmed")
+    with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(trimmed, "w", zipfile.ZIP_DEFLATED) as dst:
+        dropped = {info.filename for info in src.infolist() if info.filename.startswith(tuple(folders))}
+        for info in src.infolist():
+            if info.filename in dropped:
+                continue
+            data = src.read(info.filename)
+            if info.filename.endswith(".dist-info/RECORD"):
+                data = "".join(line + "\n" for line in data.decode().splitlines()
+                               if line.split(",", 1)[0] not in dropped).encode()
+            dst.writestr(info, data)
+    trimmed.replace(wheel)
+    return before - wheel.stat().st_size
+
+
+def wheel_name(wheel: Path) -> str:
+    return canonicalize_name(wheel.name.split("-")[0])
+
+
+def wheel_version(wheel: Path) -> str:
+    return wheel.name.split("-")[1]
+
+
+def resolve_unpinned(roots: list[str], python_version: str, platforms: list[str], host: dict[str, str],
+                     out: Path) -> tuple[list[str], list[str]]:
+    """Download the closure of `roots` that the host lacks, choosing versions here; returns (names, problems).
+
+    Breadth first: the roots' own specs come first, so a root pin (trl==1.15.0) wins over what its dependants
+    allow; a spec met later by a version already chosen is a problem to report, not a second version.
+    """
+    env = target_environment(python_version)
+    chosen: dict[str, Path] = {w: p for p in out.glob("*.whl") for w in [wheel_name(p)]}
+    problems: list[str] = []
+    level = [(Requirement(text), [], "command line") for text in roots]
+    resolved: set[str] = set()
+    while level:
+        wanted: dict[str, tuple[Requirement, list[str], str]] = {}
+        for req, extras, parent in level:
+            name = canonicalize_name(req.name)
+            if not applies(req, env, extras) or TORCH_FAMILY.match(name):
+                continue
+            if name in host:
+                version = host[name]
+                if version[:1].isdigit() and not req.specifier.contains(version, prereleases=True):
+                    problems.append(f"{parent} needs {req}; the host has {name} {version}")
+                continue
+            if name in resolved or name in wanted:
+                got = wheel_version(chosen[name]) if name in resolved else None
+                if got and not req.specifier.contains(got, prereleases=True):
+                    problems.append(f"{parent} needs {req}; chosen: {name} {got} (pin it with --requirement)")
+                continue
+            wanted[name] = (req, sorted(req.extras), parent)
+        fresh = [n for n in wanted if n not in chosen or
+                 not wanted[n][0].specifier.contains(wheel_version(chosen[n]), prereleases=True)]
+        with tempfile.TemporaryDirectory() as tmp:
+            download([f"{n}{wanted[n][0].specifier}" for n in fresh], Path(tmp), python_version, platforms)
+            for wheel in Path(tmp).glob("*.whl"):
+                stale = chosen.get(wheel_name(wheel))
+                if stale is not None and stale.exists():
+                    stale.unlink()
+                shutil.move(str(wheel), out / wheel.name)
+                chosen[wheel_name(wheel)] = out / wheel.name
+        level = []
+        for name, (req, extras, parent) in wanted.items():
+            resolved.add(name)
+            level += [(Requirement(text), extras, f"{name} {wheel_version(chosen[name])}")
+                      for text in requirements_of_wheel(chosen[name])]
+    return sorted(resolved), problems
+
+
+def requirements_of_wheel(wheel: Path) -> list[str]:
+    with zipfile.ZipFile(wheel) as archive:
+        meta = next(n for n in archive.namelist() if n.endswith(".dist-info/METADATA"))
+        return email.parser.Parser().parsestr(archive.read(meta).decode()).get_all("Requires-Dist") or []
+
+
 def build(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    pins = read_pins(LOCK)
     host = read_pins(Path(args.host_freeze)) if args.host_freeze else {}
-    # locked packages not installed here (the gpu extra's): their wheels first, to read their requirements
-    download([f"{n}=={v}" for n, v in pins.items() if n not in host and not _installed(n)], out, args.python,
-             args.platform)
-    needed = needed_packages([e for e in args.extras.split(",") if e], args.python, pins, host, out)
-    shipped = [n for n in needed if n not in host]
-    # present files are skipped; setuptools builds the editable install (pip's isolated build env, offline)
-    download([f"{n}=={pins[n]}" for n in shipped] + [BUILD_BACKEND], out, args.python, args.platform)
-    keep = set(shipped) | {"setuptools"}
-    if args.torch and "torch" not in host:
-        download([args.torch], out, args.python, args.platform)
-        keep.add("torch")
+    # left out on purpose (imported by nothing that runs there): treated as present, so the walk stops at them
+    host.update({canonicalize_name(n): "" for n in args.exclude})
+    for name in args.shadow:  # shipped although the host has it: this site's copy comes first on sys.path
+        host.pop(canonicalize_name(name), None)
+    problems: list[str] = []
+    if args.no_lock:
+        if not args.requirement:
+            raise SystemExit("wheelhouse: --no-lock needs --requirement (what to resolve)")
+        shipped, problems = resolve_unpinned(args.requirement, args.python, args.platform, host, out)
+        versions = {wheel_name(w): wheel_version(w) for w in out.glob("*.whl")}
+        keep = set(shipped)
+    else:
+        pins = read_pins(LOCK)
+        # locked packages not installed here (the gpu extra's): their wheels first, to read their requirements
+        download([f"{n}=={v}" for n, v in pins.items() if n not in host and not _installed(n)], out, args.python,
+                 args.platform)
+        needed = needed_packages([e for e in args.extras.split(",") if e], args.python, pins, host, out,
+                                 roots=args.requirement)
+        shipped = [n for n in needed if n not in host]
+        # present files are skipped; setuptools builds the editable install (pip's isolated build env, offline)
+        backend = [] if args.requirement else [BUILD_BACKEND]
+        download([f"{n}=={pins[n]}" for n in shipped] + backend, out, args.python, args.platform)
+        versions = pins
+        keep = set(shipped) | ({"setuptools"} if backend else set())
+        if args.torch and "torch" not in host:
+            download([args.torch], out, args.python, args.platform)
+            keep.add("torch")
     for stale in out.glob("*.whl"):  # from an earlier run with other extras or another host
-        if canonicalize_name(stale.name.split("-")[0]) not in keep:
+        if wheel_name(stale) not in keep:
             stale.unlink()
     saved = sum(trim_cuda_libraries(w, args.cuda) for w in out.glob("*.whl")) if args.cuda else 0
-    (out / "constraints.txt").write_text("".join(f"{n}=={pins[n]}\n" for n in sorted(shipped)))
-    (out / "extras").write_text(args.extras + "\n")  # what `make install WHEELHOUSE=...` installs
+    for spec in args.drop:
+        package, _, folder = spec.partition(":")
+        for wheel in out.glob("*.whl"):
+            if wheel_name(wheel) == canonicalize_name(package):
+                saved += drop_folders(wheel, [folder.rstrip("/") + "/"])
+    (out / "constraints.txt").write_text("".join(f"{n}=={versions[n]}\n" for n in sorted(shipped)))
+    if not args.requirement:
+        (out / "extras").write_text(args.extras + "\n")  # what `make install WHEELHOUSE=...` installs
     size = sum(w.stat().st_size for w in out.glob("*.whl"))
     print(f"wheelhouse {out}: {len(list(out.glob('*.whl')))} wheels, {size / 2**20:.1f} MiB"
-          + (f" ({saved / 2**20:.1f} MiB of other CUDA versions' libraries removed)" if saved else "")
-          + (f"; {len([n for n in needed if n in host])} needed packages the host already has are left out"
-             if host else ""))
+          + (f" ({saved / 2**20:.1f} MiB of other CUDA versions' libraries or dropped folders removed)" if saved
+             else "")
+          + (f"; {len(host)} packages of the host's freeze are left out" if host else ""))
+    for problem in problems:
+        print(f"  problem: {problem}")
+    if problems:
+        raise SystemExit(f"wheelhouse: {len(problems)} unmet requirements (above)")
+
+
+def check(folders: list[Path], python_version: str, host: dict[str, str]) -> list[str]:
+    """Unmet requirements of the wheels in `folders` (each folder is one site: its wheels + the host)."""
+    env = target_environment(python_version)
+    problems, unknown = [], set()
+    for folder in folders:
+        wheels = {wheel_name(w): w for w in folder.glob("*.whl")}
+        for name, wheel in sorted(wheels.items()):
+            for text in requirements_of_wheel(wheel):
+                req = Requirement(text)
+                dep = canonicalize_name(req.name)
+                if not applies(req, env, []):
+                    continue
+                version = wheel_version(wheels[dep]) if dep in wheels else host.get(dep)
+                if version is None:
+                    problems.append(f"{folder.name}: {name} needs {req}: neither shipped nor on the host")
+                elif version[:1].isdigit() and not req.specifier.contains(version, prereleases=True):
+                    problems.append(f"{folder.name}: {name} needs {req}: {dep} {version} there")
+                elif not version and req.specifier:
+                    unknown.add(f"{req} ({name})")
+        size = sum(w.stat().st_size for w in wheels.values())
+        print(f"{folder}: {len(wheels)} wheels, {size / 2**20:.2f} MiB")
+    if unknown:
+        print("  met by a host package (or an excluded one) whose version is not known here: "
+              + ", ".join(sorted(unknown)))
+    return problems
 
 
 def _installed(name: str) -> bool:
@@ -226,9 +383,28 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--host-freeze", help="`pip freeze` of the target: what it has is not downloaded")
     b.add_argument("--cuda", help="keep only this CUDA version's libraries in bitsandbytes (e.g. 130)")
     b.add_argument("--torch", help="also download this torch (e.g. torch==2.13.0) for a target without torch")
+    b.add_argument("--requirement", action="append", default=None,
+                   help="a root spec instead of expqa[extras] (repeatable), e.g. unsloth==2026.10.9")
+    b.add_argument("--no-lock", action="store_true", help="resolve versions here instead of requirements.lock's")
+    b.add_argument("--exclude", action="append", default=[], metavar="PACKAGE",
+                   help="leave this required package out (repeatable): nothing that runs on the target imports it")
+    b.add_argument("--shadow", action="append", default=[], metavar="PACKAGE",
+                   help="ship this package even if the host has it (a version the set needs; repeatable)")
+    b.add_argument("--drop", action="append", default=[], metavar="PACKAGE:FOLDER/",
+                   help="rewrite PACKAGE's wheel without the files under FOLDER/ (repeatable)")
+    c = sub.add_parser("check", help="offline pip check of wheel folders against the host's freeze")
+    c.add_argument("folders", nargs="+", type=Path)
+    c.add_argument("--host-freeze")
+    c.add_argument("--python", default=f"{sys.version_info.major}.{sys.version_info.minor}")
+    c.add_argument("--exclude", action="append", default=[], metavar="PACKAGE", help="left out on purpose")
     args = parser.parse_args(argv)
     if args.command == "lock":
         write_lock(sys.executable)
+    elif args.command == "check":
+        host = read_pins(Path(args.host_freeze)) if args.host_freeze else {}
+        problems = check(args.folders, args.python, {**host, **{canonicalize_name(n): "" for n in args.exclude}})
+        print("\n".join(f"  problem: {p}" for p in problems) or "  every requirement is met")
+        return 1 if problems else 0
     else:
         args.platform = args.platform or [f"manylinux_2_{n}_x86_64" for n in (39, 35, 34, 31, 28, 27, 24, 17)] \
             + ["manylinux2014_x86_64", "linux_x86_64"]

@@ -41,7 +41,7 @@ def test_seed_defaults_are_the_gpu_profile(shipped_params):
                                                                                   "adamw_torch_fused")
     assert cfg.TrainingConfig().optim == "paged_adamw_8bit"
     assert (t.max_seq_length, t.gradient_checkpointing, t.bf16, t.save_steps, t.save_total_limit) == \
-        (2048, True, True, 500, 3)
+        (2048, "auto", True, 500, 3)
     q = p.quantization
     assert (q.load_in_4bit, q.bnb_4bit_quant_type, q.bnb_4bit_use_double_quant, q.bnb_4bit_compute_dtype) == \
         (True, "nf4", True, "bfloat16")
@@ -71,6 +71,8 @@ def test_cpu_overrides_apply_only_without_gpu(shipped_params):
     ("per_device_train_batch_size: 16", "per_device_train_batch_size: 0", "train.per_device_train_batch_size is 0"),
     ("  r: 16", "  r: sixteen", "lora.r is 'sixteen' (str); expected int"),
     ("on_invalid: error", "on_invalid: ignore", "data.on_invalid is 'ignore'; allowed: error, skip"),
+    ("gradient_checkpointing: auto", "gradient_checkpointing: some",
+     "train.gradient_checkpointing is 'some'; allowed: auto, off, selective, full"),
 ])
 def test_invalid_value_gives_one_line_naming_key_value_and_line(tmp_path, old, new, expected):
     text = shipped_text()
@@ -131,3 +133,13 @@ def test_every_field_has_help():
     for cls in (cfg.BaseConfig, cfg.ModelConfig, cfg.CollectConfig, cfg.DataConfig, cfg.QuantizationConfig,
                 cfg.LoRAConfig, cfg.TrainingConfig, cfg.EvalConfig):
         assert all(cfg.section_help(cls).values()), cls
+
+
+@pytest.mark.parametrize("written,mode", [("auto", "auto"), ("off", "off"), ("false", "off"), ("true", "full"),
+                                          ("selective", "selective"), ("full", "full")])
+def test_gradient_checkpointing_spellings(tmp_path, written, mode):
+    """YAML reads `off` as false: both mean off; true (the old boolean key) means full."""
+    path = write(tmp_path, shipped_text().replace("gradient_checkpointing: auto", f"gradient_checkpointing: {written}"))
+    params = load_params(path)
+    assert params.train.gradient_checkpointing == mode
+    assert params.for_device(False).train.gradient_checkpointing == "off"  # the cpu profile

@@ -10,11 +10,12 @@ from expqa.config import LoRAConfig, QuantizationConfig
 from expqa.model import load_for_training
 
 
-def lora_model(base, quantized=False, dropout=0.0, fused_lora=False, gradient_checkpointing=False):
+def lora_model(base, quantized=False, dropout=0.0, fused_lora=False, gradient_checkpointing=False, grouped=False):
     torch.manual_seed(0)
     model, _ = load_for_training(base, QuantizationConfig(load_in_4bit=quantized),
                                  LoRAConfig(r=4, alpha=8, dropout=dropout), bf16=False,
-                                 gradient_checkpointing=gradient_checkpointing, fused_lora=fused_lora)
+                                 gradient_checkpointing=gradient_checkpointing, fused_lora=fused_lora,
+                                 grouped_lora=grouped)
     with torch.no_grad():  # LoRA B starts at zero; give it values so its path shows in outputs and gradients
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -35,15 +36,34 @@ def ids():
     return torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("quantized,autocast", [(False, False), (True, False), (False, True)],
-                         ids=["fp32", "4bit", "bf16-autocast"])
-def test_fused_lora_matches_peft(tiny_base, ids, quantized, autocast):
+class CountCalls:
+    """Counts how often each fused function ran (per projection vs per group)."""
+
+    def __init__(self, monkeypatch):
+        self.single = self.group = 0
+        for cls, attr in ((fused.LoRALinearFunction, "single"), (fused.LoRAGroupFunction, "group")):
+            original = cls.apply
+
+            def apply(*args, original=original, attr=attr):
+                setattr(self, attr, getattr(self, attr) + 1)
+                return original(*args)
+            monkeypatch.setattr(cls, "apply", apply)
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["per-projection", "grouped"])
+@pytest.mark.parametrize("quantized,autocast", [(False, False), (True, False), (False, True), (True, True)],
+                         ids=["fp32", "4bit", "bf16-autocast", "4bit-bf16-autocast"])
+def test_fused_lora_matches_peft(tiny_base, ids, quantized, autocast, grouped, monkeypatch):
     peft_model = lora_model(tiny_base, quantized=quantized).train()
-    fused_model = lora_model(tiny_base, quantized=quantized, fused_lora=True).train()
+    fused_model = lora_model(tiny_base, quantized=quantized, fused_lora=True, grouped=grouped).train()
     assert fused.patch_lora_layers(fused_model) == 0  # already patched: 2 layers x 7 projections, once
     assert sum(hasattr(m, "_peft_forward") for m in fused_model.modules()) == 14
+    assert sum(hasattr(m, "_expqa_group") for m in fused_model.modules()) == (10 if grouped else 0)
     loss_p, grads_p = loss_and_grads(peft_model, ids, autocast)
+    calls = CountCalls(monkeypatch)
     loss_f, grads_f = loss_and_grads(fused_model, ids, autocast)
+    # per layer: q/k/v and gate/up as one call each, o and down alone; or all 7 alone
+    assert (calls.group, calls.single) == ((4, 4) if grouped else (0, 14))
     tol = dict(atol=2e-2, rtol=2e-2) if autocast or quantized else dict(atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(loss_f, loss_p, **tol)
     assert grads_f.keys() == grads_p.keys() and len(grads_f) == 28
@@ -99,3 +119,39 @@ def test_cases_it_does_not_handle_go_to_peft(tiny_base, ids):
             torch.testing.assert_close(without, reference(input_ids=ids).logits)
         torch.testing.assert_close(with_adapter, reference(input_ids=ids).logits, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(with_adapter, without)
+
+
+def test_group_members_called_apart_or_out_of_order_compute_alone(tiny_base, ids):
+    """A group hands a sibling its output only for the very input tensor it computed on; any other call order or
+    input gives each projection its own result (the grouped outputs equal the separate ones)."""
+    model = lora_model(tiny_base, fused_lora=True, grouped=True).train()
+    attn = model.base_model.model.model.layers[0].self_attn
+    x = torch.randn(2, 5, attn.q_proj.in_features, requires_grad=True)
+    other = torch.randn_like(x)
+    with torch.no_grad():
+        alone = [layer._peft_forward(x) for layer in (attn.q_proj, attn.k_proj, attn.v_proj)]
+        in_order = [attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)]
+        shuffled = [attn.v_proj(x), attn.k_proj(other), attn.k_proj(x), attn.q_proj(x), attn.q_proj(x)]
+    for got, want in zip(in_order, alone):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    for got, want in zip(shuffled, [alone[2], attn.k_proj._peft_forward(other), alone[1], alone[0], alone[0]]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert attn.q_proj._expqa_group.pending_input is None or attn.q_proj._expqa_group.pending  # nothing stale
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_grouped_with_dropout_falls_back_and_keeps_checkpoint_masks(tiny_base, ids, checkpointing, monkeypatch):
+    """Dropout > 0 draws one mask per projection (as PEFT does), so groups fall back to one function each; with
+    checkpointing the recomputed masks are the forward's."""
+    reference = lora_model(tiny_base, dropout=0.3, fused_lora=True).train()
+    torch.manual_seed(5)
+    loss_ref, grads_ref = loss_and_grads(reference, ids)
+    model = lora_model(tiny_base, dropout=0.3, fused_lora=True, grouped=True,
+                       gradient_checkpointing=checkpointing).train()
+    calls = CountCalls(monkeypatch)
+    torch.manual_seed(5)
+    loss, grads = loss_and_grads(model, ids)
+    assert calls.group == 0 and calls.single >= 14
+    torch.testing.assert_close(loss, loss_ref)
+    for name in grads_ref:
+        torch.testing.assert_close(grads[name], grads_ref[name], msg=name)

@@ -19,6 +19,7 @@ import yaml
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 EMBEDDED_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 ATTENTION_KERNELS = ("sdpa", "eager", "expqa_varlen")
+CHECKPOINTING_MODES = ("auto", "off", "selective", "full")  # expqa.checkpointing.MODES
 
 
 class ConfigError(ValueError):
@@ -143,7 +144,11 @@ class TrainingConfig:
     weight_decay: float = _help("AdamW weight decay on LoRA weights.", 0.0)
     max_grad_norm: float = _help("Gradient clipping norm.", 0.3)
     max_seq_length: int = _help("Tokens per conversation; longer ones are truncated (counted in data stats).", 2048)
-    gradient_checkpointing: bool = _help("Recompute activations in backward: less memory, ~30 % more compute.", True)
+    gradient_checkpointing: str | bool = _help(
+        "Recompute activations in backward (less memory, up to ~50 % more compute for a frozen base): auto (from the "
+        "free device memory and the longest micro-batch: off if it fits, else the fewest checkpointed layers that "
+        "fit, else full), off, selective (the first half of the layers) or full. YAML reads off/false as false: "
+        "it means off; true means full.", "auto")
     bf16: bool = _help("bf16 mixed precision where the hardware supports it (fp32 otherwise).", True)
     logging_steps: int = _help("Log loss, lr and grad norm every N optimizer steps.", 10)
     eval_steps: int = _help("Evaluate on the val split every N optimizer steps.", 100)
@@ -162,11 +167,21 @@ class TrainingConfig:
                                         "this x gradient_accumulation_steps x processes.", 0)
     fused_lora: bool = _help("LoRA layers as one autograd function (no extra passes over the output, no "
                              "dropout mask when lora.dropout is 0); false = PEFT's own forward.", False)
+    grouped_lora: bool = _help("With fused_lora: projections that read the same input (q/k/v, gate/up) run as one "
+                               "function (one read of the input for all their adapters, one buffer for its "
+                               "gradient) when lora.dropout is 0.", True)
     num_processes: int = _help("Training processes (DDP): 1 = single process, 0 = one per visible GPU. The "
                                "effective batch is micro-batch x accumulation x processes.", 1)
 
+    def __post_init__(self):
+        if isinstance(self.gradient_checkpointing, bool):  # YAML's off/false, and true (the old boolean key)
+            self.gradient_checkpointing = "full" if self.gradient_checkpointing else "off"
+
     def validate(self) -> list[str]:
         errors = []
+        if self.gradient_checkpointing not in CHECKPOINTING_MODES:
+            errors.append(f"train.gradient_checkpointing is {self.gradient_checkpointing!r}; allowed: "
+                          f"{', '.join(CHECKPOINTING_MODES)} (YAML's false means off, true means full)")
         for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_seq_length",
                     "logging_steps", "eval_steps", "save_steps", "save_total_limit"):
             if getattr(self, key) <= 0:

@@ -10,6 +10,13 @@ GPU those memory-bound kernels and their launches took ~30 % of a QLoRA step (be
   gradients are thin matmuls; the 4-bit weight is dequantised again instead of being kept (as bitsandbytes does);
 - dropout 0 skips the mask entirely; dropout > 0 keeps a 1-byte mask instead of the dropped-out activations.
 
+Projections that read the same input (q/k/v, gate/up) run as one group (`LoRAGroupFunction`, dropout 0): the input
+is read once for all their adapters (one thin matmul into the concatenated ranks, x [A_q; A_k; A_v]^T), and in
+backward every base matmul and the concatenated adapter term accumulate into one buffer for x's gradient (no
+autograd sums of three full-size gradients), with one matmul for all A gradients. The first projection of a group
+that is called computes the whole group; its siblings, called next with the same input tensor, take their outputs
+(`ProjectionGroup`), so the model's own attention/MLP forward is left as it is.
+
 Same maths as PEFT (tests/test_fused_lora.py compares outputs and gradients); `patch_lora_layers` swaps the
 forward of plain LoRA layers on nn.Linear or bitsandbytes Linear4bit bases and leaves every other case to PEFT.
 """
@@ -84,6 +91,66 @@ class LoRALinearFunction(torch.autograd.Function):
         return grad_x, grad_a.to(lora_A.dtype), grad_b.to(lora_B.dtype), None, None, None, None
 
 
+class LoRAGroupFunction(torch.autograd.Function):
+    """y_i = x W_i^T + scale_i (x A_i^T) B_i^T for sibling projections i of one input x, dropout 0.
+
+    Arguments after `dtype`: the adapters' A weights, then their B weights, in `bases` order; returns one output per
+    projection. Saved for backward: x (once), the concatenated rank activations h and the adapter weights.
+    """
+
+    @staticmethod
+    def forward(ctx, x, bases, scales, dtype, *adapters):
+        count = len(bases)
+        lora_as, lora_bs = adapters[:count], adapters[count:]
+        ctx.device_type = x.device.type
+        with torch.autocast(ctx.device_type, enabled=False):
+            x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+            h = x2 @ torch.cat([a.to(dtype) for a in lora_as]).t()  # (tokens, sum of ranks): one read of x
+            outputs, start = [], 0
+            for base, lora_b, scale in zip(bases, lora_bs, scales):
+                weight = dense_weight(base, dtype)
+                y = x2 @ weight.t()
+                del weight
+                if base.bias is not None:
+                    y += base.bias.to(dtype)
+                rank = lora_b.shape[1]
+                y.addmm_(h[:, start:start + rank], lora_b.to(dtype).t(), alpha=scale)
+                start += rank
+                outputs.append(y.view(*x.shape[:-1], y.shape[-1]))
+        ctx.bases, ctx.scales, ctx.dtype, ctx.x_dtype, ctx.x_shape = bases, scales, dtype, x.dtype, x.shape
+        ctx.save_for_backward(x, h, *adapters)
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, *grad_ys):
+        x, h, *adapters = ctx.saved_tensors
+        count, dtype = len(ctx.bases), ctx.dtype
+        lora_as, lora_bs = adapters[:count], adapters[count:]
+        with torch.autocast(ctx.device_type, enabled=False):
+            x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+            gys = [g.reshape(-1, g.shape[-1]).to(dtype) for g in grad_ys]
+            bs = [b.to(dtype) for b in lora_bs]
+            grad_h = torch.cat([(gy @ b).mul_(scale) for gy, b, scale in zip(gys, bs, ctx.scales)], dim=1)
+            grad_bs, start = [], 0
+            for gy, b, scale, lora_b in zip(gys, bs, ctx.scales, lora_bs):
+                grad_bs.append((gy.t() @ h[:, start:start + b.shape[1]]).mul_(scale).to(lora_b.dtype))
+                start += b.shape[1]
+            grad_a = grad_h.t() @ x2  # all A gradients in one matmul: one read of x
+            grad_as, start = [], 0
+            for lora_a in lora_as:
+                grad_as.append(grad_a[start:start + lora_a.shape[0]].to(lora_a.dtype))
+                start += lora_a.shape[0]
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                for gy, base in zip(gys, ctx.bases):  # base matmuls accumulate in place into one buffer
+                    weight = dense_weight(base, dtype)
+                    grad_x = gy @ weight if grad_x is None else grad_x.addmm_(gy, weight)
+                    del weight
+                grad_x.addmm_(grad_h, torch.cat([a.to(dtype) for a in lora_as]))
+                grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
+        return (grad_x, None, None, None, *grad_as, *grad_bs)
+
+
 def compute_dtype(module, x: torch.Tensor) -> torch.dtype:
     """What PEFT/bitsandbytes would multiply in: the autocast dtype, else the 4-bit compute dtype, else x's."""
     if torch.is_autocast_enabled(x.device.type):
@@ -91,23 +158,75 @@ def compute_dtype(module, x: torch.Tensor) -> torch.dtype:
     return getattr(module.get_base_layer(), "compute_dtype", None) or x.dtype
 
 
+def single_adapter(layer) -> str | None:
+    """The name of the one plain adapter this LoRA layer runs, or None when PEFT's own forward must run it."""
+    adapters = layer.active_adapters
+    if (layer.disable_adapters or layer.merged or len(adapters) != 1 or adapters[0] not in layer.lora_A
+            or adapters[0] in getattr(layer, "lora_variant", {})):
+        return None
+    return adapters[0]
+
+
+def dropout_p(layer, name: str) -> float:
+    dropout = layer.lora_dropout[name]
+    return dropout.p if isinstance(dropout, torch.nn.Dropout) and layer.training else 0.0
+
+
+class ProjectionGroup:
+    """Patched LoRA layers of one module that read the same input: q/k/v of an attention block, gate/up of an MLP.
+
+    The first member called with an input x computes every member's output in one LoRAGroupFunction; the others,
+    called next with the same tensor (the model's forward hands all of them one `hidden_states`), get theirs from
+    `pending`. A member called with any other input, or a group that cannot run fused (dropout > 0, another
+    adapter setup), computes alone, so the result never depends on the call order.
+    """
+
+    def __init__(self, members: list):
+        self.members = members
+        self.pending_input = None
+        self.pending: dict[int, torch.Tensor] = {}
+
+    def output(self, layer, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        if self.pending_input is x and id(layer) in self.pending:
+            y = self.pending.pop(id(layer))
+            if not self.pending:
+                self.pending_input = None
+            return y
+        names = [single_adapter(m) for m in self.members]
+        if None in names or any(dropout_p(m, n) > 0 for m, n in zip(self.members, names)):
+            return None
+        outputs = LoRAGroupFunction.apply(
+            x, [m.get_base_layer() for m in self.members], [m.scaling[n] for m, n in zip(self.members, names)],
+            dtype, *[m.lora_A[n].weight for m, n in zip(self.members, names)],
+            *[m.lora_B[n].weight for m, n in zip(self.members, names)])
+        self.pending_input = x
+        self.pending = {id(m): y for m, y in zip(self.members, outputs) if m is not layer}
+        return outputs[self.members.index(layer)]
+
+
 def fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """Replacement forward of a PEFT LoRA layer; anything but one plain adapter goes to PEFT's own forward."""
-    adapters = self.active_adapters
-    if (args or kwargs or self.disable_adapters or self.merged or len(adapters) != 1
-            or adapters[0] not in self.lora_A or adapters[0] in getattr(self, "lora_variant", {})):
+    name = None if args or kwargs else single_adapter(self)
+    if name is None:
         return self._peft_forward(x, *args, **kwargs)
-    name = adapters[0]
-    dropout = self.lora_dropout[name]
-    p = dropout.p if isinstance(dropout, torch.nn.Dropout) and self.training else 0.0
     dtype = compute_dtype(self, x)
-    y = LoRALinearFunction.apply(x, self.lora_A[name].weight, self.lora_B[name].weight, self.get_base_layer(),
-                                 self.scaling[name], p, dtype)
+    group = getattr(self, "_expqa_group", None)
+    y = group.output(self, x, dtype) if group is not None else None
+    if y is None:
+        y = LoRALinearFunction.apply(x, self.lora_A[name].weight, self.lora_B[name].weight, self.get_base_layer(),
+                                     self.scaling[name], dropout_p(self, name), dtype)
     return y if torch.is_autocast_enabled(x.device.type) else y.to(x.dtype)
 
 
-def patch_lora_layers(model) -> int:
-    """Give every plain LoRA layer (nn.Linear or bnb Linear4bit base, frozen) the fused forward; returns how many."""
+# projections that read the same input, by attribute name within their parent module (Llama, Mistral, Qwen, ...)
+PROJECTION_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def patch_lora_layers(model, grouped: bool = False) -> int:
+    """Give every plain LoRA layer (nn.Linear or bnb Linear4bit base, frozen) the fused forward; returns how many.
+
+    grouped: also make sibling projections that share an input one ProjectionGroup each (PROJECTION_GROUPS).
+    """
     from peft.tuners.lora import LoraLayer
 
     patched = 0
@@ -120,4 +239,22 @@ def patch_lora_layers(model) -> int:
         module._peft_forward = module.forward
         module.forward = types.MethodType(fused_forward, module)
         patched += 1
+    if grouped:
+        group_projections(model)
     return patched
+
+
+def group_projections(model) -> int:
+    """ProjectionGroups for the patched sibling projections of every module; returns how many groups."""
+    groups = 0
+    for module in model.modules():
+        children = dict(module.named_children())
+        for names in PROJECTION_GROUPS:
+            members = [children[n] for n in names if hasattr(children.get(n), "_peft_forward")]
+            if len(members) < 2 or len({m.get_base_layer().in_features for m in members}) != 1:
+                continue
+            group = ProjectionGroup(members)
+            for member in members:
+                member._expqa_group = group
+            groups += 1
+    return groups

@@ -68,10 +68,13 @@ def quantization_config(quant: QuantizationConfig):
 
 
 def load_for_training(base_dir: str | Path, quant: QuantizationConfig, lora: LoRAConfig, *, bf16: bool,
-                      gradient_checkpointing: bool, attn_implementation: str = "sdpa", fused_lora: bool = False):
+                      gradient_checkpointing: bool, attn_implementation: str = "sdpa", fused_lora: bool = False,
+                      grouped_lora: bool = False):
     """The frozen base (4-bit or full precision) with fresh LoRA adapters; returns (peft_model, tokenizer).
 
-    fused_lora: LoRA layers run expqa.fused_lora's single autograd function instead of PEFT's forward.
+    gradient_checkpointing: enabled on every decoder layer (expqa.checkpointing.apply then picks the layers).
+    fused_lora: LoRA layers run expqa.fused_lora's single autograd function instead of PEFT's forward;
+    grouped_lora: with it, q/k/v and gate/up run as one function each.
     """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -114,7 +117,7 @@ def load_for_training(base_dir: str | Path, quant: QuantizationConfig, lora: LoR
     if fused_lora:
         from expqa.fused_lora import patch_lora_layers
 
-        patch_lora_layers(model)
+        patch_lora_layers(model, grouped=grouped_lora)
     return model, tokenizer
 
 

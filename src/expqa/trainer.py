@@ -27,6 +27,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.integrations import DVCLiveCallback
 
+from expqa import checkpointing
 from expqa.config import LoRAConfig, Params, QuantizationConfig, TrainingConfig
 from expqa.dataset import build_sft_dataset
 from expqa.distributed import is_main_process, world_size
@@ -40,7 +41,7 @@ CHECKPOINT_FILES = ("trainer_state.json", "adapter_model.safetensors", "optimize
 OOM_ADVICE = ("CUDA ran out of memory. Try, in this order: a smaller train.tokens_per_micro_batch (or "
               "train.per_device_train_batch_size when it is 0; raise train.gradient_accumulation_steps to keep the "
               "effective batch), a shorter train.max_seq_length, "
-              "train.gradient_checkpointing: true, fewer lora.target_modules (e.g. [q_proj, v_proj]).")
+              "train.gradient_checkpointing: full, fewer lora.target_modules (e.g. [q_proj, v_proj]).")
 
 
 class TrainingError(RuntimeError):
@@ -290,11 +291,18 @@ class QLoRATrainer:
         if self.config.num_threads:
             torch.set_num_threads(self.config.num_threads)
         set_seed(self.seed)
+        c = self.config
         model, tokenizer = load_for_training(
-            self.base_model, self.quantization, self.lora, bf16=self.config.bf16,
-            gradient_checkpointing=self.config.gradient_checkpointing,
-            attn_implementation=self.config.attn_implementation, fused_lora=self.config.fused_lora)
+            self.base_model, self.quantization, self.lora, bf16=c.bf16,
+            gradient_checkpointing=c.gradient_checkpointing != "off", attn_implementation=c.attn_implementation,
+            fused_lora=c.fused_lora, grouped_lora=c.grouped_lora)
         self.tokenizer = tokenizer
+        # after loading: `auto` measures what the weights left free
+        tokens = checkpointing.longest_micro_batch(c.tokens_per_micro_batch, c.per_device_train_batch_size,
+                                                   c.max_seq_length)
+        self.checkpointing = checkpointing.configure(
+            model, c.gradient_checkpointing, tokens, liger=c.use_liger_kernel, fused_lora=c.fused_lora,
+            lora_rank=self.lora.r, lora_targets=len(self.lora.target_modules), lora_dropout=self.lora.dropout)
         train_data = build_sft_dataset(self.data_dir / "train.jsonl", tokenizer, self.config.max_seq_length)
         val_path = self.data_dir / "val.jsonl"
         val_data = build_sft_dataset(val_path, tokenizer, self.config.max_seq_length) \
@@ -305,6 +313,8 @@ class QLoRATrainer:
             from dvclive import Live
 
             live = Live(dir=str(self.metrics_dir), dvcyaml=False, save_dvc_exp=False, report=None)
+            # which checkpointing ran, in metrics/train
+            live.summary.update({k: v for k, v in self.checkpointing.metrics().items() if v is not None})
             callbacks.append(DVCLiveMetrics(live=live, log_model=False))
         self.trainer = make_sft_trainer_class()(
             model=model, args=self._sft_config(val_data is not None), train_dataset=train_data,
@@ -336,6 +346,7 @@ class QLoRATrainer:
             torch.distributed.all_reduce(tokens)
         metrics["real_tokens_per_second"] = float(tokens) / max(metrics.get("train_runtime", 0), 1e-9)
         metrics["global_step"] = trainer.state.global_step
+        metrics.update(self.checkpointing.metrics())
         metrics["resumed_from_step"] = int(resume.name.split("-")[-1]) if resume else 0
         before = [e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e and e.get("step") == 0]
         if before:  # eval_on_start: the base model's val loss (LoRA B starts at zero)
@@ -369,10 +380,11 @@ class QLoRATrainer:
                 adapter_config["target_modules"] = sorted(adapter_config["target_modules"])
             config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
             self.tokenizer.save_pretrained(tmp)
-            # wall-clock figures (runtime, tokens/s) go to metrics/, not here: the adapter folder stays byte-identical
-            # when a run is reproduced
+            # wall-clock figures (runtime, tokens/s) and the checkpointing `auto` chose (it depends on the card's free
+            # memory, not on the maths) go to metrics/, not here: the adapter folder stays byte-identical when a run
+            # is reproduced
             metrics = {k: v for k, v in getattr(self, "metrics", {}).items()
-                       if "runtime" not in k and "per_second" not in k}
+                       if "runtime" not in k and "per_second" not in k and not k.startswith("gradient_checkpointing")}
             record = {**self.fingerprint(), "base_model": str(self.base_model), "metrics": metrics,
                       "versions": library_versions()}
             (tmp / "training_config.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")

@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     write_report(args.report, report)
     for gguf_type, r in report["types"].items():
         print(f"export: {args.out / r['file']} {r['bytes'] / 2**20:.0f} MiB, max |logit diff| "
-              f"{r['max_abs_logit_diff']:.3g} (tolerance {r['tolerance']}), greedy equal: {r['greedy_equal']}")
+              f"{r['max_abs_logit_diff']:.3g} (tolerance {r['tolerance']}), greedy equal: {r['greedy_equal']} "
+              f"({r['greedy_flips']} near-tie flips in {r['greedy_steps']} steps)")
     print(f"export: {args.out / 'Modelfile'} (Ollama), {report['seconds']:.0f} s")
     return 0
 

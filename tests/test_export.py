@@ -153,8 +153,10 @@ def test_llama_cpp_computes_the_same_next_token_distribution(llama3_export, llam
     for length in (1, 9, len(prompt)):  # the first position has no rope rotation; later ones do
         with torch.no_grad():
             expected = torch.log_softmax(model(torch.tensor([prompt[:length]])).logits[0, -1], -1)
+        # llama.cpp keeps its KV cache in f16: 1e-3-level differences. Skipping the q/k permutation moves these
+        # log-probabilities by more than 1 from position 2 on (measured), so 1e-2 separates the two
         for token, logprob in llama_cpp_top(server, prompt[:length]):
-            assert logprob == pytest.approx(expected[token].item(), abs=2e-3), (length, token)
+            assert logprob == pytest.approx(expected[token].item(), abs=1e-2), (length, token)
         assert llama_cpp_top(server, prompt[:length])[0][0] == int(expected.argmax())
 
 

@@ -158,11 +158,14 @@ class Engine:
             raise RequestError(400, f"the chat template rejects these messages: {exc}", "messages") from None
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         room = self.context_window - len(ids)
+        if room < 1:
+            raise RequestError(400, f"the prompt has {len(ids)} tokens; the model's context window is "
+                               f"{self.context_window} tokens", "messages", "context_length_exceeded")
         if request.max_tokens is None:
             request.max_tokens = min(self.default_max_tokens, room)
-        if room < 1 or request.max_tokens > room:
-            raise RequestError(400, f"the prompt has {len(ids)} tokens and max_tokens is {request.max_tokens}; the "
-                               f"model's context window is {self.context_window} tokens", "messages",
+        elif request.max_tokens > room:
+            raise RequestError(400, f"the prompt has {len(ids)} tokens and max_tokens is {request.max_tokens}, more "
+                               f"than the model's context window of {self.context_window} tokens", "max_tokens",
                                "context_length_exceeded")
         return ids
 

@@ -187,7 +187,7 @@ def project(tmp_path_factory, tiny_base) -> Project:
 
 def test_repro_runs_every_stage_and_leaves_the_pipeline_up_to_date(project):
     out = project.repro.stdout + project.repro.stderr
-    for stage in ("base", "collect", "combine", "stats", "train", "merge", "evaluate"):
+    for stage in ("base", "collect", "combine", "stats", "train", "merge", "evaluate", "export"):
         assert f"Running stage '{stage}'" in out, f"stage {stage} did not run:\n{out[-4000:]}"
     assert UP_TO_DATE in dvc(project, "status").stdout
     assert git(project, "status", "--porcelain").stdout == ""  # everything the run wrote was committed
@@ -196,6 +196,9 @@ def test_repro_runs_every_stage_and_leaves_the_pipeline_up_to_date(project):
     for side in ("base", "tuned"):
         assert {"perplexity", "rougeL", "stop_rate", "critical_questions_accuracy"} <= set(evaluation[side])
     assert evaluation["critical_questions"] == len(QUESTIONS) and evaluation["test_examples"] == 2
+    exported = json.loads((project.repo / "metrics/export.json").read_text())
+    assert exported["passed"] and set(exported["types"]) == {"f16", "q8_0"}
+    assert (project.repo / "models/gguf/expqa-q8_0.gguf").stat().st_size == exported["types"]["q8_0"]["bytes"]
     train = json.loads((project.repo / "metrics/train/metrics.json").read_text())
     assert {"loss", "eval_loss_before_training"} <= set(train["train"]) | set(train), train
     assert not (project.repo / "metrics/train/params.yaml").exists()  # dvclive dumps no TrainingArguments

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc} (details: {args.report})", file=sys.stderr)
         return 1
     write_report(args.report, report)
-    for gguf_type, r in report["types"].items():
+    for r in report["types"].values():
         print(f"export: {args.out / r['file']} {r['bytes'] / 2**20:.0f} MiB, max |logit diff| "
               f"{r['max_abs_logit_diff']:.3g} (tolerance {r['tolerance']}), greedy equal: {r['greedy_equal']} "
               f"({r['greedy_flips']} near-tie flips in {r['greedy_steps']} steps)")

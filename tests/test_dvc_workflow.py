@@ -124,6 +124,7 @@ def configure(repo: Path, tiny_base: Path) -> None:
     params["cpu"]["train"].update(max_steps=2, per_device_train_batch_size=2, max_seq_length=128, eval_steps=2,
                                   save_steps=2, logging_steps=1, num_threads=1)
     params["cpu"]["eval"].update(max_new_tokens=4, max_examples=2, batch_size=2)
+    params["export"].update(types=["q8_0"], ollama_type="q8_0")  # one GGUF: each is loaded back twice (~10 s)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (repo / SMALL_QUESTIONS).write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
 
@@ -187,7 +188,7 @@ def project(tmp_path_factory, tiny_base) -> Project:
 
 def test_repro_runs_every_stage_and_leaves_the_pipeline_up_to_date(project):
     out = project.repro.stdout + project.repro.stderr
-    for stage in ("base", "collect", "combine", "stats", "train", "merge", "evaluate"):
+    for stage in ("base", "collect", "combine", "stats", "train", "merge", "evaluate", "export"):
         assert f"Running stage '{stage}'" in out, f"stage {stage} did not run:\n{out[-4000:]}"
     assert UP_TO_DATE in dvc(project, "status").stdout
     assert git(project, "status", "--porcelain").stdout == ""  # everything the run wrote was committed
@@ -196,6 +197,9 @@ def test_repro_runs_every_stage_and_leaves_the_pipeline_up_to_date(project):
     for side in ("base", "tuned"):
         assert {"perplexity", "rougeL", "stop_rate", "critical_questions_accuracy"} <= set(evaluation[side])
     assert evaluation["critical_questions"] == len(QUESTIONS) and evaluation["test_examples"] == 2
+    exported = json.loads((project.repo / "metrics/export.json").read_text())
+    assert exported["passed"] and set(exported["types"]) == {"q8_0"}
+    assert (project.repo / "models/gguf/expqa-q8_0.gguf").stat().st_size == exported["types"]["q8_0"]["bytes"]
     train = json.loads((project.repo / "metrics/train/metrics.json").read_text())
     assert {"loss", "eval_loss_before_training"} <= set(train["train"]) | set(train), train
     assert not (project.repo / "metrics/train/params.yaml").exists()  # dvclive dumps no TrainingArguments

@@ -19,6 +19,7 @@ STAGES = {
     "train": "QLoRA fine-tuning into models/adapter",
     "merge": "merge the adapter into the base weights (models/merged), verified",
     "evaluate": "base vs fine-tuned report (metrics/eval.json)",
+    "export": "GGUF files for llama.cpp / Ollama (models/gguf), verified (metrics/export.json)",
 }
 
 
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in STAGES.items():
         sub.add_parser(name, help=text, add_help=False)
     sub.add_parser("ask", help="answer a question with the fine-tuned model (streams tokens)", add_help=False)
+    sub.add_parser("serve", help="OpenAI-compatible chat-completions endpoint on 127.0.0.1", add_help=False)
     sub.add_parser("params", help="print every params.yaml key with its meaning")
     return parser
 
@@ -57,7 +59,8 @@ def print_params_help() -> None:
     for section, cls in [("base", config.BaseConfig), ("model", config.ModelConfig),
                          ("collect", config.CollectConfig), ("data", config.DataConfig),
                          ("quantization", config.QuantizationConfig), ("lora", config.LoRAConfig),
-                         ("train", config.TrainingConfig), ("eval", config.EvalConfig)]:
+                         ("train", config.TrainingConfig), ("eval", config.EvalConfig),
+                         ("export", config.ExportConfig)]:
         print(f"{section}:")
         for key, text in config.section_help(cls).items():
             print(f"  {key:30s} {text}")
@@ -76,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         from expqa.ask import main as ask_main
 
         return ask_main(rest)
+    if command == "serve":
+        from expqa.serve import main as serve_main
+
+        return serve_main(rest)
     if command == "params":
         print_params_help()
         return 0

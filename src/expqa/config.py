@@ -20,6 +20,7 @@ LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pr
 EMBEDDED_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 ATTENTION_KERNELS = ("sdpa", "eager", "expqa_varlen")
 CHECKPOINTING_MODES = ("auto", "off", "selective", "full")  # expqa.checkpointing.MODES
+GGUF_EXPORT_TYPES = ("f32", "f16", "bf16", "q8_0")
 
 
 class ConfigError(ValueError):
@@ -241,6 +242,25 @@ class EvalConfig:
 
 
 @dataclass
+class ExportConfig:
+    types: list[str] = _help("GGUF files to write, models/gguf/<name>-<type>.gguf: f16 (half of fp32, near "
+                             "lossless), q8_0 (a quarter of fp32), bf16, f32.", ["f16", "q8_0"])
+    name: str = _help("File stem of the GGUF files and their general.name.", "expqa")
+    ollama_type: str = _help("The type the Ollama Modelfile's FROM points at (one of types).", "q8_0")
+
+    def validate(self) -> list[str]:
+        errors = [f"export.types has {t!r}; allowed: {', '.join(GGUF_EXPORT_TYPES)}"
+                  for t in self.types if t not in GGUF_EXPORT_TYPES]
+        if not self.types or len(set(self.types)) != len(self.types):
+            errors.append(f"export.types is {self.types}; list each GGUF type once, at least one")
+        if self.ollama_type not in self.types:
+            errors.append(f"export.ollama_type is {self.ollama_type!r}; must be one of export.types {self.types}")
+        if not self.name or any(c in self.name for c in "/\\ "):
+            errors.append(f"export.name is {self.name!r}; use a plain file stem such as expqa")
+        return errors
+
+
+@dataclass
 class Params:
     base: BaseConfig = field(default_factory=BaseConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -250,6 +270,7 @@ class Params:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     train: TrainingConfig = field(default_factory=TrainingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     # Partial overrides applied only when no CUDA device is present, so that the seed's GPU values stay the
     # defaults for Llama 3.2 3B while `make repro` on a 2-core laptop finishes in minutes. Same shape as above.
     cpu: dict = field(default_factory=dict, metadata={"help": "Overrides applied on CPU-only machines."})

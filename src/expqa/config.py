@@ -19,6 +19,7 @@ import yaml
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 EMBEDDED_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 ATTENTION_KERNELS = ("sdpa", "eager", "expqa_varlen")
+DISTRIBUTED_MODES = ("ddp", "fsdp")
 
 
 class ConfigError(ValueError):
@@ -164,6 +165,10 @@ class TrainingConfig:
                              "dropout mask when lora.dropout is 0); false = PEFT's own forward.", False)
     num_processes: int = _help("Training processes (DDP): 1 = single process, 0 = one per visible GPU. The "
                                "effective batch is micro-batch x accumulation x processes.", 1)
+    distributed: str = _help("How the processes share the work: ddp (every GPU holds the whole model, gradients "
+                             "are averaged) or fsdp (FSDP2 shards the base weights, 4-bit included, and the LoRA "
+                             "weights, gradients and optimizer state across the processes, for a model that does "
+                             "not fit one GPU; runs under torchrun even for one process).", "ddp")
 
     def validate(self) -> list[str]:
         errors = []
@@ -187,6 +192,8 @@ class TrainingConfig:
             errors.append(f"train.optim is {self.optim!r}; allowed: {', '.join(allowed_optim)}")
         if self.num_processes < 0:
             errors.append(f"train.num_processes is {self.num_processes}; use 1, 0 (one per GPU) or a count")
+        if self.distributed not in DISTRIBUTED_MODES:
+            errors.append(f"train.distributed is {self.distributed!r}; allowed: {', '.join(DISTRIBUTED_MODES)}")
         if self.num_threads < 0:
             errors.append(f"train.num_threads is {self.num_threads}; use 0 (default) or a positive count")
         if self.tokens_per_micro_batch < 0:

@@ -83,6 +83,24 @@ def relaunch(script: str, args: list[str], processes: int) -> int:
     return subprocess.call(cmd)
 
 
+def same_checkpoint_everywhere(checkpoint):
+    """The checkpoint every process found, or None (start over) when they disagree: on several machines each one looks
+    in its own `--checkpoints` folder, and rank 0 alone writes checkpoints, so only a folder on a filesystem that all
+    machines share (NFS, Lustre, ...) can be resumed from. Resuming on some processes only would hang the job."""
+    if world_size() == 1:
+        return checkpoint
+    import torch.distributed as dist
+
+    found = [None] * world_size()
+    dist.all_gather_object(found, None if checkpoint is None else checkpoint.name)
+    if len(set(found)) == 1:
+        return checkpoint
+    if is_main_process():
+        print(f"train: not resuming: the processes found different checkpoints ({sorted(set(map(str, found)))}); "
+              "for a job on several machines put --checkpoints on a filesystem they all share", flush=True)
+    return None
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # FSDP2 through the Trainer
 
@@ -124,6 +142,7 @@ def enable_fsdp_on_cpu(trainer) -> None:
     friends); on CPU (MULTI_CPU, gloo) it drops the FSDP plugin silently and trains with DDP. fully_shard itself runs
     on CPU/gloo, so for the CPU tests the state is switched to FSDP here, and everything after (wrapping, mixed
     precision, activation checkpointing, state dicts) is Accelerate's and the Trainer's own code path."""
+    from accelerate.state import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
     state = trainer.accelerator.state
@@ -136,6 +155,9 @@ def enable_fsdp_on_cpu(trainer) -> None:
         plugin.set_mixed_precision(state.mixed_precision)  # keeps a policy given in fsdp_plugin_args
     state.fsdp_plugin = plugin
     state.distributed_type = DistributedType.FSDP
+    # as AcceleratorState.__init__ does on a GPU: every later AcceleratorState() (AcceleratedOptimizer makes one)
+    # copies PartialState's fields over its own
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     trainer.is_fsdp_enabled = True
 
 

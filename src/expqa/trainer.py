@@ -30,7 +30,7 @@ from transformers.integrations import DVCLiveCallback
 from expqa.config import LoRAConfig, Params, QuantizationConfig, TrainingConfig
 from expqa.dataset import build_sft_dataset
 from expqa.distributed import (enable_fsdp_on_cpu, fsdp_trainer_args, full_adapter_state_dict, is_main_process,
-                                set_fsdp_mixed_precision, sharded_weights, world_size)
+                                same_checkpoint_everywhere, set_fsdp_mixed_precision, sharded_weights, world_size)
 from expqa.files import replace_dir, sha256_file
 from expqa.model import load_for_training, use_bf16
 
@@ -342,6 +342,7 @@ class QLoRATrainer:
         if self.metrics_dir is not None and resume is None and is_main_process():
             shutil.rmtree(self.metrics_dir, ignore_errors=True)  # a fresh run starts fresh curves
         trainer = self.setup()
+        resume = same_checkpoint_everywhere(resume)  # several machines: only a shared checkpoint folder resumes
         self.stop_on_signal.install()
         if resume is not None:
             log.warning("resuming from %s", resume)

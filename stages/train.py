@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     run = params.for_device(torch.cuda.is_available()).train
     processes = wanted_processes(run.num_processes)
     if needs_launch(processes, run.distributed):  # never inside a launch (torchrun, accelerate, cluster launchers)
-        return relaunch(__file__, sys.argv[1:] if argv is None else argv, processes)
+        return relaunch(__file__, sys.argv[1:] if argv is None else argv, processes, output=args.out)
     from expqa.trainer import QLoRATrainer, TrainingError, TrainingInterrupted
 
     try:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 # set by torchrun (and so by `accelerate launch`) in every worker; cluster launchers that start the workers
 # themselves set them too (or are told to: README)
@@ -75,29 +76,51 @@ def torchrun_command(script: str, args: list[str], processes: int) -> list[str]:
             *args]
 
 
-def relaunch(script: str, args: list[str], processes: int) -> int:
-    """Run `script args` as `processes` torchrun workers on this machine; return their exit code."""
+def relaunch(script: str, args: list[str], processes: int, output: Path | None = None) -> int:
+    """Run `script args` as `processes` torchrun workers on this machine; return their exit code.
+
+    `output`: what rank 0 writes. On node 0 of a job of several machines (PET_NODE_RANK=0, static rendezvous) it must
+    exist afterwards, or rank 0 ran elsewhere and `dvc repro` here would record nothing."""
     cmd = torchrun_command(script, args, processes)
     nodes = f" (one node of {os.environ.get('PET_NNODES', '?')})" if multi_node_requested() else ""
     print(f"train: launching {processes} processes{nodes}: {' '.join(cmd[1:])}", flush=True)
-    return subprocess.call(cmd)
+    code = subprocess.call(cmd)
+    if code == 0 and output is not None and multi_node_requested() and os.environ.get("PET_NODE_RANK") == "0" \
+            and not output.exists():
+        print(f"error: {output} was not written on this machine: rank 0 ran on another one. Use torchrun's static "
+              "rendezvous (PET_NODE_RANK=0 here, 1, 2, ... on the others; README \"Several GPUs / several machines\")",
+              file=sys.stderr)
+        return 1
+    return code
 
 
-def same_checkpoint_everywhere(checkpoint):
-    """The checkpoint every process found, or None (start over) when they disagree: on several machines each one looks
-    in its own `--checkpoints` folder, and rank 0 alone writes checkpoints, so only a folder on a filesystem that all
-    machines share (NFS, Lustre, ...) can be resumed from. Resuming on some processes only would hang the job."""
+def agree_across_processes(fingerprint: dict, checkpoint):
+    """Every process (on several machines: each with its own copy of the inputs) must train on the same params, data
+    and base weights: stop naming the ranks that differ. Returns the checkpoint to resume, or None (start over) when
+    the processes found different ones: each machine looks in its own `--checkpoints` folder and rank 0 alone writes
+    checkpoints, so only a folder on a filesystem that all machines share (NFS, Lustre, ...) can be resumed from;
+    resuming on some processes only would hang the job."""
     if world_size() == 1:
         return checkpoint
+    import hashlib
+    import json
+
     import torch.distributed as dist
 
+    mine = (hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest(),
+            None if checkpoint is None else checkpoint.name)
     found = [None] * world_size()
-    dist.all_gather_object(found, None if checkpoint is None else checkpoint.name)
-    if len(set(found)) == 1:
+    dist.all_gather_object(found, mine)
+    differ = [rank for rank, (inputs, _) in enumerate(found) if inputs != found[0][0]]
+    if differ:
+        raise ValueError(f"ranks {differ} have other params, data or base weights than rank 0 (params.yaml, "
+                         "data/processed, models/base must be the same on every machine: dvc pull there)")
+    if len({name for _, name in found}) == 1:
         return checkpoint
     if is_main_process():
-        print(f"train: not resuming: the processes found different checkpoints ({sorted(set(map(str, found)))}); "
-              "for a job on several machines put --checkpoints on a filesystem they all share", flush=True)
+        print(f"train: not resuming: the processes found different checkpoints "
+              f"({sorted({str(name) for _, name in found})}); for a job on several machines put --checkpoints on a "
+              "filesystem they all share", flush=True)
     return None
 
 
@@ -115,8 +138,10 @@ def decoder_layer_classes(model) -> list[str]:
     return names
 
 
-def fsdp_trainer_args(model, activation_checkpointing: bool) -> dict:
-    """TrainingArguments fields that turn on FSDP2 for this model (auto wrap per decoder layer)."""
+def fsdp_trainer_args(model, gradient_checkpointing) -> dict:
+    """TrainingArguments fields that turn on FSDP2 for this model (auto wrap per decoder layer). Any checkpointing
+    asked for (train.gradient_checkpointing) becomes FSDP's, on every decoder layer."""
+    activation_checkpointing = gradient_checkpointing not in (False, "off")
     return {"fsdp": True,
             "fsdp_config": {"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
                             "transformer_layer_cls_to_wrap": decoder_layer_classes(model),
@@ -187,3 +212,10 @@ def sharded_weights(model) -> tuple[int, int]:
         total += param.numel() * size
         held += (param.to_local() if isinstance(param, DTensor) else param).numel() * size
     return held, total
+
+
+def fsdp_summary(model) -> str:
+    held, total = sharded_weights(model)
+    checkpointed = sum(type(module).__name__ == "CheckpointWrapper" for module in model.modules())
+    return (f"fsdp over {world_size()} processes: rank {os.environ.get('RANK', '0')} holds {held / 2**20:.1f} of "
+            f"{total / 2**20:.1f} MiB of weights; {checkpointed} decoder layers checkpointed by FSDP")

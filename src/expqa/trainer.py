@@ -29,8 +29,8 @@ from transformers.integrations import DVCLiveCallback
 
 from expqa.config import LoRAConfig, Params, QuantizationConfig, TrainingConfig
 from expqa.dataset import build_sft_dataset
-from expqa.distributed import (enable_fsdp_on_cpu, fsdp_trainer_args, full_adapter_state_dict, is_main_process,
-                                same_checkpoint_everywhere, set_fsdp_mixed_precision, sharded_weights, world_size)
+from expqa.distributed import (agree_across_processes, enable_fsdp_on_cpu, fsdp_summary, fsdp_trainer_args,
+                                full_adapter_state_dict, is_main_process, set_fsdp_mixed_precision, world_size)
 from expqa.files import replace_dir, sha256_file
 from expqa.model import load_for_training, use_bf16
 
@@ -342,7 +342,7 @@ class QLoRATrainer:
         if self.metrics_dir is not None and resume is None and is_main_process():
             shutil.rmtree(self.metrics_dir, ignore_errors=True)  # a fresh run starts fresh curves
         trainer = self.setup()
-        resume = same_checkpoint_everywhere(resume)  # several machines: only a shared checkpoint folder resumes
+        resume = agree_across_processes(self.fingerprint(), resume)  # several machines: same inputs, same checkpoint
         self.stop_on_signal.install()
         if resume is not None:
             log.warning("resuming from %s", resume)
@@ -356,9 +356,7 @@ class QLoRATrainer:
                                       f"{self.checkpoint_dir}. Run the stage again to resume.")
         metrics = dict(result.metrics)
         if trainer.is_fsdp_enabled and is_main_process():
-            held, total = sharded_weights(trainer.model)
-            print(f"train: fsdp over {world_size()} processes: rank 0 holds {held / 2**20:.1f} of "
-                  f"{total / 2**20:.1f} MiB of weights", flush=True)
+            print("train: " + fsdp_summary(trainer.model), flush=True)
         tokens = torch.tensor(float(trainer.real_tokens), device=trainer.args.device)
         if world_size() > 1:  # every process counted its own shard
             torch.distributed.all_reduce(tokens)

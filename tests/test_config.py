@@ -71,6 +71,7 @@ def test_cpu_overrides_apply_only_without_gpu(shipped_params):
     ("per_device_train_batch_size: 16", "per_device_train_batch_size: 0", "train.per_device_train_batch_size is 0"),
     ("  r: 16", "  r: sixteen", "lora.r is 'sixteen' (str); expected int"),
     ("on_invalid: error", "on_invalid: ignore", "data.on_invalid is 'ignore'; allowed: error, skip"),
+    ("distributed: ddp", "distributed: zero3", "train.distributed is 'zero3'; allowed: ddp, fsdp"),
 ])
 def test_invalid_value_gives_one_line_naming_key_value_and_line(tmp_path, old, new, expected):
     text = shipped_text()

@@ -215,7 +215,9 @@ def sharded_weights(model) -> tuple[int, int]:
 
 
 def fsdp_summary(model) -> str:
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+
     held, total = sharded_weights(model)
-    checkpointed = sum(type(module).__name__ == "CheckpointWrapper" for module in model.modules())
+    checkpointed = sum(isinstance(module, CheckpointWrapper) for module in model.modules())  # FSDPCheckpointWrapper
     return (f"fsdp over {world_size()} processes: rank {os.environ.get('RANK', '0')} holds {held / 2**20:.1f} of "
             f"{total / 2**20:.1f} MiB of weights; {checkpointed} decoder layers checkpointed by FSDP")

@@ -265,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
                  "--worker", "fsdp", *common],
         "single": [sys.executable, __file__, "--worker", "single", *common],
         "merge": [sys.executable, __file__, "--worker", "merge", *common]}
-    record = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+    # the device's name comes from the runs: a CUDA context here would hold GPU memory during all of them
+    record = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": "cuda" if cuda else "cpu",
               "versions": _versions(), "steps": args.steps, "base": str(args.base), "runs": {}, "errors": {},
               "merge": None}
     for name in args.phases.split(","):
@@ -281,6 +282,7 @@ def main(argv: list[str] | None = None) -> int:
             record["merge"] = {k: v for k, v in result.items() if not isinstance(v, (list, dict))}
         else:
             record["runs"][name] = result
+            record["device"] = result["device"]
         record["notes"] = notes(record)
         (args.results / "fsdp_check.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
         (args.results / "fsdp_check.md").write_text(table(record))

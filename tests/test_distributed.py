@@ -155,11 +155,11 @@ def test_two_machines_joined_by_torchrun_static_rendezvous(tiny_base, data, one_
 
 
 def test_fsdp_qlora_with_fused_lora_matches_one_process_and_resumes(tiny_base, data, tmp_path):
-    """4-bit base (nf4 stored in the compute dtype) + fused LoRA under FSDP2, 2 processes relaunched by the stage: the
-    1-process losses; killed after checkpoint 2 (simulated: its later checkpoint and outputs removed), the run resumes
+    """4-bit base (nf4 stored in the compute dtype) + fused LoRA + checkpointing under FSDP2, 2 processes relaunched by
+    the stage: the 1-process losses; killed after checkpoint 2 (simulated: its later checkpoint and outputs removed), the run resumes
     from the FSDP checkpoint and ends with a bit-identical adapter."""
     reference, fsdp = tmp_path / "qlora", tmp_path / "qlora_fsdp"
-    common = dict(quantized=True, max_steps=4, save_steps=2, eval_steps=4, fused_lora=True)
+    common = dict(quantized=True, max_steps=4, save_steps=2, eval_steps=4, fused_lora=True, gradient_checkpointing=True)
     train(reference, tiny_base, data, processes=1, micro_batch=4, **common)
     log = train(fsdp, tiny_base, data, processes=2, micro_batch=2, distributed="fsdp", **common)
     assert "launching 2 processes" in log.stdout and "train: fsdp over 2 processes" in log.stdout

@@ -187,18 +187,32 @@ def enable_fsdp_on_cpu(trainer) -> None:
 
 
 def full_adapter_state_dict(model) -> dict:
-    """The trainable (LoRA) weights of an FSDP2 model, gathered in full, on the CPU, with the names of the unwrapped
-    PEFT model's state_dict (what PeftModel.save_pretrained expects). A collective: every rank must call it. The
-    frozen base, 4-bit included, is never gathered."""
+    """The trainable (LoRA) weights of an FSDP2 model, gathered in full, on the CPU, by parameter name. A collective:
+    every rank must call it. The frozen base, 4-bit included, is never gathered. With FSDP's activation checkpointing
+    the names hold the wrapper's `_checkpoint_wrapped_module.`, as the names of the modules do, which is what
+    PeftModel.save_pretrained picks the adapter's entries by; `unwrap_adapter_file` then writes the plain names."""
     from torch.distributed.tensor import DTensor
 
     state = {}
     for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        tensor = param.full_tensor() if isinstance(param, DTensor) else param
-        state[name.replace(CHECKPOINT_WRAPPER, "")] = tensor.detach().cpu()
+        if param.requires_grad:
+            state[name] = (param.full_tensor() if isinstance(param, DTensor) else param).detach().cpu()
     return state
+
+
+def unwrap_adapter_file(folder) -> None:
+    """Rewrite folder/adapter_model.safetensors with the names a model without checkpoint wrappers has (those of a
+    single-process run, which merge and PeftModel.from_pretrained expect)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    path = Path(folder) / "adapter_model.safetensors"
+    with safe_open(path, "pt") as handle:
+        if not any(CHECKPOINT_WRAPPER in key for key in handle.keys()):
+            return
+        metadata = handle.metadata()
+        tensors = {key.replace(CHECKPOINT_WRAPPER, ""): handle.get_tensor(key) for key in handle.keys()}
+    save_file(tensors, path, metadata=metadata)
 
 
 def sharded_weights(model) -> tuple[int, int]:

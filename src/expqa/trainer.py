@@ -30,7 +30,8 @@ from transformers.integrations import DVCLiveCallback
 from expqa.config import LoRAConfig, Params, QuantizationConfig, TrainingConfig
 from expqa.dataset import build_sft_dataset
 from expqa.distributed import (agree_across_processes, enable_fsdp_on_cpu, fsdp_summary, fsdp_trainer_args,
-                                full_adapter_state_dict, is_main_process, set_fsdp_mixed_precision, world_size)
+                                full_adapter_state_dict, is_main_process, set_fsdp_mixed_precision,
+                                unwrap_adapter_file, world_size)
 from expqa.files import replace_dir, sha256_file
 from expqa.model import load_for_training, use_bf16
 
@@ -138,6 +139,7 @@ def make_sft_trainer_class():
             state = full_adapter_state_dict(self.model)  # every rank takes part
             if self.args.should_save:
                 self._save(output_dir or self.args.output_dir, state_dict=state)
+                unwrap_adapter_file(output_dir or self.args.output_dir)
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             loss = super().training_step(model, inputs, num_items_in_batch)
@@ -391,6 +393,8 @@ class QLoRATrainer:
         tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=path.parent))
         try:
             self.trainer.model.save_pretrained(tmp, state_dict=state)
+            if state is not None:
+                unwrap_adapter_file(tmp)
             # PEFT writes target_modules from a set, in hash-seed order: sort it so reruns are byte-identical
             config_path = tmp / "adapter_config.json"
             adapter_config = json.loads(config_path.read_text())

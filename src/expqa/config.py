@@ -163,13 +163,13 @@ class TrainingConfig:
                                         "this x gradient_accumulation_steps x processes.", 0)
     fused_lora: bool = _help("LoRA layers as one autograd function (no extra passes over the output, no "
                              "dropout mask when lora.dropout is 0); false = PEFT's own forward.", False)
-    num_processes: int = _help("Training processes on this machine (train.distributed says how they share the "
-                               "work): 1 = single process, 0 = one per visible GPU. The effective batch is "
-                               "micro-batch x accumulation x processes (of all machines).", 1)
-    distributed: str = _help("How the processes share the work: ddp (every GPU holds the whole model, gradients "
-                             "are averaged) or fsdp (FSDP2 shards the base weights, 4-bit included, and the LoRA "
-                             "weights, gradients and optimizer state across the processes, for a model that does "
-                             "not fit one GPU; runs under torchrun even for one process).", "ddp")
+    num_processes: int = _help("Training processes (DDP): 1 = single process, 0 = one per visible GPU. The "
+                               "effective batch is micro-batch x accumulation x processes.", 1)
+    distributed: str = _help("How the train.num_processes processes (per machine) share the work: ddp (every GPU "
+                             "holds the whole model, gradients are averaged) or fsdp (FSDP2 shards the base "
+                             "weights, 4-bit included, and the LoRA weights, gradients and optimizer state across "
+                             "the processes, for a model that does not fit one GPU; runs under torchrun even for "
+                             "one process).", "ddp")
 
     def validate(self) -> list[str]:
         errors = []

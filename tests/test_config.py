@@ -71,7 +71,6 @@ def test_cpu_overrides_apply_only_without_gpu(shipped_params):
     ("per_device_train_batch_size: 16", "per_device_train_batch_size: 0", "train.per_device_train_batch_size is 0"),
     ("  r: 16", "  r: sixteen", "lora.r is 'sixteen' (str); expected int"),
     ("on_invalid: error", "on_invalid: ignore", "data.on_invalid is 'ignore'; allowed: error, skip"),
-    ("distributed: ddp", "distributed: zero3", "train.distributed is 'zero3'; allowed: ddp, fsdp"),
 ])
 def test_invalid_value_gives_one_line_naming_key_value_and_line(tmp_path, old, new, expected):
     text = shipped_text()
@@ -132,3 +131,9 @@ def test_every_field_has_help():
     for cls in (cfg.BaseConfig, cfg.ModelConfig, cfg.CollectConfig, cfg.DataConfig, cfg.QuantizationConfig,
                 cfg.LoRAConfig, cfg.TrainingConfig, cfg.EvalConfig):
         assert all(cfg.section_help(cls).values()), cls
+
+
+def test_distributed_is_ddp_or_fsdp(tmp_path):
+    path = write(tmp_path, shipped_text().replace("distributed: ddp", "distributed: zero3", 1))
+    with pytest.raises(ConfigError, match=r"train.distributed is 'zero3'; allowed: ddp, fsdp"):
+        load_params(path)

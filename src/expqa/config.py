@@ -19,7 +19,6 @@ import yaml
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 EMBEDDED_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 ATTENTION_KERNELS = ("sdpa", "eager", "expqa_varlen")
-DISTRIBUTED_MODES = ("ddp", "fsdp")
 
 
 class ConfigError(ValueError):
@@ -193,8 +192,8 @@ class TrainingConfig:
             errors.append(f"train.optim is {self.optim!r}; allowed: {', '.join(allowed_optim)}")
         if self.num_processes < 0:
             errors.append(f"train.num_processes is {self.num_processes}; use 1, 0 (one per GPU) or a count")
-        if self.distributed not in DISTRIBUTED_MODES:
-            errors.append(f"train.distributed is {self.distributed!r}; allowed: {', '.join(DISTRIBUTED_MODES)}")
+        if self.distributed not in ("ddp", "fsdp"):
+            errors.append(f"train.distributed is {self.distributed!r}; allowed: ddp, fsdp")
         if self.num_threads < 0:
             errors.append(f"train.num_threads is {self.num_threads}; use 0 (default) or a positive count")
         if self.tokens_per_micro_batch < 0:

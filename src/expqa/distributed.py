@@ -140,8 +140,11 @@ def decoder_layer_classes(model) -> list[str]:
 
 def fsdp_trainer_args(model, gradient_checkpointing) -> dict:
     """TrainingArguments fields that turn on FSDP2 for this model (auto wrap per decoder layer). Any checkpointing
-    asked for (train.gradient_checkpointing) becomes FSDP's, on every decoder layer."""
+    asked for (train.gradient_checkpointing) becomes FSDP's, on every decoder layer: the model's own, which
+    load_for_training turned on, is turned off here (both would recompute every layer twice)."""
     activation_checkpointing = gradient_checkpointing not in (False, "off")
+    if getattr(model, "is_gradient_checkpointing", False):
+        model.gradient_checkpointing_disable()
     return {"fsdp": True,
             "fsdp_config": {"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
                             "transformer_layer_cls_to_wrap": decoder_layer_classes(model),

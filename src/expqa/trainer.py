@@ -286,8 +286,8 @@ class QLoRATrainer:
             # build_sft_dataset already truncated each conversation to train.max_seq_length; with packing this is
             # the size of a pack
             max_length=c.tokens_per_micro_batch if packed else None,
-            gradient_checkpointing=False,  # already enabled on the model (non-reentrant) by load_for_training, or
-            # under FSDP done by FSDP (fsdp_config.activation_checkpointing)
+            gradient_checkpointing=False,  # already enabled on the model (non-reentrant) by load_for_training; under
+            # FSDP, FSDP's own (fsdp_config) instead
             bf16=use_bf16(c.bf16), use_cpu=not torch.cuda.is_available(),
             logging_steps=c.logging_steps, logging_first_step=True,
             logging_nan_inf_filter=False,  # its per-step isnan() waits for the GPU; a non-finite loss stops us anyway
@@ -314,10 +314,9 @@ class QLoRATrainer:
         if self.config.num_threads:
             torch.set_num_threads(self.config.num_threads)
         set_seed(self.seed)
-        fsdp = self.config.distributed == "fsdp"
         model, tokenizer = load_for_training(
             self.base_model, self.quantization, self.lora, bf16=self.config.bf16,
-            gradient_checkpointing=self.config.gradient_checkpointing and not fsdp,  # FSDP checkpoints its units
+            gradient_checkpointing=self.config.gradient_checkpointing,
             attn_implementation=self.config.attn_implementation, fused_lora=self.config.fused_lora)
         self.tokenizer = tokenizer
         train_data = build_sft_dataset(self.data_dir / "train.jsonl", tokenizer, self.config.max_seq_length)

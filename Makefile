@@ -17,8 +17,9 @@ PYTHON_VERSION ?= $(shell python3 -c 'import sys; print(f"{sys.version_info[0]}.
 EXTRAS ?= dev,gpu
 HOST_FREEZE ?=
 CUDA ?=
-# the interpreter the venv is made from, looked up before the venv's bin/ goes first on PATH
-SYS_PY := $(shell command -v python3)
+# the interpreter the venv is made from: python3 on PATH without this venv's bin/ (also when the venv is active)
+SYS_PY := $(shell PATH="$$(echo "$$PATH" | tr : '\n' | grep -vxF '$(abspath $(VENV))/bin' | paste -sd: -)" \
+	command -v python3)
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1

@@ -23,6 +23,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -205,23 +206,30 @@ def table(record: dict) -> str:
         speed = f"{r['tok_per_s']:,}" if r["tok_per_s"] else "?"
         lines.append(f"| {name} | {launch} | {'yes' if r['fsdp'] else 'no'} | {speed} ({r['timed_steps']}) "
                      f"| {r['peak_alloc_gib']} | {r['peak_reserved_gib']} | {r['weights_held_mib']} of "
-                     f"{r['weights_total_mib']} | {r['eval_loss_before']:.4f} -> {r['eval_loss_after']:.4f} | "
-                     f"{r['losses'][-1]:.4f} | {r['wall_s']} |")
+                     f"{r['weights_total_mib']} | {_f(r['eval_loss_before'])} -> {_f(r['eval_loss_after'])} | "
+                     f"{_f(r['losses'][-1] if r['losses'] else None)} | {r['wall_s']} |")
     lines.append("")
     for line in record["notes"]:
         lines.append(f"- {line}")
     return "\n".join(lines) + "\n"
 
 
+def _f(value) -> str:
+    return "?" if value is None else f"{value:.4f}"
+
+
 def notes(record: dict) -> list[str]:
     runs, out = record["runs"], []
     if "fsdp" in runs and "single" in runs:
         f, s = runs["fsdp"], runs["single"]
-        out.append(f"val loss of the untrained base: fsdp {f['eval_loss_before']:.5f}, single {s['eval_loss_before']:.5f} "
-                   f"(|diff| {abs(f['eval_loss_before'] - s['eval_loss_before']):.2e}; the same 4-bit weights)")
+        if f["eval_loss_before"] is not None and s["eval_loss_before"] is not None:
+            out.append(f"val loss of the untrained base: fsdp {f['eval_loss_before']:.5f}, single "
+                       f"{s['eval_loss_before']:.5f} (|diff| {abs(f['eval_loss_before'] - s['eval_loss_before']):.2e}; "
+                       "the same 4-bit weights)")
         steps = min(len(f["losses"]), len(s["losses"]))
-        worst = max(abs(a - b) for a, b in zip(f["losses"][:steps], s["losses"][:steps]))
-        out.append(f"train loss per step, max |fsdp - single| over {steps} logged steps: {worst:.4f}")
+        if steps:
+            worst = max(abs(a - b) for a, b in zip(f["losses"][:steps], s["losses"][:steps]))
+            out.append(f"train loss per step, max |fsdp - single| over {steps} logged steps: {worst:.4f}")
         if f["tok_per_s"] and s["tok_per_s"]:
             out.append(f"fsdp / single speed: {f['tok_per_s'] / s['tok_per_s']:.2f}x; peak alloc "
                        f"{f['peak_alloc_gib']} vs {s['peak_alloc_gib']} GiB")
@@ -255,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available()
     args.results.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
+    for name in ("ckpt_fsdp", "ckpt_single", "adapter_fsdp", "adapter_single", "merged"):  # a rerun would resume
+        shutil.rmtree(args.work / name, ignore_errors=True)
     data = make_inputs(args.base, args.tokenizer, args.work, args.steps, cuda)
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
     env.update(PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")

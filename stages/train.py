@@ -29,11 +29,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch
 
-    from expqa.distributed import inside_launch, is_main_process, relaunch, wanted_processes
+    from expqa.distributed import is_main_process, needs_launch, relaunch, wanted_processes
 
-    processes = wanted_processes(params.for_device(torch.cuda.is_available()).train.num_processes)
-    if processes > 1 and not inside_launch():
-        return relaunch(__file__, sys.argv[1:] if argv is None else argv, processes)
+    run = params.for_device(torch.cuda.is_available()).train
+    processes = wanted_processes(run.num_processes)
+    if needs_launch(processes, run.distributed):  # never inside a launch (torchrun, accelerate, cluster launchers)
+        return relaunch(__file__, sys.argv[1:] if argv is None else argv, processes, output=args.out)
     from expqa.trainer import QLoRATrainer, TrainingError, TrainingInterrupted
 
     try:

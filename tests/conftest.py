@@ -76,16 +76,19 @@ def conversation(i: int, turns: int = 1) -> dict:
     return {"id": f"t-{i}", "source": "cross_validated", "messages": messages}
 
 
-@pytest.fixture
-def processed_dir(tmp_path) -> Path:
-    """data/processed-like splits of small synthetic conversations."""
-    out = tmp_path / "processed"
-    out.mkdir()
+def write_processed(out: Path) -> Path:
+    """data/processed-like splits of small synthetic conversations, in `out`."""
+    out.mkdir(parents=True)
     for split, ids in (("train", range(0, 24)), ("val", range(100, 104)), ("test", range(200, 206))):
         with open(out / f"{split}.jsonl", "w") as handle:
             for i in ids:
                 handle.write(json.dumps(conversation(i, turns=1 + i % 2)) + "\n")
     return out
+
+
+@pytest.fixture
+def processed_dir(tmp_path) -> Path:
+    return write_processed(tmp_path / "processed")
 
 
 @pytest.fixture(scope="session")

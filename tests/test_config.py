@@ -100,6 +100,12 @@ def test_unknown_section_and_all_problems_reported_together(tmp_path):
     assert "unknown section 'optimizer'" in str(info.value) and "lora.r is -1" in str(info.value)
 
 
+def test_distributed_is_ddp_or_fsdp(tmp_path):
+    path = write(tmp_path, shipped_text().replace("distributed: ddp", "distributed: zero3", 1))
+    with pytest.raises(ConfigError, match=r"train.distributed is 'zero3'; allowed: ddp, fsdp"):
+        load_params(path)
+
+
 def test_bad_cpu_override_is_caught_on_any_machine(tmp_path):
     path = write(tmp_path, shipped_text().replace("    max_steps: 20", "    max_steps: 0"))
     with pytest.raises(ConfigError, match=r"cpu overrides.*|train.max_steps is 0"):

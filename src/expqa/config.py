@@ -173,6 +173,11 @@ class TrainingConfig:
                                "gradient) when lora.dropout is 0.", True)
     num_processes: int = _help("Training processes (DDP): 1 = single process, 0 = one per visible GPU. The "
                                "effective batch is micro-batch x accumulation x processes.", 1)
+    distributed: str = _help("How the train.num_processes processes (per machine) share the work: ddp (every GPU "
+                             "holds the whole model, gradients are averaged) or fsdp (FSDP2 shards the base "
+                             "weights, 4-bit included, and the LoRA weights, gradients and optimizer state across "
+                             "the processes, for a model that does not fit one GPU; runs under torchrun even for "
+                             "one process).", "ddp")
 
     def __post_init__(self):
         if isinstance(self.gradient_checkpointing, bool):  # YAML's off/false, and true (the old boolean key)
@@ -203,6 +208,8 @@ class TrainingConfig:
             errors.append(f"train.optim is {self.optim!r}; allowed: {', '.join(allowed_optim)}")
         if self.num_processes < 0:
             errors.append(f"train.num_processes is {self.num_processes}; use 1, 0 (one per GPU) or a count")
+        if self.distributed not in ("ddp", "fsdp"):
+            errors.append(f"train.distributed is {self.distributed!r}; allowed: ddp, fsdp")
         if self.num_threads < 0:
             errors.append(f"train.num_threads is {self.num_threads}; use 0 (default) or a positive count")
         if self.tokens_per_micro_batch < 0:

@@ -31,10 +31,13 @@ import torch
 def dense_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """The frozen base weight (out, in) in `dtype`; 4-bit weights are dequantised (a transient copy)."""
     weight = base.weight
-    if getattr(weight, "quant_state", None) is not None or type(weight).__name__ == "Params4bit":
+    quant_state = getattr(weight, "quant_state", None)
+    if quant_state is None:  # FSDP2 gathers a packed 4-bit weight into a plain tensor; the state stays on the layer
+        quant_state = getattr(base, "quant_state", None)
+    if quant_state is not None or type(weight).__name__ == "Params4bit":
         import bitsandbytes.functional as bnbf
 
-        return bnbf.dequantize_4bit(weight.data, weight.quant_state).to(dtype)
+        return bnbf.dequantize_4bit(weight.data, quant_state).to(dtype)
     return weight.to(dtype)
 
 

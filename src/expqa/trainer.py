@@ -30,7 +30,9 @@ from transformers.integrations import DVCLiveCallback
 from expqa import checkpointing
 from expqa.config import LoRAConfig, Params, QuantizationConfig, TrainingConfig
 from expqa.dataset import build_sft_dataset
-from expqa.distributed import is_main_process, world_size
+from expqa.distributed import (agree_across_processes, enable_fsdp_on_cpu, fsdp_summary, fsdp_trainer_args,
+                                full_adapter_state_dict, is_main_process, set_fsdp_mixed_precision,
+                                unwrap_adapter_file, world_size)
 from expqa.files import replace_dir, sha256_file
 from expqa.model import load_for_training, use_bf16
 
@@ -38,6 +40,9 @@ log = logging.getLogger("expqa.train")
 FINGERPRINT_FILE = "expqa_fingerprint.json"
 CHECKPOINT_FILES = ("trainer_state.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt",
                     FINGERPRINT_FILE)
+# under FSDP the Trainer writes the optimizer state and the (adapter-only) model state in Accelerate's FSDP names
+FSDP_CHECKPOINT_FILES = ("trainer_state.json", "adapter_model.safetensors", "optimizer.bin", "pytorch_model_fsdp.bin",
+                         "scheduler.pt", FINGERPRINT_FILE)
 OOM_ADVICE = ("CUDA ran out of memory. Try, in this order: a smaller train.tokens_per_micro_batch (or "
               "train.per_device_train_batch_size when it is 0; raise train.gradient_accumulation_steps to keep the "
               "effective batch), a shorter train.max_seq_length, "
@@ -123,6 +128,20 @@ def make_sft_trainer_class():
         real_tokens = 0
         _first_bad = None  # device tensor [optimizer step, loss] of the first non-finite loss; step 0 = none
 
+        def create_accelerator_and_postprocess(self):
+            super().create_accelerator_and_postprocess()
+            enable_fsdp_on_cpu(self)  # a no-op unless train.distributed is fsdp on a CPU (tests)
+
+        def save_model(self, output_dir=None, _internal_call=False):
+            """Under FSDP, gather the LoRA weights only (the Trainer would gather the whole model, 4-bit base included,
+            to keep its LoRA part) and save them from rank 0 in PEFT's layout; otherwise the Trainer's own save."""
+            if not self.is_fsdp_enabled:
+                return super().save_model(output_dir, _internal_call)
+            state = full_adapter_state_dict(self.model)  # every rank takes part
+            if self.args.should_save:
+                self._save(output_dir or self.args.output_dir, state_dict=state)
+                unwrap_adapter_file(output_dir or self.args.output_dir)
+
         def training_step(self, model, inputs, num_items_in_batch=None):
             loss = super().training_step(model, inputs, num_items_in_batch)
             if "attention_mask" in inputs:  # padded rows: count the real tokens (waits for the GPU; padded path)
@@ -155,7 +174,8 @@ def make_sft_trainer_class():
 # checkpoints
 
 def checkpoint_is_complete(folder: Path, fingerprint: dict) -> tuple[bool, str]:
-    missing = [name for name in CHECKPOINT_FILES if not (folder / name).is_file()]
+    fsdp = fingerprint.get("config", {}).get("train", {}).get("distributed") == "fsdp"
+    missing = [name for name in (FSDP_CHECKPOINT_FILES if fsdp else CHECKPOINT_FILES) if not (folder / name).is_file()]
     if missing:
         return False, f"missing {', '.join(missing)}"
     try:
@@ -244,18 +264,19 @@ class QLoRATrainer:
             logging.getLogger(name).addHandler(handler)
             logging.getLogger(name).setLevel(logging.INFO)
 
-    def _sft_config(self, has_eval: bool):
+    def _sft_config(self, has_eval: bool, model=None):
         from trl import SFTConfig
 
         c = self.config
         report_to = ["tensorboard"] if self.log_dir else []
+        fsdp = fsdp_trainer_args(model, c.gradient_checkpointing) if c.distributed == "fsdp" else {}
         # a token budget: TRL packs conversations best-fit (never split) into rows of at most that many tokens and
         # one such row is a micro-batch; otherwise a micro-batch is per_device_train_batch_size conversations
         packed = c.tokens_per_micro_batch > 0
         batch = 1 if packed else c.per_device_train_batch_size
         if self.log_dir:  # transformers 5 reads the TensorBoard folder from the environment only
             os.environ["TENSORBOARD_LOGGING_DIR"] = str(self.log_dir / "tensorboard")
-        return SFTConfig(
+        config = SFTConfig(
             output_dir=str(self.checkpoint_dir), seed=self.seed, data_seed=self.seed,
             per_device_train_batch_size=batch, per_device_eval_batch_size=batch,
             packing=packed, packing_strategy="bfd",
@@ -266,7 +287,8 @@ class QLoRATrainer:
             # build_sft_dataset already truncated each conversation to train.max_seq_length; with packing this is
             # the size of a pack
             max_length=c.tokens_per_micro_batch if packed else None,
-            gradient_checkpointing=False,  # already enabled on the model (non-reentrant) by load_for_training
+            gradient_checkpointing=False,  # already enabled on the model (non-reentrant) by load_for_training; under
+            # FSDP, FSDP's own (fsdp_config) instead
             bf16=use_bf16(c.bf16), use_cpu=not torch.cuda.is_available(),
             logging_steps=c.logging_steps, logging_first_step=True,
             logging_nan_inf_filter=False,  # its per-step isnan() waits for the GPU; a non-finite loss stops us anyway
@@ -275,7 +297,9 @@ class QLoRATrainer:
             report_to=report_to,
             padding_free=c.padding_free, use_liger_kernel=c.use_liger_kernel,
             ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient every step
-            dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=False)
+            dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=False, **fsdp)
+        set_fsdp_mixed_precision(config, config.bf16)
+        return config
 
     def setup(self):
         """Load model and data and build the SFTTrainer (called by train(); useful alone in tests)."""
@@ -317,7 +341,7 @@ class QLoRATrainer:
             live.summary.update({k: v for k, v in self.checkpointing.metrics().items() if v is not None})
             callbacks.append(DVCLiveMetrics(live=live, log_model=False))
         self.trainer = make_sft_trainer_class()(
-            model=model, args=self._sft_config(val_data is not None), train_dataset=train_data,
+            model=model, args=self._sft_config(val_data is not None, model), train_dataset=train_data,
             eval_dataset=val_data, processing_class=tokenizer, callbacks=callbacks)
         return self.trainer
 
@@ -329,6 +353,7 @@ class QLoRATrainer:
         if self.metrics_dir is not None and resume is None and is_main_process():
             shutil.rmtree(self.metrics_dir, ignore_errors=True)  # a fresh run starts fresh curves
         trainer = self.setup()
+        resume = agree_across_processes(self.fingerprint(), resume)  # several machines: same inputs, same checkpoint
         self.stop_on_signal.install()
         if resume is not None:
             log.warning("resuming from %s", resume)
@@ -341,6 +366,8 @@ class QLoRATrainer:
             raise TrainingInterrupted(f"stopped at step {trainer.state.global_step}; checkpoint saved in "
                                       f"{self.checkpoint_dir}. Run the stage again to resume.")
         metrics = dict(result.metrics)
+        if trainer.is_fsdp_enabled and is_main_process():
+            print("train: " + fsdp_summary(trainer.model), flush=True)
         tokens = torch.tensor(float(trainer.real_tokens), device=trainer.args.device)
         if world_size() > 1:  # every process counted its own shard
             torch.distributed.all_reduce(tokens)
@@ -365,14 +392,19 @@ class QLoRATrainer:
         return self.trainer.evaluate()
 
     def save_model(self, path: str | Path) -> None:
-        """Adapter + tokenizer/chat template + resolved config and input hashes, written atomically (rank 0)."""
+        """Adapter + tokenizer/chat template + resolved config and input hashes, written atomically (rank 0).
+
+        Under FSDP every process must call it: the LoRA weights are gathered from all of them first."""
+        state = full_adapter_state_dict(self.trainer.model) if self.trainer.is_fsdp_enabled else None
         if not is_main_process():
             return
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=path.parent))
         try:
-            self.trainer.model.save_pretrained(tmp)
+            self.trainer.model.save_pretrained(tmp, state_dict=state)
+            if state is not None:
+                unwrap_adapter_file(tmp)
             # PEFT writes target_modules from a set, in hash-seed order: sort it so reruns are byte-identical
             config_path = tmp / "adapter_config.json"
             adapter_config = json.loads(config_path.read_text())

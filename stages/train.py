@@ -29,11 +29,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch
 
-    from expqa.distributed import inside_launch, is_main_process, relaunch, wanted_processes
+    from expqa.distributed import die_with_parent, inside_launch, is_main_process, relaunch, wanted_processes
 
     processes = wanted_processes(params.for_device(torch.cuda.is_available()).train.num_processes)
     if processes > 1 and not inside_launch():
         return relaunch(__file__, sys.argv[1:] if argv is None else argv, processes)
+    if inside_launch():
+        die_with_parent()  # a worker whose launcher was killed stops too
     from expqa.trainer import QLoRATrainer, TrainingError, TrainingInterrupted
 
     try:

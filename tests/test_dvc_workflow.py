@@ -193,9 +193,11 @@ def test_repro_runs_every_stage_and_leaves_the_pipeline_up_to_date(project):
     assert git(project, "status", "--porcelain").stdout == ""  # everything the run wrote was committed
 
     evaluation = json.loads((project.repo / "metrics/eval.json").read_text())
-    for side in ("base", "tuned"):
-        assert {"perplexity", "rougeL", "stop_rate", "critical_questions_accuracy"} <= set(evaluation[side])
-    assert evaluation["critical_questions"] == len(QUESTIONS) and evaluation["test_examples"] == 2
+    critical = evaluation["critical_questions"]
+    for block in (evaluation[k] for k in ("perplexity", "rouge1", "rouge2", "rougeL", "stop_rate")):
+        assert {"base", "tuned", "delta", "delta_ci95_lo", "delta_ci95_hi", "p_value"} <= set(block), block
+    assert {"length_norm", "calibrated", "length_norm_untaught"} <= set(critical), critical
+    assert critical["questions"] == len(QUESTIONS) and evaluation["test_examples"] == 2
     train = json.loads((project.repo / "metrics/train/metrics.json").read_text())
     assert {"loss", "eval_loss_before_training"} <= set(train["train"]) | set(train), train
     assert not (project.repo / "metrics/train/params.yaml").exists()  # dvclive dumps no TrainingArguments
@@ -322,9 +324,10 @@ def test_experiments_show_params_yaml_params_and_metrics(project):
         for key, change in changes.items():
             assert change["diff"] == pytest.approx(change["new"] - change["old"]), (name, key, change)
     assert "eval.loss" in metrics_diff["metrics/train/metrics.json"]  # val loss after training
-    assert "tuned.perplexity" in metrics_diff["metrics/eval.json"]
-    # the base model is the same in both runs and evaluation is deterministic: no base metric moves
-    assert not [k for k in metrics_diff["metrics/eval.json"] if k.startswith("base.")], metrics_diff
+    assert "perplexity.tuned" in metrics_diff["metrics/eval.json"]
+    # the base model is the same in both runs and evaluation (bootstrap included) is deterministic: no base metric
+    # or base interval moves
+    assert not [k for k in metrics_diff["metrics/eval.json"] if ".base" in k], metrics_diff
 
     with timed("dvc exp run --queue -S lora.r=4 + queue start + wait"):
         dvc(project, "exp", "run", "--queue", "-n", "lora-r4", "-S", "lora.r=4", cwd=dest)
@@ -352,9 +355,9 @@ def test_experiments_show_params_yaml_params_and_metrics(project):
         assert data["params"]["params.yaml"]["data"]["lora"]["r"] == rank
         assert {"metrics/train/metrics.json", "metrics/eval.json"} <= set(data["metrics"]), set(data["metrics"])
         assert "loss" in data["metrics"]["metrics/train/metrics.json"]["data"]["eval"]
-        assert {"base", "tuned"} <= set(data["metrics"]["metrics/eval.json"]["data"])
+        assert {"perplexity", "critical_questions"} <= set(data["metrics"]["metrics/eval.json"]["data"])
 
     csv = dvc(project, "exp", "show", "--csv", cwd=dest).stdout
     header = csv.splitlines()[0].split(",")
-    assert {"lora.r", "eval.loss", "tuned.rougeL", "critical_questions"} <= set(header), header
+    assert {"lora.r", "eval.loss", "rougeL.tuned", "critical_questions.length_norm.tuned"} <= set(header), header
     assert "adam_beta1" not in csv

@@ -19,6 +19,7 @@ import yaml
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 EMBEDDED_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 ATTENTION_KERNELS = ("sdpa", "eager", "expqa_varlen")
+LM_HEAD_LOSSES = ("trl", "expqa")
 
 
 class ConfigError(ValueError):
@@ -164,6 +165,9 @@ class TrainingConfig:
                              "dropout mask when lora.dropout is 0); false = PEFT's own forward.", False)
     num_processes: int = _help("Training processes (DDP): 1 = single process, 0 = one per visible GPU. The "
                                "effective batch is micro-batch x accumulation x processes.", 1)
+    lm_head_loss: str = _help("Who computes the LM head and loss: trl (TRL's chunked head; Triton on CUDA, every "
+                              "position off CUDA) or expqa (label positions only, softmax kept for backward: "
+                              "src/expqa/lm_head.py; the CPU profile).", "trl")
 
     def validate(self) -> list[str]:
         errors = []
@@ -200,6 +204,8 @@ class TrainingConfig:
                 errors.append(f"train.tokens_per_micro_batch is {self.tokens_per_micro_batch}, below "
                               f"train.max_seq_length {self.max_seq_length}: the longest conversation would not "
                               "fit; raise it or lower max_seq_length")
+        if self.lm_head_loss not in LM_HEAD_LOSSES:
+            errors.append(f"train.lm_head_loss is {self.lm_head_loss!r}; allowed: {', '.join(LM_HEAD_LOSSES)}")
         if self.attn_implementation not in ATTENTION_KERNELS:
             errors.append(f"train.attn_implementation is {self.attn_implementation!r}; allowed: "
                           f"{', '.join(ATTENTION_KERNELS)}")
@@ -216,10 +222,12 @@ class EvalConfig:
     max_examples: int = _help("Evaluate at most this many test conversations; 0 = all.", 0)
     critical_questions: str = _help("Multiple-choice question set (JSONL) scored by log-likelihood.",
                                     "data/eval/critical_questions.jsonl")
+    bootstrap_samples: int = _help("Bootstrap resamples for the 95 % intervals in metrics/eval.json (seeded with "
+                                   "base.seed: the same report every run).", 10000)
 
     def validate(self) -> list[str]:
         errors = [f"eval.{k} is {getattr(self, k)}; must be a positive integer"
-                  for k in ("max_new_tokens", "batch_size") if getattr(self, k) <= 0]
+                  for k in ("max_new_tokens", "batch_size", "bootstrap_samples") if getattr(self, k) <= 0]
         if self.max_examples < 0:
             errors.append(f"eval.max_examples is {self.max_examples}; use 0 (all) or a positive count")
         return errors

@@ -70,7 +70,7 @@ train: install
 # half epoch, all kept, for curves over steps); on a GPU `make repro` already trains 3 epochs at 2048 tokens
 train-full: install
 	dvc exp run -S cpu.train.num_train_epochs=3 -S cpu.train.max_seq_length=2048 -S cpu.train.eval_steps=49 \
-	  -S cpu.train.save_steps=49 -S cpu.train.save_total_limit=7
+	  -S cpu.train.save_steps=49 -S +cpu.train.save_total_limit=7
 
 merge: install
 	dvc repro merge

@@ -1,6 +1,7 @@
 """Stage `evaluate`: base vs fine-tuned on the test split and the critical questions -> metrics/eval.json.
 
-Params: eval (max_new_tokens, batch_size, max_examples, critical_questions, bootstrap_samples), base.seed (bootstrap),
+Params: eval (max_new_tokens, batch_size, max_examples, critical_questions, bootstrap_samples, num_processes,
+num_threads), base.seed (bootstrap),
 train.max_seq_length (+ cpu). --train: the split that trained the model, for the taught / not taught split.
 """
 
@@ -13,8 +14,7 @@ import torch
 
 from expqa.chatml import load_chatml_dataset
 from expqa.config import ConfigError, load_params
-from expqa.evaluate import compare_models, evaluate_model, load_questions, taught_question_ids
-from expqa.model import load_for_inference
+from expqa.evaluate import compare_models, evaluate_models, load_questions, taught_question_ids
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,13 +38,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if params.eval.max_examples:
         test_rows = test_rows[: params.eval.max_examples]  # test.jsonl is in hash order: a fixed sample
-    examples = {}
-    for name, path in (("base", args.base), ("tuned", args.tuned)):
-        model, tokenizer = load_for_inference(path)
-        _, examples[name] = evaluate_model(
-            model, tokenizer, test_rows, questions, max_length=params.train.max_seq_length,
-            max_new_tokens=params.eval.max_new_tokens, batch_size=params.eval.batch_size)
-        del model
+    results = evaluate_models({"base": args.base, "tuned": args.tuned}, test_rows, questions,
+                              max_length=params.train.max_seq_length, max_new_tokens=params.eval.max_new_tokens,
+                              batch_size=params.eval.batch_size, processes=params.eval.num_processes,
+                              threads=params.eval.num_threads)
+    examples = {name: rows for name, (_, rows) in results.items()}
     report = compare_models(examples["base"], examples["tuned"], taught, samples=params.eval.bootstrap_samples,
                             seed=params.base.seed)
     for path in (args.out, args.examples, args.plot):

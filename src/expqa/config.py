@@ -224,12 +224,18 @@ class EvalConfig:
                                     "data/eval/critical_questions.jsonl")
     bootstrap_samples: int = _help("Bootstrap resamples for the 95 % intervals in metrics/eval.json (seeded with "
                                    "base.seed: the same report every run).", 10000)
+    num_processes: int = _help("Evaluate base and tuned side by side in this many processes (1 = one after the "
+                               "other in the stage's process).", 1)
+    num_threads: int = _help("torch threads per evaluation process; 0 = torch's default.", 0)
 
     def validate(self) -> list[str]:
         errors = [f"eval.{k} is {getattr(self, k)}; must be a positive integer"
-                  for k in ("max_new_tokens", "batch_size", "bootstrap_samples") if getattr(self, k) <= 0]
+                  for k in ("max_new_tokens", "batch_size", "bootstrap_samples", "num_processes")
+                  if getattr(self, k) <= 0]
         if self.max_examples < 0:
             errors.append(f"eval.max_examples is {self.max_examples}; use 0 (all) or a positive count")
+        if self.num_threads < 0:
+            errors.append(f"eval.num_threads is {self.num_threads}; use 0 (torch's default) or a positive count")
         return errors
 
 

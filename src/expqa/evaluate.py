@@ -219,6 +219,37 @@ def evaluate_model(model, tokenizer, test_rows: list[dict], questions: list[dict
     return summary, examples
 
 
+def _evaluate_path(model_dir: str, test_rows: list[dict], questions: list[dict], threads: int,
+                   options: dict) -> tuple[dict, list[dict]]:
+    from expqa.model import load_for_inference
+
+    if threads:
+        torch.set_num_threads(threads)
+    model, tokenizer = load_for_inference(model_dir)
+    return evaluate_model(model, tokenizer, test_rows, questions, **options)
+
+
+def evaluate_models(models: dict[str, str | Path], test_rows: list[dict], questions: list[dict], *, max_length: int,
+                    max_new_tokens: int, batch_size: int, processes: int = 1,
+                    threads: int = 0) -> dict[str, tuple[dict, list[dict]]]:
+    """evaluate_model for each named model directory: one after the other in this process, or with processes > 1
+    side by side in that many processes (spawned) of `threads` torch threads each (0 = torch's default).
+
+    On a 2-core CPU, base and tuned in 2 single-thread processes keep both cores busy without the per-operation
+    barrier between 2 threads of one process, which stalls whenever other jobs share the cores.
+    """
+    options = dict(max_length=max_length, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    args = {name: (str(path), test_rows, questions, threads, options) for name, path in models.items()}
+    if processes <= 1:
+        return {name: _evaluate_path(*a) for name, a in args.items()}
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {name: pool.submit(_evaluate_path, *a) for name, a in args.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the report: base vs tuned with intervals and paired tests
 

@@ -28,7 +28,7 @@ def test_exact_binomial_and_mcnemar_by_hand():
     base = [True, True] + [False] * 8 + [True] * 5 + [False] * 3   # 2 base-only, 8 tuned-only, 5 + 3 concordant
     tuned = [False, False] + [True] * 8 + [True] * 5 + [False] * 3
     assert mcnemar_exact(base, tuned) == {"base_only": 2, "tuned_only": 8, "p_value": 0.109375}
-    assert sign_test([0.1, -0.2, 0.0, 0.3]) == {"tuned_higher": 2, "tuned_lower": 1, "p_value": 1.0}
+    assert sign_test([0.1, -0.2, 0.0, 0.3]) == {"tuned_better": 2, "tuned_worse": 1, "p_value": 1.0}
 
 
 def test_bootstrap_is_seeded_and_paired():
@@ -38,7 +38,7 @@ def test_bootstrap_is_seeded_and_paired():
     report = compare_per_item(base, base + 0.05, mean_statistic, [0.05] * 5, bootstrap_indices(5, 200, seed=0))
     # a constant shift: every resample's difference is exactly the shift
     assert report["delta"] == pytest.approx(0.05) and report["delta_ci95_lo"] == pytest.approx(0.05)
-    assert report["delta_ci95_hi"] == pytest.approx(0.05) and report["tuned_higher"] == 5
+    assert report["delta_ci95_hi"] == pytest.approx(0.05) and report["tuned_better"] == 5
     assert report["p_value"] == 2 / 32 and report["base_ci95_lo"] <= report["base"] <= report["base_ci95_hi"]
 
 
@@ -79,7 +79,7 @@ def test_compare_models_report_layout():
     tuned = rows(-20.0, 0.2, True, [1, 1, 1, 0])
     report = compare_models(base, tuned, {"q0", "q1"}, samples=100, seed=42)
     assert report["test_examples"] == 4 and report["perplexity"]["assistant_tokens"] == 100
-    assert report["perplexity"]["base"] == pytest.approx(np.exp(3.0)) and report["perplexity"]["tuned_higher"] == 4
+    assert report["perplexity"]["base"] == pytest.approx(np.exp(3.0)) and report["perplexity"]["tuned_better"] == 4
     assert report["rougeL"]["delta"] == pytest.approx(0.1) and report["stop_rate"]["tuned_only"] == 4
     critical = report["critical_questions"]
     assert critical["questions"] == 4 and critical["taught"] == 2

@@ -273,8 +273,7 @@ def compare_models(base: list[dict], tuned: list[dict], taught: set[str], *, sam
     report = {"test_examples": len(conv_b)}
     lp_b = np.array([[r["logprob"], r["tokens"]] for r in conv_b])
     lp_t = np.array([[r["logprob"], r["tokens"]] for r in conv_t])
-    # per conversation, lower mean negative log-likelihood per token = better; the sign test counts tuned > base on
-    # per-token log-probability
+    # the sign test compares each conversation's mean log-probability per assistant token (higher = better)
     report["perplexity"] = compare_per_item(lp_b, lp_t, pooled_perplexity,
                                             [t[0] / max(t[1], 1) - b[0] / max(b[1], 1) for b, t in zip(lp_b, lp_t)],
                                             indices)

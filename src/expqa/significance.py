@@ -48,10 +48,11 @@ def mcnemar_exact(base_correct: Sequence[bool], tuned_correct: Sequence[bool]) -
 
 
 def sign_test(differences: Sequence[float]) -> dict:
-    """Exact two-sided sign test of per-item differences (tuned - base); zero differences are dropped."""
+    """Exact two-sided sign test of per-item differences oriented so that > 0 means tuned is better (higher ROUGE,
+    higher log-probability per token); zero differences are dropped."""
     up = sum(1 for d in differences if d > 0)
     down = sum(1 for d in differences if d < 0)
-    return {"tuned_higher": up, "tuned_lower": down, "p_value": binomial_two_sided_p(up, up + down)}
+    return {"tuned_better": up, "tuned_worse": down, "p_value": binomial_two_sided_p(up, up + down)}
 
 
 def bootstrap_indices(n: int, samples: int, seed: int) -> np.ndarray:
@@ -84,8 +85,8 @@ def compare_per_item(base_items: np.ndarray, tuned_items: np.ndarray, statistic:
                      differences: Sequence[float], indices: np.ndarray) -> dict:
     """A statistic of per-item values (mean ROUGE, pooled perplexity): bootstrap intervals, exact sign test.
 
-    statistic maps resampled items (samples, n, ...) to one value per resample; differences (tuned - base per
-    item) feed the sign test.
+    statistic maps resampled items (samples, n, ...) to one value per resample; differences (per item, > 0 where
+    tuned is better) feed the sign test.
     """
     base_all, tuned_all = statistic(base_items[None]), statistic(tuned_items[None])
     base_boot, tuned_boot = statistic(base_items[indices]), statistic(tuned_items[indices])

@@ -80,6 +80,9 @@ def test_compare_models_report_layout():
     report = compare_models(base, tuned, {"q0", "q1"}, samples=100, seed=42)
     assert report["test_examples"] == 4 and report["perplexity"]["assistant_tokens"] == 100
     assert report["perplexity"]["base"] == pytest.approx(np.exp(3.0)) and report["perplexity"]["tuned_better"] == 4
+    # every conversation has the same per-token log-probability: each resample gives exp(2) / exp(3) - 1
+    assert report["perplexity"]["relative_delta"] == pytest.approx(np.exp(-1.0) - 1)
+    assert report["perplexity"]["relative_delta_ci95_lo"] == pytest.approx(np.exp(-1.0) - 1)
     assert report["rougeL"]["delta"] == pytest.approx(0.1) and report["stop_rate"]["tuned_only"] == 4
     critical = report["critical_questions"]
     assert critical["questions"] == 4 and critical["taught"] == 2

@@ -266,7 +266,7 @@ def compare_models(base: list[dict], tuned: list[dict], taught: set[str], *, sam
     expqa.significance); critical questions per scoring, all / taught / not taught.
     """
     from expqa.significance import (bootstrap_indices, compare_per_item, compare_proportions, mean_statistic,
-                                    pooled_perplexity)
+                                    percentile_interval, pooled_perplexity)
 
     conv_b, conv_t = [r for r in base if "logprob" in r], [r for r in tuned if "logprob" in r]
     indices = bootstrap_indices(len(conv_b), samples, seed)
@@ -277,7 +277,10 @@ def compare_models(base: list[dict], tuned: list[dict], taught: set[str], *, sam
     report["perplexity"] = compare_per_item(lp_b, lp_t, pooled_perplexity,
                                             [t[0] / max(t[1], 1) - b[0] / max(b[1], 1) for b, t in zip(lp_b, lp_t)],
                                             indices)
-    report["perplexity"]["assistant_tokens"] = int(lp_b[:, 1].sum())
+    relative = pooled_perplexity(lp_t[indices]) / pooled_perplexity(lp_b[indices]) - 1  # paired bootstrap
+    lo, hi = percentile_interval(relative)
+    report["perplexity"].update(assistant_tokens=int(lp_b[:, 1].sum()), relative_delta=report["perplexity"]["tuned"]
+                                / report["perplexity"]["base"] - 1, relative_delta_ci95_lo=lo, relative_delta_ci95_hi=hi)
     for key in ("rouge1", "rouge2", "rougeL"):
         values_b, values_t = np.array([r[key] for r in conv_b]), np.array([r[key] for r in conv_t])
         report[key] = compare_per_item(values_b, values_t, mean_statistic, list(values_t - values_b), indices)

@@ -29,12 +29,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch
 
-    from expqa.distributed import is_main_process, needs_launch, relaunch, wanted_processes
+    from expqa.distributed import (die_with_parent, inside_launch, is_main_process, needs_launch, relaunch,
+                                   wanted_processes)
 
     run = params.for_device(torch.cuda.is_available()).train
     processes = wanted_processes(run.num_processes)
     if needs_launch(processes, run.distributed):  # never inside a launch (torchrun, accelerate, cluster launchers)
         return relaunch(__file__, sys.argv[1:] if argv is None else argv, processes, output=args.out)
+    if inside_launch():
+        die_with_parent()  # a worker whose launcher was killed stops too
     from expqa.trainer import QLoRATrainer, TrainingError, TrainingInterrupted
 
     try:

@@ -107,7 +107,7 @@ def test_distributed_is_ddp_or_fsdp(tmp_path):
 
 
 def test_bad_cpu_override_is_caught_on_any_machine(tmp_path):
-    path = write(tmp_path, shipped_text().replace("    max_steps: 20", "    max_steps: 0"))
+    path = write(tmp_path, shipped_text().replace("    max_steps: -1", "    max_steps: 0"))
     with pytest.raises(ConfigError, match=r"cpu overrides.*|train.max_steps is 0"):
         load_params(path)
 

@@ -136,3 +136,21 @@ def test_ask_answers_with_tiny_model_and_explains_missing_models(tiny_base, embe
     assert ask.main(["What is CUPED?"]) == 2
     assert "models/merged does not exist yet: build it with `dvc repro merge`" in capsys.readouterr().err
     assert ask.main(["What is CUPED?", "--model", str(tiny_base), "--max-new-tokens", "3"]) == 0
+
+
+def test_evaluating_in_two_processes_gives_what_one_process_gives(tiny_base):
+    from conftest import conversation
+    from expqa.evaluate import evaluate_models
+
+    rows = [conversation(i) for i in range(3)]
+    questions = [{"id": "q", "question": "Is 0.03 < 0.05?", "options": ["Yes, so reject H0.", "No."], "answer": 0,
+                  "taught_by": []}]
+    options = dict(max_length=128, max_new_tokens=4, batch_size=2)
+    one = evaluate_models({"base": tiny_base}, rows, questions, **options)
+    two = evaluate_models({"base": tiny_base, "again": tiny_base}, rows, questions, processes=2, threads=1, **options)
+    assert two["base"] == two["again"]
+    for row_two, row_one in zip(two["base"][1], one["base"][1], strict=True):  # per-item rows
+        assert row_two.keys() == row_one.keys()
+        for key, value in row_one.items():  # other thread counts may round sums differently in the last bits
+            assert row_two[key] == (pytest.approx(value, rel=1e-5) if isinstance(value, float) else value), key
+    assert two["base"][0]["perplexity"] == pytest.approx(one["base"][0]["perplexity"], rel=1e-5)

@@ -21,6 +21,7 @@ EMBEDDED_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 ATTENTION_KERNELS = ("sdpa", "eager", "expqa_varlen")
 CHECKPOINTING_MODES = ("auto", "off", "selective", "full")  # expqa.checkpointing.MODES
 GGUF_EXPORT_TYPES = ("f32", "f16", "bf16", "q8_0")
+LM_HEAD_LOSSES = ("trl", "expqa")
 
 
 class ConfigError(ValueError):
@@ -179,6 +180,10 @@ class TrainingConfig:
                              "the processes, for a model that does not fit one GPU; runs under torchrun even for "
                              "one process).", "ddp")
 
+    lm_head_loss: str = _help("Who computes the LM head and loss: trl (TRL's chunked head; Triton on CUDA, every "
+                              "position off CUDA) or expqa (label positions only, softmax kept for backward: "
+                              "src/expqa/lm_head.py; the CPU profile).", "trl")
+
     def __post_init__(self):
         if isinstance(self.gradient_checkpointing, bool):  # YAML's off/false, and true (the old boolean key)
             self.gradient_checkpointing = "full" if self.gradient_checkpointing else "off"
@@ -223,6 +228,8 @@ class TrainingConfig:
                 errors.append(f"train.tokens_per_micro_batch is {self.tokens_per_micro_batch}, below "
                               f"train.max_seq_length {self.max_seq_length}: the longest conversation would not "
                               "fit; raise it or lower max_seq_length")
+        if self.lm_head_loss not in LM_HEAD_LOSSES:
+            errors.append(f"train.lm_head_loss is {self.lm_head_loss!r}; allowed: {', '.join(LM_HEAD_LOSSES)}")
         if self.attn_implementation not in ATTENTION_KERNELS:
             errors.append(f"train.attn_implementation is {self.attn_implementation!r}; allowed: "
                           f"{', '.join(ATTENTION_KERNELS)}")
@@ -239,12 +246,20 @@ class EvalConfig:
     max_examples: int = _help("Evaluate at most this many test conversations; 0 = all.", 0)
     critical_questions: str = _help("Multiple-choice question set (JSONL) scored by log-likelihood.",
                                     "data/eval/critical_questions.jsonl")
+    bootstrap_samples: int = _help("Bootstrap resamples for the 95 % intervals in metrics/eval.json (seeded with "
+                                   "base.seed: the same report every run).", 10000)
+    num_processes: int = _help("Evaluate base and tuned side by side in this many processes (1 = one after the "
+                               "other in the stage's process).", 1)
+    num_threads: int = _help("torch threads per evaluation process; 0 = torch's default.", 0)
 
     def validate(self) -> list[str]:
         errors = [f"eval.{k} is {getattr(self, k)}; must be a positive integer"
-                  for k in ("max_new_tokens", "batch_size") if getattr(self, k) <= 0]
+                  for k in ("max_new_tokens", "batch_size", "bootstrap_samples", "num_processes")
+                  if getattr(self, k) <= 0]
         if self.max_examples < 0:
             errors.append(f"eval.max_examples is {self.max_examples}; use 0 (all) or a positive count")
+        if self.num_threads < 0:
+            errors.append(f"eval.num_threads is {self.num_threads}; use 0 (torch's default) or a positive count")
         return errors
 
 

@@ -18,11 +18,15 @@ several machines").
 
 Only rank 0 writes files (adapter, metrics, checkpoints' fingerprint, logs). On CPU the same launch uses gloo, which
 is how the tests check that 2 processes learn what 1 process does with the same global batch, in both modes.
+On Linux, torchrun and its workers die with their parent: a stage killed outright (SIGKILL, the OOM killer) leaves
+no orphan still training and writing checkpoints that the next run would resume from.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -62,6 +66,18 @@ def wanted_processes(num_processes: int) -> int:
     return max(torch.cuda.device_count(), 1)
 
 
+def die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent exits (prctl PR_SET_PDEATHSIG); elsewhere nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent was gone before the request took effect
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def needs_launch(processes: int, distributed: str) -> bool:
     """Whether the stage must start torchrun workers instead of training in this process."""
     if inside_launch():
@@ -84,7 +100,7 @@ def relaunch(script: str, args: list[str], processes: int, output: Path | None =
     cmd = torchrun_command(script, args, processes)
     nodes = f" (one node of {os.environ.get('PET_NNODES', '?')})" if multi_node_requested() else ""
     print(f"train: launching {processes} processes{nodes}: {' '.join(cmd[1:])}", flush=True)
-    code = subprocess.call(cmd)
+    code = subprocess.call(cmd, preexec_fn=die_with_parent)
     if code == 0 and output is not None and multi_node_requested() and os.environ.get("PET_NODE_RANK") == "0" \
             and not output.exists():
         print(f"error: {output} was not written on this machine: rank 0 ran on another one. Use torchrun's static "

@@ -1,11 +1,20 @@
 """The evaluate stage: base and fine-tuned side by side on the held-out test split and the critical questions.
 
-- perplexity on assistant tokens of the test conversations (the same labels training uses);
+- perplexity on assistant tokens of the test conversations (the same labels training uses), pooled over tokens;
 - ROUGE-1/2/L F1 of greedy answers to each test conversation's last user turn against the reference answer;
 - stop rate: share of those generations that end with an end-of-turn token before eval.max_new_tokens;
-- critical-questions accuracy: each option scored by its length-normalised log-likelihood as the assistant's
-  answer; no generation, deterministic.
-Memory stays flat: every batch is reduced to a few numbers before the next one runs.
+- critical-questions accuracy under two scorings of the same log-likelihoods (no generation, deterministic):
+  * length_norm: the option with the highest mean log-probability per option token, given the question as the
+    user turn (lm-evaluation-harness's acc_norm normalises by characters instead; this is per token);
+  * calibrated: the option with the highest sum of log-probabilities given the question minus the sum given an
+    empty user turn (same chat template, same assistant header), i.e. log p(option | question) / p(option): the
+    pointwise mutual information that lm-evaluation-harness reports as acc_mutual_info (there the unconditional
+    context is the empty string). It removes the preference for options that are likely whatever was asked.
+  Each question also counts as taught or not taught: taught when one of its `taught_by` conversations is in the
+  train split that trained the model (ids of data/processed/train.jsonl; weighted copies `id#w2` count as `id`).
+`compare_models` turns both models' per-item results into the report: per metric base, tuned, difference, 95 %
+intervals and a paired test (expqa.significance). Memory stays flat: every batch is reduced to a few numbers
+before the next one runs.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ import math
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from expqa.dataset import IGNORE_INDEX, end_of_turn_ids, render, tokenize_conversation
@@ -69,14 +79,16 @@ def score_examples(model, examples: list[dict], batch_size: int) -> list[tuple[f
 
 
 def perplexity(model, tokenizer, conversations: list[list[dict]], max_length: int, batch_size: int) -> dict:
-    """exp(mean negative log-likelihood per assistant token) over all conversations."""
+    """exp(mean negative log-likelihood per assistant token) over all conversations, and each conversation's
+    (sum of log-probabilities, assistant tokens) for the bootstrap."""
     examples = [tokenize_conversation(tokenizer, messages, max_length) for messages in conversations]
     scores = score_examples(model, examples, batch_size)
     total_logprob, total_tokens = sum(s for s, _ in scores), sum(c for _, c in scores)
     if total_tokens == 0:
         raise ValueError(f"no assistant tokens left within max_length={max_length} (train.max_seq_length) in the "
                          "evaluated conversations; raise train.max_seq_length or eval.max_examples")
-    return {"perplexity": math.exp(-total_logprob / total_tokens), "assistant_tokens": total_tokens}
+    return {"perplexity": math.exp(-total_logprob / total_tokens), "assistant_tokens": total_tokens,
+            "per_conversation": scores}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -97,17 +109,31 @@ def choose_option(scores: list[tuple[float, int]]) -> int:
     return max(range(len(means)), key=lambda i: (means[i], -i))
 
 
+def choose_calibrated(scores: list[tuple[float, int]], unconditional: list[float]) -> int:
+    """Index of the option with the highest log p(option | question) - log p(option | empty user turn)."""
+    gains = [logprob - prior for (logprob, _), prior in zip(scores, unconditional)]
+    return max(range(len(gains)), key=lambda i: (gains[i], -i))
+
+
 def critical_questions_accuracy(model, tokenizer, questions: list[dict], batch_size: int) -> dict:
-    """Every option of every question scored in length-sorted batches (not one question at a time)."""
+    """Every option of every question scored in length-sorted batches (not one question at a time), with the
+    question and, once per distinct option text, after an empty user turn; both scorings."""
     examples = [option_example(tokenizer, q["question"], option) for q in questions for option in q["options"]]
+    distinct = sorted({option for q in questions for option in q["options"]})
+    priors = score_examples(model, [option_example(tokenizer, "", option) for option in distinct], batch_size)
+    prior = {option: logprob for option, (logprob, _) in zip(distinct, priors)}
     scores = score_examples(model, examples, batch_size)
-    correct, per_question, start = 0, [], 0
+    per_question, start = [], 0
     for q in questions:
-        chosen = choose_option(scores[start:start + len(q["options"])])
+        own = scores[start:start + len(q["options"])]
         start += len(q["options"])
-        correct += chosen == q["answer"]
-        per_question.append({"id": q["id"], "chosen": chosen, "answer": q["answer"]})
-    return {"accuracy": correct / len(questions), "questions": len(questions), "per_question": per_question}
+        chosen, calibrated = choose_option(own), choose_calibrated(own, [prior[o] for o in q["options"]])
+        per_question.append({"id": q["id"], "chosen": chosen, "chosen_calibrated": calibrated,
+                             "answer": q["answer"]})
+    n = len(questions)
+    return {"accuracy": sum(q["chosen"] == q["answer"] for q in per_question) / n,
+            "accuracy_calibrated": sum(q["chosen_calibrated"] == q["answer"] for q in per_question) / n,
+            "questions": n, "per_question": per_question}
 
 
 def load_questions(path: str | Path) -> list[dict]:
@@ -161,9 +187,14 @@ def rouge_scores(predictions: list[str], references: list[str]) -> list[dict]:
 
 def evaluate_model(model, tokenizer, test_rows: list[dict], questions: list[dict], *, max_length: int,
                    max_new_tokens: int, batch_size: int) -> tuple[dict, list[dict]]:
-    """All metrics for one model; returns (summary, per-example rows). Prints how long each part took."""
+    """All metrics for one model; returns (summary, per-item rows: test conversations, then questions).
+
+    The per-item rows carry what compare_models needs (log-probability and tokens, ROUGE, stopped, chosen options).
+    Prints how long each part took.
+    """
     started = time.perf_counter()
-    summary = perplexity(model, tokenizer, [r["messages"] for r in test_rows], max_length, batch_size)
+    ppl = perplexity(model, tokenizer, [r["messages"] for r in test_rows], max_length, batch_size)
+    summary = {"perplexity": ppl["perplexity"], "assistant_tokens": ppl["assistant_tokens"]}
     scored = time.perf_counter()
     prompts = [r["messages"][:-1] for r in test_rows]
     references = [r["messages"][-1]["content"] for r in test_rows]
@@ -175,11 +206,97 @@ def evaluate_model(model, tokenizer, test_rows: list[dict], questions: list[dict
     summary["stop_rate"] = sum(g["stopped"] for g in generations) / len(generations)
     mc = critical_questions_accuracy(model, tokenizer, questions, batch_size)
     summary["critical_questions_accuracy"] = mc["accuracy"]
+    summary["critical_questions_accuracy_calibrated"] = mc["accuracy_calibrated"]
     new_tokens = sum(g["new_tokens"] for g in generations)
     print(f"evaluate: {model.device.type}, batch {batch_size}: perplexity {scored - started:.1f} s; generation "
           f"{new_tokens} tokens in {generated - scored:.1f} s ({new_tokens / max(generated - scored, 1e-9):.0f} "
           f"tokens/s); {len(questions)} questions x options scored in {time.perf_counter() - generated:.1f} s",
           flush=True)
-    examples = [{"id": row["id"], **g, **r} for row, g, r in zip(test_rows, generations, rouge)]
-    examples += [{"id": q["id"], "chosen": q["chosen"], "answer_index": q["answer"]} for q in mc["per_question"]]
+    examples = [{"id": row["id"], **g, **r, "logprob": lp, "tokens": n}
+                for row, g, r, (lp, n) in zip(test_rows, generations, rouge, ppl["per_conversation"])]
+    examples += [{"id": q["id"], "chosen": q["chosen"], "chosen_calibrated": q["chosen_calibrated"],
+                  "answer_index": q["answer"]} for q in mc["per_question"]]
     return summary, examples
+
+
+def _evaluate_path(model_dir: str, test_rows: list[dict], questions: list[dict], threads: int,
+                   options: dict) -> tuple[dict, list[dict]]:
+    from expqa.model import load_for_inference
+
+    if threads:
+        torch.set_num_threads(threads)
+    model, tokenizer = load_for_inference(model_dir)
+    return evaluate_model(model, tokenizer, test_rows, questions, **options)
+
+
+def evaluate_models(models: dict[str, str | Path], test_rows: list[dict], questions: list[dict], *, max_length: int,
+                    max_new_tokens: int, batch_size: int, processes: int = 1,
+                    threads: int = 0) -> dict[str, tuple[dict, list[dict]]]:
+    """evaluate_model for each named model directory: one after the other in this process, or with processes > 1
+    side by side in that many processes (spawned) of `threads` torch threads each (0 = torch's default).
+
+    On a 2-core CPU, base and tuned in 2 single-thread processes keep both cores busy without the per-operation
+    barrier between 2 threads of one process, which stalls whenever other jobs share the cores.
+    """
+    options = dict(max_length=max_length, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    args = {name: (str(path), test_rows, questions, threads, options) for name, path in models.items()}
+    if processes <= 1:
+        return {name: _evaluate_path(*a) for name, a in args.items()}
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {name: pool.submit(_evaluate_path, *a) for name, a in args.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the report: base vs tuned with intervals and paired tests
+
+def taught_question_ids(questions: list[dict], train_ids: list[str]) -> set[str]:
+    """Questions with at least one `taught_by` conversation in the train split (weighted copies `id#w2` = `id`)."""
+    trained = {row_id.split("#", 1)[0] for row_id in train_ids}
+    return {q["id"] for q in questions if any(t in trained for t in q.get("taught_by", []))}
+
+
+def compare_models(base: list[dict], tuned: list[dict], taught: set[str], *, samples: int, seed: int) -> dict:
+    """metrics/eval.json from both models' per-item rows (evaluate_model's second value, same order).
+
+    Per metric: base, tuned, delta (tuned - base), 95 % intervals of each and of the delta, a paired test (see
+    expqa.significance); critical questions per scoring, all / taught / not taught.
+    """
+    from expqa.significance import (bootstrap_indices, compare_per_item, compare_proportions, mean_statistic,
+                                    percentile_interval, pooled_perplexity)
+
+    conv_b, conv_t = [r for r in base if "logprob" in r], [r for r in tuned if "logprob" in r]
+    indices = bootstrap_indices(len(conv_b), samples, seed)
+    report = {"test_examples": len(conv_b)}
+    lp_b = np.array([[r["logprob"], r["tokens"]] for r in conv_b])
+    lp_t = np.array([[r["logprob"], r["tokens"]] for r in conv_t])
+    # the sign test compares each conversation's mean log-probability per assistant token (higher = better)
+    report["perplexity"] = compare_per_item(lp_b, lp_t, pooled_perplexity,
+                                            [t[0] / max(t[1], 1) - b[0] / max(b[1], 1) for b, t in zip(lp_b, lp_t)],
+                                            indices)
+    relative = pooled_perplexity(lp_t[indices]) / pooled_perplexity(lp_b[indices]) - 1  # paired bootstrap
+    lo, hi = percentile_interval(relative)
+    report["perplexity"].update(assistant_tokens=int(lp_b[:, 1].sum()), relative_delta=report["perplexity"]["tuned"]
+                                / report["perplexity"]["base"] - 1, relative_delta_ci95_lo=lo, relative_delta_ci95_hi=hi)
+    for key in ("rouge1", "rouge2", "rougeL"):
+        values_b, values_t = np.array([r[key] for r in conv_b]), np.array([r[key] for r in conv_t])
+        report[key] = compare_per_item(values_b, values_t, mean_statistic, list(values_t - values_b), indices)
+    report["stop_rate"] = compare_proportions([r["stopped"] for r in conv_b], [r["stopped"] for r in conv_t],
+                                              indices)
+    q_b, q_t = [r for r in base if "answer_index" in r], [r for r in tuned if "answer_index" in r]
+    critical = {"questions": len(q_b), "taught": sum(r["id"] in taught for r in q_b)}
+    subsets = {"": lambda r: True, "_taught": lambda r: r["id"] in taught, "_untaught": lambda r: r["id"] not in taught}
+    for scoring, field in (("length_norm", "chosen"), ("calibrated", "chosen_calibrated")):
+        for suffix, keep in subsets.items():
+            pairs = [(b, t) for b, t in zip(q_b, q_t) if keep(b)]
+            if not pairs:
+                continue
+            q_indices = bootstrap_indices(len(pairs), samples, seed)
+            critical[scoring + suffix] = compare_proportions([b[field] == b["answer_index"] for b, _ in pairs],
+                                                             [t[field] == t["answer_index"] for _, t in pairs],
+                                                             q_indices)
+    report["critical_questions"] = critical
+    return report

@@ -343,6 +343,10 @@ class QLoRATrainer:
         self.trainer = make_sft_trainer_class()(
             model=model, args=self._sft_config(val_data is not None, model), train_dataset=train_data,
             eval_dataset=val_data, processing_class=tokenizer, callbacks=callbacks)
+        if self.config.lm_head_loss == "expqa":  # after SFTTrainer, which patched the base model with its own head
+            from expqa.lm_head import add_label_lm_head
+
+            add_label_lm_head(model.get_base_model())
         return self.trainer
 
     # -- train / evaluate / save ---------------------------------------------------------------------------------

@@ -166,7 +166,7 @@ def make_inputs(base: Path, tokenizer: Path | None, work: Path, steps: int, cuda
             base.mkdir(parents=True)
             make_tiny_llama(base, AutoTokenizer.from_pretrained(tokenizer))
     gpu_train.WORK = work
-    data = gpu_train.make_data(n=48 * steps + 32)  # realistic lengths; enough 16k-token packs for every step
+    data = gpu_train.make_data(48 * steps + 32, work / "data")  # realistic lengths, 16k-token packs for every step
     rows = (data / "train.jsonl").read_text().splitlines()
     (data / "train.jsonl").write_text("\n".join(rows[:-32]) + "\n")
     (data / "val.jsonl").write_text("\n".join(rows[-32:]) + "\n")

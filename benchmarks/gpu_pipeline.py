@@ -115,7 +115,7 @@ def write_report(results: Path, lines, samples, total: float, rc: int) -> None:
         peak = max((mib for t, mib in samples if start <= t <= end), default=0)
         rows.append({"stage": stage, "seconds": round(end - start, 1), "peak_gpu_mib": peak})
     metrics = {}
-    for name in ("train/metrics.json", "merge.json", "eval.json", "data_stats.json"):
+    for name in ("train/metrics.json", "merge.json", "export.json", "eval.json", "data_stats.json"):
         path = REPO / "metrics" / name
         if path.exists():
             metrics[name] = json.loads(path.read_text())

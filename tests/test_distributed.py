@@ -227,7 +227,7 @@ def test_several_machines_use_torchruns_rendezvous_variables(clean_env):
 def test_node_0_fails_when_rank_0_wrote_elsewhere(clean_env, tmp_path, capsys, node_rank, written, expected):
     clean_env.setenv("PET_NNODES", "2")
     clean_env.setenv("PET_NODE_RANK", node_rank)
-    clean_env.setattr(distributed.subprocess, "call", lambda cmd: 0)
+    clean_env.setattr(distributed.subprocess, "call", lambda cmd, **kwargs: 0)
     if written:
         (tmp_path / "adapter").mkdir()
     assert distributed.relaunch("s.py", [], 1, output=tmp_path / "adapter") == expected

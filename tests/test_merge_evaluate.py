@@ -58,13 +58,16 @@ def test_merge_onto_a_bf16_base_saves_bf16_and_passes_the_bf16_check(tiny_base, 
 
     bf16 = tmp_path / "bf16"
     AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.bfloat16).save_pretrained(bf16)
-    for name in ("base_info.json", "tokenizer.json", "tokenizer_config.json"):
+    for name in ("tokenizer.json", "tokenizer_config.json"):
         (bf16 / name).write_bytes((tiny_base / name).read_bytes())
+    # a folder made outside the base stage (benchmarks/random_llama.py) has no weight hashes
+    (bf16 / "base_info.json").write_text(json.dumps({"name": "bf16-random", "source": "test"}))
     report = merge_adapter(bf16, tiny_adapter, tmp_path / "merged")
     assert report["saved_dtype"] == "bfloat16" and report["tolerance"] == 0.5 and report["device"] == "cpu"
     assert report["passed"] and 0 < report["max_abs_logit_diff"] <= 0.5  # rounding to bf16 is visible, small
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert merged.dtype == torch.bfloat16
+    assert "weights: not hashed" in (tmp_path / "merged" / "README.md").read_text()
 
 
 def test_merge_check_tolerates_greedy_flips_only_at_near_ties():

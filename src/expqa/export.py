@@ -312,7 +312,7 @@ def quick_gguf_loading():
 
 
 def verify_gguf(path: Path, config, sequences: list[torch.Tensor], prompt_lengths: list[int],
-                reference: list[torch.Tensor], tolerance: float) -> dict:
+                reference: list[torch.Tensor], tolerance: float, device: str) -> dict:
     from transformers import AutoModelForCausalLM, GgufConfig
 
     model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
@@ -324,6 +324,7 @@ def verify_gguf(path: Path, config, sequences: list[torch.Tensor], prompt_length
         weights = model.state_dict()
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
         model.load_state_dict(weights)
+    model.to(device)
     result = compare(reference, sequence_logits(model, sequences), sequences, prompt_lengths, tolerance, NEAR_TIE)
     result.update(architecture_equal=architecture_equal, passed=result["passed"] and architecture_equal)
     return result
@@ -342,15 +343,19 @@ def export_gguf(model_dir: str | Path, out_dir: str | Path, *, types: list[str],
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     merged = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, use_safetensors=True).eval()
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # float32 forwards of a 3B model: minutes on a CPU
+    merged.to(device)
     prompts = encode_prompts(tokenizer, VERIFY_PROMPTS)
     sequences = reference_continuations(merged, prompts, end_of_turn_ids(tokenizer))
     reference = sequence_logits(merged, sequences)
     config = merged.config
     del merged
+    if device == "cuda":
+        torch.cuda.empty_cache()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
-        report: dict = {"prompts": len(prompts), "new_tokens": VERIFY_NEW_TOKENS, "types": {}}
+        report: dict = {"device": device, "prompts": len(prompts), "new_tokens": VERIFY_NEW_TOKENS, "types": {}}
         for gguf_type in types:
             path = tmp / f"{name}-{gguf_type}.gguf"
             start = time.perf_counter()
@@ -360,7 +365,7 @@ def export_gguf(model_dir: str | Path, out_dir: str | Path, *, types: list[str],
                 if "tokenizer" not in report:
                     report["tokenizer"] = tokenizer_matches(path, tokenizer)
                 result = verify_gguf(path, config, sequences, [p.shape[1] for p in prompts], reference,
-                                     LOGIT_TOLERANCE[gguf_type])
+                                     LOGIT_TOLERANCE[gguf_type], device)
             report["types"][gguf_type] = {"file": path.name, "bytes": path.stat().st_size,
                                           "write_seconds": round(written - start, 1),
                                           "verify_seconds": round(time.perf_counter() - written, 1), **result}

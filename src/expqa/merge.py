@@ -116,7 +116,9 @@ def write_model_card(out_dir: Path, base_dir: Path, adapter_dir: Path, report: d
         "reduction, causal inference), merged into the base weights. Built by `dvc repro` from the expqa "
         "repository; `dvc.lock` pins every input below.", "",
         "## Base model", f"- name: `{base_info['name']}`", f"- source: `{base_info['source']}`",
-        *[f"- `{name}` sha256: `{digest}`" for name, digest in base_info["weights_sha256"].items()], "",
+        *([f"- `{name}` sha256: `{digest}`" for name, digest in base_info["weights_sha256"].items()]
+          if "weights_sha256" in base_info else ["- weights: not hashed (a folder not written by the base stage)"]),
+        "",
         "## Training data (sha256)",
         *[f"- {split}.jsonl: `{digest}`" for split, digest in training["data_sha256"].items()], "",
         "## Parameters", "```json", json.dumps(training["config"], indent=2, sort_keys=True), "```", "",

@@ -18,13 +18,19 @@ import json
 import os
 import re
 import secrets
+import shutil
 import sqlite3
+import subprocess
 import tempfile
 import xml.etree.ElementTree as ET
+import zipfile
+from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import IO
 from urllib.parse import urlparse
 
 DEFAULT_LICENSE = "CC BY-SA 4.0"
@@ -320,6 +326,7 @@ def _code_span(code: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 MAX_FEED_BYTES = 1 << 20  # a dump with no newlines is still read in bounded pieces
+SEVEN_ZIP_TOOLS = ("7z", "7za", "7zz")  # p7zip's full and standalone builds, 7-Zip's own Linux build
 
 
 @dataclass(frozen=True)
@@ -340,7 +347,7 @@ def iter_rows(posts_xml: Path) -> Iterator[Row]:
     parser = ET.XMLPullParser(events=("start", "end"))
     root: ET.Element | None = None
     line = 1
-    with open(posts_xml, "rb") as stream:
+    with open_posts(posts_xml) as stream:
         while chunk := stream.readline(MAX_FEED_BYTES):
             for event, element in _feed(parser, chunk, posts_xml):
                 if root is None:
@@ -357,11 +364,88 @@ def _check_readable(posts_xml: Path) -> None:
     if not posts_xml.exists():
         raise FileNotFoundError(
             f"{posts_xml}: no such file. Download the site's dump from "
-            "https://archive.org/details/stackexchange, extract it with `7z x`, and pass the "
-            "path of its Posts.xml."
+            "https://archive.org/details/stackexchange and pass the path of its .7z archive or of the "
+            "Posts.xml extracted from it (`7z x`)."
         )
     if not posts_xml.is_file():
         raise DumpError(f"{posts_xml}: is not a file; pass the path of the dump's Posts.xml.")
+
+
+@contextmanager
+def open_posts(path: Path) -> Iterator[IO[bytes]]:
+    """A binary stream of Posts.xml: the file itself, or its member in a site's .7z or .zip archive.
+
+    Archives are read as a stream, never extracted to disk: a site's 7z archive holds every table of the
+    dump (PostHistory.xml is several times Posts.xml).
+    """
+    if path.suffix.lower() == ".7z":
+        with _open_7z_member(path) as stream:
+            yield stream
+    elif path.suffix.lower() == ".zip":
+        with _open_zip_member(path) as stream:
+            yield stream
+    else:
+        with open(path, "rb") as stream:
+            yield stream
+
+
+@contextmanager
+def _open_7z_member(path: Path) -> Iterator[IO[bytes]]:
+    """Posts.xml of a .7z archive, decompressed by the 7-Zip command line tool (Python has no 7z reader)."""
+    tool = next((name for name in SEVEN_ZIP_TOOLS if shutil.which(name)), None)
+    if tool is None:
+        raise DumpError(
+            f"{path}: reading a .7z archive needs the 7-Zip command line tool ({' or '.join(SEVEN_ZIP_TOOLS)}) "
+            "on PATH; install it (e.g. `apt-get install p7zip-full`, `brew install p7zip`) or extract Posts.xml "
+            "with any 7-Zip program and pass its path."
+        )
+    with tempfile.TemporaryFile() as stderr_file:
+        # -so: to stdout; -r: Posts.xml in any folder of the archive
+        process = subprocess.Popen([tool, "e", "-so", "-r", str(path), "Posts.xml"],
+                                   stdout=subprocess.PIPE, stderr=stderr_file)
+        stream = _CountingStream(process.stdout)
+        try:
+            yield stream
+        finally:
+            process.stdout.close()
+            returncode = process.wait()
+        if returncode != 0:
+            stderr_file.seek(0)
+            message = stderr_file.read().decode(errors="replace").strip()
+            raise DumpError(f"{path}: {tool} failed (exit {returncode}): {message}; {DUMP_HINT}.")
+    if not stream.bytes_read:  # 7z exits 0 when no member matches
+        raise DumpError(f"{path}: the archive has no Posts.xml; pass a site's dump archive "
+                        "(e.g. stats.stackexchange.com.7z) or the Posts.xml extracted from it.")
+
+
+class _CountingStream:
+    """A pipe's readline that remembers whether anything came through."""
+
+    def __init__(self, stream: IO[bytes]) -> None:
+        self._stream, self.bytes_read = stream, 0
+
+    def readline(self, limit: int) -> bytes:
+        chunk = self._stream.readline(limit)
+        self.bytes_read += len(chunk)
+        return chunk
+
+
+@contextmanager
+def _open_zip_member(path: Path) -> Iterator[IO[bytes]]:
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open(_zip_member(archive, path)) as stream:
+            yield stream
+    except (zipfile.BadZipFile, EOFError) as error:  # not a zip, or a truncated / corrupt member
+        raise DumpError(f"{path}: unreadable zip archive ({error}); {DUMP_HINT}.") from None
+
+
+def _zip_member(archive: zipfile.ZipFile, path: Path) -> str:
+    for name in archive.namelist():
+        if name.rsplit("/", 1)[-1] == "Posts.xml":
+            return name
+    held = ", ".join(archive.namelist()[:5]) or "nothing"
+    raise DumpError(f"{path}: the archive has no Posts.xml (it holds {held}); pass a site's dump archive "
+                    "or the Posts.xml extracted from it.")
 
 
 def _feed(parser: ET.XMLPullParser, chunk: bytes, path: Path) -> list[tuple[str, ET.Element]]:
@@ -472,7 +556,8 @@ def collect_stackexchange(
     questions_matched (tag filter), pairs_written, accepted_answers_used,
     accepted_answer_missing (fell back to the top answer), and `skipped` per reason:
     low_score, no_answer, low_answer_score, too_short, too_long (questions) and
-    missing_parent (answers whose question is not in the dump).
+    missing_parent (answers whose question is not in the dump); questions_per_tag (each
+    configured tag's questions) and warnings (configured tags that matched nothing).
     """
     posts_xml, out_path = Path(posts_xml), Path(out_path)
     settings = _validate_settings(
@@ -484,7 +569,7 @@ def collect_stackexchange(
     with tempfile.TemporaryDirectory(prefix=".collect-", dir=out_path.parent) as scratch:
         db = _open_scratch_db(Path(scratch) / "posts.sqlite")
         try:
-            counts = _index_posts(db, posts_xml, settings)
+            counts, tag_counts = _index_posts(db, posts_xml, settings)
             choice = _choose_answers(db, settings)
             _store_chosen_texts(db, posts_xml)
             written = _write_pairs(db, out_path, settings)
@@ -500,7 +585,95 @@ def collect_stackexchange(
             **choice["skipped"],
             **{reason: written[reason] for reason in ("too_short", "too_long", "empty_question")},
         },
+        **_tag_report(tag_counts, settings, counts["questions_seen"], posts_xml),
     }
+
+
+# A configured tag with no question is only suspicious when the dump is big enough that a real tag of the site
+# would show up: the shipped 19-question sample is not, a site's full dump (tens of thousands of questions) is.
+MIN_QUESTIONS_FOR_TAG_WARNINGS = 1_000
+
+
+def _tag_report(tag_counts: Counter, settings: Settings, questions_seen: int, posts_xml: Path) -> dict:
+    """questions_per_tag for each configured tag, and a warning for each that matched no question."""
+    per_tag = {tag: tag_counts[tag] for tag in sorted(settings.tags)}
+    big_enough = questions_seen >= MIN_QUESTIONS_FOR_TAG_WARNINGS
+    unmatched = [tag for tag, count in per_tag.items() if count == 0 and big_enough]
+    warnings = [
+        f"collect.tags: '{tag}' matched none of the {questions_seen:,} questions in {posts_xml}; it is probably "
+        f"not a tag of this site (a synonym, a misspelling or another site's name). Pick the site's name from "
+        f"`expqa collect --list-tags {posts_xml}` and fix it in params.yaml."
+        for tag in unmatched
+    ]
+    return {"questions_per_tag": per_tag, "warnings": warnings}
+
+
+def list_tags(
+    posts_xml: Path,
+    *,
+    scratch_dir: Path,
+    tags: list[str],
+    min_question_score: int,
+    min_answer_score: int,
+    min_answer_chars: int,
+    max_answer_chars: int,
+    site_url: str,
+    source: str = "cross_validated",
+) -> dict:
+    """Every tag's question count in a dump, and what collect's tag filter and score thresholds would keep.
+
+    Runs collect's pass 1 and answer choice only (no Markdown conversion), spilling to SQLite in a temporary
+    folder under `scratch_dir`, so memory stays bounded on full dumps. Returns the counts of pass 1,
+    tag_counts ([tag, questions], most frequent first), questions_matched, pairs_before_length_limits
+    (questions with an answer that passes the score thresholds), questions_per_tag and warnings.
+    """
+    posts_xml = Path(posts_xml)
+    settings = _validate_settings(
+        tags, min_question_score, min_answer_score, min_answer_chars, max_answer_chars, site_url, source,
+    )
+    with tempfile.TemporaryDirectory(prefix=".list-tags-", dir=scratch_dir) as scratch:
+        db = _open_scratch_db(Path(scratch) / "posts.sqlite")
+        try:
+            counts, tag_counts = _index_posts(db, posts_xml, settings)
+            choice = _choose_answers(db, settings)
+            (chosen,) = db.execute("SELECT count(*) FROM chosen").fetchone()
+        finally:
+            db.close()
+    return {
+        **counts,
+        "tag_counts": sorted(tag_counts.items(), key=lambda item: (-item[1], item[0])),
+        "questions_matched": choice["questions_matched"],
+        "pairs_before_length_limits": chosen,
+        **_tag_report(tag_counts, settings, counts["questions_seen"], posts_xml),
+    }
+
+
+def format_tag_listing(report: dict, posts_xml: Path, *, contains: str, top: int, min_question_score: int,
+                       min_answer_score: int) -> str:
+    """The `--list-tags` text: the tag table (optionally filtered and cut), then what collect.tags keeps."""
+    shown = [(tag, count) for tag, count in report["tag_counts"] if contains.lower() in tag]
+    shown = shown[:top] if top else shown
+    configured = report["questions_per_tag"]
+    lines = [f"{'questions':>9}  tag (* = in collect.tags)"]
+    lines += [f"{count:>9,}  {tag}{' *' if tag in configured else ''}" for tag, count in shown]
+    selection = f"{len(shown)} shown" + (f", containing '{contains}'" if contains else "")
+    lines += [
+        "",
+        f"{posts_xml}: {report['questions_seen']:,} questions, {report['answers_seen']:,} answers, "
+        f"{len(report['tag_counts']):,} tags ({selection})",
+        f"{_tag_filter_text(configured)} match {report['questions_matched']:,} questions; "
+        f"{report['pairs_before_length_limits']:,} question/answer pairs pass min_question_score "
+        f"{min_question_score} and min_answer_score {min_answer_score}",
+        "  (collect then also drops answers outside min_answer_chars .. max_answer_chars)",
+    ]
+    missing = [tag for tag, count in configured.items() if count == 0]
+    if missing:
+        lines.append(f"collect.tags with no question in this dump: {', '.join(missing)}")
+    return "\n".join(lines)
+
+
+def _tag_filter_text(configured: dict) -> str:
+    return f"collect.tags ({len(configured)} tags)" if configured else "collect.tags is empty, so all questions"
 
 
 def _validate_settings(
@@ -540,9 +713,13 @@ def _open_scratch_db(path: Path) -> sqlite3.Connection:
     return db
 
 
-def _index_posts(db: sqlite3.Connection, posts_xml: Path, settings: Settings) -> dict:
-    """Pass 1: record the integers that answer choice needs; bodies are not kept."""
+def _index_posts(db: sqlite3.Connection, posts_xml: Path, settings: Settings) -> tuple[dict, Counter]:
+    """Pass 1: record the integers that answer choice needs; bodies are not kept.
+
+    Also counts the questions of every tag: memory grows with the site's tag vocabulary, not with the dump.
+    """
     counts = {"rows_read": 0, "questions_seen": 0, "answers_seen": 0, "other_posts": 0}
+    tag_counts: Counter[str] = Counter()
     questions: list[tuple[int, int, int | None, int, int]] = []
     answers: list[tuple[int, int | None, int, int]] = []
     for row in iter_rows(posts_xml):
@@ -553,7 +730,9 @@ def _index_posts(db: sqlite3.Connection, posts_xml: Path, settings: Settings) ->
         if post_type == QUESTION_TYPE:
             counts["questions_seen"] += 1
             accepted = _optional_int(row, "AcceptedAnswerId", posts_xml)
-            matched = _matches_tags(row.attrs.get("Tags", ""), settings.tags)
+            question_tags = {tag.lower() for tag in parse_tags(row.attrs.get("Tags", ""))}
+            tag_counts.update(question_tags)
+            matched = _matches_tags(question_tags, settings.tags)
             questions.append((post_id, score, accepted, matched, row.line))
         elif post_type == ANSWER_TYPE:
             counts["answers_seen"] += 1
@@ -565,13 +744,13 @@ def _index_posts(db: sqlite3.Connection, posts_xml: Path, settings: Settings) ->
             _insert_index_batch(db, questions, answers, posts_xml)
     _insert_index_batch(db, questions, answers, posts_xml)
     db.execute("CREATE INDEX answers_by_parent ON answers (parent, score DESC, id)")
-    return counts
+    return counts, tag_counts
 
 
-def _matches_tags(raw_tags: str, wanted: frozenset[str]) -> int:
+def _matches_tags(question_tags: set[str], wanted: frozenset[str]) -> int:
     if not wanted:
         return 1
-    return int(any(tag.lower() in wanted for tag in parse_tags(raw_tags)))
+    return int(not question_tags.isdisjoint(wanted))
 
 
 def _insert_index_batch(

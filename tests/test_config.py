@@ -149,3 +149,12 @@ def test_gradient_checkpointing_spellings(tmp_path, written, mode):
     params = load_params(path)
     assert params.train.gradient_checkpointing == mode
     assert params.for_device(False).train.gradient_checkpointing == "off"  # the cpu profile
+
+
+def test_override_file_that_is_not_utf8_or_a_directory(tmp_path):
+    latin1 = tmp_path / "my.yaml"
+    latin1.write_bytes("data:\n  on_invalid: skip  # café\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=rf"^{latin1}:2: not valid UTF-8 \(byte 0xe9 at column 26\); save the file"):
+        load_params(REPO / "params.yaml", latin1)
+    with pytest.raises(ConfigError, match=rf"^{tmp_path}: is a directory; give a YAML or JSON file"):
+        load_params(REPO / "params.yaml", tmp_path)

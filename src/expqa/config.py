@@ -424,12 +424,25 @@ def read_config_file(path: str | Path) -> tuple[dict, dict[str, int]]:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: file not found")
-    text = path.read_text(encoding="utf-8")
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory; give a YAML or JSON file")
+    text = _read_utf8(path)
     try:
         raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(f"{path}: cannot parse: {exc}") from None
     return raw or {}, ({} if path.suffix == ".json" else _key_lines(text, str(path)))
+
+
+def _read_utf8(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise ConfigError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[err.start]:02x} at column {column}); "
+                          "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
 
 
 def load_params(path: str | Path = "params.yaml", override: str | Path | None = None) -> Params:

@@ -506,3 +506,9 @@ def test_cli_weights(tmp_path: Path) -> None:
     assert main([str(path), "--out-dir", str(out), "--weight", "forum=3", "--seed", "5"]) == 0
     params = json.loads((out / MANIFEST_FILE).read_text())["params"]
     assert params["weights"] == {"arxiv_synthetic": 1.0, "cross_validated": 2.0, "forum": 3.0}
+
+
+def test_params_check_the_same_weight_limit_at_load_time() -> None:
+    from expqa.config import MAX_WEIGHT
+
+    assert MAX_WEIGHT == combine_module.MAX_WEIGHT

@@ -62,7 +62,7 @@ MANIFEST_FILE = "manifest.json"
 OUTPUT_FILES = tuple(f"{split}.jsonl" for split in SPLITS) + (QUARANTINE_FILE,)
 DEFAULT_WEIGHTS = {"cross_validated": 2.0, "arxiv_synthetic": 1.0}
 UNKNOWN_SOURCE = "(unknown)"  # invalid rows whose source cannot be read
-MAX_WEIGHT = 1000.0  # copies are stored in 16 bits; a larger weight is surely a typo
+MAX_WEIGHT = 1000.0  # copies are stored in 16 bits; a larger weight is surely a typo (config.MAX_WEIGHT)
 # Every read row ends up in exactly one of these, so read == their sum.
 OUTCOME_FIELDS = ("kept", "invalid", "duplicates_exact", "duplicates_normalised", "dropped_weight0")
 SPLIT_FIELDS = tuple(f"{split}_conversations" for split in SPLITS)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from expqa.chatml import DataError
-from expqa.combine import combine_datasets
+from expqa.combine import EmptySplitError, combine_datasets
 from expqa.config import ConfigError, load_params
 
 
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
         d = params.data
         manifest = combine_datasets(args.inputs, args.out, weights=d.weights, test_fraction=d.test_fraction,
                                     val_fraction=d.val_fraction, on_invalid=d.on_invalid, seed=params.base.seed)
-    except (ConfigError, DataError, OSError) as exc:
+    except (ConfigError, DataError, EmptySplitError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     totals = manifest["totals"]

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from expqa.config import ConfigError, load_params
-from expqa.stats import get_dataset_stats
+from expqa.stats import get_dataset_stats, summary_line
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,8 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
     args.histogram.write_text("tokens,conversations\n" + "".join(
         f"{row['tokens']},{row['conversations']}\n" for row in histogram))
-    print(f"stats: {sum(s['conversations'] for s in stats['splits'].values())} conversations, "
-          f"p50 {stats['token_length']['p50']} tokens -> {args.out}")
+    print(summary_line(stats) + f" -> {args.out}")
     return 0
 
 

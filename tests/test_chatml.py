@@ -79,6 +79,18 @@ INVALID_LINES = {
         json.dumps({"messages": [user(), assistant()], "source": None}),
         "'source' is None (null)",
     ),
+    # json.dumps writes these as \ud800 and \u0000 escapes, as a producer of bad JSONL would.
+    "lone surrogate": (row_line([user("bad \ud800 x"), assistant()]),
+                       "messages[0].content holds a lone surrogate \\ud800 at character 5"),
+    "lone surrogate in a key": (row_line([user(), assistant()], meta={"k\udfff": 1}),
+                                "a key of meta holds a lone surrogate \\udfff"),
+    "NUL": (row_line([user(), assistant("a\x00")]), "messages[1].content holds a NUL character (\\u0000)"),
+    "nested 100,000 levels": ("[" * 100_000 + "]" * 100_000, "invalid JSON: nested deeper than 64 levels"),
+    "nested 100 levels": (row_line([user(), assistant()], meta=json.loads("[" * 100 + "]" * 100)),
+                          "invalid JSON: nested deeper than 64 levels (at meta"),
+    "unterminated string": ('{"messages": [{"role": "user", "content": "abc',
+                            "invalid JSON: Unterminated string starting at column 43"),
+    "huge integer": ('{"id": ' + "9" * 5000 + "}", "invalid JSON: Exceeds the limit"),
 }
 
 
@@ -98,6 +110,13 @@ def test_invalid_row_reports_file_line_and_reason(tmp_path: Path, bad_line: str,
     assert reason in error.reason
     assert str(error).startswith(f"{path}:3: {error.reason}")
     assert "hint:" in str(error)
+
+
+def test_valid_surrogate_pair_and_escaped_backslash_u_pass(tmp_path: Path) -> None:
+    # An emoji written as its escaped pair, and a literal backslash followed by "ud800", are good text.
+    row = {**VALID, "messages": [user("emoji \U0001f600 and \\ud800"), assistant()]}
+    path = write_lines(tmp_path / "data.jsonl", [json.dumps(row)])
+    assert load_chatml_dataset(path) == [row]
 
 
 def test_bad_utf8_names_the_byte_and_column(tmp_path: Path) -> None:

@@ -305,6 +305,12 @@ def test_missing_file_is_reported(tmp_path: Path) -> None:
         collect_stackexchange(tmp_path / "Posts.xml", tmp_path / "pairs.jsonl", **DEFAULT_PARAMS)
 
 
+def test_output_that_is_a_directory_is_named_before_importing(tmp_path: Path) -> None:
+    with pytest.raises(IsADirectoryError, match=f"^output {tmp_path} is a directory; give a file path"):
+        collect_stackexchange(SAMPLE_POSTS, tmp_path, **DEFAULT_PARAMS)
+    assert list(tmp_path.iterdir()) == []  # no scratch or temp file left behind
+
+
 def test_inconsistent_length_limits_are_rejected(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="min_answer_chars"):
         run(tmp_path, [], min_answer_chars=100, max_answer_chars=10)

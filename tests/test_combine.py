@@ -5,24 +5,28 @@ from __future__ import annotations
 import json
 import random
 import re
+import runpy
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import expqa.combine as combine_module
+from conftest import REPO
 from expqa.chatml import DataError, content_id
 from expqa.combine import (
     MANIFEST_FILE,
     OUTPUT_FILES,
     SPLITS,
     UNKNOWN_SOURCE,
+    EmptySplitError,
     combine_datasets,
     main,
     normalise_text,
 )
 
 WEIGHTS = {"cross_validated": 2.0, "arxiv_synthetic": 1.0}
+NO_HOLDOUT = {"test_fraction": 0.0, "val_fraction": 0.0}  # for a few rows: test and val need 3 conversations
 ALL_FILES = (*OUTPUT_FILES, MANIFEST_FILE)
 
 
@@ -121,7 +125,7 @@ def test_skip_quarantines_invalid_rows_and_counts_add_up(tmp_path: Path) -> None
         conversation("Another good one?", source="arxiv_synthetic"),
     ]
     path = write_jsonl(tmp_path / "in.jsonl", rows)
-    manifest = run([path], tmp_path / "out", on_invalid="skip")
+    manifest = run([path], tmp_path / "out", on_invalid="skip", **NO_HOLDOUT)
     quarantine = read_jsonl(tmp_path / "out" / "quarantine.jsonl")
     assert [(q["path"], q["line"]) for q in quarantine] == [("in.jsonl", 2), ("in.jsonl", 3), ("in.jsonl", 4)]
     assert quarantine[0]["raw"] == "{not json"
@@ -132,6 +136,86 @@ def test_skip_quarantines_invalid_rows_and_counts_add_up(tmp_path: Path) -> None
     assert manifest["totals"]["read"] == 5 and manifest["totals"]["kept"] == 2
     assert manifest["outputs"]["quarantine.jsonl"]["rows"] == 3
     assert_counts_add_up(manifest)
+
+
+# Rows whose JSON is valid but whose text is not (json.dumps writes the \ud800 and \u0000 escapes).
+BAD_TEXT_ROWS = {
+    "lone surrogate": (conversation("Bad \ud800 text?"), "messages[0].content holds a lone surrogate \\ud800"),
+    "surrogate in metadata": ({**conversation("Bad id?"), "id": "x\udc00"}, "id holds a lone surrogate \\udc00"),
+    "NUL": (conversation("Fine?", "Bad\x00answer"), "messages[1].content holds a NUL character (\\u0000)"),
+    "nested 100,000 levels": ("[" * 100_000 + "]" * 100_000, "invalid JSON: nested deeper than 64 levels"),
+}
+
+
+@pytest.mark.parametrize("bad_row, reason", BAD_TEXT_ROWS.values(), ids=BAD_TEXT_ROWS.keys())
+def test_bad_text_is_an_error_or_quarantined_with_its_reason(
+    tmp_path: Path, bad_row: dict[str, Any] | str, reason: str
+) -> None:
+    path = write_jsonl(tmp_path / "in.jsonl", [*distinct_questions(5), bad_row])
+    with pytest.raises(DataError, match=re.escape(f"{path}:6: {reason}")):
+        run([path], tmp_path / "out")
+    manifest = run([path], tmp_path / "out", on_invalid="skip")
+    (quarantined,) = read_jsonl(tmp_path / "out" / "quarantine.jsonl")
+    assert quarantined["line"] == 6 and quarantined["reason"].startswith(reason)
+    assert manifest["totals"]["invalid"] == 1 and manifest["totals"]["kept"] == 5
+    assert_counts_add_up(manifest)
+
+
+EMPTY_INPUTS = {
+    "0 bytes": (b"", "no rows in in.jsonl (0 bytes)"),
+    "blank lines": (b"\n  \n\t\r\n", "no rows in in.jsonl (only blank lines)"),
+    "all invalid": (b'{}\n[1]\n', "read 2 row(s): 2 invalid, 0 duplicate(s), 0 dropped by weight 0; "
+                    "first invalid row: in.jsonl:1: missing 'messages'"),
+}
+
+
+@pytest.mark.parametrize("content, why", EMPTY_INPUTS.values(), ids=EMPTY_INPUTS.keys())
+def test_no_kept_conversation_is_an_error_that_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, content: bytes, why: str
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "in.jsonl").write_bytes(content)
+    with pytest.raises(EmptySplitError) as caught:
+        run([Path("in.jsonl")], Path("out"), on_invalid="skip")
+    assert str(caught.value).startswith("no conversation kept, so train/val/test would be empty; ")
+    assert why in str(caught.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]  # no outputs, no temp dirs
+
+
+@pytest.mark.parametrize(
+    "questions, empty_split",
+    [(["One?", "Two?"], "test"), (["Same?"] * 4, "val")],
+    ids=["two conversations", "one question"],
+)
+def test_a_split_left_empty_by_too_few_questions_is_an_error(
+    tmp_path: Path, questions: list[str], empty_split: str
+) -> None:
+    rows = [conversation(q, f"Answer {i}.", id=f"c{i}") for i, q in enumerate(questions)]
+    path = write_jsonl(tmp_path / "in.jsonl", rows)
+    message = rf"^{empty_split} split would be empty: {len(rows)} conversation\(s\) kept, with {len(set(questions))}"
+    with pytest.raises(EmptySplitError, match=message) as caught:
+        run([path], tmp_path / "out")
+    assert f"set data.{empty_split}_fraction: 0" in str(caught.value)
+    run([path], tmp_path / "out", **NO_HOLDOUT)  # without holdout the same rows are fine
+
+
+def test_weights_that_leave_train_without_rows_are_an_error(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "in.jsonl", distinct_questions(4))
+    with pytest.raises(EmptySplitError, match=r"^train split has 2 conversation\(s\) but 0 rows after weighting: "
+                       r"data.weights \(arxiv_synthetic 1, cross_validated 0.001\)"):
+        run([path], tmp_path / "out", weights={**WEIGHTS, "cross_validated": 0.001})
+
+
+def test_a_directory_as_input_is_named_as_such(tmp_path: Path) -> None:
+    with pytest.raises(IsADirectoryError, match=f"input {tmp_path} is a directory; give the JSONL files in it"):
+        run([tmp_path], tmp_path / "out")
+
+
+def test_stage_reports_an_empty_split_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    stage = runpy.run_path(str(REPO / "stages" / "combine.py"))
+    path = write_jsonl(tmp_path / "in.jsonl", [])
+    assert stage["main"]([str(path), "--out", str(tmp_path / "out"), "--params", str(REPO / "params.yaml")]) == 2
+    assert capsys.readouterr().err.startswith("error: no conversation kept")
 
 
 def test_quarantine_is_written_empty_when_every_row_is_valid(tmp_path: Path) -> None:
@@ -182,7 +266,7 @@ def test_exact_and_normalised_duplicates_are_dropped_keeping_the_first(tmp_path:
     file_b = write_jsonl(
         tmp_path / "b.jsonl", [{**exact_copy, "source": "cross_validated"}, fullwidth, other_answer]
     )
-    manifest = run([file_a, file_b], tmp_path / "out", weights={**WEIGHTS, "cross_validated": 1.0})
+    manifest = run([file_a, file_b], tmp_path / "out", weights={**WEIGHTS, "cross_validated": 1.0}, **NO_HOLDOUT)
     counts = manifest["sources"]["cross_validated"]
     assert (counts["duplicates_exact"], counts["duplicates_normalised"], counts["kept"]) == (1, 2, 2)
     ids = {row["id"] for rows in split_rows(tmp_path / "out").values() for row in rows}
@@ -199,7 +283,7 @@ def test_reused_id_for_a_different_conversation_is_invalid(tmp_path: Path) -> No
     path = write_jsonl(tmp_path / "in.jsonl", [conversation("a?", id="x"), conversation("b?", id="x")])
     with pytest.raises(DataError, match=r"in.jsonl:2: id 'x' is already used"):
         run([path], tmp_path / "out")
-    manifest = run([path], tmp_path / "out", on_invalid="skip")
+    manifest = run([path], tmp_path / "out", on_invalid="skip", **NO_HOLDOUT)
     assert manifest["totals"]["invalid"] == 1
 
 
@@ -422,3 +506,9 @@ def test_cli_weights(tmp_path: Path) -> None:
     assert main([str(path), "--out-dir", str(out), "--weight", "forum=3", "--seed", "5"]) == 0
     params = json.loads((out / MANIFEST_FILE).read_text())["params"]
     assert params["weights"] == {"arxiv_synthetic": 1.0, "cross_validated": 2.0, "forum": 3.0}
+
+
+def test_params_check_the_same_weight_limit_at_load_time() -> None:
+    from expqa.config import MAX_WEIGHT
+
+    assert MAX_WEIGHT == combine_module.MAX_WEIGHT

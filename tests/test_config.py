@@ -66,7 +66,20 @@ def test_cpu_overrides_apply_only_without_gpu(shipped_params):
 
 @pytest.mark.parametrize("old,new,expected", [
     ("  r: 16", "  r: 0", "lora.r is 0; must be a positive integer"),
-    ("learning_rate: 2.0e-4", "learning_rate: 0", "train.learning_rate is 0.0; must be > 0"),
+    ("learning_rate: 2.0e-4", "learning_rate: 0", "train.learning_rate is 0.0; must be in (0, 1)"),
+    ("learning_rate: 2.0e-4", "learning_rate: 5", "train.learning_rate is 5.0; must be in (0, 1)"),
+    ("learning_rate: 2.0e-4", "learning_rate: .nan", "train.learning_rate is nan; expected a finite number"),
+    ("warmup_ratio: 0.03", "warmup_ratio: -.inf", "train.warmup_ratio is -inf; expected a finite number"),
+    ("weight_decay: 0.0", "weight_decay: -0.1", "train.weight_decay is -0.1; must be >= 0"),
+    ("max_grad_norm: 0.3", "max_grad_norm: -1.0", "train.max_grad_norm is -1.0; must be >= 0"),
+    ("cross_validated: 2.0", "cross_validated: .nan", "data.weights.cross_validated is nan; expected a finite"),
+    ("arxiv_synthetic: 1.0", "arxiv_synthetic: .inf", "data.weights.arxiv_synthetic is inf; expected a finite"),
+    ("cross_validated: 2.0", "cross_validated: 5000", "data.weights.cross_validated is 5000; use 0 (drops the "
+                                                      "source) to 1000"),
+    ("seed: 42", "seed: -1", "base.seed is -1; use 0 to 4294967295"),
+    ("min_answer_chars: 80", "min_answer_chars: -1", "collect.min_answer_chars is -1; use 0 or a positive count"),
+    ("site_url: https://stats.stackexchange.com", "site_url: stats.stackexchange.com",
+     "collect.site_url is 'stats.stackexchange.com'; give the site's address with its scheme"),
     ("bnb_4bit_quant_type: nf4", "bnb_4bit_quant_type: int3", "quantization.bnb_4bit_quant_type is 'int3'; allowed: nf4, fp4"),
     ("per_device_train_batch_size: 16", "per_device_train_batch_size: 0", "train.per_device_train_batch_size is 0"),
     ("  r: 16", "  r: sixteen", "lora.r is 'sixteen' (str); expected int"),
@@ -149,3 +162,12 @@ def test_gradient_checkpointing_spellings(tmp_path, written, mode):
     params = load_params(path)
     assert params.train.gradient_checkpointing == mode
     assert params.for_device(False).train.gradient_checkpointing == "off"  # the cpu profile
+
+
+def test_override_file_that_is_not_utf8_or_a_directory(tmp_path):
+    latin1 = tmp_path / "my.yaml"
+    latin1.write_bytes("data:\n  on_invalid: skip  # café\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=rf"^{latin1}:2: not valid UTF-8 \(byte 0xe9 at column 26\); save the file"):
+        load_params(REPO / "params.yaml", latin1)
+    with pytest.raises(ConfigError, match=rf"^{tmp_path}: is a directory; give a YAML or JSON file"):
+        load_params(REPO / "params.yaml", tmp_path)

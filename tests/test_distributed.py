@@ -223,11 +223,32 @@ def test_several_machines_use_torchruns_rendezvous_variables(clean_env):
     assert "--standalone" not in cmd and cmd[-3:] == ["--nproc_per_node=8", "s.py", "--x"]
 
 
+class FakeLauncher:
+    """A torchrun process whose wait() returns (or raises) the given outcomes one after the other."""
+
+    def __init__(self, outcomes):
+        self.outcomes = list(outcomes)
+
+    def wait(self):
+        outcome = self.outcomes.pop(0)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+
+def test_ctrl_c_leaves_the_workers_to_save_and_report(clean_env, monkeypatch, capsys):
+    # Two Ctrl-C reach the parent too: it keeps waiting, silently, and returns the workers' code.
+    launcher = FakeLauncher([KeyboardInterrupt(), KeyboardInterrupt(), 130])
+    monkeypatch.setattr(distributed.subprocess, "Popen", lambda cmd, **kwargs: launcher)
+    assert distributed.relaunch("s.py", [], 2) == 130
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize("node_rank,written,expected", [("0", False, 1), ("0", True, 0), ("1", False, 0)])
 def test_node_0_fails_when_rank_0_wrote_elsewhere(clean_env, tmp_path, capsys, node_rank, written, expected):
     clean_env.setenv("PET_NNODES", "2")
     clean_env.setenv("PET_NODE_RANK", node_rank)
-    clean_env.setattr(distributed.subprocess, "call", lambda cmd, **kwargs: 0)
+    clean_env.setattr(distributed.subprocess, "Popen", lambda cmd, **kwargs: FakeLauncher([0]))
     if written:
         (tmp_path / "adapter").mkdir()
     assert distributed.relaunch("s.py", [], 1, output=tmp_path / "adapter") == expected

@@ -13,6 +13,7 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import REPO, make_tiny_llama, tiny_training_config
+from expqa import trainer as trainer_module
 from expqa.config import LoRAConfig
 from expqa.trainer import (FINGERPRINT_FILE, QLoRATrainer, StopOnSignal, TrainingError,
                            find_resumable_checkpoint)
@@ -102,6 +103,34 @@ def test_signal_asks_for_a_checkpoint_and_a_stop():
     callback._handle(signal.SIGINT, None)
     callback.on_step_end(None, None, control)
     assert control.should_save and control.should_training_stop
+
+
+def test_second_signal_exits_at_once_with_one_line(monkeypatch, capsys):
+    def exit_instead(code):
+        raise SystemExit(code)
+
+    monkeypatch.setattr(trainer_module.os, "_exit", exit_instead)  # the real one would end pytest
+    callback = StopOnSignal()
+    callback._handle(signal.SIGINT, None)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stopped:
+        callback._handle(signal.SIGINT, None)
+    assert stopped.value.code == 130
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == ["train: aborted by a second signal (SIGINT); the next run resumes from the last complete "
+                     "checkpoint"]
+
+
+def test_why_a_checkpoint_is_skipped_is_printed_once(tmp_path, capsys):
+    folder = tmp_path / "checkpoint-3"
+    folder.mkdir()
+    (folder / "trainer_state.json").write_text("{}")
+    assert find_resumable_checkpoint(tmp_path, {}, remove_foreign=False) is None
+    assert capsys.readouterr().err == ""  # not the main process: it only logs
+    assert find_resumable_checkpoint(tmp_path, {}) is None
+    assert capsys.readouterr().err == (f"train: skipping checkpoint {folder} (missing adapter_model.safetensors, "
+                                       f"optimizer.pt, scheduler.pt, {FINGERPRINT_FILE}); falling back to the one "
+                                       "before\n")
 
 
 def run_stage(repo_params, base, data, out, ckpt, metrics):

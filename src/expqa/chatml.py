@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -28,6 +29,9 @@ logger = logging.getLogger(__name__)
 ALLOWED_ROLES = ("system", "user", "assistant")
 ON_INVALID_CHOICES = ("error", "skip")
 AUTO_ID_PREFIX = "sha256-"
+# Deeper rows are refused: json's C parser and encoder recurse per level, so a row a few hundred levels deep
+# would parse but crash later while it is hashed or written. ChatML rows need about 4.
+MAX_NESTING = 64
 
 FORMAT_HINT = (
     'expected {"messages": [{"role": "user", "content": "..."}, '
@@ -197,27 +201,92 @@ def iter_raw_lines(path: str | Path) -> Iterator[RawLine]:
 
 
 def parse_json_line(data: bytes) -> object:
-    """Decode one JSONL line; raise ValueError(reason) for bad UTF-8 or bad JSON."""
+    """Decode one JSONL line; raise ValueError(reason) for bad UTF-8, bad JSON or text that is not text."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
         raise ValueError(
             f"not valid UTF-8 (byte 0x{data[err.start]:02x} at column {err.start + 1})"
         ) from None
-    # A byte-order mark is legal UTF-8 but not JSON; editors on Windows add one to line 1.
-    text = text.lstrip("\ufeff")
+    # A byte-order mark is legal UTF-8 but not JSON; editors on Windows add one to line 1. The line end goes
+    # too, or a string left open reports the newline as an "invalid control character" instead.
+    text = text.lstrip("\ufeff").rstrip("\r\n")
+    value = _loads(text)
+    _check_value(value, text)
+    return value
+
+
+def _loads(text: str) -> object:
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
-        raise ValueError(f"invalid JSON: {err.msg} at column {err.colno}") from None
+        # json's messages end in " at" before the position ("Unterminated string starting at").
+        raise ValueError(f"invalid JSON: {err.msg.removesuffix(' at')} at column {err.colno}") from None
+    except RecursionError:
+        raise ValueError(f"invalid JSON: nested deeper than {MAX_NESTING} levels") from None
+    except ValueError as err:  # not a syntax error, e.g. an integer of more than 4300 digits
+        raise ValueError(f"invalid JSON: {err}") from None
+
+
+# A NUL or a lone UTF-16 surrogate can only enter a string through a \u escape: raw NUL bytes are a JSON
+# error and raw surrogates are not UTF-8. Rows without such an escape skip the (slower) walk over strings.
+_SUSPECT_ESCAPE = re.compile(r"\\u(?:0000|[dD][89a-fA-F])")
+_BAD_CHARACTER = re.compile("[\x00\ud800-\udfff]")
+
+
+def _check_value(value: object, text: str) -> None:
+    """Refuse rows nested deeper than MAX_NESTING and strings holding NUL or a lone surrogate.
+
+    A lone surrogate cannot be encoded as UTF-8, so hashing or writing the row would crash; NUL is never
+    part of text and tokenizers treat it inconsistently. Both are rejected rather than stripped, so the
+    row is fixed at its source (or quarantined with this reason) instead of changed silently.
+    """
+    check_strings = _SUSPECT_ESCAPE.search(text) is not None
+    if not check_strings and text.count("[") + text.count("{") <= MAX_NESTING:
+        return
+    stack: list[tuple[object, str, int]] = [(value, "row", 0)]  # iterative: the depth is what is checked
+    while stack:
+        node, where, depth = stack.pop()
+        if depth > MAX_NESTING:
+            raise ValueError(f"invalid JSON: nested deeper than {MAX_NESTING} levels (at {where})")
+        children: list[tuple[object, str, int]] = []
+        if isinstance(node, dict):
+            for key, item in node.items():
+                if check_strings:
+                    _check_string(key, f"a key of {where}")
+                children.append((item, key if where == "row" else f"{where}.{key}", depth + 1))
+        elif isinstance(node, list):
+            children = [(item, f"{where}[{index}]", depth + 1) for index, item in enumerate(node)]
+        elif isinstance(node, str) and check_strings:
+            _check_string(node, where)
+        stack.extend(reversed(children))  # reversed: the first bad value in reading order is reported
+
+
+def _check_string(text: str, where: str) -> None:
+    match = _BAD_CHARACTER.search(text)
+    if match is None:
+        return
+    position = match.start() + 1
+    if match.group() == "\x00":
+        raise ValueError(f"{where} holds a NUL character (\\u0000) at character {position}")
+    raise ValueError(
+        f"{where} holds a lone surrogate \\u{ord(match.group()):04x} at character {position} "
+        "(half of a UTF-16 pair; it cannot be written as UTF-8)"
+    )
 
 
 def hint_for(reason: str) -> str:
     """A short how-to-fix for a reason from ``parse_json_line``/``validate_conversation``."""
     if reason.startswith("not valid UTF-8"):
         return "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+    if reason.startswith("invalid JSON: nested deeper"):
+        return f"flatten the row: a ChatML row needs only a few levels of nesting (limit {MAX_NESTING})"
     if reason.startswith("invalid JSON"):
         return "each line must be one complete JSON object; check quotes and escapes"
+    if "holds a NUL character" in reason:
+        return "remove the \\u0000 escapes; NUL is never part of text"
+    if "holds a lone surrogate" in reason:
+        return "write the character itself, or both halves of its pair (e.g. \\ud83d\\ude00)"
     return FORMAT_HINT
 
 

@@ -564,6 +564,9 @@ def collect_stackexchange(
         tags, min_question_score, min_answer_score, min_answer_chars, max_answer_chars,
         site_url, source,
     )
+    if out_path.is_dir():  # else the final rename fails after the whole import, naming the temp file
+        raise IsADirectoryError(f"output {out_path} is a directory; give a file path, "
+                                f"e.g. {out_path}/stackexchange.jsonl")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     # Next to the output, not in /tmp: /tmp is often RAM-backed and the spill can be GBs.
     with tempfile.TemporaryDirectory(prefix=".collect-", dir=out_path.parent) as scratch:

@@ -62,12 +62,16 @@ MANIFEST_FILE = "manifest.json"
 OUTPUT_FILES = tuple(f"{split}.jsonl" for split in SPLITS) + (QUARANTINE_FILE,)
 DEFAULT_WEIGHTS = {"cross_validated": 2.0, "arxiv_synthetic": 1.0}
 UNKNOWN_SOURCE = "(unknown)"  # invalid rows whose source cannot be read
-MAX_WEIGHT = 1000.0  # copies are stored in 16 bits; a larger weight is surely a typo
+MAX_WEIGHT = 1000.0  # copies are stored in 16 bits; a larger weight is surely a typo (config.MAX_WEIGHT)
 # Every read row ends up in exactly one of these, so read == their sum.
 OUTCOME_FIELDS = ("kept", "invalid", "duplicates_exact", "duplicates_normalised", "dropped_weight0")
 SPLIT_FIELDS = tuple(f"{split}_conversations" for split in SPLITS)
 STAT_FIELDS = ("read", *OUTCOME_FIELDS, *SPLIT_FIELDS, "train_rows")
 _HASH_END = 1 << 64  # all 64-bit keys are below this
+
+
+class EmptySplitError(ValueError):
+    """A split would be written empty; the message says why and what was dropped on the way."""
 
 
 # --- keys -----------------------------------------------------------------------------------
@@ -181,10 +185,15 @@ class Scanner:
         self._seen_exact: set[int] = set()
         self._seen_normalised: set[int] = set()
         self._seen_ids: set[int] = set()
+        self.rows_per_file: list[int] = []  # non-blank lines read, to name empty inputs in errors
+        self.first_invalid = ""  # "path:line: reason" of the first quarantined row, for the same
 
     def scan_file(self, file_index: int, path: Path) -> None:
+        rows = 0
         for raw in iter_raw_lines(path):
+            rows += 1
             self._scan_line(file_index, path, raw)
+        self.rows_per_file.append(rows)
 
     def forget_seen(self) -> None:
         """Free the dedup sets (the largest memory) once every input is scanned."""
@@ -255,6 +264,7 @@ class Scanner:
             raise DataError(path, raw.line, reason, hint or hint_for(reason))
         self.stats.setdefault(source, Counter())
         self._count(source, "invalid")
+        self.first_invalid = self.first_invalid or f"{display_path(path)}:{raw.line}: {reason}"
         record = {
             "path": display_path(path),
             "line": raw.line,
@@ -397,6 +407,56 @@ def display_path(path: Path) -> str:
         return path.name
 
 
+# --- empty splits -------------------------------------------------------------------------------
+
+
+def check_splits_not_empty(inputs: Sequence[Path], scanner: Scanner, params: Mapping[str, Any]) -> None:
+    """Raise EmptySplitError for a split that would be empty although its fraction asks for rows.
+
+    An empty train/val/test file would pass combine silently and fail (or train on nothing) later.
+    """
+    totals = Counter()
+    for counts in scanner.stats.values():
+        totals.update(counts)
+    if totals["kept"] == 0:
+        raise EmptySplitError(f"no conversation kept, so train/val/test would be empty; {_losses(totals)}"
+                              f"{_empty_inputs(inputs, scanner.rows_per_file)}{_first_invalid(scanner)}; "
+                              "fix the inputs (or run the collect stage again)")
+    wanted = {"test": params["test_fraction"], "val": params["val_fraction"], "train": 1.0}
+    for split, fraction in wanted.items():
+        if fraction > 0 and totals[f"{split}_conversations"] == 0:
+            raise EmptySplitError(_too_few_groups(split, totals, len(set(scanner.kept.group))))
+    if totals["train_rows"] == 0:
+        weights = ", ".join(f"{source} {weight:g}" for source, weight in params["weights"].items())
+        raise EmptySplitError(
+            f"train split has {totals['train_conversations']} conversation(s) but 0 rows after weighting: "
+            f"data.weights ({weights}) drew no copy of any; raise the weights (1 keeps each conversation once)"
+        )
+
+
+def _losses(totals: Mapping[str, int]) -> str:
+    duplicates = totals["duplicates_exact"] + totals["duplicates_normalised"]
+    return (f"read {totals['read']} row(s): {totals['invalid']} invalid, {duplicates} duplicate(s), "
+            f"{totals['dropped_weight0']} dropped by weight 0")
+
+
+def _empty_inputs(inputs: Sequence[Path], rows_per_file: Sequence[int]) -> str:
+    empty = [f"{display_path(path)} ({'0 bytes' if path.stat().st_size == 0 else 'only blank lines'})"
+             for path, rows in zip(inputs, rows_per_file) if rows == 0]
+    return f"; no rows in {', '.join(empty)}" if empty else ""
+
+
+def _first_invalid(scanner: Scanner) -> str:
+    return f"; first invalid row: {scanner.first_invalid}" if scanner.first_invalid else ""
+
+
+def _too_few_groups(split: str, totals: Mapping[str, int], groups: int) -> str:
+    fix = f"set data.{split}_fraction: 0" if split != "train" else "lower data.test_fraction/val_fraction"
+    return (f"{split} split would be empty: {totals['kept']} conversation(s) kept, with {groups} distinct first "
+            "question(s); test and val get one only from 3 conversations on, and all conversations of a question "
+            f"go to the same split; add conversations with other questions, or {fix} ({_losses(totals)})")
+
+
 # --- manifest ---------------------------------------------------------------------------------
 
 
@@ -520,6 +580,7 @@ def _combine_into(inputs: list[Path], work_dir: Path, params: dict[str, Any]) ->
     kept, stats = scanner.kept, scanner.stats
     bounds = split_bounds(kept.group, params["test_fraction"], params["val_fraction"])
     plan = plan_outputs(kept, bounds, scanner.sources, stats)
+    check_splits_not_empty(inputs, scanner, params)
     row_counts = {QUARANTINE_FILE: sum(counts["invalid"] for counts in stats.values())}
     reader = RowReader(inputs)
     try:
@@ -550,6 +611,8 @@ def _check_params(
     if not inputs:
         raise ValueError("no input files given")
     for path in inputs:
+        if path.is_dir():
+            raise IsADirectoryError(f"input {path} is a directory; give the JSONL files in it, e.g. {path}/*.jsonl")
         if not path.is_file():
             raise FileNotFoundError(f"input file not found: {path} (run the collect stage?)")
     if not weights:
@@ -609,7 +672,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.inputs, args.out_dir, weights=weights, test_fraction=args.test_fraction,
             val_fraction=args.val_fraction, on_invalid=args.on_invalid, seed=args.seed,
         )
-    except (DataError, ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:  # DataError and EmptySplitError are ValueErrors
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(json.dumps(manifest["totals"], sort_keys=True))

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import yaml
 
@@ -22,6 +24,8 @@ ATTENTION_KERNELS = ("sdpa", "eager", "expqa_varlen")
 CHECKPOINTING_MODES = ("auto", "off", "selective", "full")  # expqa.checkpointing.MODES
 GGUF_EXPORT_TYPES = ("f32", "f16", "bf16", "q8_0")
 LM_HEAD_LOSSES = ("trl", "expqa")
+MAX_WEIGHT = 1000.0  # expqa.combine.MAX_WEIGHT: train copies are stored in 16 bits, and more is surely a typo
+SEED_END = 2**32  # numpy's seeds (set by transformers' set_seed) are 32-bit
 
 
 class ConfigError(ValueError):
@@ -45,6 +49,11 @@ def _help(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
 class BaseConfig:
     seed: int = _help("Seed for data splitting, LoRA init, shuffling and sampling.", 42)
 
+    def validate(self) -> list[str]:
+        if 0 <= self.seed < SEED_END:
+            return []
+        return [f"base.seed is {self.seed}; use 0 to {SEED_END - 1} (numpy's seeds are 32-bit)"]
+
 
 @dataclass
 class ModelConfig:
@@ -66,10 +75,17 @@ class CollectConfig:
     site_url: str = _help("Site the dump comes from; used for attribution URLs.", "https://stats.stackexchange.com")
 
     def validate(self) -> list[str]:
+        errors = []
+        if self.min_answer_chars < 0:
+            errors.append(f"collect.min_answer_chars is {self.min_answer_chars}; use 0 or a positive count")
         if self.min_answer_chars > self.max_answer_chars:
-            return [f"collect.min_answer_chars ({self.min_answer_chars}) > collect.max_answer_chars "
-                    f"({self.max_answer_chars})"]
-        return []
+            errors.append(f"collect.min_answer_chars ({self.min_answer_chars}) > collect.max_answer_chars "
+                          f"({self.max_answer_chars})")
+        url = urlparse(self.site_url)
+        if url.scheme not in ("http", "https") or not url.netloc:
+            errors.append(f"collect.site_url is {self.site_url!r}; give the site's address with its scheme, "
+                          "e.g. https://stats.stackexchange.com")
+        return errors
 
 
 @dataclass
@@ -83,7 +99,10 @@ class DataConfig:
                             "error")
 
     def validate(self) -> list[str]:
-        errors = [f"data.weights.{k} is {v}; weights must be >= 0" for k, v in self.weights.items() if v < 0]
+        errors = [f"data.weights.{k} is {v:g}; use 0 (drops the source) to {MAX_WEIGHT:g} (copies in train)"
+                  for k, v in self.weights.items() if not 0 <= v <= MAX_WEIGHT]
+        if not self.weights:
+            errors.append("data.weights is empty; give every source a weight, e.g. cross_validated: 1.0")
         if not 0 <= self.test_fraction < 1 or not 0 <= self.val_fraction < 1 \
                 or self.test_fraction + self.val_fraction >= 1:
             errors.append(f"data.test_fraction ({self.test_fraction}) and data.val_fraction ({self.val_fraction}) "
@@ -197,8 +216,11 @@ class TrainingConfig:
                     "logging_steps", "eval_steps", "save_steps", "save_total_limit"):
             if getattr(self, key) <= 0:
                 errors.append(f"train.{key} is {getattr(self, key)}; must be a positive integer")
-        if self.learning_rate <= 0:
-            errors.append(f"train.learning_rate is {self.learning_rate}; must be > 0 (seed: 2e-4)")
+        if not 0 < self.learning_rate < 1:
+            errors.append(f"train.learning_rate is {self.learning_rate}; must be in (0, 1) (seed: 2e-4)")
+        for key in ("weight_decay", "max_grad_norm"):
+            if getattr(self, key) < 0:
+                errors.append(f"train.{key} is {getattr(self, key)}; must be >= 0 (0 turns it off)")
         if self.lr_scheduler_type not in ("cosine", "linear", "constant", "constant_with_warmup"):
             errors.append(f"train.lr_scheduler_type is {self.lr_scheduler_type!r}; "
                           "allowed: cosine, linear, constant, constant_with_warmup")
@@ -359,6 +381,15 @@ def _type_ok(value: Any, annotation: Any) -> bool:
     return True
 
 
+def _non_finite(value: Any, dotted: str) -> list[tuple[str, float]]:
+    """(dotted key, value) of each nan or infinite float in a value (YAML's .nan, .inf); a dict's items by key."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return [(dotted, value)]
+    if isinstance(value, dict):
+        return [bad for key, item in value.items() for bad in _non_finite(item, f"{dotted}.{key}")]
+    return []
+
+
 def _type_name(annotation: Any) -> str:
     return getattr(annotation, "__name__", None) if typing.get_origin(annotation) is None else str(annotation)
 
@@ -396,6 +427,9 @@ def params_from_dict(raw: dict, source: str = "params.yaml", key_lines: dict[str
             elif not _type_ok(item, field_types[key]):
                 errors.append(f"{where(dotted)}: {dotted} is {item!r} ({type(item).__name__}); "
                               f"expected {_type_name(field_types[key])}")
+            elif non_finite := _non_finite(item, dotted):
+                # Reported here, not left to validate(): every range check is False for nan.
+                errors.extend(f"{where(bad)}: {bad} is {value}; expected a finite number" for bad, value in non_finite)
             else:
                 kwargs[key] = float(item) if field_types[key] is float else item
         sections[name] = cls(**kwargs)
@@ -424,12 +458,25 @@ def read_config_file(path: str | Path) -> tuple[dict, dict[str, int]]:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: file not found")
-    text = path.read_text(encoding="utf-8")
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory; give a YAML or JSON file")
+    text = _read_utf8(path)
     try:
         raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise ConfigError(f"{path}: cannot parse: {exc}") from None
     return raw or {}, ({} if path.suffix == ".json" else _key_lines(text, str(path)))
+
+
+def _read_utf8(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
+        raise ConfigError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[err.start]:02x} at column {column}); "
+                          "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
 
 
 def load_params(path: str | Path = "params.yaml", override: str | Path | None = None) -> Params:

@@ -100,7 +100,7 @@ def relaunch(script: str, args: list[str], processes: int, output: Path | None =
     cmd = torchrun_command(script, args, processes)
     nodes = f" (one node of {os.environ.get('PET_NNODES', '?')})" if multi_node_requested() else ""
     print(f"train: launching {processes} processes{nodes}: {' '.join(cmd[1:])}", flush=True)
-    code = subprocess.call(cmd, preexec_fn=die_with_parent)
+    code = _wait_through_ctrl_c(subprocess.Popen(cmd, preexec_fn=die_with_parent))
     if code == 0 and output is not None and multi_node_requested() and os.environ.get("PET_NODE_RANK") == "0" \
             and not output.exists():
         print(f"error: {output} was not written on this machine: rank 0 ran on another one. Use torchrun's static "
@@ -108,6 +108,16 @@ def relaunch(script: str, args: list[str], processes: int, output: Path | None =
               file=sys.stderr)
         return 1
     return code
+
+
+def _wait_through_ctrl_c(process: subprocess.Popen) -> int:
+    """The launcher's exit code. Ctrl-C reaches the workers too (one process group): they save a checkpoint and
+    stop, or abort on a second one, and say so; here it would only kill them (subprocess.call) and add a traceback."""
+    while True:
+        try:
+            return process.wait()
+        except KeyboardInterrupt:
+            continue
 
 
 def agree_across_processes(fingerprint: dict, checkpoint):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from expqa.chatml import load_chatml_dataset
+from expqa.chatml import content_id, load_chatml_dataset
 from expqa.dataset import IGNORE_INDEX, tokenize_conversation
 
 SPLITS = ("train", "val", "test")
@@ -24,8 +24,12 @@ def percentile(sorted_values: list[int], q: float) -> int:
 
 
 def get_dataset_stats(data_dir: str | Path, tokenizer, max_seq_lengths: list[int], bin_width: int = 128) -> dict:
-    """Counts per source and split, token-length percentiles, assistant-token share, truncation rates,
-    and a histogram of conversation lengths (returned under "histogram", written as a plot by the stage)."""
+    """Counts per source and split, token-length percentiles, assistant-token share, truncation counts and rates,
+    and a histogram of conversation lengths (returned under "histogram", written as a plot by the stage).
+
+    A conversation is counted once: the weighted copies combine writes into train (same messages, '#wN' ids) count
+    as its "rows", and its tokens as often as it is trained on, but its length enters the percentiles, truncation
+    and histogram once (combine removed exact duplicates, so equal messages in a split are copies)."""
     data_dir = Path(data_dir)
     stats: dict = {"splits": {}, "sources": {}}
     all_lengths: list[int] = []
@@ -33,24 +37,41 @@ def get_dataset_stats(data_dir: str | Path, tokenizer, max_seq_lengths: list[int
     for split in SPLITS:
         path = data_dir / f"{split}.jsonl"
         rows = load_chatml_dataset(path) if path.exists() else []
-        lengths = []
-        per_source = Counter(row["source"] for row in rows)
+        measured: dict[str, tuple[int, int]] = {}  # content id -> (tokens, assistant tokens), once per conversation
+        per_source: Counter[str] = Counter()
+        tokens = 0
         for row in rows:
-            example = tokenize_conversation(tokenizer, row["messages"])
-            lengths.append(example["length"])
-            assistant_tokens += sum(label != IGNORE_INDEX for label in example["labels"])
-            total_tokens += example["length"]
-        stats["splits"][split] = {"conversations": len(rows), "tokens": sum(lengths),
+            key = content_id(row["messages"])
+            if key not in measured:
+                example = tokenize_conversation(tokenizer, row["messages"])
+                measured[key] = example["length"], sum(label != IGNORE_INDEX for label in example["labels"])
+                per_source[row["source"]] += 1
+            length, assistant = measured[key]
+            tokens += length  # tokens and the assistant share count every row: what training sees
+            assistant_tokens += assistant
+        total_tokens += tokens
+        stats["splits"][split] = {"conversations": len(measured), "rows": len(rows), "tokens": tokens,
                                   "by_source": dict(sorted(per_source.items()))}
         for source, count in per_source.items():
             stats["sources"].setdefault(source, {s: 0 for s in SPLITS})[split] = count
-        all_lengths.extend(lengths)
+        all_lengths.extend(length for length, _ in measured.values())
     all_lengths.sort()
     stats["token_length"] = {name: percentile(all_lengths, q) for name, q in
                              (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))}
     stats["assistant_token_share"] = round(assistant_tokens / total_tokens, 4) if total_tokens else 0.0
-    stats["truncated_share"] = {str(n): round(sum(x > n for x in all_lengths) / len(all_lengths), 4)
-                                if all_lengths else 0.0 for n in sorted(set(max_seq_lengths))}
+    truncated = {str(n): sum(x > n for x in all_lengths) for n in sorted(set(max_seq_lengths))}
+    stats["truncated"] = truncated  # conversations longer than max_seq_length, per length
+    stats["truncated_share"] = {n: round(count / len(all_lengths), 4) if all_lengths else 0.0
+                                for n, count in truncated.items()}
     bins = Counter(length // bin_width * bin_width for length in all_lengths)
     stats["histogram"] = [{"tokens": start, "conversations": bins[start]} for start in sorted(bins)]
     return stats
+
+
+def summary_line(stats: dict) -> str:
+    """The stage's console line: conversations (and rows, when weighting copied some), truncation counts, median."""
+    splits = stats["splits"].values()
+    conversations, rows = sum(s["conversations"] for s in splits), sum(s["rows"] for s in splits)
+    copies = f" ({rows} rows with the weighted train copies)" if rows != conversations else ""
+    truncated = ", ".join(f"{count} longer than {n} tokens" for n, count in stats["truncated"].items())
+    return f"stats: {conversations} conversations{copies}; {truncated}; p50 {stats['token_length']['p50']} tokens"

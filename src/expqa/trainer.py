@@ -20,6 +20,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import tempfile
 from pathlib import Path
 
@@ -90,7 +91,7 @@ class StopOnSignal(TrainerCallback):
 
     def _handle(self, signum, frame):
         if self.received is not None:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
+            abort_now(signum)
         self.received = signum
         print(f"\nreceived signal {signum}: saving a checkpoint after this step (Ctrl-C again to abort)",
               flush=True)
@@ -99,6 +100,16 @@ class StopOnSignal(TrainerCallback):
         if self.received is not None:
             control.should_save = True
             control.should_training_stop = True
+
+
+def abort_now(signum: int) -> None:
+    """Exit at once with one line. Raising KeyboardInterrupt instead unwinds through the Trainer (a traceback of
+    ~130 lines), and interpreter shutdown then runs dvclive's git (dulwich) finalizers, which print more. Nothing is
+    lost: a checkpoint is complete only once its fingerprint file is written, so a half-written one is skipped."""
+    sys.stdout.flush()
+    print(f"\ntrain: aborted by a second signal ({signal.Signals(signum).name}); the next run resumes from the last "
+          "complete checkpoint", file=sys.stderr, flush=True)
+    os._exit(128 + signal.SIGINT)  # 130, the shell's code for Ctrl-C, whichever signal came second
 
 
 class WriteFingerprint(TrainerCallback):
@@ -202,11 +213,18 @@ def find_resumable_checkpoint(checkpoint_dir: Path, fingerprint: dict, remove_fo
         if ok:
             return folder
         if why.startswith("written by a run with other") and remove_foreign:
-            log.warning("removing %s: %s", folder, why)
+            _warn(f"removing {folder}: {why}", remove_foreign)
             shutil.rmtree(folder)
         else:
-            log.warning("skipping checkpoint %s (%s); falling back to the one before", folder, why)
+            _warn(f"skipping checkpoint {folder} ({why}); falling back to the one before", remove_foreign)
     return None
+
+
+def _warn(message: str, on_console: bool) -> None:
+    """Log to logs/training.log and, from one process only, print it: why a run did not resume is news."""
+    log.warning(message)
+    if on_console:
+        print(f"train: {message}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,49 @@
+"""Dataset statistics (expqa.stats): weighted copies are rows, not conversations; truncation is counted."""
+
+import json
+
+import pytest
+
+from expqa import stats as stats_module
+from expqa.dataset import IGNORE_INDEX
+from expqa.stats import get_dataset_stats, summary_line
+
+
+def row(question: str, words: int, source: str = "cross_validated", id: str = "") -> dict:
+    messages = [{"role": "user", "content": question}, {"role": "assistant", "content": " ".join(["w"] * words)}]
+    return {"messages": messages, "source": source, "id": id or question}
+
+
+def fake_tokenize(tokenizer, messages, max_length=None):
+    """One token per word; the assistant's words are the labels."""
+    user, answer = (len(message["content"].split()) for message in messages)
+    return {"length": user + answer, "labels": [IGNORE_INDEX] * user + [1] * answer}
+
+
+@pytest.fixture
+def data_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(stats_module, "tokenize_conversation", fake_tokenize)
+    long_one = row("Long?", 9)
+    splits = {
+        # combine's weighted copies: same messages, '#wN' ids
+        "train": [long_one, {**long_one, "id": "Long?#w2"}, {**long_one, "id": "Long?#w3"}, row("Short?", 2)],
+        "val": [row("Val?", 3, source="arxiv_synthetic")],
+        "test": [row("Test?", 6)],
+    }
+    for split, rows in splits.items():
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return tmp_path
+
+
+def test_weighted_copies_are_rows_and_truncation_is_counted(data_dir):
+    stats = get_dataset_stats(data_dir, tokenizer=None, max_seq_lengths=[6, 8])
+    train = stats["splits"]["train"]
+    assert (train["conversations"], train["rows"], train["tokens"]) == (2, 4, 3 * 10 + 3)
+    assert train["by_source"] == {"cross_validated": 2} and stats["sources"]["cross_validated"]["train"] == 2
+    # lengths 10, 3 (train), 4 (val), 7 (test): each conversation once
+    assert stats["truncated"] == {"6": 2, "8": 1}
+    assert stats["truncated_share"] == {"6": 0.5, "8": 0.25}
+    assert sum(b["conversations"] for b in stats["histogram"]) == 4
+    assert stats["token_length"]["max"] == 10
+    assert summary_line(stats) == ("stats: 4 conversations (6 rows with the weighted train copies); 2 longer than 6 "
+                                   "tokens, 1 longer than 8 tokens; p50 4 tokens")

@@ -84,6 +84,9 @@ def test_cpu_overrides_apply_only_without_gpu(shipped_params):
     ("per_device_train_batch_size: 16", "per_device_train_batch_size: 0", "train.per_device_train_batch_size is 0"),
     ("  r: 16", "  r: sixteen", "lora.r is 'sixteen' (str); expected int"),
     ("on_invalid: error", "on_invalid: ignore", "data.on_invalid is 'ignore'; allowed: error, skip"),
+    ("save_steps: 500", "save_steps: 505",
+     "train.save_steps is 505, not a multiple of train.logging_steps 10: a run resumed from a checkpoint between two "
+     "logged steps would log other loss values than one that never stopped; use e.g. save_steps: 510"),
     ("gradient_checkpointing: auto", "gradient_checkpointing: some",
      "train.gradient_checkpointing is 'some'; allowed: auto, off, selective, full"),
 ])

@@ -172,7 +172,7 @@ def test_fsdp_qlora_with_fused_lora_matches_one_process_and_resumes(tiny_base, d
         subprocess.run(["rm", "-r", str(path)], check=True)
     log = train(fsdp, tiny_base, data, processes=2, micro_batch=2)
     assert f"train: resuming from {checkpoint}" in log.stdout
-    assert record(fsdp)["metrics"]["resumed_from_step"] == 2
+    assert json.loads((fsdp / "logs" / "train_run.json").read_text())["resumed_from_step"] == 2
     resumed = load_file(fsdp / "adapter" / "adapter_model.safetensors")
     assert all(torch.equal(resumed[k], finished[k]) for k in finished)
 

@@ -1,6 +1,7 @@
 """Training on a tiny random Llama: adapters move, the base does not, checkpoints resume, failures are clear."""
 
 import dataclasses
+import hashlib
 import json
 import signal
 import subprocess
@@ -88,20 +89,30 @@ def test_non_finite_loss_stops_naming_the_step(tiny_base, processed_dir, tmp_pat
     weights["model.norm.weight"][:] = float("nan")
     save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
     trainer = make_trainer(broken, processed_dir, tmp_path, eval_steps=100, logging_steps=logging_steps,
-                           save_steps=100)
+                           save_steps=99)
     trainer.config = dataclasses.replace(trainer.config, max_steps=5)
     with pytest.raises(TrainingError, match=r"loss is nan at optimizer step 1"):
         trainer.train()
 
 
-def test_signal_asks_for_a_checkpoint_and_a_stop():
+def test_signal_asks_for_a_checkpoint_and_a_stop_at_the_next_logged_step(capsys):
+    from types import SimpleNamespace
+
     from transformers import TrainerControl
 
     callback, control = StopOnSignal(), TrainerControl()
-    callback.on_step_end(None, None, control)
+    args = SimpleNamespace(logging_steps=5)
+    callback.on_step_end(args, SimpleNamespace(global_step=5, max_steps=20), control)
     assert not control.should_save
     callback._handle(signal.SIGINT, None)
-    callback.on_step_end(None, None, control)
+    assert "saving a checkpoint at the next logged step" in capsys.readouterr().out
+    for step in (6, 7, 8, 9):  # a checkpoint between logged steps would resume into another loss curve
+        callback.on_step_end(args, SimpleNamespace(global_step=step, max_steps=20), control)
+        assert not control.should_save and not control.should_training_stop, step
+    callback.on_step_end(args, SimpleNamespace(global_step=10, max_steps=20), control)
+    assert control.should_save and control.should_training_stop
+    control = TrainerControl()
+    callback.on_step_end(args, SimpleNamespace(global_step=12, max_steps=12), control)  # or the last step
     assert control.should_save and control.should_training_stop
 
 
@@ -133,16 +144,19 @@ def test_why_a_checkpoint_is_skipped_is_printed_once(tmp_path, capsys):
                                        "before\n")
 
 
-def run_stage(repo_params, base, data, out, ckpt, metrics):
+def run_stage(repo_params, base, data, out, ckpt, metrics, cwd=None):
+    if cwd is not None:
+        cwd.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen([sys.executable, str(REPO / "stages" / "train.py"), "--params", str(repo_params),
                              "--base", str(base), "--data", str(data), "--out", str(out),
                              "--checkpoints", str(ckpt), "--metrics", str(metrics)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=cwd or ckpt.parent)  # logs/ lands next to the outputs
 
 
 def test_killed_run_resumes_from_last_complete_checkpoint(tiny_base, processed_dir, tmp_path):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["cpu"]["train"].update(max_steps=8, save_steps=2, eval_steps=100, logging_steps=1,
+    params["cpu"]["train"].update(max_steps=8, save_steps=2, eval_steps=4, logging_steps=1,
                                   per_device_train_batch_size=2, max_seq_length=128, num_threads=1)
     params["lora"].update(r=4, alpha=8)
     params_file = tmp_path / "params.yaml"
@@ -164,7 +178,24 @@ def test_killed_run_resumes_from_last_complete_checkpoint(tiny_base, processed_d
     assert resumed and int(resumed[0].rsplit("-", 1)[-1]) >= 4, log
     summary = json.loads(log.strip().splitlines()[-1].removeprefix("train: "))
     assert summary["global_step"] == 8
-    assert json.loads((out / "training_config.json").read_text())["metrics"]["resumed_from_step"] >= 4
+    assert json.loads((tmp_path / "logs" / "train_run.json").read_text())["resumed_from_step"] >= 4
+
+    # the same run, never stopped: every output file is the same, byte for byte
+    uninterrupted = tmp_path / "uninterrupted"
+    third = run_stage(params_file, tiny_base, processed_dir, uninterrupted / "adapter", uninterrupted / "ckpt",
+                      uninterrupted / "metrics", cwd=uninterrupted)
+    log, _ = third.communicate(timeout=300)
+    assert third.returncode == 0, log
+
+    def hashes(folder):
+        return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    for resumed, clean in ((out, uninterrupted / "adapter"), (metrics, uninterrupted / "metrics")):
+        assert hashes(resumed) == hashes(clean), (resumed, json.loads((metrics / "metrics.json").read_text()),
+                                                  json.loads((uninterrupted / "metrics" / "metrics.json").read_text()))
+    assert "train/runtime.tsv" not in "".join(hashes(metrics))  # wall time is not a DVC-tracked metric
+    assert json.loads((uninterrupted / "logs" / "train_run.json").read_text())["resumed_from_step"] == 0
 
 
 def test_cpu_training_is_reproducible(tiny_base, processed_dir, tmp_path):

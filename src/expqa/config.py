@@ -216,6 +216,11 @@ class TrainingConfig:
                     "logging_steps", "eval_steps", "save_steps", "save_total_limit"):
             if getattr(self, key) <= 0:
                 errors.append(f"train.{key} is {getattr(self, key)}; must be a positive integer")
+        if self.logging_steps > 0 and self.save_steps > 0 and self.save_steps % self.logging_steps:
+            errors.append(f"train.save_steps is {self.save_steps}, not a multiple of train.logging_steps "
+                          f"{self.logging_steps}: a run resumed from a checkpoint between two logged steps would log "
+                          "other loss values than one that never stopped; use e.g. save_steps: "
+                          f"{-(-self.save_steps // self.logging_steps) * self.logging_steps}")
         if not 0 < self.learning_rate < 1:
             errors.append(f"train.learning_rate is {self.learning_rate}; must be in (0, 1) (seed: 2e-4)")
         for key in ("weight_decay", "max_grad_norm"):

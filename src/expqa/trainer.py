@@ -80,7 +80,12 @@ class DVCLiveMetrics(DVCLiveCallback):
 
 
 class StopOnSignal(TrainerCallback):
-    """Turn SIGINT/SIGTERM into 'save a checkpoint and stop' at the end of the current optimizer step."""
+    """Turn SIGINT/SIGTERM into 'save a checkpoint and stop' at the next logged optimizer step.
+
+    Why not the current step: the Trainer logs the mean loss since the last logged step, and a resumed run starts
+    its first interval at the checkpoint. A checkpoint at a logged step is resumed into the same curve, bit for bit,
+    as a run that never stopped (periodic checkpoints are logged steps too: save_steps is a multiple of logging_steps).
+    """
 
     def __init__(self):
         self.received: int | None = None
@@ -93,13 +98,23 @@ class StopOnSignal(TrainerCallback):
         if self.received is not None:  # a second Ctrl-C stops at once
             abort_now(signum)
         self.received = signum
-        print(f"\nreceived signal {signum}: saving a checkpoint after this step (Ctrl-C again to abort)",
-              flush=True)
+        print(f"\nreceived signal {signum}: saving a checkpoint at the next logged step (train.logging_steps; "
+              "Ctrl-C again to abort at once)", flush=True)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.received is not None:
+        if self.received is not None and (state.global_step % args.logging_steps == 0
+                                          or state.global_step >= state.max_steps):
             control.should_save = True
             control.should_training_stop = True
+
+
+class LogLastStep(TrainerCallback):
+    """Log the last step too, so the curves and the run's mean train loss cover every step (the Trainer otherwise
+    folds the unlogged tail into its own train_loss only, which a resumed run cannot reproduce)."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps:
+            control.should_log = True
 
 
 def abort_now(signum: int) -> None:
@@ -227,6 +242,58 @@ def _warn(message: str, on_console: bool) -> None:
         print(f"train: {message}", file=sys.stderr, flush=True)
 
 
+def tokens_logged_at_checkpoint(checkpoint: Path) -> int:
+    """TRL's count of trained tokens at a checkpoint (it restarts at 0 on resume; its last log holds the total)."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    logged = [entry["num_tokens"] for entry in state.get("log_history", []) if "num_tokens" in entry]
+    return int(logged[-1]) if logged else 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# metrics: what DVC tracks is what a person compares, and the same for a resumed run as for one that never stopped
+
+def is_compared(key: str) -> bool:
+    """False for wall-clock figures (runtime, throughput) and FLOP counts: they go to logs/train_run.json."""
+    return not any(word in key for word in ("runtime", "per_second", "total_flos"))
+
+
+def mean_train_loss(log_history: list[dict]) -> float | None:
+    """Mean loss per optimizer step over the whole run, from the logged intervals (each log holds the mean since the
+    previous one; the last step is always logged). The Trainer's own train_loss covers one train() call only, so it
+    changes when a run is resumed."""
+    total, last = 0.0, 0
+    for entry in log_history:
+        if "loss" in entry:
+            total += entry["loss"] * (entry["step"] - last)
+            last = entry["step"]
+    return total / last if last else None
+
+
+def write_training_metrics(folder: Path, log_history: list[dict], train_loss: float | None, summary: dict) -> None:
+    """metrics/train rewritten from the run's log history, which a resumed run restores from its checkpoint (the
+    curves streamed during a resumed run hold only the steps since the resume)."""
+    from dvclive import Live
+    from dvclive.utils import standardize_metric_name
+
+    shutil.rmtree(folder, ignore_errors=True)
+    live = Live(dir=str(folder), dvcyaml=False, save_dvc_exp=False, report=None)
+    for entry in log_history:
+        values = {key: value for key, value in entry.items()
+                  if key not in ("step", "epoch") and is_compared(key) and isinstance(value, (int, float))}
+        if not values:
+            continue
+        if "train_loss" in values:
+            values["train_loss"] = train_loss
+        live.step = entry["step"]
+        # sorted: a resumed run's older entries come from trainer_state.json (sorted keys), and the summary file
+        # keeps the order metrics were first logged in
+        for key, value in sorted({**values, "epoch": entry.get("epoch", 0)}.items()):
+            live.log_metric(standardize_metric_name(key, "dvclive.huggingface"), value)
+        live.next_step()
+    live.summary.update(summary)
+    live.end()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the trainer
 
@@ -350,7 +417,7 @@ class QLoRATrainer:
         val_data = build_sft_dataset(val_path, tokenizer, self.config.max_seq_length) \
             if val_path.exists() and val_path.stat().st_size else None
         self.stop_on_signal = StopOnSignal()
-        callbacks = [self.stop_on_signal, WriteFingerprint(self.fingerprint())]
+        callbacks = [self.stop_on_signal, LogLastStep(), WriteFingerprint(self.fingerprint())]
         if self.metrics_dir is not None and is_main_process():
             from dvclive import Live
 
@@ -380,6 +447,8 @@ class QLoRATrainer:
         if resume is not None:
             log.warning("resuming from %s", resume)
             print(f"train: resuming from {resume}", flush=True)
+            trainer.args.eval_on_start = False  # the checkpoint's log history holds the eval before training
+            trainer._total_train_tokens = tokens_logged_at_checkpoint(resume)
         try:
             result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         except torch.cuda.OutOfMemoryError as exc:
@@ -388,6 +457,7 @@ class QLoRATrainer:
             raise TrainingInterrupted(f"stopped at step {trainer.state.global_step}; checkpoint saved in "
                                       f"{self.checkpoint_dir}. Run the stage again to resume.")
         metrics = dict(result.metrics)
+        metrics["train_loss"] = mean_train_loss(trainer.state.log_history)
         if trainer.is_fsdp_enabled and is_main_process():
             print("train: " + fsdp_summary(trainer.model), flush=True)
         tokens = torch.tensor(float(trainer.real_tokens), device=trainer.args.device)
@@ -405,7 +475,23 @@ class QLoRATrainer:
                      if "eval_loss" in e and e.get("step") == trainer.state.global_step]
             metrics.update({"eval_loss": final[-1]["eval_loss"]} if final else self.evaluate())
         self.metrics = metrics
+        if is_main_process():
+            self._write_metrics()
         return metrics
+
+    def _write_metrics(self) -> None:
+        """metrics/train (DVC-tracked: curves and values that are the same whenever the run is reproduced) and
+        logs/train_run.json (untracked: wall time, throughput, the step a run resumed from)."""
+        metrics = self.metrics
+        if self.metrics_dir is not None:
+            summary = {k: v for k, v in self.checkpointing.metrics().items() if v is not None}
+            if "eval_loss_before_training" in metrics:
+                summary["eval_loss_before_training"] = metrics["eval_loss_before_training"]
+            write_training_metrics(self.metrics_dir, self.trainer.state.log_history, metrics["train_loss"], summary)
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            run = {k: v for k, v in metrics.items() if not is_compared(k) or k == "resumed_from_step"}
+            (self.log_dir / "train_run.json").write_text(json.dumps(run, indent=2, sort_keys=True) + "\n")
 
     def evaluate(self) -> dict:
         """Loss on the val split with the current weights."""
@@ -434,11 +520,11 @@ class QLoRATrainer:
                 adapter_config["target_modules"] = sorted(adapter_config["target_modules"])
             config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
             self.tokenizer.save_pretrained(tmp)
-            # wall-clock figures (runtime, tokens/s) and the checkpointing `auto` chose (it depends on the card's free
-            # memory, not on the maths) go to metrics/, not here: the adapter folder stays byte-identical when a run
-            # is reproduced
-            metrics = {k: v for k, v in getattr(self, "metrics", {}).items()
-                       if "runtime" not in k and "per_second" not in k and not k.startswith("gradient_checkpointing")}
+            # wall-clock figures (runtime, tokens/s), the step a run resumed from (logs/train_run.json) and the
+            # checkpointing `auto` chose (it depends on the card's free memory, not on the maths; in metrics/) are
+            # left out: the adapter folder stays byte-identical when a run is reproduced or resumed
+            metrics = {k: v for k, v in getattr(self, "metrics", {}).items() if is_compared(k)
+                       and k != "resumed_from_step" and not k.startswith("gradient_checkpointing")}
             record = {**self.fingerprint(), "base_model": str(self.base_model), "metrics": metrics,
                       "versions": library_versions()}
             (tmp / "training_config.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")

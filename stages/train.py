@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from expqa.distributed import (die_with_parent, inside_launch, is_main_process, needs_launch, relaunch,
-                                   wanted_processes)
+                                   relaunched, wanted_processes)
 
     run = params.for_device(torch.cuda.is_available()).train
     processes = wanted_processes(run.num_processes)
@@ -46,8 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         metrics = trainer.train()
         trainer.save_model(args.out)
     except TrainingInterrupted as exc:
-        print(f"train: {exc}", file=sys.stderr)
-        return 130
+        if is_main_process():
+            print(f"train: {exc}", file=sys.stderr)
+        return 0 if relaunched() else 130  # relaunch() returns the 130 (a worker's own would add torchrun's report)
     except (TrainingError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

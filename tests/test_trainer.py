@@ -3,6 +3,7 @@
 import dataclasses
 import hashlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -196,6 +197,43 @@ def test_killed_run_resumes_from_last_complete_checkpoint(tiny_base, processed_d
                                                   json.loads((uninterrupted / "metrics" / "metrics.json").read_text()))
     assert "train/runtime.tsv" not in "".join(hashes(metrics))  # wall time is not a DVC-tracked metric
     assert json.loads((uninterrupted / "logs" / "train_run.json").read_text())["resumed_from_step"] == 0
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_under_the_two_process_launch(tiny_base, processed_dir, tmp_path, presses):
+    """Ctrl-C in a terminal signals the foreground process group (here: the stage; torchrun and its workers run in a
+    session of their own and get it from the stage). Once: a checkpoint at the next logged step, exit code 130.
+    Twice: one line, exit 130. Never a traceback."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["cpu"]["train"].update(max_steps=400, save_steps=200, eval_steps=400, logging_steps=20,
+                                  per_device_train_batch_size=2, max_seq_length=128, num_threads=1)
+    params["lora"].update(r=4, alpha=8)
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params))
+    ckpt, out, metrics = tmp_path / "ckpt", tmp_path / "adapter", tmp_path / "metrics"
+    stage = subprocess.Popen([sys.executable, str(REPO / "stages" / "train.py"), "--params", str(params_file),
+                              "--base", str(tiny_base), "--data", str(processed_dir), "--out", str(out),
+                              "--checkpoints", str(ckpt), "--metrics", str(metrics)], cwd=tmp_path,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 240
+    while not (metrics / "plots" / "metrics" / "loss.tsv").exists():  # training has started
+        assert stage.poll() is None, stage.stdout.read()
+        assert time.time() < deadline, "training did not start within 240 s"
+        time.sleep(0.2)
+    for _ in range(presses):
+        os.killpg(stage.pid, signal.SIGINT)
+        time.sleep(0.3)
+    log, _ = stage.communicate(timeout=240)
+    assert stage.returncode == 130, log
+    assert "Traceback" not in log and "Exception ignored" not in log and "ChildFailedError" not in log, log
+    saved = [int(p.name.split("-")[1]) for p in ckpt.glob("checkpoint-*") if (p / FINGERPRINT_FILE).exists()]
+    if presses == 1:
+        assert log.count("Run the stage again to resume") == 1, log
+        assert len(saved) == 1 and saved[0] % 20 == 0 and saved[0] < 400, (saved, log)
+    else:
+        assert log.count("train: aborted by a second signal (SIGINT)") == 1, log
+        assert not saved, saved
+    assert not out.exists()
 
 
 def test_cpu_training_is_reproducible(tiny_base, processed_dir, tmp_path):

@@ -34,6 +34,7 @@ from pathlib import Path
 # set by torchrun (and so by `accelerate launch`) in every worker; cluster launchers that start the workers
 # themselves set them too (or are told to: README)
 LAUNCH_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
+RELAUNCHED_VARIABLE = "EXPQA_RELAUNCHED"  # set by relaunch() for its workers
 # torchrun reads each of its options from PET_<OPTION> when it is not on the command line; these ones mean "a job
 # of several machines", which `--standalone` (a rendezvous on localhost) would override
 MULTI_NODE_VARIABLES = ("PET_NNODES", "PET_RDZV_ENDPOINT", "PET_MASTER_ADDR")
@@ -100,7 +101,15 @@ def relaunch(script: str, args: list[str], processes: int, output: Path | None =
     cmd = torchrun_command(script, args, processes)
     nodes = f" (one node of {os.environ.get('PET_NNODES', '?')})" if multi_node_requested() else ""
     print(f"train: launching {processes} processes{nodes}: {' '.join(cmd[1:])}", flush=True)
-    code = _wait_through_ctrl_c(subprocess.Popen(cmd, preexec_fn=die_with_parent))
+    # torchrun in a session of its own: on Ctrl-C its agent would tear the workers down (SIGKILL after 30 s, and a
+    # traceback) instead of letting them save; the signal is passed on to the workers alone (Linux; elsewhere
+    # torchrun shares the terminal's process group as before)
+    forward = Path("/proc").is_dir()
+    env = {**os.environ, RELAUNCHED_VARIABLE: "1"} if forward else None
+    launcher = subprocess.Popen(cmd, preexec_fn=die_with_parent, start_new_session=forward, env=env)
+    code, interrupted = _wait_forwarding_signals(launcher, forward)
+    if interrupted and code == 0:  # the workers saved a checkpoint and stopped, and said so
+        return 130
     if code == 0 and output is not None and multi_node_requested() and os.environ.get("PET_NODE_RANK") == "0" \
             and not output.exists():
         print(f"error: {output} was not written on this machine: rank 0 ran on another one. Use torchrun's static "
@@ -110,14 +119,45 @@ def relaunch(script: str, args: list[str], processes: int, output: Path | None =
     return code
 
 
-def _wait_through_ctrl_c(process: subprocess.Popen) -> int:
-    """The launcher's exit code. Ctrl-C reaches the workers too (one process group): they save a checkpoint and
-    stop, or abort on a second one, and say so; here it would only kill them (subprocess.call) and add a traceback."""
-    while True:
+def _wait_forwarding_signals(launcher: subprocess.Popen, forward: bool) -> tuple[int, bool]:
+    """The launcher's exit code, and whether SIGINT/SIGTERM came. Each one is passed on to the workers (torchrun's
+    children), which save a checkpoint at the next logged step and stop, or abort on a second signal; here the
+    default handler would only kill the launcher (and print a traceback)."""
+    received = []
+
+    def pass_on(signum, frame):
+        received.append(signum)
+        for pid in child_pids(launcher.pid) if forward else ():
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:  # already gone
+                pass
+
+    previous = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return launcher.wait(), bool(received)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def child_pids(parent: int) -> list[int]:
+    """Processes whose parent is `parent`, from /proc (field 4 of /proc/PID/stat, after the command in brackets)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            return process.wait()
-        except KeyboardInterrupt:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):  # exited meanwhile
             continue
+        if int(fields[1]) == parent:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def relaunched() -> bool:
+    """A worker of relaunch(): it reports an interrupt with exit code 0 and relaunch() turns that into 130 (a worker's
+    non-zero code makes torchrun print a failure report of its own)."""
+    return os.environ.get(RELAUNCHED_VARIABLE) == "1"
 
 
 def agree_across_processes(fingerprint: dict, checkpoint):

@@ -32,7 +32,7 @@ from expqa import checkpointing
 from expqa.config import LoRAConfig, Params, QuantizationConfig, TrainingConfig
 from expqa.dataset import build_sft_dataset
 from expqa.distributed import (agree_across_processes, enable_fsdp_on_cpu, fsdp_summary, fsdp_trainer_args,
-                                full_adapter_state_dict, is_main_process, set_fsdp_mixed_precision,
+                                full_adapter_state_dict, is_main_process, relaunched, set_fsdp_mixed_precision,
                                 unwrap_adapter_file, world_size)
 from expqa.files import replace_dir, sha256_file
 from expqa.model import load_for_training, use_bf16
@@ -98,8 +98,9 @@ class StopOnSignal(TrainerCallback):
         if self.received is not None:  # a second Ctrl-C stops at once
             abort_now(signum)
         self.received = signum
-        print(f"\nreceived signal {signum}: saving a checkpoint at the next logged step (train.logging_steps; "
-              "Ctrl-C again to abort at once)", flush=True)
+        if is_main_process():
+            print(f"\nreceived signal {signum}: saving a checkpoint at the next logged step (train.logging_steps; "
+                  "Ctrl-C again to abort at once)", flush=True)
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.received is not None and (state.global_step % args.logging_steps == 0
@@ -122,9 +123,12 @@ def abort_now(signum: int) -> None:
     ~130 lines), and interpreter shutdown then runs dvclive's git (dulwich) finalizers, which print more. Nothing is
     lost: a checkpoint is complete only once its fingerprint file is written, so a half-written one is skipped."""
     sys.stdout.flush()
-    print(f"\ntrain: aborted by a second signal ({signal.Signals(signum).name}); the next run resumes from the last "
-          "complete checkpoint", file=sys.stderr, flush=True)
-    os._exit(128 + signal.SIGINT)  # 130, the shell's code for Ctrl-C, whichever signal came second
+    if is_main_process():
+        print(f"\ntrain: aborted by a second signal ({signal.Signals(signum).name}); the next run resumes from the "
+              "last complete checkpoint", file=sys.stderr, flush=True)
+    # 130, the shell's code for Ctrl-C, whichever signal came second (a worker of relaunch(): 0, and the launching
+    # stage returns 130)
+    os._exit(0 if relaunched() else 128 + signal.SIGINT)
 
 
 class WriteFingerprint(TrainerCallback):

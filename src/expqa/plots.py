@@ -67,8 +67,10 @@ body {{ font-family: sans-serif; margin: 16px; }}
 
 
 def compared_revisions(revs: list[str]) -> list[str]:
-    """What `dvc plots diff REV...` draws: one revision is compared with the workspace, none is the workspace."""
-    return [*revs, WORKSPACE] if len(revs) <= 1 else list(revs)
+    """The revisions `dvc plots diff REV...` draws, in its order (so in its colours): one is compared with the
+    workspace, none is the workspace alone (`dvc plots show`); the workspace comes first."""
+    revisions = list(revs) if len(revs) > 1 else [*revs, WORKSPACE]
+    return sorted(revisions, key=lambda rev: rev != WORKSPACE)
 
 
 def base_vs_tuned(metrics: dict, prefix: str = "") -> list[dict]:
@@ -90,10 +92,14 @@ def base_vs_tuned(metrics: dict, prefix: str = "") -> list[dict]:
 def eval_rows(revisions: list[str]) -> list[dict]:
     """base_vs_tuned of every DVC metrics file at each revision (branch, commit, tag, experiment, workspace)."""
     import dvc.api
+    from dvc.scm import RevError
 
     rows = []
     for rev in revisions:
-        metrics = dvc.api.metrics_show(rev=None if rev == WORKSPACE else rev)
+        try:
+            metrics = dvc.api.metrics_show(rev=None if rev == WORKSPACE else rev)
+        except RevError as err:
+            raise SystemExit(f"error: {err}: give commits, branches, tags or names from `dvc exp list`") from None
         rows += [{"rev": rev, **row} for row in base_vs_tuned(metrics)]
     return rows
 
@@ -165,15 +171,20 @@ def find_browser() -> str | None:
     return next((path for name in BROWSERS if (path := shutil.which(name))), None)
 
 
-def screenshot(page: Path, png: Path, width: int = 1400, height: int = 1200) -> None:
-    """PNG of the page as an offline headless chromium draws it (a window tall enough for every chart)."""
+def open_offline(page: Path, *flags: str) -> str:
+    """Run headless chromium, without network, on the page (10 s of page time to draw); its stdout."""
     browser = find_browser()
     if browser is None:
-        raise SystemExit("error: --screenshot needs chromium (Debian/Ubuntu: apt-get install -y chromium)")
+        raise SystemExit("error: this needs chromium (Debian/Ubuntu: apt-get install -y chromium)")
+    done = subprocess.run([browser, *OFFLINE_FLAGS, "--virtual-time-budget=10000", *flags, page.resolve().as_uri()],
+                          check=True, capture_output=True, text=True)
+    return done.stdout
+
+
+def screenshot(page: Path, png: Path, width: int = 1400, height: int = 1200) -> None:
+    """PNG of the page as an offline browser draws it (a window tall enough for every chart)."""
     png.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run([browser, *OFFLINE_FLAGS, "--hide-scrollbars", "--virtual-time-budget=10000",
-                    f"--window-size={width},{height}", f"--screenshot={png.resolve()}", page.resolve().as_uri()],
-                   check=True, capture_output=True)
+    open_offline(page, "--hide-scrollbars", f"--window-size={width},{height}", f"--screenshot={png.resolve()}")
     print(f"wrote {png}")
 
 

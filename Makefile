@@ -111,5 +111,15 @@ merge: install
 evaluate: install
 	dvc repro evaluate
 
+# dvc_plots/index.html: every chart of dvc.yaml plus base vs tuned, drawn without internet (Vega inlined);
+# `make plots REVS="main my-exp"` compares commits, branches or experiments (as `dvc plots diff`)
+.PHONY: plots plots-screenshot
+plots: install
+	expqa plots $(REVS)
+
+# docs/plots.png (README "Plots"), drawn by headless chromium: rerun after `make repro`
+plots-screenshot: install
+	expqa plots --screenshot docs/plots.png
+
 clean-venv:
 	rm -rf $(VENV)

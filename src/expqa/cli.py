@@ -1,4 +1,4 @@
-"""`expqa` command line: the pipeline stages (run from a checkout) plus `ask` and `params`.
+"""`expqa` command line: the pipeline stages (run from a checkout) plus `ask`, `params` and `plots`.
 
 Stage subcommands run the checkout's own `stages/<name>.py`, the same scripts `dvc repro` calls, so there is one
 implementation of each stage. `expqa <stage> --help` shows its options.
@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("ask", help="answer a question with the fine-tuned model (streams tokens)", add_help=False)
     sub.add_parser("serve", help="OpenAI-compatible chat-completions endpoint on 127.0.0.1", add_help=False)
     sub.add_parser("params", help="print every params.yaml key with its meaning")
+    sub.add_parser("plots", help="dvc plots (show, or diff of revisions) + base vs tuned, drawn offline",
+                   add_help=False)
     return parser
 
 
@@ -83,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         from expqa.serve import main as serve_main
 
         return serve_main(rest)
+    if command == "plots":
+        from expqa.plots import main as plots_main
+
+        return plots_main(rest)
     if command == "params":
         print_params_help()
         return 0

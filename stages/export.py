@@ -1,22 +1,24 @@
 """Stage `export`: models/merged -> models/gguf/<name>-<type>.gguf (llama.cpp, Ollama, LM Studio) + an Ollama
 Modelfile, each file verified against the merged model.
 
-Writes metrics/export.json: size, write and verify time, max |logit diff| and agreement of greedy continuations,
-token ids, chat template and architecture per type. A mismatch fails the stage and leaves models/gguf as it was.
+Writes metrics/export.json: size, max |logit diff| and agreement of greedy continuations, token ids, chat template
+and architecture per type (write and verify times go to --timings, untracked). A mismatch fails the stage and leaves
+models/gguf as it was.
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from expqa.config import ConfigError, load_params
 from expqa.export import ExportError, export_gguf
+from expqa.files import split_wall_clock, write_json
 
 
-def write_report(path: Path, report: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+def write_report(path: Path, timings: Path, report: dict) -> None:
+    tracked, clock = split_wall_clock(report)
+    write_json(path, tracked)
+    write_json(timings, clock)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, required=True, help="merged model directory (models/merged)")
     parser.add_argument("--out", type=Path, required=True, help="output directory (models/gguf)")
     parser.add_argument("--report", type=Path, required=True, help="verification report (metrics/export.json)")
+    parser.add_argument("--timings", type=Path, required=True, help="write/verify seconds (logs/export_run.json)")
     parser.add_argument("--params", default="params.yaml", help="params file")
     parser.add_argument("--config", help="partial override file (YAML or JSON), e.g. export: {types: [f16]}")
     args = parser.parse_args(argv)
@@ -39,10 +42,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except ExportError as exc:
         if exc.report is not None:
-            write_report(args.report, exc.report)
+            write_report(args.report, args.timings, exc.report)
         print(f"error: {exc} (details: {args.report})", file=sys.stderr)
         return 1
-    write_report(args.report, report)
+    write_report(args.report, args.timings, report)
     for r in report["types"].values():
         print(f"export: {args.out / r['file']} {r['bytes'] / 2**20:.0f} MiB, max |logit diff| "
               f"{r['max_abs_logit_diff']:.3g} (tolerance {r['tolerance']}), greedy equal: {r['greedy_equal']} "

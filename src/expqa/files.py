@@ -1,8 +1,10 @@
-"""Small file helpers shared by the stages: content hashes and all-or-nothing directory outputs."""
+"""Small file helpers shared by the stages: content hashes, all-or-nothing directory outputs, and reports split into
+what DVC tracks (the same whenever a run is reproduced) and wall-clock figures (logs/, untracked)."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -37,3 +39,33 @@ def replace_dir(finished: Path, out_dir: Path) -> None:
         previous.rename(out_dir)
         raise
     shutil.rmtree(previous, ignore_errors=True)
+
+
+WALL_CLOCK_WORDS = ("seconds", "runtime", "per_second", "total_flos")
+
+
+def is_wall_clock(key: str) -> bool:
+    """Timings, throughput and FLOP counts: they change from run to run (or say nothing a person compares), so in a
+    DVC-tracked metrics file they would make `dvc metrics diff` and dvc.lock differ for a reproduced run."""
+    return any(word in key for word in WALL_CLOCK_WORDS)
+
+
+def split_wall_clock(report: dict) -> tuple[dict, dict]:
+    """(report without wall-clock keys, those keys), nested dicts split alike."""
+    kept, clock = {}, {}
+    for key, value in report.items():
+        if isinstance(value, dict):
+            kept[key], inner = split_wall_clock(value)
+            if inner:
+                clock[key] = inner
+        elif is_wall_clock(key):
+            clock[key] = value
+        else:
+            kept[key] = value
+    return kept, clock
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Sorted keys and a final newline, so a reproduced report is the same bytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

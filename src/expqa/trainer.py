@@ -34,7 +34,7 @@ from expqa.dataset import build_sft_dataset
 from expqa.distributed import (agree_across_processes, enable_fsdp_on_cpu, fsdp_summary, fsdp_trainer_args,
                                 full_adapter_state_dict, is_main_process, relaunched, set_fsdp_mixed_precision,
                                 unwrap_adapter_file, world_size)
-from expqa.files import replace_dir, sha256_file
+from expqa.files import is_wall_clock, replace_dir, sha256_file
 from expqa.model import load_for_training, use_bf16
 
 log = logging.getLogger("expqa.train")
@@ -258,7 +258,7 @@ def tokens_logged_at_checkpoint(checkpoint: Path) -> int:
 
 def is_compared(key: str) -> bool:
     """False for wall-clock figures (runtime, throughput) and FLOP counts: they go to logs/train_run.json."""
-    return not any(word in key for word in ("runtime", "per_second", "total_flos"))
+    return not is_wall_clock(key)
 
 
 def mean_train_loss(log_history: list[dict]) -> float | None:

@@ -14,7 +14,7 @@ PIP_FROM := $(if $(WHEELHOUSE),--no-index --find-links $(abspath $(WHEELHOUSE)) 
 # left out), its CUDA version (bitsandbytes keeps only that library), e.g. for the lent H200:
 #   make wheelhouse WHEELHOUSE=.whl PYTHON_VERSION=3.12 EXTRAS=gpu HOST_FREEZE=benchmarks/gpu_host/pip_freeze.txt CUDA=130
 PYTHON_VERSION ?= $(shell python3 -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
-EXTRAS ?= dev,gpu
+EXTRAS ?= dev,plots,gpu
 HOST_FREEZE ?=
 CUDA ?=
 # the interpreter the venv is made from: python3 on PATH without this venv's bin/ (also when the venv is active)
@@ -37,8 +37,8 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	else \
 	  $(SYS_PY) -m venv --clear $(VENV) && $(PY) -m pip install -q $(PIP_FROM) $(TORCH); \
 	fi
-	@extras=dev; if $(PY) -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then \
-	  extras=dev,gpu; fi; \
+	@extras=dev,plots; if $(PY) -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then \
+	  extras=dev,plots,gpu; fi; \
 	if [ -n "$(WHEELHOUSE)" ]; then extras=$$(cat $(WHEELHOUSE)/extras); fi; \
 	echo "pip install -e .[$$extras] $(PIP_FROM)"; $(PY) -m pip install -q $(PIP_FROM) -e ".[$$extras]"
 	@touch $@

@@ -65,6 +65,7 @@ VARIANTS = {"params": {},
             "params_nogc": dict(gradient_checkpointing="off"),
             "params_nogroup": dict(grouped_lora=False),  # the fused LoRA function per projection (2026-11)
             "params_gcfull_tok8k": dict(gradient_checkpointing="full", tokens_per_micro_batch=8192),  # leaner still
+            "params_offload": dict(gradient_checkpointing="offload"),  # full, layer inputs in host memory
             "seedbatch16": dict(tokens_per_micro_batch=0, per_device_train_batch_size=16, fused_lora=False,
                                 lora_dropout=0.05, optim="paged_adamw_8bit", gradient_checkpointing="full"),
             "params_dropout005": dict(lora_dropout=0.05), "params_peft": dict(fused_lora=False),
@@ -81,6 +82,10 @@ SUITES = {
                 (B3, "params_gcfull_tok8k", 40), (B3, "params_gcsel", 40), (B3, "params_tok32k", 45)],
 }
 SUITES["smoke"] = [(B3, "params", 45), (B8, "params", 75)]  # the driver's whole path, quickly
+# the lean setting (offload) against Unsloth's memory, and larger token budgets for the default's speed
+SUITES["issue21-lean"] = [(B3, "params_offload", 45), (B3, "unsloth", 150), (B3, "params", 45),
+                          (B3, "params_gcfull", 40), (B3, "params_tok32k", 50), (B3, "params_tok24k", 45),
+                          (B8, "params_offload", 90)]
 # the same in two calls
 SUITES["issue21-3b"] = [row for row in SUITES["issue21"] if row[0] == B3]
 SUITES["issue21-8b"] = [row for row in SUITES["issue21"] if row[0] == B8]

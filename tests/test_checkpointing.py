@@ -30,8 +30,8 @@ def test_estimates_match_the_measured_3b_peaks():
 @pytest.mark.parametrize("available_gib,mode,layers", [
     (200, "off", 0),  # an H200 after the 3B weights: everything fits
     (30, "selective", None),  # an A100 40GB: some layers
-    (5, "full", 28),  # a 16 GB card with other work on it: every layer
-    (1, "full", 28),  # does not fit at all: the leanest there is (the OOM advice takes it from there)
+    (5, "offload", 28),  # a 16 GB card with other work on it: not even full fits (the top layer unrecomputed costs
+    (1, "offload", 28),  # nothing more than a recompute, so auto's "full" is 27 of 28): inputs to host memory
 ])
 def test_auto_picks_the_fastest_mode_that_fits(available_gib, mode, layers):
     choice = ckpt.choose("auto", LLAMA_3B, 16384, available_bytes=available_gib * GIB, static_bytes=0.3 * GIB)
@@ -65,10 +65,10 @@ def test_fixed_modes_need_no_measurement():
         ckpt.choose("partial", LLAMA_3B, 16384)
 
 
-def load(tiny_base, checkpointing: bool, grouped: bool = True):
+def load(tiny_base, checkpointing: bool, grouped: bool = True, dropout: float = 0.0):
     torch.manual_seed(0)
     model, _ = load_for_training(tiny_base, QuantizationConfig(load_in_4bit=False),
-                                 LoRAConfig(r=4, alpha=8, dropout=0.0), bf16=False,
+                                 LoRAConfig(r=4, alpha=8, dropout=dropout), bf16=False,
                                  gradient_checkpointing=checkpointing, fused_lora=True, grouped_lora=grouped)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -99,7 +99,8 @@ def forward_counts(model, ids) -> list[int]:
     return counts
 
 
-@pytest.mark.parametrize("mode,layers", [("off", []), ("selective", [0]), ("full", [0, 1]), ("top", [1])])
+@pytest.mark.parametrize("mode,layers", [("off", []), ("selective", [0]), ("full", [0, 1]), ("top", [1]),
+                                         ("offload", [0, 1])])
 def test_every_mode_gives_the_loss_and_gradients_of_no_checkpointing(tiny_base, mode, layers):
     ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(1))
     loss_ref, grads_ref = loss_and_grads(load(tiny_base, checkpointing=False), ids)
@@ -119,6 +120,27 @@ def test_every_mode_gives_the_loss_and_gradients_of_no_checkpointing(tiny_base, 
         torch.testing.assert_close(grads[name], grads_ref[name], msg=name)
 
 
+def test_offload_recomputes_with_the_forward_dropout_masks(tiny_base):
+    """LoRA dropout draws random masks: the recompute in backward must draw the same ones (RNG state restored), as
+    torch's own checkpoint (full) does."""
+    ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(1))
+    results = []
+    for mode in ("full", "offload"):
+        model = load(tiny_base, checkpointing=True, dropout=0.3)
+        ckpt.apply(model, ckpt.choose(mode, ckpt.Shape.of(model.config), 48))
+        torch.manual_seed(5)
+        results.append(loss_and_grads(model, ids))
+    (loss_full, grads_full), (loss_offload, grads_offload) = results
+    torch.testing.assert_close(loss_offload, loss_full)
+    for name in grads_full:
+        torch.testing.assert_close(grads_offload[name], grads_full[name], msg=name)
+
+
+def test_offload_refuses_an_input_without_gradient():
+    with pytest.raises(RuntimeError, match="needs the layer input to require grad"):
+        ckpt.offloaded_checkpoint(lambda h: h * 2, torch.ones(2))
+
+
 def test_configure_measures_memory_for_auto(tiny_base, monkeypatch):
     model = load(tiny_base, checkpointing=True)
     choice = ckpt.configure(model, "auto", 4096, liger=False, fused_lora=True, lora_rank=4, lora_targets=7,
@@ -129,5 +151,7 @@ def test_configure_measures_memory_for_auto(tiny_base, monkeypatch):
     model = load(tiny_base, checkpointing=True)
     choice = ckpt.configure(model, "auto", 10**8, liger=False, fused_lora=True, lora_rank=4, lora_targets=7,
                             lora_dropout=0.0)
-    assert choice.mode == "full" and choice.available_gib == 1.0  # 3 GiB minus the 2 GiB minimum headroom
-    assert all(layer.gradient_checkpointing for layer in ckpt.decoder_layers(model))
+    # 3 GiB minus the 2 GiB minimum headroom: not even full fits 10^8 tokens, so every layer's input goes to host memory
+    assert choice.mode == "offload" and choice.available_gib == 1.0
+    assert all(layer.gradient_checkpointing and layer._gradient_checkpointing_func is ckpt.offloaded_checkpoint
+               for layer in ckpt.decoder_layers(model))

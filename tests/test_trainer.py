@@ -253,6 +253,18 @@ def test_cpu_training_is_reproducible(tiny_base, processed_dir, tmp_path):
             (tmp_path / "second" / "adapter" / name).read_bytes(), name
 
 
+def test_offload_checkpointing_trains_like_no_checkpointing(tiny_base, processed_dir, tmp_path):
+    """The lean setting through the Trainer (autocast, optimizer, the loss guard): the same losses as off."""
+    runs = {}
+    for mode in ("off", "offload"):
+        trainer = make_trainer(tiny_base, processed_dir, tmp_path / mode, gradient_checkpointing=mode)
+        metrics = trainer.train()
+        runs[mode] = (metrics, [e["loss"] for e in trainer.trainer.state.log_history if "loss" in e])
+    assert runs["offload"][0]["gradient_checkpointing"] == "offload"
+    assert runs["offload"][1] == pytest.approx(runs["off"][1], rel=1e-5)
+    assert runs["offload"][0]["eval_loss"] == pytest.approx(runs["off"][0]["eval_loss"], rel=1e-5)
+
+
 def test_liger_requested_without_the_package_is_a_clear_error(tiny_base, processed_dir, tmp_path):
     import importlib.util
 

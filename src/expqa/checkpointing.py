@@ -6,9 +6,13 @@
 - full: every layer keeps only its input and recomputes its forward in backward (~6 KB per token and layer);
 - selective: the first half of the layers are checkpointed: about half the memory and half the recompute of full,
   the same on every card;
+- offload: full, and each layer's input waits for backward in pinned host memory instead of on the GPU (copied out
+  on a side stream while the next layer runs, copied back when backward reaches the layer): what stays on the GPU
+  is the weights and one layer's recompute. The lean setting, in the way Unsloth's checkpointing saves memory;
+  one process only (it is a reentrant checkpoint, which DDP/FSDP do not handle);
 - auto: measured: the free memory of the device after the model is loaded, minus a headroom, against an estimate
   of the peak for the longest micro-batch (the token budget, or conversations x max_seq_length); off when it fits,
-  else the fewest checkpointed layers that fit, else full.
+  else the fewest checkpointed layers that fit, else full, else offload.
 Checkpointed layers are always the first k: backward reaches them last, when the other layers' activations are
 freed already, so recomputing one of them adds nothing to the peak (a checkpointed top layer would be recomputed
 while every layer below still holds its activations).
@@ -82,9 +86,9 @@ class Shape:
             extra += (s if not self.fused_lora else 1) * (5 * h + i)
         return s * values + extra
 
-    def checkpointed_layer_bytes(self) -> float:
-        """Bytes per token a checkpointed layer keeps: its input."""
-        return self.activation_bytes * self.hidden
+    def checkpointed_layer_bytes(self, offload: bool = False) -> float:
+        """Bytes per token a checkpointed layer keeps on the device: its input (none when offloaded)."""
+        return 0.0 if offload else self.activation_bytes * self.hidden
 
     def other_bytes(self) -> float:
         """Per token, outside the layers: embeddings, final norm, loss, and backward's transient gradients."""
@@ -92,9 +96,9 @@ class Shape:
         loss = (4 + 2 * s) * h if self.liger else (s + 8) * self.vocab  # Liger: chunked; else full fp32 logits
         return 2 * s * h + loss + 2 * s * self.intermediate
 
-    def peak_bytes(self, tokens: int, checkpointed: int) -> float:
+    def peak_bytes(self, tokens: int, checkpointed: int, offload: bool = False) -> float:
         """Estimated activation peak of one micro-batch with `checkpointed` of the layers checkpointed."""
-        full, kept = self.layer_bytes(), checkpointed * self.checkpointed_layer_bytes()
+        full, kept = self.layer_bytes(), checkpointed * self.checkpointed_layer_bytes(offload)
         # the checkpointed layers are the first ones: backward reaches them after the others freed their activations,
         # so the peak is either the start of backward or the recompute of one checkpointed layer
         layers = max((self.layers - checkpointed) * full, full if checkpointed else 0.0)
@@ -104,7 +108,7 @@ class Shape:
 @dataclasses.dataclass
 class Choice:
     requested: str
-    mode: str  # off | selective | full
+    mode: str  # off | selective | full | offload
     checkpointed_layers: list[int]
     layers: int
     tokens: int
@@ -135,16 +139,18 @@ def choose(requested: str, shape: Shape, tokens: int, *, available_bytes: float 
     if requested not in MODES:
         raise ValueError(f"gradient checkpointing mode {requested!r}; allowed: {', '.join(MODES)}")
     n = shape.layers
-    fixed = {"off": 0, "full": n, "selective": n // 2}
+    fixed = {"off": 0, "full": n, "selective": n // 2, "offload": n}
+    offload = requested == "offload"
     if requested in fixed:
         count = fixed[requested]
     else:
         if available_bytes is None:
             raise ValueError("gradient_checkpointing: auto needs the available memory")
         count = next((k for k in range(n + 1) if shape.peak_bytes(tokens, k) + static_bytes <= available_bytes), n)
+        offload = shape.peak_bytes(tokens, n) + static_bytes > available_bytes  # not even full fits
     layers = list(range(count))  # the first ones: see Shape.peak_bytes
-    mode = "off" if count == 0 else "full" if count == n else "selective"
-    estimate = (shape.peak_bytes(tokens, count) + static_bytes + resident_bytes) / GIB
+    mode = "offload" if offload else "off" if count == 0 else "full" if count == n else "selective"
+    estimate = (shape.peak_bytes(tokens, count, offload) + static_bytes + resident_bytes) / GIB
     return Choice(requested, mode, layers, n, tokens, round(estimate, 2),
                   None if available_bytes is None else round(available_bytes / GIB, 2))
 
@@ -178,6 +184,8 @@ def apply(model, choice: Choice) -> None:
     chosen = set(choice.checkpointed_layers)
     for index, layer in enumerate(layers):
         layer.gradient_checkpointing = index in chosen
+        if choice.mode == "offload":
+            layer._gradient_checkpointing_func = offloaded_checkpoint
     if not chosen:  # no layer is recomputed: the embeddings' output need not require grad (layer 0 then skips
         # its input gradient). transformers' hook, registered by load_for_training and again by PEFT (whose handle
         # replaces the first one, so disable_input_require_grads alone would leave that one), removed by its name
@@ -213,3 +221,69 @@ def longest_micro_batch(tokens_per_micro_batch: int, conversations: int, max_seq
     """Tokens in the largest micro-batch a run can see: the token budget, else conversations x max_seq_length."""
     return tokens_per_micro_batch if tokens_per_micro_batch > 0 else conversations * max_seq_length
 
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# offload: a reentrant checkpoint whose saved input lives in host memory
+
+def offloaded_checkpoint(run, hidden, *args):
+    """transformers calls a checkpointed layer as func(partial(layer.forward, **kwargs), hidden_states)."""
+    if torch.is_grad_enabled() and not hidden.requires_grad:
+        # a reentrant checkpoint is differentiated through its tensor inputs only: the LoRA weights inside would
+        # silently get no gradient (load_for_training makes the embeddings' output require grad for this)
+        raise RuntimeError("gradient_checkpointing offload needs the layer input to require grad")
+    return OffloadedLayer.apply(run, hidden, *args)
+
+
+_copy_streams: dict = {}
+
+
+class OffloadedLayer(torch.autograd.Function):
+    """Forward without keeping anything but the input, which goes to pinned host memory on a side stream (the
+    next layer's forward overlaps the copy); backward copies it back, recomputes the layer with the same RNG and
+    autocast state, and differentiates through it (LoRA weight gradients accumulate as in any reentrant checkpoint)."""
+
+    @staticmethod
+    def forward(ctx, run, hidden, *args):
+        ctx.run, ctx.args, ctx.device = run, args, hidden.device
+        device_type = hidden.device.type
+        ctx.autocast = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+        ctx.cpu_rng = torch.get_rng_state()
+        ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
+        with torch.no_grad():
+            out = run(hidden, *args)
+        if hidden.is_cuda:
+            stream = _copy_streams.setdefault(hidden.device, torch.cuda.Stream(hidden.device))
+            stream.wait_stream(torch.cuda.current_stream(hidden.device))
+            host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=True)
+            with torch.cuda.stream(stream):
+                host.copy_(hidden, non_blocking=True)
+            hidden.record_stream(stream)  # its memory is not reused before the copy has read it
+            ctx.copied = stream.record_event()
+            ctx.stored = host
+        else:  # on the CPU there is nowhere else to keep it: the same maths, for the tests
+            ctx.copied, ctx.stored = None, hidden.detach()
+        return out
+
+    @staticmethod
+    def backward(ctx, *grads):
+        if ctx.copied is not None:
+            torch.cuda.current_stream(ctx.device).wait_event(ctx.copied)
+            hidden = ctx.stored.to(ctx.device, non_blocking=True)
+        else:
+            hidden = ctx.stored
+        hidden = hidden.detach().requires_grad_(True)
+        devices = [ctx.device] if ctx.cuda_rng is not None else []
+        with torch.random.fork_rng(devices=devices, device_type=ctx.device.type):
+            torch.set_rng_state(ctx.cpu_rng)
+            if ctx.cuda_rng is not None:
+                torch.cuda.set_rng_state(ctx.cuda_rng, ctx.device)
+            enabled, dtype = ctx.autocast
+            with torch.enable_grad(), torch.autocast(ctx.device.type, dtype=dtype, enabled=enabled):
+                out = ctx.run(hidden, *ctx.args)
+        outs = out if isinstance(out, tuple) else (out,)
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        others = len(ctx.args)
+        ctx.stored = ctx.run = ctx.args = None
+        return (None, hidden.grad, *([None] * others))

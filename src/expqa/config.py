@@ -21,7 +21,7 @@ import yaml
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 EMBEDDED_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 ATTENTION_KERNELS = ("sdpa", "eager", "expqa_varlen")
-CHECKPOINTING_MODES = ("auto", "off", "selective", "full")  # expqa.checkpointing.MODES
+CHECKPOINTING_MODES = ("auto", "off", "selective", "full", "offload")  # expqa.checkpointing.MODES
 GGUF_EXPORT_TYPES = ("f32", "f16", "bf16", "q8_0")
 LM_HEAD_LOSSES = ("trl", "expqa")
 MAX_WEIGHT = 1000.0  # expqa.combine.MAX_WEIGHT: train copies are stored in 16 bits, and more is surely a typo
@@ -168,8 +168,9 @@ class TrainingConfig:
     gradient_checkpointing: str | bool = _help(
         "Recompute activations in backward (less memory, up to ~50 % more compute for a frozen base): auto (from the "
         "free device memory and the longest micro-batch: off if it fits, else the fewest checkpointed layers that "
-        "fit, else full), off, selective (the first half of the layers) or full. YAML reads off/false as false: "
-        "it means off; true means full.", "auto")
+        "fit, else full, else offload), off, selective (the first half of the layers), full, or offload (full, with "
+        "each layer's input kept in host memory: the least GPU memory; one process only). YAML reads off/false as "
+        "false: it means off; true means full.", "auto")
     bf16: bool = _help("bf16 mixed precision where the hardware supports it (fp32 otherwise).", True)
     logging_steps: int = _help("Log loss, lr and grad norm every N optimizer steps.", 10)
     eval_steps: int = _help("Evaluate on the val split every N optimizer steps.", 100)

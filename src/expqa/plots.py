@@ -129,7 +129,10 @@ def eval_spec(rows: list[dict]) -> dict:
 
 
 def javascript_bundle() -> str:
-    import vl_convert
+    try:
+        import vl_convert
+    except ImportError:
+        raise SystemExit("error: expqa plots needs vl-convert-python: pip install -e '.[plots]' (make install does)")
 
     bundle = vl_convert.javascript_bundle(vl_version=VEGA_LITE_VERSION)
     # DVC would replace a placeholder inside the code, and "</script" would end the <script> element early

@@ -416,6 +416,10 @@ class QLoRATrainer:
         self.checkpointing = checkpointing.configure(
             model, c.gradient_checkpointing, tokens, liger=c.use_liger_kernel, fused_lora=c.fused_lora,
             lora_rank=self.lora.r, lora_targets=len(self.lora.target_modules), lora_dropout=self.lora.dropout)
+        if self.checkpointing.mode == "offload" and world_size() > 1:
+            raise TrainingError(f"train.gradient_checkpointing offload runs in one process ({world_size()} here): a "
+                                "reentrant checkpoint does not mix with DDP/FSDP's gradient hooks; use full, or "
+                                "train.num_processes: 1")
         train_data = build_sft_dataset(self.data_dir / "train.jsonl", tokenizer, self.config.max_seq_length)
         val_path = self.data_dir / "val.jsonl"
         val_data = build_sft_dataset(val_path, tokenizer, self.config.max_seq_length) \

@@ -24,7 +24,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install lock wheelhouse bench-wheels repro test combine-datasets stats train train-full merge evaluate clean-venv
+.PHONY: install lock wheelhouse bench-wheels repro test combine-datasets stats train train-full merge evaluate exps clean-venv
 
 install: $(VENV)/.installed
 
@@ -120,6 +120,21 @@ plots: install
 # docs/plots.png (README "Plots"), drawn by headless chromium: rerun after `make repro`
 plots-screenshot: install
 	expqa plots --screenshot docs/plots.png
+
+# The experiments of one baseline commit (EXPS_REV) in a 120-column terminal (all but the second table in 80):
+# `dvc exp show` lists every metric and param (~200 columns), params after metrics, where DVC folds what does not
+# fit into "…". So: the key
+# metrics per experiment (val/train loss, perplexity and ROUGE-L deltas tuned - base), the critical-question
+# accuracy deltas under both scorings (--drop '.*' --keep <those>; the metric names are long), then each
+# experiment's changed params as rows (`dvc params diff`: `make train-full` alone changes 7 params of ~30 chars).
+EXPS_REV ?= HEAD
+exps: install
+	@dvc exp show --no-pager --rev $(EXPS_REV) --drop '.*' \
+	  --keep 'Experiment$$|eval\.loss$$|train\.loss$$|perplexity\.delta$$|rougeL\.delta$$'
+	@dvc exp show --no-pager --rev $(EXPS_REV) --drop '.*' \
+	  --keep 'Experiment$$|critical_questions\.(length_norm|calibrated)\.delta$$'
+	@for exp in $$(dvc exp list --rev $(EXPS_REV) --name-only); do \
+	  echo; dvc params diff --no-path $(EXPS_REV) $$exp; done
 
 clean-venv:
 	rm -rf $(VENV)

@@ -33,6 +33,8 @@ from pathlib import Path
 from typing import IO
 from urllib.parse import urlparse
 
+from expqa.progress import byte_progress
+
 DEFAULT_LICENSE = "CC BY-SA 4.0"
 QUESTION_TYPE = 1
 ANSWER_TYPE = 2
@@ -337,27 +339,43 @@ class Row:
     attrs: dict[str, str]
 
 
-def iter_rows(posts_xml: Path) -> Iterator[Row]:
+def iter_rows(posts_xml: Path, desc: str = "read Posts.xml") -> Iterator[Row]:
     """Stream the <row> elements of a Posts.xml, keeping only the current row in memory.
 
     The pull parser is fed one line at a time (dumps write one row per line), so each row's
-    line number is known; ElementTree's iterparse does not report it.
+    line number is known; ElementTree's iterparse does not report it. On a terminal a progress bar
+    named `desc` counts bytes read (the row total is unknown until the end) and rows so far.
     """
     _check_readable(posts_xml)
     parser = ET.XMLPullParser(events=("start", "end"))
     root: ET.Element | None = None
-    line = 1
-    with open_posts(posts_xml) as stream:
+    line, rows = 1, 0
+    with open_posts(posts_xml) as stream, byte_progress(_posts_bytes(posts_xml), desc=desc) as bar:
         while chunk := stream.readline(MAX_FEED_BYTES):
+            bar.update(len(chunk))
             for event, element in _feed(parser, chunk, posts_xml):
                 if root is None:
                     root = element
                     _check_root(element, posts_xml, line)
                 elif event == "end" and element.tag == "row":
+                    rows += 1
+                    if rows % 1000 == 0:
+                        bar.set_postfix_str(f"{rows:,} rows", refresh=False)
                     yield Row(line, dict(element.attrib))
                     root.clear()  # drop finished rows so the tree never grows
             line += chunk.endswith(b"\n")
     _close(parser, posts_xml)
+
+
+def _posts_bytes(posts_xml: Path) -> int | None:
+    """Uncompressed size of Posts.xml, the progress bar's total; None for a .7z (7z streams it without one)."""
+    suffix = posts_xml.suffix.lower()
+    if suffix == ".7z":
+        return None
+    if suffix == ".zip":
+        with zipfile.ZipFile(posts_xml) as archive:
+            return archive.getinfo(_zip_member(archive, posts_xml)).file_size
+    return posts_xml.stat().st_size
 
 
 def _check_readable(posts_xml: Path) -> None:
@@ -725,7 +743,7 @@ def _index_posts(db: sqlite3.Connection, posts_xml: Path, settings: Settings) ->
     tag_counts: Counter[str] = Counter()
     questions: list[tuple[int, int, int | None, int, int]] = []
     answers: list[tuple[int, int | None, int, int]] = []
-    for row in iter_rows(posts_xml):
+    for row in iter_rows(posts_xml, desc="collect: index Posts.xml"):
         counts["rows_read"] += 1
         post_id = _required_int(row, "Id", posts_xml)
         post_type = _required_int(row, "PostTypeId", posts_xml)
@@ -850,7 +868,7 @@ def _choose_answers(db: sqlite3.Connection, settings: Settings) -> dict:
 def _store_chosen_texts(db: sqlite3.Connection, posts_xml: Path) -> None:
     """Pass 2: convert and spill only the chosen questions and answers."""
     batch: list[tuple[str, tuple]] = []
-    for row in iter_rows(posts_xml):
+    for row in iter_rows(posts_xml, desc="collect: convert chosen posts"):
         post_type = int(row.attrs["PostTypeId"])  # validated in pass 1
         post_id = int(row.attrs["Id"])
         if post_type == QUESTION_TYPE and _is_chosen(db, "qid", post_id):

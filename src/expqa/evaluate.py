@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from expqa.dataset import IGNORE_INDEX, end_of_turn_ids, render, tokenize_conversation
+from expqa.progress import progress
 
 
 def batches(items: list, size: int):
@@ -66,11 +67,14 @@ def sequence_logprobs(model, input_ids: list[list[int]], labels: list[list[int]]
     return list(zip(sums.tolist(), counts.tolist()))
 
 
-def score_examples(model, examples: list[dict], batch_size: int) -> list[tuple[float, int]]:
-    """sequence_logprobs of every example, in batches of similar length (little padding), in input order."""
+def score_examples(model, examples: list[dict], batch_size: int, desc: str = "score",
+                   position: int | None = None) -> list[tuple[float, int]]:
+    """sequence_logprobs of every example, in batches of similar length (little padding), in input order.
+    desc, position: the progress bar's (expqa.progress)."""
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     scores: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
-    for batch in batches(order, batch_size):
+    for batch in progress(batches(order, batch_size), desc=desc, total=-(-len(order) // batch_size), unit="batch",
+                          position=position):
         results = sequence_logprobs(model, [examples[i]["input_ids"] for i in batch],
                                     [examples[i]["labels"] for i in batch])
         for index, result in zip(batch, results):
@@ -78,11 +82,12 @@ def score_examples(model, examples: list[dict], batch_size: int) -> list[tuple[f
     return scores
 
 
-def perplexity(model, tokenizer, conversations: list[list[dict]], max_length: int, batch_size: int) -> dict:
+def perplexity(model, tokenizer, conversations: list[list[dict]], max_length: int, batch_size: int,
+               label: str = "evaluate", position: int | None = None) -> dict:
     """exp(mean negative log-likelihood per assistant token) over all conversations, and each conversation's
     (sum of log-probabilities, assistant tokens) for the bootstrap."""
     examples = [tokenize_conversation(tokenizer, messages, max_length) for messages in conversations]
-    scores = score_examples(model, examples, batch_size)
+    scores = score_examples(model, examples, batch_size, f"{label}: perplexity", position)
     total_logprob, total_tokens = sum(s for s, _ in scores), sum(c for _, c in scores)
     if total_tokens == 0:
         raise ValueError(f"no assistant tokens left within max_length={max_length} (train.max_seq_length) in the "
@@ -115,14 +120,16 @@ def choose_calibrated(scores: list[tuple[float, int]], unconditional: list[float
     return max(range(len(gains)), key=lambda i: (gains[i], -i))
 
 
-def critical_questions_accuracy(model, tokenizer, questions: list[dict], batch_size: int) -> dict:
+def critical_questions_accuracy(model, tokenizer, questions: list[dict], batch_size: int, label: str = "evaluate",
+                                position: int | None = None) -> dict:
     """Every option of every question scored in length-sorted batches (not one question at a time), with the
     question and, once per distinct option text, after an empty user turn; both scorings."""
     examples = [option_example(tokenizer, q["question"], option) for q in questions for option in q["options"]]
     distinct = sorted({option for q in questions for option in q["options"]})
-    priors = score_examples(model, [option_example(tokenizer, "", option) for option in distinct], batch_size)
+    priors = score_examples(model, [option_example(tokenizer, "", option) for option in distinct], batch_size,
+                            f"{label}: options alone", position)
     prior = {option: logprob for option, (logprob, _) in zip(distinct, priors)}
-    scores = score_examples(model, examples, batch_size)
+    scores = score_examples(model, examples, batch_size, f"{label}: critical questions", position)
     per_question, start = [], 0
     for q in questions:
         own = scores[start:start + len(q["options"])]
@@ -154,7 +161,8 @@ def load_questions(path: str | Path) -> list[dict]:
 # generation: ROUGE and stop rate
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int) -> list[dict]:
+def generate_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int,
+                     label: str = "evaluate", position: int | None = None) -> list[dict]:
     """Greedy answers, left-padded batches; records whether each ended with an end-of-turn token."""
     eos_ids = end_of_turn_ids(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
@@ -163,7 +171,8 @@ def generate_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens
     # batch prompts of similar length together: left padding to a long neighbour costs a full prefill
     order = sorted(range(len(prompts)), key=lambda i: len(encoded_all[i]))
     results: list[dict] = [{}] * len(prompts)
-    for batch_indices in batches(order, batch_size):
+    for batch_indices in progress(batches(order, batch_size), desc=f"{label}: generate", unit="batch",
+                                  total=-(-len(order) // batch_size), position=position):
         encoded = [encoded_all[i] for i in batch_indices]
         width = max(len(e) for e in encoded)
         ids = torch.tensor([[pad_id] * (width - len(e)) + e for e in encoded], device=model.device)
@@ -186,25 +195,26 @@ def rouge_scores(predictions: list[str], references: list[str]) -> list[dict]:
 
 
 def evaluate_model(model, tokenizer, test_rows: list[dict], questions: list[dict], *, max_length: int,
-                   max_new_tokens: int, batch_size: int) -> tuple[dict, list[dict]]:
+                   max_new_tokens: int, batch_size: int, label: str = "evaluate",
+                   position: int | None = None) -> tuple[dict, list[dict]]:
     """All metrics for one model; returns (summary, per-item rows: test conversations, then questions).
 
     The per-item rows carry what compare_models needs (log-probability and tokens, ROUGE, stopped, chosen options).
-    Prints how long each part took.
+    Prints how long each part took. label, position: its progress bars' name and terminal line (expqa.progress).
     """
     started = time.perf_counter()
-    ppl = perplexity(model, tokenizer, [r["messages"] for r in test_rows], max_length, batch_size)
+    ppl = perplexity(model, tokenizer, [r["messages"] for r in test_rows], max_length, batch_size, label, position)
     summary = {"perplexity": ppl["perplexity"], "assistant_tokens": ppl["assistant_tokens"]}
     scored = time.perf_counter()
     prompts = [r["messages"][:-1] for r in test_rows]
     references = [r["messages"][-1]["content"] for r in test_rows]
-    generations = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size)
+    generations = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, label, position)
     generated = time.perf_counter()
     rouge = rouge_scores([g["answer"] for g in generations], references)
     for key in ("rouge1", "rouge2", "rougeL"):
         summary[key] = sum(r[key] for r in rouge) / len(rouge)
     summary["stop_rate"] = sum(g["stopped"] for g in generations) / len(generations)
-    mc = critical_questions_accuracy(model, tokenizer, questions, batch_size)
+    mc = critical_questions_accuracy(model, tokenizer, questions, batch_size, label, position)
     summary["critical_questions_accuracy"] = mc["accuracy"]
     summary["critical_questions_accuracy_calibrated"] = mc["accuracy_calibrated"]
     new_tokens = sum(g["new_tokens"] for g in generations)
@@ -239,7 +249,10 @@ def evaluate_models(models: dict[str, str | Path], test_rows: list[dict], questi
     barrier between 2 threads of one process, which stalls whenever other jobs share the cores.
     """
     options = dict(max_length=max_length, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    args = {name: (str(path), test_rows, questions, threads, options) for name, path in models.items()}
+    # side by side, each process draws its bars on its own terminal line
+    args = {name: (str(path), test_rows, questions, threads,
+                   {**options, "label": f"evaluate {name}", "position": index if processes > 1 else None})
+            for index, (name, path) in enumerate(models.items())}
     if processes <= 1:
         return {name: _evaluate_path(*a) for name, a in args.items()}
     import multiprocessing

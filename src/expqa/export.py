@@ -34,6 +34,7 @@ from expqa.files import replace_dir
 from expqa.merge import (VERIFY_NEW_TOKENS, VERIFY_PROMPTS, compare, encode_prompts, reference_continuations,
                          sequence_logits)
 from expqa.ollama import adds_bos, modelfile
+from expqa.progress import progress
 
 Q = gguf.GGMLQuantizationType
 # export.types -> (file type in the header, tensor type of the 2-D weights); norms and rope_freqs stay F32
@@ -250,7 +251,7 @@ def write_gguf(model_dir: str | Path, out_path: str | Path, gguf_type: str, name
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for _, path, hf_name, _, qtype in plan:
+    for _, path, hf_name, _, qtype in progress(plan, desc=f"export: write {gguf_type}", unit="tensor"):
         writer.write_tensor_data(gguf.quants.quantize(load_tensor(config, path, hf_name), qtype))
     writer.close()
 
@@ -325,7 +326,8 @@ def verify_gguf(path: Path, config, sequences: list[torch.Tensor], prompt_length
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
         model.load_state_dict(weights)
     model.to(device)
-    result = compare(reference, sequence_logits(model, sequences), sequences, prompt_lengths, tolerance, NEAR_TIE)
+    logits = sequence_logits(model, sequences, desc=f"export: check {path.name}")
+    result = compare(reference, logits, sequences, prompt_lengths, tolerance, NEAR_TIE)
     result.update(architecture_equal=architecture_equal, passed=result["passed"] and architecture_equal)
     return result
 
@@ -346,8 +348,8 @@ def export_gguf(model_dir: str | Path, out_dir: str | Path, *, types: list[str],
     device = "cuda" if torch.cuda.is_available() else "cpu"  # float32 forwards of a 3B model: minutes on a CPU
     merged.to(device)
     prompts = encode_prompts(tokenizer, VERIFY_PROMPTS)
-    sequences = reference_continuations(merged, prompts, end_of_turn_ids(tokenizer))
-    reference = sequence_logits(merged, sequences)
+    sequences = reference_continuations(merged, prompts, end_of_turn_ids(tokenizer), desc="export: merged, generate")
+    reference = sequence_logits(merged, sequences, desc="export: merged, logits")
     config = merged.config
     del merged
     if device == "cuda":

@@ -24,6 +24,7 @@ import torch
 
 from expqa.dataset import end_of_turn_ids, render
 from expqa.files import replace_dir
+from expqa.progress import progress
 
 VERIFY_PROMPTS = [
     "What is a p-value?",
@@ -41,10 +42,11 @@ def encode_prompts(tokenizer, prompts: list[str]) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def reference_continuations(model, prompts_ids: list[torch.Tensor], eos_ids: list[int]) -> list[torch.Tensor]:
+def reference_continuations(model, prompts_ids: list[torch.Tensor], eos_ids: list[int],
+                            desc: str = "greedy continuations") -> list[torch.Tensor]:
     """Prompt + greedy continuation of each prompt (the sequences both models are then scored on)."""
     sequences = []
-    for ids in prompts_ids:
+    for ids in progress(prompts_ids, desc=desc, unit="prompt"):
         ids = ids.to(model.device)
         sequences.append(model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                         max_new_tokens=VERIFY_NEW_TOKENS, eos_token_id=eos_ids,
@@ -53,8 +55,9 @@ def reference_continuations(model, prompts_ids: list[torch.Tensor], eos_ids: lis
 
 
 @torch.no_grad()
-def sequence_logits(model, sequences: list[torch.Tensor]) -> list[torch.Tensor]:
-    return [model(input_ids=seq.unsqueeze(0).to(model.device)).logits[0].float().cpu() for seq in sequences]
+def sequence_logits(model, sequences: list[torch.Tensor], desc: str = "logits") -> list[torch.Tensor]:
+    return [model(input_ids=seq.unsqueeze(0).to(model.device)).logits[0].float().cpu()
+            for seq in progress(sequences, desc=desc, unit="prompt")]
 
 
 def compare(reference: list[torch.Tensor], merged: list[torch.Tensor], sequences: list[torch.Tensor],
@@ -149,8 +152,8 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
     base = AutoModelForCausalLM.from_pretrained(base_dir, **load)
     unmerged = PeftModel.from_pretrained(base, adapter_dir).eval()
     prompts = encode_prompts(tokenizer, VERIFY_PROMPTS)
-    sequences = reference_continuations(unmerged, prompts, eos_ids)
-    reference = sequence_logits(unmerged, sequences)
+    sequences = reference_continuations(unmerged, prompts, eos_ids, desc="merge: base + adapter, generate")
+    reference = sequence_logits(unmerged, sequences, desc="merge: base + adapter, logits")
 
     merged = unmerged.merge_and_unload().to(saved_dtype)
     merged.generation_config.eos_token_id = eos_ids
@@ -165,7 +168,7 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
         if device.type == "cuda":
             torch.cuda.empty_cache()
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, **load).eval()
-        report = compare(reference, sequence_logits(reloaded, sequences), sequences,
+        report = compare(reference, sequence_logits(reloaded, sequences, desc="merge: merged, logits"), sequences,
                          [len(p[0]) for p in prompts], LOGIT_TOLERANCE[saved_dtype])
         del reloaded
         report.update(prompts=len(prompts), saved_dtype=str(saved_dtype).replace("torch.", ""), device=device.type)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from expqa.chatml import content_id, load_chatml_dataset
 from expqa.dataset import IGNORE_INDEX, tokenize_conversation
+from expqa.progress import progress
 
 SPLITS = ("train", "val", "test")
 
@@ -40,7 +41,7 @@ def get_dataset_stats(data_dir: str | Path, tokenizer, max_seq_lengths: list[int
         measured: dict[str, tuple[int, int]] = {}  # content id -> (tokens, assistant tokens), once per conversation
         per_source: Counter[str] = Counter()
         tokens = 0
-        for row in rows:
+        for row in progress(rows, desc=f"stats: tokenize {split}", unit="row"):
             key = content_id(row["messages"])
             if key not in measured:
                 example = tokenize_conversation(tokenizer, row["messages"])

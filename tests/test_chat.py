@@ -66,16 +66,6 @@ class RecordingEngine(Engine):
 
 
 @pytest.fixture(scope="module")
-def talkative_base(tmp_path_factory, embedded_tokenizer):
-    """The tiny Llama with an output layer of its own: with tied embeddings it answers only newlines (the last
-    prompt token, again and again), which strip to empty answers and would prove nothing."""
-    from conftest import make_tiny_llama
-
-    return make_tiny_llama(tmp_path_factory.mktemp("talkative") / "base", embedded_tokenizer,
-                           tie_word_embeddings=False)
-
-
-@pytest.fixture(scope="module")
 def engine(talkative_base):
     from expqa.model import load_for_inference
 

@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable
 
 from expqa.dataset import render
-from expqa.serve import ChatRequest, Engine
+from expqa.serve import ChatRequest, Engine, RequestError
 
 COMMANDS = "/reset (forget the conversation), /system [text] (show or set the system prompt), /exit (or Ctrl-D)"
 
@@ -129,6 +129,12 @@ def chat_loop(session: ChatSession, read_line: Callable[[], str | None], write: 
             continue
         try:
             session.reply(line, write, note)
+        except KeyboardInterrupt:  # Ctrl-C while the prompt is prepared (reply handles it from generation on)
+            note(" [stopped]")
+            continue
+        except RequestError as exc:  # a template that rejects the messages, a failed generation: not fatal
+            note(f"error: {exc}")
+            continue
         except ContextFull as exc:
             note(f"error: the prompt for this question{' (with the system prompt)' if session.system else ''} is "
                  f"{exc.tokens} tokens; the context window minus --max-new-tokens {session.max_new_tokens} leaves "
@@ -206,8 +212,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if interactive:
         note(f"chatting with {adapter or model_dir} ({engine.context_window}-token context, "
-             f"{'greedy' if args.temperature == 0 else f'temperature {args.temperature}'}). "
-             f"Commands: {COMMANDS}. Ctrl-C stops an answer.")
+             f"{'greedy' if args.temperature == 0 else f'temperature {args.temperature}'}); Ctrl-C stops an answer")
+        note(f"commands: {COMMANDS}")
         chat_loop(session, terminal_reader("> "), write, note, after_answer="\n\n")
     else:
         chat_loop(session, lambda: sys.stdin.readline() or None, write, note)

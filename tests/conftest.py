@@ -68,6 +68,14 @@ def tiny_base(tmp_path_factory, embedded_tokenizer) -> Path:
     return make_tiny_llama(tmp_path_factory.mktemp("tiny") / "base", embedded_tokenizer)
 
 
+@pytest.fixture(scope="session")
+def talkative_base(tmp_path_factory, embedded_tokenizer) -> Path:
+    """The tiny Llama with an output layer of its own, for tests that read answers: with tied embeddings it answers
+    only newlines (its last prompt token, again and again), which strip to empty answers and prove nothing."""
+    return make_tiny_llama(tmp_path_factory.mktemp("talkative") / "base", embedded_tokenizer,
+                           tie_word_embeddings=False)
+
+
 def conversation(i: int, turns: int = 1) -> dict:
     messages = [{"role": "system", "content": "You are a careful statistician."}] if i % 3 == 0 else []
     for t in range(turns):

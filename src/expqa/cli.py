@@ -1,4 +1,4 @@
-"""`expqa` command line: the pipeline stages (run from a checkout) plus `ask`, `params` and `plots`.
+"""`expqa` command line: the pipeline stages (run from a checkout) plus `ask`, `chat`, `serve`, `params` and `plots`.
 
 Stage subcommands run the checkout's own `stages/<name>.py`, the same scripts `dvc repro` calls, so there is one
 implementation of each stage. `expqa <stage> --help` shows its options.
@@ -47,25 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, text in STAGES.items():
         sub.add_parser(name, help=text, add_help=False)
-    sub.add_parser("ask", help="answer a question with the fine-tuned model (streams tokens)", add_help=False)
+    sub.add_parser("ask", help="answer questions (or a file of them) with the fine-tuned model, loaded once",
+                   add_help=False)
+    sub.add_parser("chat", help="interactive chat with the fine-tuned model (history, /reset, /system)",
+                   add_help=False)
     sub.add_parser("serve", help="OpenAI-compatible chat-completions endpoint on 127.0.0.1", add_help=False)
-    sub.add_parser("params", help="print every params.yaml key with its meaning")
+    sub.add_parser("params", help="every params.yaml key: the value that runs here (profile) and its meaning",
+                   add_help=False)
     sub.add_parser("plots", help="dvc plots (show, or diff of revisions) + base vs tuned, drawn offline",
                    add_help=False)
     return parser
-
-
-def print_params_help() -> None:
-    from expqa import config
-
-    for section, cls in [("base", config.BaseConfig), ("model", config.ModelConfig),
-                         ("collect", config.CollectConfig), ("data", config.DataConfig),
-                         ("quantization", config.QuantizationConfig), ("lora", config.LoRAConfig),
-                         ("train", config.TrainingConfig), ("eval", config.EvalConfig),
-                         ("export", config.ExportConfig)]:
-        print(f"{section}:")
-        for key, text in config.section_help(cls).items():
-            print(f"  {key:30s} {text}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         from expqa.ask import main as ask_main
 
         return ask_main(rest)
+    if command == "chat":
+        from expqa.chat import main as chat_main
+
+        return chat_main(rest)
     if command == "serve":
         from expqa.serve import main as serve_main
 
@@ -90,8 +85,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return plots_main(rest)
     if command == "params":
-        print_params_help()
-        return 0
+        from expqa.show_params import main as params_main
+
+        return params_main(rest)
     parser.parse_args(argv)  # prints the usage error for an unknown command
     return 2
 

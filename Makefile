@@ -97,12 +97,14 @@ train: install
 
 # full-length training (3 epochs, 2048 tokens) + merge + evaluate as a DVC experiment, also on a CPU-only machine,
 # where the `cpu:` profile's one epoch at 512 tokens is lifted (hours on 2 cores; a val loss and a checkpoint every
-# half epoch, all kept, for curves over steps); on a GPU `make repro` already trains 3 epochs at 2048 tokens.
+# half epoch, all kept, for curves over steps; the loss every 7 steps, as save_steps must be a multiple of it);
+# on a GPU `make repro` already trains 3 epochs at 2048 tokens.
 # Still 4 conversations per optimizer step, as 2 processes x 1 conversation x 2 accumulation steps: 2 packed
 # 2048-token conversations per process need 6 GB of activations each without checkpointing (OOM-killed on 23 GB).
 train-full: install
 	dvc exp run -S cpu.train.num_train_epochs=3 -S cpu.train.max_seq_length=2048 -S cpu.train.eval_steps=49 \
-	  -S cpu.train.save_steps=49 -S +cpu.train.save_total_limit=7 -S cpu.train.per_device_train_batch_size=1 \
+	  -S cpu.train.save_steps=49 -S cpu.train.logging_steps=7 -S +cpu.train.save_total_limit=7 \
+	  -S cpu.train.per_device_train_batch_size=1 \
 	  -S cpu.train.gradient_accumulation_steps=2
 
 merge: install

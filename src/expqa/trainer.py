@@ -47,7 +47,8 @@ FSDP_CHECKPOINT_FILES = ("trainer_state.json", "adapter_model.safetensors", "opt
 OOM_ADVICE = ("CUDA ran out of memory. Try, in this order: a smaller train.tokens_per_micro_batch (or "
               "train.per_device_train_batch_size when it is 0; raise train.gradient_accumulation_steps to keep the "
               "effective batch), a shorter train.max_seq_length, "
-              "train.gradient_checkpointing: full, fewer lora.target_modules (e.g. [q_proj, v_proj]).")
+              "train.gradient_checkpointing: offload (the least GPU memory), fewer lora.target_modules (e.g. "
+              "[q_proj, v_proj]).")
 
 
 class TrainingError(RuntimeError):

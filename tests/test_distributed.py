@@ -3,6 +3,7 @@ launch is not relaunched, two torchrun agents joined like two machines train tog
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -224,31 +225,55 @@ def test_several_machines_use_torchruns_rendezvous_variables(clean_env):
 
 
 class FakeLauncher:
-    """A torchrun process whose wait() returns (or raises) the given outcomes one after the other."""
+    """A torchrun process: wait() runs `during` (e.g. a Ctrl-C arriving) and returns the given exit code."""
 
-    def __init__(self, outcomes):
-        self.outcomes = list(outcomes)
+    pid = 0  # no process has parent 0 on Linux but the kernel's own: nothing is signalled
+
+    def __init__(self, code, during=lambda: None):
+        self.code, self.during = code, during
 
     def wait(self):
-        outcome = self.outcomes.pop(0)
-        if isinstance(outcome, BaseException):
-            raise outcome
-        return outcome
+        self.during()
+        return self.code
 
 
-def test_ctrl_c_leaves_the_workers_to_save_and_report(clean_env, monkeypatch, capsys):
-    # Two Ctrl-C reach the parent too: it keeps waiting, silently, and returns the workers' code.
-    launcher = FakeLauncher([KeyboardInterrupt(), KeyboardInterrupt(), 130])
-    monkeypatch.setattr(distributed.subprocess, "Popen", lambda cmd, **kwargs: launcher)
-    assert distributed.relaunch("s.py", [], 2) == 130
-    assert capsys.readouterr().err == ""
+def ctrl_c_twice():
+    os.kill(os.getpid(), signal.SIGINT)
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.mark.parametrize("code,expected", [(0, 130), (1, 1)])
+def test_ctrl_c_is_passed_to_the_workers_and_reported_as_130(clean_env, monkeypatch, capsys, code, expected):
+    """torchrun runs in its own session (a terminal's Ctrl-C reaches the stage only); the stage passes each signal
+    on to the workers, waits, and turns their clean stop (exit 0) into 130, silently; a failure keeps its code."""
+    started = {}
+
+    def popen(cmd, **kwargs):
+        started.update(kwargs)
+        return FakeLauncher(code, during=ctrl_c_twice)
+
+    monkeypatch.setattr(distributed.subprocess, "Popen", popen)
+    before = signal.getsignal(signal.SIGINT)
+    assert distributed.relaunch("s.py", [], 2) == expected
+    assert started["start_new_session"] is True and started["env"][distributed.RELAUNCHED_VARIABLE] == "1"
+    assert signal.getsignal(signal.SIGINT) is before  # the stage's own handlers are back
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_child_pids_finds_the_launchers_workers():
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert child.pid in distributed.child_pids(os.getpid())
+    finally:
+        child.kill()
+        child.wait()
 
 
 @pytest.mark.parametrize("node_rank,written,expected", [("0", False, 1), ("0", True, 0), ("1", False, 0)])
 def test_node_0_fails_when_rank_0_wrote_elsewhere(clean_env, tmp_path, capsys, node_rank, written, expected):
     clean_env.setenv("PET_NNODES", "2")
     clean_env.setenv("PET_NODE_RANK", node_rank)
-    clean_env.setattr(distributed.subprocess, "Popen", lambda cmd, **kwargs: FakeLauncher([0]))
+    clean_env.setattr(distributed.subprocess, "Popen", lambda cmd, **kwargs: FakeLauncher(0))
     if written:
         (tmp_path / "adapter").mkdir()
     assert distributed.relaunch("s.py", [], 1, output=tmp_path / "adapter") == expected

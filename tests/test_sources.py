@@ -48,7 +48,8 @@ def turns(*pairs: tuple[str, str]) -> list[dict[str, str]]:
 # --- good rows convert exactly ---------------------------------------------------------------
 
 SHAREGPT = [
-    {"id": "a1", "conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "What is a p-value?"},
+    {"id": "a1", "conversations": [{"from": "system", "value": "Be brief."},
+                                   {"from": "human", "value": "What is a p-value?"},
                                    {"from": "gpt", "value": "A tail probability under H0."}], "lang": "en"},
     {"conversations": [{"from": "human", "value": "What is power?"}, {"from": "gpt", "value": "1 - beta."}]},
 ]
@@ -191,8 +192,9 @@ def test_bad_row_is_quarantined_with_its_reason_under_skip(tmp_path: Path, forma
 
 def test_hf_disk_bad_row_is_located_by_row_index(tmp_path: Path) -> None:
     datasets = pytest.importorskip("datasets")
-    datasets.Dataset.from_list([{"messages": turns(("user", "Q?"), ("assistant", "A."))},
-                                {"messages": turns(("user", "Q2?"), ("robot", "A."))}]).save_to_disk(str(tmp_path / "hf"))
+    rows = [{"messages": turns(("user", "Q?"), ("assistant", "A."))},
+            {"messages": turns(("user", "Q2?"), ("robot", "A."))}]
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "hf"))
     source = UserSource(tmp_path / "hf", "hf_disk", "hf", 1.0)
     with pytest.raises(DataError, match=r"hf: row 1: messages\[1\].role is 'robot'"):
         combine(tmp_path, source)

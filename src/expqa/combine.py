@@ -4,10 +4,11 @@ One call of ``combine_datasets`` does four steps:
 
 1. Scan every input once, in the given order, then every user source (``data.sources``,
    converted to ChatML rows by expqa.sources into a scratch file that is read back like an
-   input): parse and validate each row, check that its source has a weight, drop weight-0 sources, then drop exact and normalised duplicates
-   (the first occurrence wins). Per kept conversation only fixed-size keys are kept (64-bit
-   hashes, file index, byte offset), never its text, so memory grows by roughly 300 bytes
-   per row instead of by the data size (see benchmarks/collect_combine_memory.py).
+   input): parse and validate each row, check that its source has a weight, drop weight-0
+   sources, then drop exact and normalised duplicates (the first occurrence wins). Per kept
+   conversation only fixed-size keys are kept (64-bit hashes, file index, byte offset), never
+   its text, so memory grows by roughly 300 bytes per row instead of by the data size (see
+   benchmarks/collect_combine_memory.py).
 2. Split by group. A group is every conversation whose first user message normalises to the
    same text, so a question and its follow-up variants never cross splits. Groups are
    ordered by sha256(f"{seed}:{group_key}") and cut into test, val and train by

@@ -40,14 +40,17 @@ FORMAT_HINT = (
 
 
 class DataError(ValueError):
-    """A problem with one line of a dataset file, reported as ``path:line: reason``."""
+    """A problem with one line of a dataset file, reported as ``path:line: reason``.
 
-    def __init__(self, path: str | Path, line: int, reason: str, hint: str = "") -> None:
+    ``unit="row"`` locates a row of a dataset that has no lines (a Hugging Face dataset folder): ``path: row N``.
+    """
+
+    def __init__(self, path: str | Path, line: int, reason: str, hint: str = "", unit: str = "line") -> None:
         self.path = str(path)
         self.line = line
         self.reason = reason
         self.hint = hint
-        message = f"{self.path}:{line}: {reason}"
+        message = f"{self.path}:{line}: {reason}" if unit == "line" else f"{self.path}: {unit} {line}: {reason}"
         if hint:
             message += f"\n  hint: {hint}"
         super().__init__(message)

@@ -2,11 +2,13 @@
 
 One call of ``combine_datasets`` does four steps:
 
-1. Scan every input once, in the given order: parse and validate each row, check that its
-   source has a weight, drop weight-0 sources, then drop exact and normalised duplicates
-   (the first occurrence wins). Per kept conversation only fixed-size keys are kept (64-bit
-   hashes, file index, byte offset), never its text, so memory grows by roughly 300 bytes
-   per row instead of by the data size (see benchmarks/collect_combine_memory.py).
+1. Scan every input once, in the given order, then every user source (``data.sources``,
+   converted to ChatML rows by expqa.sources into a scratch file that is read back like an
+   input): parse and validate each row, check that its source has a weight, drop weight-0
+   sources, then drop exact and normalised duplicates (the first occurrence wins). Per kept
+   conversation only fixed-size keys are kept (64-bit hashes, file index, byte offset), never
+   its text, so memory grows by roughly 300 bytes per row instead of by the data size (see
+   benchmarks/collect_combine_memory.py).
 2. Split by group. A group is every conversation whose first user message normalises to the
    same text, so a question and its follow-up variants never cross splits. Groups are
    ordered by sha256(f"{seed}:{group_key}") and cut into test, val and train by
@@ -53,6 +55,7 @@ from expqa.chatml import (
     validate_conversation,
 )
 from expqa.files import replace_dir, sha256_file
+from expqa.sources import UserSource, iter_source_records, source_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -168,6 +171,16 @@ class KeptRows:
         return len(self.offset)
 
 
+class Where(NamedTuple):
+    """Where a row came from, for errors and quarantine.jsonl."""
+
+    path: Path
+    location: int  # line of a file, or row index of a Hugging Face dataset folder
+    unit: str  # "line" or "row"
+    raw: str  # the row's text as read
+    hint: str = ""  # how to fix an invalid row, when the generic ChatML hint would not fit (converted rows)
+
+
 class Scanner:
     """Reads inputs once, keeping counts, dedup sets and ``KeptRows``; quarantines bad rows."""
 
@@ -185,7 +198,7 @@ class Scanner:
         self._seen_exact: set[int] = set()
         self._seen_normalised: set[int] = set()
         self._seen_ids: set[int] = set()
-        self.rows_per_file: list[int] = []  # non-blank lines read, to name empty inputs in errors
+        self.empty_inputs: list[str] = []  # inputs without a single row, named in errors
         self.first_invalid = ""  # "path:line: reason" of the first quarantined row, for the same
 
     def scan_file(self, file_index: int, path: Path) -> None:
@@ -193,22 +206,47 @@ class Scanner:
         for raw in iter_raw_lines(path):
             rows += 1
             self._scan_line(file_index, path, raw)
-        self.rows_per_file.append(rows)
+        if rows == 0:
+            self.empty_inputs.append(
+                f"{display_path(path)} ({'0 bytes' if path.stat().st_size == 0 else 'only blank lines'})")
+
+    def scan_source(self, file_index: int, source: UserSource, converted: IO[bytes]) -> None:
+        """Convert a ``data.sources`` entry record by record into ``converted`` (ChatML JSONL, read back by
+        offset like any input) and scan each row as a row of an input file; errors name the source's records."""
+        rows = 0
+        for record in iter_source_records(source):
+            rows += 1
+            where = Where(source.path, record.location, source.unit, record.raw, record.hint)
+            if record.row is None:
+                self._reject(where, record.error, source.name, record.hint)
+                continue
+            offset = converted.tell()
+            converted.write(json.dumps(record.row, ensure_ascii=False, sort_keys=True).encode("utf-8") + b"\n")
+            self._scan_row(file_index, offset, where, record.row)
+        if rows == 0:
+            self.empty_inputs.append(f"{display_path(source.path)} (no records)")
 
     def forget_seen(self) -> None:
         """Free the dedup sets (the largest memory) once every input is scanned."""
         self._seen_exact, self._seen_normalised, self._seen_ids = set(), set(), set()
 
     def _scan_line(self, file_index: int, path: Path, raw: RawLine) -> None:
-        row: Any = None
+        where = Where(path, raw.line, "line", raw.data.decode("utf-8", "backslashreplace").rstrip("\r\n"))
         try:
             row = parse_json_line(raw.data)
+        except ValueError as err:
+            self._reject(where, str(err), UNKNOWN_SOURCE)
+            return
+        self._scan_row(file_index, raw.offset, where, row)
+
+    def _scan_row(self, file_index: int, offset: int, where: Where, row: Any) -> None:
+        try:
             validate_conversation(row)
         except ValueError as err:
-            self._reject(path, raw, str(err), self._attributed_source(row))
+            self._reject(where, str(err), self._attributed_source(row), where.hint)
             return
         source = row["source"]
-        self._check_known_source(path, raw.line, source)
+        self._check_known_source(where, source)
         if self.weights[source] == 0:
             self._count(source, "dropped_weight0")
             return
@@ -220,9 +258,9 @@ class Scanner:
         elif keys.id_key in self._seen_ids:
             reason = f"id {keys.row_id!r} is already used by an earlier conversation"
             hint = "give every conversation a unique 'id', or leave 'id' out"
-            self._reject(path, raw, reason, source, hint)
+            self._reject(where, reason, source, hint)
         else:
-            self._keep(file_index, raw.offset, source, keys)
+            self._keep(file_index, offset, source, keys)
 
     def _keep(self, file_index: int, offset: int, source: str, keys: ConversationKeys) -> None:
         self._seen_exact.add(keys.exact)
@@ -241,13 +279,13 @@ class Scanner:
         for copy in range(2, copies + 1):
             kept.extra_order.append(order_key(self.seed, copy_id(keys.row_id, copy)))
 
-    def _check_known_source(self, path: Path, line: int, source: str) -> None:
+    def _check_known_source(self, where: Where, source: str) -> None:
         # Always an error, even with on_invalid="skip": quarantining a whole source because
         # params.yaml lacks its weight would silently shrink the dataset.
         if source not in self.weights:
             raise DataError(
-                path,
-                line,
+                where.path,
+                where.location,
                 f"source {source!r} has no weight; allowed sources: {', '.join(self.sources)}",
                 f"add a weight for {source!r} under data.weights in params.yaml "
                 "(0 drops the source), or fix the row's 'source'",
@@ -257,20 +295,14 @@ class Scanner:
         source = row.get("source") if isinstance(row, dict) else None
         return source if isinstance(source, str) and source in self.weights else UNKNOWN_SOURCE
 
-    def _reject(
-        self, path: Path, raw: RawLine, reason: str, source: str, hint: str = ""
-    ) -> None:
+    def _reject(self, where: Where, reason: str, source: str, hint: str = "") -> None:
         if self.on_invalid == "error":
-            raise DataError(path, raw.line, reason, hint or hint_for(reason))
+            raise DataError(where.path, where.location, reason, hint or hint_for(reason), where.unit)
         self.stats.setdefault(source, Counter())
         self._count(source, "invalid")
-        self.first_invalid = self.first_invalid or f"{display_path(path)}:{raw.line}: {reason}"
-        record = {
-            "path": display_path(path),
-            "line": raw.line,
-            "reason": reason,
-            "raw": raw.data.decode("utf-8", "backslashreplace").rstrip("\r\n"),
-        }
+        location = f":{where.location}" if where.unit == "line" else f": {where.unit} {where.location}"
+        self.first_invalid = self.first_invalid or f"{display_path(where.path)}{location}: {reason}"
+        record = {"path": display_path(where.path), where.unit: where.location, "reason": reason, "raw": where.raw}
         self.quarantine.write(json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n")
 
     def _count(self, source: str, outcome: str) -> None:
@@ -410,7 +442,7 @@ def display_path(path: Path) -> str:
 # --- empty splits -------------------------------------------------------------------------------
 
 
-def check_splits_not_empty(inputs: Sequence[Path], scanner: Scanner, params: Mapping[str, Any]) -> None:
+def check_splits_not_empty(scanner: Scanner, params: Mapping[str, Any]) -> None:
     """Raise EmptySplitError for a split that would be empty although its fraction asks for rows.
 
     An empty train/val/test file would pass combine silently and fail (or train on nothing) later.
@@ -420,7 +452,7 @@ def check_splits_not_empty(inputs: Sequence[Path], scanner: Scanner, params: Map
         totals.update(counts)
     if totals["kept"] == 0:
         raise EmptySplitError(f"no conversation kept, so train/val/test would be empty; {_losses(totals)}"
-                              f"{_empty_inputs(inputs, scanner.rows_per_file)}{_first_invalid(scanner)}; "
+                              f"{_empty_inputs(scanner.empty_inputs)}{_first_invalid(scanner)}; "
                               "fix the inputs (or run the collect stage again)")
     wanted = {"test": params["test_fraction"], "val": params["val_fraction"], "train": 1.0}
     for split, fraction in wanted.items():
@@ -440,9 +472,7 @@ def _losses(totals: Mapping[str, int]) -> str:
             f"{totals['dropped_weight0']} dropped by weight 0")
 
 
-def _empty_inputs(inputs: Sequence[Path], rows_per_file: Sequence[int]) -> str:
-    empty = [f"{display_path(path)} ({'0 bytes' if path.stat().st_size == 0 else 'only blank lines'})"
-             for path, rows in zip(inputs, rows_per_file) if rows == 0]
+def _empty_inputs(empty: Sequence[str]) -> str:
     return f"; no rows in {', '.join(empty)}" if empty else ""
 
 
@@ -466,14 +496,19 @@ def build_manifest(
     stats: dict[str, Counter[str]],
     params: dict[str, Any],
     row_counts: dict[str, int],
+    user_sources: Sequence[UserSource] = (),
 ) -> dict[str, Any]:
-    """Counts per source and in total, the parameters, and SHA-256 of every input and output."""
+    """Counts per source and in total, the parameters, and SHA-256 of every input (``data.sources`` entries
+    too, with their format and source name) and output."""
     sources = {name: {key: counts[key] for key in STAT_FIELDS} for name, counts in stats.items()}
     totals = {key: sum(counts[key] for counts in sources.values()) for key in STAT_FIELDS}
     for name, counts in {**sources, "totals": totals}.items():
         _check_counts_add_up(name, counts)
     return {
-        "inputs": [{"path": display_path(p), "sha256": sha256_file(p)} for p in inputs],
+        "inputs": [{"path": display_path(p), "sha256": sha256_file(p)} for p in inputs] + [
+            {"path": display_path(s.path), "sha256": source_sha256(s.path), "format": s.format, "source": s.name}
+            for s in user_sources
+        ],
         "outputs": {
             name: {"sha256": sha256_file(out_dir / name), "rows": row_counts[name]}
             for name in OUTPUT_FILES
@@ -542,16 +577,21 @@ def combine_datasets(
     val_fraction: float = 0.05,
     on_invalid: str = "error",
     seed: int = 42,
+    sources: Sequence[UserSource] = (),
 ) -> dict[str, Any]:
-    """Combine ChatML JSONL ``inputs`` into ``out_dir``; returns the manifest (see module doc).
+    """Combine ChatML JSONL ``inputs`` and user ``sources`` into ``out_dir``; returns the manifest (see
+    module doc).
 
     Writes train.jsonl, val.jsonl, test.jsonl, quarantine.jsonl and manifest.json. With
     ``on_invalid="error"`` the first invalid row raises DataError and nothing is written;
     with ``"skip"`` invalid rows go to quarantine.jsonl. A source without a weight is
-    always a DataError.
+    always a DataError. Each of ``sources`` (``data.sources``) is converted to ChatML rows named
+    after it and weighted by its own weight; its rows are then checked like those of ``inputs``.
     """
     inputs = [Path(path) for path in inputs]
     out_dir = Path(out_dir)
+    _check_sources(sources, weights)
+    weights = {**weights, **{source.name: source.weight for source in sources}}
     _check_params(inputs, weights, test_fraction, val_fraction, on_invalid)
     params = {
         "weights": {source: float(weights[source]) for source in sorted(weights)},
@@ -560,29 +600,40 @@ def combine_datasets(
         "on_invalid": on_invalid,
         "seed": seed,
     }
+    if sources:  # only then, so that a pipeline without sources writes the same manifest as before
+        params["sources"] = [{"file": display_path(s.path), "format": s.format, "name": s.name,
+                              "weight": float(s.weight)} for s in sources]
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work_dir = _make_work_dir(out_dir)
     try:
-        manifest = _combine_into(inputs, work_dir, params)
+        manifest = _combine_into(inputs, work_dir, params, sources)
         replace_directory(work_dir, out_dir)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)  # already gone after a successful swap
     return manifest
 
 
-def _combine_into(inputs: list[Path], work_dir: Path, params: dict[str, Any]) -> dict[str, Any]:
+def _combine_into(
+    inputs: list[Path], work_dir: Path, params: dict[str, Any], sources: Sequence[UserSource]
+) -> dict[str, Any]:
     weights, seed = params["weights"], params["seed"]
+    converted_dir = work_dir / ".converted"  # ChatML rows of the sources, read back like inputs; removed below
+    converted_dir.mkdir()
+    converted = [converted_dir / f"{index}.jsonl" for index in range(len(sources))]
     with open(work_dir / QUARANTINE_FILE, "w", encoding="utf-8", newline="\n") as quarantine:
         scanner = Scanner(weights, seed, params["on_invalid"], quarantine)
         for file_index, path in enumerate(inputs):
             scanner.scan_file(file_index, path)
+        for index, source in enumerate(sources):
+            with open(converted[index], "wb") as converted_file:
+                scanner.scan_source(len(inputs) + index, source, converted_file)
     scanner.forget_seen()
     kept, stats = scanner.kept, scanner.stats
     bounds = split_bounds(kept.group, params["test_fraction"], params["val_fraction"])
     plan = plan_outputs(kept, bounds, scanner.sources, stats)
-    check_splits_not_empty(inputs, scanner, params)
+    check_splits_not_empty(scanner, params)
     row_counts = {QUARANTINE_FILE: sum(counts["invalid"] for counts in stats.values())}
-    reader = RowReader(inputs)
+    reader = RowReader([*inputs, *converted])
     try:
         for split in SPLITS:
             row_counts[f"{split}.jsonl"] = write_rows(
@@ -590,7 +641,8 @@ def _combine_into(inputs: list[Path], work_dir: Path, params: dict[str, Any]) ->
             )
     finally:
         reader.close()
-    manifest = build_manifest(inputs, work_dir, stats, params, row_counts)
+    shutil.rmtree(converted_dir)
+    manifest = build_manifest(inputs, work_dir, stats, params, row_counts, sources)
     logger.info(
         "combined %d file(s): %s", len(inputs),
         ", ".join(f"{name} {count} rows" for name, count in sorted(row_counts.items())),
@@ -633,6 +685,16 @@ def _check_params(
             f"test_fraction + val_fraction is {test_fraction + val_fraction:g}; "
             "it must be below 1 to leave conversations for train"
         )
+
+
+def _check_sources(sources: Sequence[UserSource], weights: Mapping[str, float]) -> None:
+    names = [source.name for source in sources]
+    for source in sources:
+        if source.name in weights or names.count(source.name) > 1:
+            raise ValueError(f"source name {source.name!r} is used twice (data.weights and data.sources must "
+                             "name each source once); rename the data.sources entry")
+        if not source.path.exists():
+            raise FileNotFoundError(f"source file not found: {source.path} (data.sources entry {source.name!r})")
 
 
 def _parse_weight(text: str) -> tuple[str, float]:

@@ -25,6 +25,7 @@ CHECKPOINTING_MODES = ("auto", "off", "selective", "full", "offload")  # expqa.c
 GGUF_EXPORT_TYPES = ("f32", "f16", "bf16", "q8_0")
 LM_HEAD_LOSSES = ("trl", "expqa")
 MAX_WEIGHT = 1000.0  # expqa.combine.MAX_WEIGHT: train copies are stored in 16 bits, and more is surely a typo
+SOURCE_FORMATS = ("chatml", "sharegpt", "alpaca", "openai", "hf_disk")  # expqa.sources.FORMATS
 SEED_END = 2**32  # numpy's seeds (set by transformers' set_seed) are 32-bit
 
 
@@ -89,6 +90,29 @@ class CollectConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One entry of data.sources: a dataset of yours in the sources folder (dvc.yaml's --sources)."""
+
+    file: str = _help("File (or hf_disk folder) name inside the sources folder, data/raw/sources.")
+    format: str = _help(f"Record shape: {' | '.join(SOURCE_FORMATS)} (README \"Your own data\").")
+    weight: float = _help("Copies of each of its conversations in the train split, like data.weights.")
+    name: str = _help("Source name written into each row's 'source' and counted under it in the manifest.")
+
+    def validate(self, key: str) -> list[str]:
+        errors = []
+        if not self.file.strip() or Path(self.file).is_absolute() or ".." in Path(self.file).parts:
+            errors.append(f"{key}.file is {self.file!r}; give a name inside the sources folder (data/raw/sources)")
+        if self.format not in SOURCE_FORMATS:
+            errors.append(f"{key}.format is {self.format!r}; allowed: {', '.join(SOURCE_FORMATS)}")
+        if not 0 <= self.weight <= MAX_WEIGHT:
+            errors.append(f"{key}.weight is {self.weight:g}; use 0 (drops the source) to {MAX_WEIGHT:g} (copies in "
+                          "train)")
+        if not self.name.strip() or self.name != self.name.strip():
+            errors.append(f"{key}.name is {self.name!r}; give a non-empty name without edge spaces, e.g. my_faq")
+        return errors
+
+
+@dataclass
 class DataConfig:
     weights: dict[str, float] = _help("Sampling weight of each source in the train split (seed: --cv-weight 2.0 "
                                       "--arxiv-weight 1.0); 2.5 = 2 copies + a 50 % chance of a third.",
@@ -97,6 +121,8 @@ class DataConfig:
     val_fraction: float = _help("Share used for eval loss during training.", 0.05)
     on_invalid: str = _help("What to do with an invalid row: error (stop, name file:line) or skip (quarantine).",
                             "error")
+    sources: list[SourceConfig] = _help("Your own datasets in data/raw/sources, each {file, format, weight, name}, "
+                                        "converted to ChatML rows and checked like the built-in sources.", [])
 
     def validate(self) -> list[str]:
         errors = [f"data.weights.{k} is {v:g}; use 0 (drops the source) to {MAX_WEIGHT:g} (copies in train)"
@@ -109,7 +135,25 @@ class DataConfig:
                           "must be in [0, 1) and sum to less than 1")
         if self.on_invalid not in ("error", "skip"):
             errors.append(f"data.on_invalid is {self.on_invalid!r}; allowed: error, skip")
+        names: dict[str, int] = {}  # name -> index of the first entry with it
+        for index, source in enumerate(self.sources):
+            if source is None:  # could not be built; params_from_dict reported why
+                continue
+            key = f"data.sources[{index}]"
+            errors.extend(source.validate(key))
+            if source.name in self.weights:
+                errors.append(f"{key}.name is {source.name!r}, a built-in source (data.weights); choose another name")
+            elif source.name in names:
+                errors.append(f"{key}.name is {source.name!r}, already the name of data.sources[{names[source.name]}]"
+                              "; give each source its own name")
+            names.setdefault(source.name, index)
         return errors
+
+    def check_source_files(self, sources_dir: Path) -> list[str]:
+        """Problems with data.sources files that are not in ``sources_dir`` (the folder dvc.yaml passes)."""
+        return [f"data.sources[{index}].file {source.file!r} not found in {sources_dir}/; put it there or fix the name"
+                for index, source in enumerate(self.sources)
+                if source is not None and not (sources_dir / source.file).exists()]
 
 
 @dataclass
@@ -357,6 +401,11 @@ def _key_lines(text: str, path: str) -> dict[str, str]:
                 dotted = f"{prefix}{key_node.value}"
                 lines[dotted] = f"{path}:{key_node.start_mark.line + 1}"
                 walk(value_node, dotted + ".")
+        elif isinstance(node, yaml.SequenceNode):  # items as key[0], key[1]... (data.sources[0].file)
+            for index, item in enumerate(node.value):
+                dotted = f"{prefix.removesuffix('.')}[{index}]"
+                lines[dotted] = f"{path}:{item.start_mark.line + 1}"
+                walk(item, dotted + ".")
 
     try:
         root = yaml.compose(text)
@@ -400,8 +449,12 @@ def _type_name(annotation: Any) -> str:
     return getattr(annotation, "__name__", None) if typing.get_origin(annotation) is None else str(annotation)
 
 
-def params_from_dict(raw: dict, source: str = "params.yaml", key_lines: dict[str, str] | None = None) -> Params:
-    """Build and validate Params (and the `cpu` overrides merged in); raise one ConfigError listing every problem."""
+def params_from_dict(raw: dict, source: str = "params.yaml", key_lines: dict[str, str] | None = None,
+                     sources_dir: str | Path | None = None) -> Params:
+    """Build and validate Params (and the `cpu` overrides merged in); raise one ConfigError listing every problem.
+
+    With ``sources_dir`` (the folder of data.sources files) every data.sources file must exist in it.
+    """
     key_lines = key_lines or {}
     errors: list[str] = []
 
@@ -423,22 +476,7 @@ def params_from_dict(raw: dict, source: str = "params.yaml", key_lines: dict[str
         if not isinstance(value, dict):
             errors.append(f"{where(name)}: section '{name}' must be a mapping")
             continue
-        field_types = typing.get_type_hints(cls)
-        kwargs = {}
-        for key, item in value.items():
-            dotted = f"{name}.{key}"
-            if key not in field_types:
-                errors.append(f"{where(dotted)}: unknown key '{dotted}'; known keys in {name}: "
-                              f"{', '.join(field_types)}")
-            elif not _type_ok(item, field_types[key]):
-                errors.append(f"{where(dotted)}: {dotted} is {item!r} ({type(item).__name__}); "
-                              f"expected {_type_name(field_types[key])}")
-            elif non_finite := _non_finite(item, dotted):
-                # Reported here, not left to validate(): every range check is False for nan.
-                errors.extend(f"{where(bad)}: {bad} is {value}; expected a finite number" for bad, value in non_finite)
-            else:
-                kwargs[key] = float(item) if field_types[key] is float else item
-        sections[name] = cls(**kwargs)
+        sections[name] = cls(**_checked_fields(cls, value, name, where, errors))
     params = Params(**sections)
     for name in hints:
         section = getattr(params, name)
@@ -446,6 +484,9 @@ def params_from_dict(raw: dict, source: str = "params.yaml", key_lines: dict[str
             for message in section.validate():
                 key = message.split(" ", 1)[0]
                 errors.append(f"{where(key)}: {message}")
+    if sources_dir is not None:
+        errors.extend(f"{where(message.split(' ', 1)[0])}: {message}"
+                      for message in params.data.check_source_files(Path(sources_dir)))
     if not errors and params.cpu:
         # check the CPU overrides now, not only on the first CPU machine that runs them
         merged = _deep_merge({k: v for k, v in raw.items() if k != "cpu"}, params.cpu)
@@ -457,6 +498,57 @@ def params_from_dict(raw: dict, source: str = "params.yaml", key_lines: dict[str
     if errors:
         raise ConfigError(errors)
     return params
+
+
+def _checked_fields(cls: type, value: dict, prefix: str, where: typing.Callable[[str], str],
+                    errors: list[str]) -> dict[str, Any]:
+    """The keyword arguments for the dataclass ``cls`` from a mapping (a section, or an item of a list of
+    dataclasses); appends every problem to ``errors`` and leaves bad keys out (their defaults apply)."""
+    field_types = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, item in value.items():
+        dotted = f"{prefix}.{key}"
+        item_cls = _dataclass_items(field_types.get(key))
+        if key not in field_types:
+            errors.append(f"{where(dotted)}: unknown key '{dotted}'; known keys in {prefix}: "
+                          f"{', '.join(field_types)}")
+        elif item_cls is not None and isinstance(item, list):
+            # An item that cannot be built stays as None so the others keep their index in messages; it never
+            # reaches a caller, since its problem is in errors.
+            kwargs[key] = [_build_item(item_cls, entry, f"{dotted}[{index}]", where, errors)
+                           for index, entry in enumerate(item)]
+        elif not _type_ok(item, field_types[key]):
+            errors.append(f"{where(dotted)}: {dotted} is {item!r} ({type(item).__name__}); "
+                          f"expected {_type_name(field_types[key])}")
+        elif non_finite := _non_finite(item, dotted):
+            # Reported here, not left to validate(): every range check is False for nan.
+            errors.extend(f"{where(bad)}: {bad} is {value}; expected a finite number" for bad, value in non_finite)
+        else:
+            kwargs[key] = float(item) if field_types[key] is float else item
+    return kwargs
+
+
+def _dataclass_items(annotation: Any) -> type | None:
+    """The item class of a list[SomeDataclass] annotation (data.sources), else None."""
+    if typing.get_origin(annotation) is list:
+        (item,) = typing.get_args(annotation)
+        return item if dataclasses.is_dataclass(item) else None
+    return None
+
+
+def _build_item(cls: type, value: Any, key: str, where: typing.Callable[[str], str], errors: list[str]) -> Any:
+    """One item of a list of dataclasses, or None after appending why it cannot be built."""
+    required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
+    if not isinstance(value, dict):
+        errors.append(f"{where(key)}: {key} is {value!r} ({type(value).__name__}); expected a mapping with "
+                      f"{', '.join(required)}")
+        return None
+    problems = len(errors)
+    missing = [name for name in required if name not in value]
+    if missing:
+        errors.append(f"{where(key)}: {key} has no {', '.join(missing)}; each entry needs {', '.join(required)}")
+    kwargs = _checked_fields(cls, value, key, where, errors)
+    return None if len(errors) > problems else cls(**kwargs)
 
 
 def read_config_file(path: str | Path) -> tuple[dict, dict[str, int]]:
@@ -485,8 +577,10 @@ def _read_utf8(path: Path) -> str:
                           "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
 
 
-def load_params(path: str | Path = "params.yaml", override: str | Path | None = None) -> Params:
-    """Load params.yaml, optionally merge a partial override file (`--config my.yaml`), validate."""
+def load_params(path: str | Path = "params.yaml", override: str | Path | None = None,
+                sources_dir: str | Path | None = None) -> Params:
+    """Load params.yaml, optionally merge a partial override file (`--config my.yaml`), validate; with
+    ``sources_dir``, also that every data.sources file is in that folder."""
     raw, lines = read_config_file(path)
     source = str(path)
     if override is not None:
@@ -494,8 +588,9 @@ def load_params(path: str | Path = "params.yaml", override: str | Path | None = 
         if not isinstance(extra, dict):
             raise ConfigError(f"{override}: expected a mapping like {{lora: {{r: 32}}}}")
         # keys set by the override file are reported against it
-        return params_from_dict(_deep_merge(raw, extra), f"{source} + {override}", {**lines, **extra_lines})
-    return params_from_dict(raw, source, lines)
+        return params_from_dict(_deep_merge(raw, extra), f"{source} + {override}", {**lines, **extra_lines},
+                                sources_dir)
+    return params_from_dict(raw, source, lines, sources_dir)
 
 
 def section_help(cls: type) -> dict[str, str]:

@@ -10,6 +10,7 @@ Values are printed in YAML, so one can be pasted into `dvc exp run -S key=value`
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import textwrap
@@ -28,6 +29,8 @@ WIDTH = 110
 
 def yaml_value(value) -> str:
     """One-line YAML: 42, true, nf4, [q_proj, k_proj], {cross_validated: 2.0}."""
+    if isinstance(value, list):  # data.sources holds dataclasses
+        value = [dataclasses.asdict(item) if dataclasses.is_dataclass(item) else item for item in value]
     text = yaml.safe_dump(value, default_flow_style=True, width=1 << 30, sort_keys=False).strip()
     return text.removesuffix("...").strip()  # safe_dump ends a bare scalar with a document-end marker
 

@@ -67,6 +67,9 @@ class ModelConfig:
 
 @dataclass
 class CollectConfig:
+    posts: str = _help("The dump collect imports: a Posts.xml or a site's .7z / .zip archive. Read by dvc.yaml only "
+                       "(`${collect.posts}` in the stage's cmd and deps, so dvc.lock pins its hash); "
+                       "`make collect-cv-full ARCHIVE=...` sets it.", "data/raw/stackexchange_sample/Posts.xml")
     tags: list[str] = _help("Keep Stack Exchange questions with any of these tags; [] keeps all.", [])
     min_question_score: int = _help("Minimum question score.", 1)
     min_answer_score: int = _help("Minimum score of a non-accepted answer.", 2)
@@ -76,6 +79,8 @@ class CollectConfig:
 
     def validate(self) -> list[str]:
         errors = []
+        if not self.posts.strip():
+            errors.append("collect.posts is empty; give the path of a Posts.xml or of a site's .7z archive")
         if self.min_answer_chars < 0:
             errors.append(f"collect.min_answer_chars is {self.min_answer_chars}; use 0 or a positive count")
         if self.min_answer_chars > self.max_answer_chars:

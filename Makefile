@@ -24,8 +24,8 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install lock wheelhouse bench-wheels repro test combine-datasets collect-cv-full stats train train-full merge \
-	evaluate clean-venv
+.PHONY: install lock wheelhouse bench-wheels repro test combine-datasets collect-cv-full generate-qa stats train train-full \
+	merge evaluate clean-venv
 
 install: $(VENV)/.installed
 
@@ -99,6 +99,12 @@ collect-cv-full:
 	  data dump (README \"More training data\")"; exit 2; fi
 	@$(MAKE) --no-print-directory install
 	dvc exp run -S 'collect.posts=$(ARCHIVE)' combine
+
+# synthetic Q&A grounded in the arXiv papers' metadata (README "More training data"): the generate stage with its
+# teacher switched on, a DVC experiment up to combine. TEACHER=<local model folder or hub id> replaces the base model
+# (a strong instruct model on a GPU is the point; the embedded 135M teacher keeps few pairs)
+generate-qa: install
+	dvc exp run -S generate.enabled=true $(if $(TEACHER),-S 'generate.model=$(TEACHER)') combine
 
 stats: install
 	dvc repro stats

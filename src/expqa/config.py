@@ -94,6 +94,38 @@ class CollectConfig:
 
 
 @dataclass
+class GenerateConfig:
+    enabled: bool = _help("Run the teacher (true) or write an empty output (false, the default: `make generate-qa` "
+                          "turns it on).", False)
+    model: str = _help("Teacher: 'base' (the base stage's model), a local model folder or a hub id.", "base")
+    categories: list[str] = _help("Keep papers in any of these arXiv categories; [] keeps all.",
+                                  ["stat.ME", "stat.AP", "econ.EM"])
+    keywords: list[str] = _help("...and whose title or abstract mentions any of these (case-insensitive); [] keeps "
+                                "all.", ["A/B", "experiment", "causal"])
+    max_papers: int = _help("At most this many selected papers, in file order (0: all).", 0)
+    pairs_per_paper: int = _help("Question/answer pairs asked of the teacher per paper.", 3)
+    max_new_tokens: int = _help("Longest teacher output per paper (tokens).", 384)
+    batch_size: int = _help("Papers per generation batch.", 8)
+    min_answer_words: int = _help("Drop answers with fewer words (answer_too_short).", 20)
+    min_grounding: float = _help("Drop answers with a smaller share of content words found in the title or abstract "
+                                 "(ungrounded), 0 to 1.", 0.6)
+
+    def validate(self) -> list[str]:
+        errors = []
+        if not self.model.strip():
+            errors.append("generate.model is empty; use base, a local model folder or a hub id")
+        for key in ("pairs_per_paper", "max_new_tokens", "batch_size"):
+            if getattr(self, key) < 1:
+                errors.append(f"generate.{key} is {getattr(self, key)}; use 1 or more")
+        if self.max_papers < 0 or self.min_answer_words < 0:
+            errors.append(f"generate.max_papers ({self.max_papers}) and generate.min_answer_words "
+                          f"({self.min_answer_words}) must be 0 or more")
+        if not 0 <= self.min_grounding <= 1:
+            errors.append(f"generate.min_grounding is {self.min_grounding}; use a share from 0 to 1")
+        return errors
+
+
+@dataclass
 class DataConfig:
     weights: dict[str, float] = _help("Sampling weight of each source in the train split (seed: --cv-weight 2.0 "
                                       "--arxiv-weight 1.0); 2.5 = 2 copies + a 50 % chance of a third.",
@@ -314,6 +346,7 @@ class Params:
     base: BaseConfig = field(default_factory=BaseConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     collect: CollectConfig = field(default_factory=CollectConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
     data: DataConfig = field(default_factory=DataConfig)
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)

@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
                              categories=g.categories, keywords=g.keywords, max_papers=g.max_papers,
                              pairs_per_paper=g.pairs_per_paper, max_new_tokens=g.max_new_tokens,
                              batch_size=g.batch_size, min_answer_words=g.min_answer_words,
+                             min_distinct_share=g.min_distinct_share, max_copied_words=g.max_copied_words,
                              min_grounding=g.min_grounding)
     except (ConfigError, DataError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -25,15 +25,17 @@ PAPER = Paper(arxiv_id="1512.04922", title="Always Valid Inference: Bringing Seq
                        "early. Always valid p-values and confidence intervals remain valid at any stopping time, "
                        "built from sequential tests such as a mixture likelihood ratio test.",
               categories=("stat.ME",), license=None)
-GROUNDED = ("Fixed-sample p-values mislead experimenters who monitor an A/B test continuously and stop early; "
-            "always valid p-values and confidence intervals remain valid at any stopping time.")
+GROUNDED = ("Fixed-sample p-values mislead experimenters who stop an A/B test early, but always valid confidence "
+            "intervals remain valid at any stopping time of the test.")  # the abstract's words, not its sentences
 
 
 def shipped_generate_params(**overrides) -> dict:
     g = load_params(REPO / "params.yaml").generate
     params = dict(enabled=g.enabled, model=g.model, categories=g.categories, keywords=g.keywords,
                   max_papers=g.max_papers, pairs_per_paper=g.pairs_per_paper, max_new_tokens=g.max_new_tokens,
-                  batch_size=g.batch_size, min_answer_words=g.min_answer_words, min_grounding=g.min_grounding)
+                  batch_size=g.batch_size, min_answer_words=g.min_answer_words,
+                  min_distinct_share=g.min_distinct_share, max_copied_words=g.max_copied_words,
+                  min_grounding=g.min_grounding)
     return {**params, **overrides}
 
 
@@ -56,26 +58,33 @@ def test_grounding_is_the_share_of_content_words_found_in_the_abstract() -> None
 
 
 def test_every_pair_is_kept_or_dropped_for_one_counted_reason() -> None:
-    checks = Checks(pairs_per_paper=5, min_answer_words=10, min_grounding=0.6)
-    text = (f"Q: What are always valid p-values?\nA: {GROUNDED}\n"
-            f"Q: what are ALWAYS valid p-values\nA: {GROUNDED}\n"  # same question once normalised
+    """One pair per reason, from what the embedded 135M teacher really wrote (loops, pasted abstracts)."""
+    checks = Checks(pairs_per_paper=9, min_answer_words=10, min_distinct_share=0.5, max_copied_words=12,
+                    min_grounding=0.6)
+    loop = " ".join(["Always valid inference, always valid p-values."] * 6)
+    text = (f"Q: Q: What are always valid p-values?\nA: {GROUNDED}\n"  # a repeated label is stripped
+            f"Q: what are ALWAYS valid p-values\nA: {GROUNDED}\n"  # no question mark
+            f"Q: What are ALWAYS valid p-values?\nA: {GROUNDED}\n"  # same question once normalised
             "Q: Is it short?\nA: Yes, valid.\n"
+            f"Q: Loop?\nA: {loop}\n"
+            f"Q: Abstract?\nA: Abstract: {PAPER.abstract}\n"
             "Q: Unrelated?\nA: Bananas ripen faster next to apples because ethylene gas accumulates in closed bags.\n")
     drops = dict.fromkeys(DROP_REASONS, 0)
     kept = check_pairs(PAPER, text, checks, set(), drops)
     assert [question for question, _, _ in kept] == ["What are always valid p-values?"]
-    assert drops == {"unparseable": 1, "answer_too_short": 1, "duplicate_question": 1, "ungrounded": 1}
+    assert drops == {"unparseable": 2, "not_a_question": 1, "answer_too_short": 1, "repetitive": 1,
+                     "copies_abstract": 1, "duplicate_question": 1, "ungrounded": 1}
     assert len(kept) + sum(drops.values()) == checks.pairs_per_paper
 
 
 def test_questions_are_deduplicated_across_papers() -> None:
-    checks, seen, drops = Checks(1, 5, 0.5), set(), dict.fromkeys(DROP_REASONS, 0)
+    checks, seen, drops = Checks(1, 5, 0.5, 12, 0.5), set(), dict.fromkeys(DROP_REASONS, 0)
     text = f"Q: What are always valid p-values?\nA: {GROUNDED}"
     assert len(check_pairs(PAPER, text, checks, seen, drops)) == 1
     assert check_pairs(PAPER, text, checks, seen, drops) == [] and drops["duplicate_question"] == 1
 
 
-# --- papers ------------------------------------------------------------------------------------------------------------
+# --- papers --------------------------------------------------------------------------------------------------------
 
 
 def test_shipped_sample_has_thirty_distinct_papers_and_the_filter_keeps_some() -> None:

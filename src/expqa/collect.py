@@ -400,8 +400,9 @@ def _open_7z_member(path: Path) -> Iterator[IO[bytes]]:
     Why py7zr: it is a PyPI wheel, so `make install` brings it on any machine, where the `7z` tool or the
     libarchive library that libarchive-c loads may be missing; its extract(factory=...) hands decompressed chunks to
     our writer instead of holding the member in memory (py7zr PR #620, for issue #579). Decompressing the same
-    164 MB Posts.xml took 1.6-2.0 s CPU with py7zr, 1.4-1.7 s with libarchive-c and 1.4-1.6 s with 7zz
-    (benchmarks/results/collect_7z_2026-11-29.md). The thread only moves py7zr's push into the parser's pull.
+    164 MB Posts.xml took 1.6-2.0 s CPU with py7zr, 1.3-1.7 s with libarchive-c and 1.4-1.6 s with 7zz, three runs
+    each (benchmarks/results/collect_7z_2026-11-29.md): no reason to depend on a tool a fresh machine lacks. The
+    thread only turns py7zr's push into the parser's pull.
     """
     _check_7z_complete(path)
     try:

@@ -107,6 +107,10 @@ class GenerateConfig:
     max_new_tokens: int = _help("Longest teacher output per paper (tokens).", 384)
     batch_size: int = _help("Papers per generation batch.", 8)
     min_answer_words: int = _help("Drop answers with fewer words (answer_too_short).", 20)
+    min_distinct_share: float = _help("Drop answers whose distinct content words are a smaller share of their content "
+                                      "words (repetitive), 0 to 1.", 0.5)
+    max_copied_words: int = _help("Drop answers that repeat this many consecutive words of the abstract "
+                                  "(copies_abstract).", 12)
     min_grounding: float = _help("Drop answers with a smaller share of content words found in the title or abstract "
                                  "(ungrounded), 0 to 1.", 0.6)
 
@@ -114,14 +118,15 @@ class GenerateConfig:
         errors = []
         if not self.model.strip():
             errors.append("generate.model is empty; use base, a local model folder or a hub id")
-        for key in ("pairs_per_paper", "max_new_tokens", "batch_size"):
+        for key in ("pairs_per_paper", "max_new_tokens", "batch_size", "max_copied_words"):
             if getattr(self, key) < 1:
                 errors.append(f"generate.{key} is {getattr(self, key)}; use 1 or more")
         if self.max_papers < 0 or self.min_answer_words < 0:
             errors.append(f"generate.max_papers ({self.max_papers}) and generate.min_answer_words "
                           f"({self.min_answer_words}) must be 0 or more")
-        if not 0 <= self.min_grounding <= 1:
-            errors.append(f"generate.min_grounding is {self.min_grounding}; use a share from 0 to 1")
+        for key in ("min_distinct_share", "min_grounding"):
+            if not 0 <= getattr(self, key) <= 1:
+                errors.append(f"generate.{key} is {getattr(self, key)}; use a share from 0 to 1")
         return errors
 
 

@@ -1,11 +1,15 @@
 """Synthetic, grounded Q&A conversations from arXiv papers' metadata (stage `generate`).
 
 A local teacher model reads each selected paper's title and abstract and writes question/answer pairs about it.
-Nothing is trusted: every pair passes four checks before it is kept, and every drop is counted by reason.
+Nothing is trusted: every pair passes these checks, in this order, before it is kept, and every drop is counted by
+reason (the last three were added after the 135M teacher's repetition loops and pasted abstracts passed the others).
   parse      the teacher's text splits into `Q:` / `A:` pairs (what is missing or malformed: `unparseable`)
+  question   the question ends with a question mark (`not_a_question`)
   length     the answer has at least min_answer_words words (`answer_too_short`)
+  repetition distinct content words are at least min_distinct_share of the answer's content words (`repetitive`)
+  copying    the answer repeats no run of max_copied_words words from the abstract (`copies_abstract`)
   duplicate  no earlier kept question normalises to the same text (`duplicate_question`)
-  grounding  enough of the answer's content words occur in the title or abstract (`ungrounded`)
+  grounding  at least min_grounding of the answer's content words occur in the title or abstract (`ungrounded`)
 Decoding is greedy, so the same papers, teacher weights and params give the same rows, and dvc.lock means
 something. Each row carries its provenance: arXiv id, title, authors, teacher, teacher weights hash, prompt version.
 """
@@ -34,7 +38,8 @@ A: <a clear answer of two or three sentences, using the abstract's own terms>
 
 Title: {title}
 Abstract: {abstract}"""
-DROP_REASONS = ("unparseable", "answer_too_short", "duplicate_question", "ungrounded")
+DROP_REASONS = ("unparseable", "not_a_question", "answer_too_short", "repetitive", "copies_abstract",
+                "duplicate_question", "ungrounded")
 WORD_RE = re.compile(r"[a-z0-9]+(?:[-'][a-z0-9]+)*")
 # Words that carry no content: an answer made of them is not grounded in anything.
 STOPWORDS = frozenset("""a about above after again against all also an and any are as at be because been before being
@@ -44,6 +49,8 @@ over own same she should so some such than that the their theirs them then there
 under until up very was we were what when where which while who whom why will with would you your paper abstract
 authors question answer""".split())
 PAIR_RE = re.compile(r"^\s*(?:\d+[.)]\s*)?(?:\*\*)?(Q|A|Question|Answer)\s*\d*\s*[:.](?:\*\*)?\s*(.*)$", re.IGNORECASE)
+# Labels a small teacher repeats inside a field ("Q: Q: What ...", "A: Abstract: ..." is left alone: not a label).
+LABEL_RE = re.compile(r"^(?:(?:\*\*)?(?:Q|A|Question|Answer)\s*\d*\s*[:.](?:\*\*)?\s*)+", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -113,8 +120,9 @@ def parse_pairs(text: str) -> list[tuple[str, str]]:
     answer: list[str] | None = None
 
     def close() -> None:
-        if question and answer and " ".join(question).strip() and " ".join(answer).strip():
-            pairs.append((" ".join(" ".join(question).split()), " ".join(" ".join(answer).split())))
+        texts = [LABEL_RE.sub("", " ".join(" ".join(lines).split())) for lines in (question or [], answer or [])]
+        if question and answer and all(texts):
+            pairs.append((texts[0], texts[1]))
 
     for line in text.splitlines():
         match = PAIR_RE.match(line)
@@ -135,6 +143,19 @@ def content_words(text: str) -> list[str]:
     return [word for word in WORD_RE.findall(text.lower()) if word not in STOPWORDS and len(word) > 2]
 
 
+def distinct_share(answer: str) -> float:
+    """Distinct content words over content words: low for a teacher stuck in a loop (1 for no content words)."""
+    words = content_words(answer)
+    return len(set(words)) / len(words) if words else 1.0
+
+
+def copies_abstract(answer: str, paper: Paper, run: int) -> bool:
+    """Whether the answer repeats `run` consecutive words of the abstract (a pasted abstract is not an answer)."""
+    source, words = WORD_RE.findall(paper.abstract.lower()), WORD_RE.findall(answer.lower())
+    runs = {tuple(source[i:i + run]) for i in range(len(source) - run + 1)}
+    return any(tuple(words[i:i + run]) in runs for i in range(len(words) - run + 1))
+
+
 def grounding(answer: str, paper: Paper) -> float:
     """Share of the answer's content words that occur in the paper's title or abstract (0 for no content words)."""
     words = content_words(answer)
@@ -146,10 +167,12 @@ def grounding(answer: str, paper: Paper) -> float:
 
 @dataclass(frozen=True)
 class Checks:
-    """The thresholds a pair must pass (params: generate.min_answer_words, generate.min_grounding)."""
+    """The thresholds a pair must pass (params: generate.*)."""
 
     pairs_per_paper: int
     min_answer_words: int
+    min_distinct_share: float
+    max_copied_words: int
     min_grounding: float
 
 
@@ -166,8 +189,14 @@ def check_pairs(paper: Paper, text: str, checks: Checks, seen_questions: set[str
     for question, answer in parsed:
         score = grounding(answer, paper)
         key = normalise_text(question)
-        if len(answer.split()) < checks.min_answer_words:
+        if not question.rstrip("*").endswith("?"):
+            drops["not_a_question"] += 1
+        elif len(answer.split()) < checks.min_answer_words:
             drops["answer_too_short"] += 1
+        elif distinct_share(answer) < checks.min_distinct_share:
+            drops["repetitive"] += 1
+        elif copies_abstract(answer, paper, checks.max_copied_words):
+            drops["copies_abstract"] += 1
         elif key in seen_questions:
             drops["duplicate_question"] += 1
         elif score < checks.min_grounding:
@@ -233,7 +262,8 @@ def _model_name(path: Path) -> str:
 
 def generate_qa(papers_path: Path, out_path: Path, *, base_dir: Path, enabled: bool, model: str,
                 categories: list[str], keywords: list[str], max_papers: int, pairs_per_paper: int,
-                max_new_tokens: int, batch_size: int, min_answer_words: int, min_grounding: float) -> dict:
+                max_new_tokens: int, batch_size: int, min_answer_words: int, min_distinct_share: float,
+                max_copied_words: int, min_grounding: float) -> dict:
     """Write the kept conversations to `out_path` (JSON lines) and return the counts for metrics/generate.json.
 
     With `enabled` false the papers are still read and selected (bad input fails now, not on the first real run),
@@ -246,7 +276,7 @@ def generate_qa(papers_path: Path, out_path: Path, *, base_dir: Path, enabled: b
     rows: list[dict] = []
     if enabled and selected:
         teacher = resolve_teacher(model, Path(base_dir))
-        checks = Checks(pairs_per_paper, min_answer_words, min_grounding)
+        checks = Checks(pairs_per_paper, min_answer_words, min_distinct_share, max_copied_words, min_grounding)
         rows, drops = _generate_rows(teacher, selected, checks, max_new_tokens, batch_size)
         counts.update(teacher=teacher.name, teacher_weights_sha256=teacher.weights_sha256,
                       pairs_requested=pairs_per_paper * len(selected), pairs_kept=len(rows), dropped=drops,

@@ -24,7 +24,8 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export DVC_NO_ANALYTICS := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install lock wheelhouse bench-wheels repro test combine-datasets stats train train-full merge evaluate exps clean-venv
+.PHONY: install lock wheelhouse bench-wheels repro test combine-datasets collect-cv-full generate-qa stats train train-full \
+	merge evaluate exps clean-venv
 
 install: $(VENV)/.installed
 
@@ -88,6 +89,22 @@ test: install
 # the seed's targets, as thin wrappers over dvc
 combine-datasets: install
 	dvc repro combine
+
+# the whole Cross Validated dump instead of the shipped sample (README "More training data"): ARCHIVE is the site's
+# archive as downloaded (stats.stackexchange.com.7z; streamed, never extracted), a path inside the repository (e.g.
+# data/raw/) so the lock stays portable. A DVC experiment up to combine whose dvc.lock pins the archive's hash.
+collect-cv-full:
+	@if [ -z "$(ARCHIVE)" ]; then echo "usage: make collect-cv-full ARCHIVE=data/raw/stats.stackexchange.com.7z"; exit 2; fi
+	@if [ ! -f "$(ARCHIVE)" ]; then echo "$(ARCHIVE): no such file; download the site's .7z from the Stack Exchange \
+	  data dump (README \"More training data\")"; exit 2; fi
+	@$(MAKE) --no-print-directory install
+	dvc exp run -S 'collect.posts=$(ARCHIVE)' combine
+
+# synthetic Q&A grounded in the arXiv papers' metadata (README "More training data"): the generate stage with its
+# teacher switched on, a DVC experiment up to combine. TEACHER=<local model folder or hub id> replaces the base model
+# (a strong instruct model on a GPU is the point; the embedded 135M teacher keeps few pairs)
+generate-qa: install
+	dvc exp run -S generate.enabled=true $(if $(TEACHER),-S 'generate.model=$(TEACHER)') combine
 
 stats: install
 	dvc repro stats

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import threading
 from html import escape
 from pathlib import Path
 
+import py7zr
 import pytest
 
-from expqa.collect import DumpError, collect_stackexchange, html_to_markdown, parse_tags
+from expqa.collect import DumpError, _ChunkPipe, _ReaderGone, collect_stackexchange, html_to_markdown, parse_tags
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_POSTS = REPO / "data" / "raw" / "stackexchange_sample" / "Posts.xml"
@@ -333,3 +335,88 @@ def test_shipped_sample_imports_with_default_params(tmp_path: Path) -> None:
         assert roles == ["user", "assistant"] * (len(roles) // 2) and roles
         assert all(message["content"].strip() for message in pair["messages"])
     assert [pair["post_id"] for pair in pairs] == sorted(pair["post_id"] for pair in pairs)
+
+
+# --- the site's .7z archive, as distributed ------------------------------------------------------------------
+
+
+def make_site_7z(path: Path, members: dict[str, Path | bytes]) -> Path:
+    """A solid .7z like the dump's: other tables before Posts.xml, so the reader must skip past them."""
+    with py7zr.SevenZipFile(path, "w") as archive:
+        for name, content in members.items():
+            if isinstance(content, Path):
+                archive.write(content, name)
+            else:
+                archive.writestr(content, name)
+    return path
+
+
+def test_7z_archive_gives_the_same_pairs_as_its_posts_xml(tmp_path: Path) -> None:
+    archive = make_site_7z(tmp_path / "stats.stackexchange.com.7z",
+                           {"Badges.xml": b"<badges />\n" * 500, "Posts.xml": SAMPLE_POSTS, "Users.xml": b"<users />"})
+    from_archive = collect_stackexchange(archive, tmp_path / "a.jsonl", **DEFAULT_PARAMS)
+    from_xml = collect_stackexchange(SAMPLE_POSTS, tmp_path / "x.jsonl", **DEFAULT_PARAMS)
+    assert from_archive == from_xml and from_archive["pairs_written"] >= 12
+    assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "x.jsonl").read_bytes()
+
+
+def test_truncated_7z_archive_is_reported_and_output_kept(tmp_path: Path) -> None:
+    archive = make_site_7z(tmp_path / "site.7z", {"Posts.xml": SAMPLE_POSTS})
+    whole = archive.read_bytes()
+    out = tmp_path / "pairs.jsonl"
+    out.write_text("previous output\n")
+    for cut in (10, 40, len(whole) // 2, len(whole) - 1):  # inside the start header, the data, the end header
+        archive.write_bytes(whole[:cut])
+        with pytest.raises(DumpError, match=rf"^{archive}: truncated 7z archive \({cut:,} bytes.*download it again"):
+            collect_stackexchange(archive, out, **DEFAULT_PARAMS)
+    assert out.read_text() == "previous output\n"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["pairs.jsonl", "site.7z"]
+
+
+def test_7z_archive_without_posts_xml_names_what_it_holds(tmp_path: Path) -> None:
+    archive = make_site_7z(tmp_path / "site.7z", {"Comments.xml": b"<comments />", "Users.xml": b"<users />"})
+    with pytest.raises(DumpError, match=rf"^{archive}: the archive has no Posts.xml \(it holds Comments.xml, "
+                                        r"Users.xml\); pass a site's dump archive"):
+        collect_stackexchange(archive, tmp_path / "pairs.jsonl", **DEFAULT_PARAMS)
+
+
+def test_file_that_is_not_a_7z_archive_is_reported(tmp_path: Path) -> None:
+    fake = tmp_path / "stats.stackexchange.com.7z"
+    fake.write_bytes(SAMPLE_POSTS.read_bytes())  # e.g. an extracted Posts.xml renamed
+    with pytest.raises(DumpError, match=rf"^{fake}: not a 7z archive \(no 7z signature\)"):
+        collect_stackexchange(fake, tmp_path / "pairs.jsonl", **DEFAULT_PARAMS)
+
+
+def test_damaged_7z_data_is_reported(tmp_path: Path) -> None:
+    archive = make_site_7z(tmp_path / "site.7z", {"Posts.xml": SAMPLE_POSTS})
+    damaged = bytearray(archive.read_bytes())
+    damaged[200] ^= 0xFF  # a byte of the compressed stream: full length, so only decompression can tell
+    archive.write_bytes(bytes(damaged))
+    with pytest.raises(DumpError, match=rf"^{archive}: (damaged 7z archive|.*malformed XML)"):
+        collect_stackexchange(archive, tmp_path / "pairs.jsonl", **DEFAULT_PARAMS)
+
+
+def test_bad_xml_inside_a_7z_archive_names_the_archive_and_line(tmp_path: Path) -> None:
+    posts = write_posts(tmp_path / "Posts.xml", [question(1), {"Id": 2, "PostTypeId": "oops"}])
+    archive = make_site_7z(tmp_path / "site.7z", {"Posts.xml": posts})
+    with pytest.raises(DumpError, match=rf"^{archive}:4: PostTypeId='oops' is not an integer"):
+        collect_stackexchange(archive, tmp_path / "pairs.jsonl", **DEFAULT_PARAMS)
+
+
+def test_reader_stopping_early_unblocks_the_decompressing_thread() -> None:
+    """After bad XML the reader closes the pipe; a producer blocked on the full queue must end, not hang."""
+    pipe, outcome = _ChunkPipe(), []
+
+    def produce() -> None:
+        try:
+            for _ in range(100):  # far more than the queue holds
+                pipe.put(b"x" * 1000)
+        except _ReaderGone:
+            outcome.append("stopped")
+
+    producer = threading.Thread(target=produce, daemon=True)
+    producer.start()
+    assert pipe.read(10) == b"x" * 10
+    pipe.close()
+    producer.join(timeout=5)
+    assert not producer.is_alive() and outcome == ["stopped"]

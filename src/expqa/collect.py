@@ -14,14 +14,16 @@ with the dump lives in a temporary SQLite database next to the output, never in 
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import queue
 import re
 import secrets
-import shutil
 import sqlite3
-import subprocess
+import struct
 import tempfile
+import threading
 import xml.etree.ElementTree as ET
 import zipfile
 from collections import Counter
@@ -32,6 +34,9 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import IO
 from urllib.parse import urlparse
+
+import py7zr
+from py7zr.io import Py7zIO, WriterFactory
 
 from expqa.progress import byte_progress
 
@@ -328,7 +333,6 @@ def _code_span(code: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 MAX_FEED_BYTES = 1 << 20  # a dump with no newlines is still read in bounded pieces
-SEVEN_ZIP_TOOLS = ("7z", "7za", "7zz")  # p7zip's full and standalone builds, 7-Zip's own Linux build
 
 
 @dataclass(frozen=True)
@@ -409,43 +413,164 @@ def open_posts(path: Path) -> Iterator[IO[bytes]]:
 
 @contextmanager
 def _open_7z_member(path: Path) -> Iterator[IO[bytes]]:
-    """Posts.xml of a .7z archive, decompressed by the 7-Zip command line tool (Python has no 7z reader)."""
-    tool = next((name for name in SEVEN_ZIP_TOOLS if shutil.which(name)), None)
-    if tool is None:
-        raise DumpError(
-            f"{path}: reading a .7z archive needs the 7-Zip command line tool ({' or '.join(SEVEN_ZIP_TOOLS)}) "
-            "on PATH; install it (e.g. `apt-get install p7zip-full`, `brew install p7zip`) or extract Posts.xml "
-            "with any 7-Zip program and pass its path."
-        )
-    with tempfile.TemporaryFile() as stderr_file:
-        # -so: to stdout; -r: Posts.xml in any folder of the archive
-        process = subprocess.Popen([tool, "e", "-so", "-r", str(path), "Posts.xml"],
-                                   stdout=subprocess.PIPE, stderr=stderr_file)
-        stream = _CountingStream(process.stdout)
+    """Posts.xml of a .7z archive, decompressed by py7zr in a background thread into a bounded queue.
+
+    Why py7zr: it is a PyPI wheel, so `make install` brings it on any machine, where the `7z` tool or the
+    libarchive library that libarchive-c loads may be missing; its extract(factory=...) hands decompressed chunks to
+    our writer instead of holding the member in memory (py7zr PR #620, for issue #579). Decompressing the same
+    164 MB Posts.xml took 1.6-2.0 s CPU with py7zr, 1.3-1.7 s with libarchive-c and 1.4-1.6 s with 7zz, three runs
+    each (benchmarks/results/collect_7z_2026-11-29.md): no reason to depend on a tool a fresh machine lacks. The
+    thread only turns py7zr's push into the parser's pull.
+    """
+    _check_7z_complete(path)
+    try:
+        archive = py7zr.SevenZipFile(path)
+    except py7zr.Bad7zFile as error:
+        raise DumpError(f"{path}: unreadable 7z archive ({error}); {DUMP_HINT}.") from None
+    with archive:
+        member = _7z_member(archive.getnames(), path)
+        pipe = _ChunkPipe()
+        producer = threading.Thread(target=_decompress_into, args=(archive, member, pipe), daemon=True)
+        producer.start()
         try:
-            yield stream
+            yield io.BufferedReader(pipe, buffer_size=MAX_FEED_BYTES)
         finally:
-            process.stdout.close()
-            returncode = process.wait()
-        if returncode != 0:
-            stderr_file.seek(0)
-            message = stderr_file.read().decode(errors="replace").strip()
-            raise DumpError(f"{path}: {tool} failed (exit {returncode}): {message}; {DUMP_HINT}.")
-    if not stream.bytes_read:  # 7z exits 0 when no member matches
-        raise DumpError(f"{path}: the archive has no Posts.xml; pass a site's dump archive "
-                        "(e.g. stats.stackexchange.com.7z) or the Posts.xml extracted from it.")
+            pipe.close()  # a reader that stopped early (bad XML) unblocks the producer
+            producer.join()
+    if pipe.error is not None:
+        raise DumpError(f"{path}: damaged 7z archive ({type(pipe.error).__name__}: {pipe.error}); {DUMP_HINT}.")
 
 
-class _CountingStream:
-    """A pipe's readline that remembers whether anything came through."""
+SEVEN_ZIP_SIGNATURE = b"7z\xbc\xaf\x27\x1c"
+SEVEN_ZIP_START_HEADER = 32  # signature, version, CRC, then the offset and size of the header at the end
 
-    def __init__(self, stream: IO[bytes]) -> None:
-        self._stream, self.bytes_read = stream, 0
 
-    def readline(self, limit: int) -> bytes:
-        chunk = self._stream.readline(limit)
-        self.bytes_read += len(chunk)
-        return chunk
+def _check_7z_complete(path: Path) -> None:
+    """Not a 7z archive, or shorter than its start header says (an interrupted download): one clear error each.
+
+    py7zr reports both, but as "next header size 22 exceeds the archive size", which names no fix.
+    """
+    with open(path, "rb") as stream:
+        start = stream.read(SEVEN_ZIP_START_HEADER)
+    if not start.startswith(SEVEN_ZIP_SIGNATURE):
+        raise DumpError(f"{path}: not a 7z archive (no 7z signature); pass a site's dump archive as downloaded "
+                        "(e.g. stats.stackexchange.com.7z), or a Posts.xml or .zip under its own name.")
+    expected = len(start)
+    if len(start) == SEVEN_ZIP_START_HEADER:
+        header_offset, header_size = struct.unpack("<QQ", start[12:28])
+        expected += header_offset + header_size
+    size = path.stat().st_size
+    if len(start) < SEVEN_ZIP_START_HEADER or size < expected:
+        raise DumpError(f"{path}: truncated 7z archive ({size:,} bytes, its header needs "
+                        f"{max(expected, SEVEN_ZIP_START_HEADER + 1):,}); download it again and compare its size "
+                        "with the published one.")
+
+
+def _7z_member(names: list[str], path: Path) -> str:
+    for name in names:
+        if name.rsplit("/", 1)[-1] == "Posts.xml":
+            return name
+    held = ", ".join(names[:5]) or "nothing"
+    raise DumpError(f"{path}: the archive has no Posts.xml (it holds {held}); pass a site's dump archive "
+                    "(e.g. stats.stackexchange.com.7z) or the Posts.xml extracted from it.")
+
+
+# Decompressed chunks waiting for the parser: this bounds the memory. py7zr writes what one read of compressed
+# input gives (7.5 MB at most on the benchmark's XML; never more than its 128 MB get_memory_limit).
+PIPE_CHUNKS = 2
+
+
+class _ReaderGone(Exception):
+    """Raised in the producer thread when the reader closed the pipe: stops py7zr's extraction."""
+
+
+class _ChunkPipe(io.RawIOBase):
+    """A bounded queue of bytes chunks, written by the decompressing thread and read as a raw stream."""
+
+    _END = b""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._chunks: queue.Queue[bytes] = queue.Queue(maxsize=PIPE_CHUNKS)
+        self._pending = memoryview(b"")
+        self._ended = False
+        self.error: BaseException | None = None  # set by the producer before it ends the stream
+
+    # the producer's side
+    def put(self, chunk: bytes) -> None:
+        while True:
+            if self.closed:
+                raise _ReaderGone
+            try:
+                self._chunks.put(chunk, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def end(self, error: BaseException | None = None) -> None:
+        self.error = error
+        try:
+            self.put(self._END)
+        except _ReaderGone:
+            pass
+
+    # the reader's side
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._pending and not self._ended:
+            chunk = self._chunks.get()
+            self._ended = chunk is self._END
+            self._pending = memoryview(chunk)
+        count = min(len(buffer), len(self._pending))
+        buffer[:count] = self._pending[:count]
+        self._pending = self._pending[count:]
+        return count
+
+
+class _PipeWriter(Py7zIO):
+    """What py7zr writes the member into: each chunk goes straight to the pipe."""
+
+    def __init__(self, pipe: _ChunkPipe) -> None:
+        self._pipe, self._size = pipe, 0
+
+    def write(self, s: bytes | bytearray) -> int:
+        self._pipe.put(bytes(s))
+        self._size += len(s)
+        return len(s)
+
+    def read(self, size: int | None = None) -> bytes:
+        return b""
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._size
+
+    def flush(self) -> None:
+        pass
+
+    def size(self) -> int:
+        return self._size
+
+
+class _PipeWriterFactory(WriterFactory):
+    def __init__(self, pipe: _ChunkPipe) -> None:
+        self._pipe = pipe
+
+    def create(self, filename: str) -> Py7zIO:
+        return _PipeWriter(self._pipe)
+
+
+def _decompress_into(archive: py7zr.SevenZipFile, member: str, pipe: _ChunkPipe) -> None:
+    """The producer thread: extract `member` into the pipe; a decompression error ends the stream with it."""
+    try:
+        archive.extract(targets=[member], factory=_PipeWriterFactory(pipe))
+    except _ReaderGone:
+        return
+    except Exception as error:  # LZMAError, CrcError, DecompressionError...: the reader reports it
+        pipe.end(error)
+        return
+    pipe.end()
 
 
 @contextmanager

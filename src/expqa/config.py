@@ -68,6 +68,9 @@ class ModelConfig:
 
 @dataclass
 class CollectConfig:
+    posts: str = _help("The dump collect imports: a Posts.xml or a site's .7z / .zip archive. Read by dvc.yaml only "
+                       "(`${collect.posts}` in the stage's cmd and deps, so dvc.lock pins its hash); "
+                       "`make collect-cv-full ARCHIVE=...` sets it.", "data/raw/stackexchange_sample/Posts.xml")
     tags: list[str] = _help("Keep Stack Exchange questions with any of these tags; [] keeps all.", [])
     min_question_score: int = _help("Minimum question score.", 1)
     min_answer_score: int = _help("Minimum score of a non-accepted answer.", 2)
@@ -77,6 +80,8 @@ class CollectConfig:
 
     def validate(self) -> list[str]:
         errors = []
+        if not self.posts.strip():
+            errors.append("collect.posts is empty; give the path of a Posts.xml or of a site's .7z archive")
         if self.min_answer_chars < 0:
             errors.append(f"collect.min_answer_chars is {self.min_answer_chars}; use 0 or a positive count")
         if self.min_answer_chars > self.max_answer_chars:
@@ -109,6 +114,43 @@ class SourceConfig:
                           "train)")
         if not self.name.strip() or self.name != self.name.strip():
             errors.append(f"{key}.name is {self.name!r}; give a non-empty name without edge spaces, e.g. my_faq")
+        return errors
+
+
+@dataclass
+class GenerateConfig:
+    enabled: bool = _help("Run the teacher (true) or write an empty output (false, the default: `make generate-qa` "
+                          "turns it on).", False)
+    model: str = _help("Teacher: 'base' (the base stage's model), a local model folder or a hub id.", "base")
+    categories: list[str] = _help("Keep papers in any of these arXiv categories; [] keeps all.",
+                                  ["stat.ME", "stat.AP", "econ.EM"])
+    keywords: list[str] = _help("...and whose title or abstract mentions any of these (case-insensitive); [] keeps "
+                                "all.", ["A/B", "experiment", "causal"])
+    max_papers: int = _help("At most this many selected papers, in file order (0: all).", 0)
+    pairs_per_paper: int = _help("Question/answer pairs asked of the teacher per paper.", 3)
+    max_new_tokens: int = _help("Longest teacher output per paper (tokens).", 384)
+    batch_size: int = _help("Papers per generation batch.", 8)
+    min_answer_words: int = _help("Drop answers with fewer words (answer_too_short).", 20)
+    min_distinct_share: float = _help("Drop answers whose distinct content words are a smaller share of their content "
+                                      "words (repetitive), 0 to 1.", 0.5)
+    max_copied_words: int = _help("Drop answers that repeat this many consecutive words of the abstract "
+                                  "(copies_abstract).", 12)
+    min_grounding: float = _help("Drop answers with a smaller share of content words found in the title or abstract "
+                                 "(ungrounded), 0 to 1.", 0.6)
+
+    def validate(self) -> list[str]:
+        errors = []
+        if not self.model.strip():
+            errors.append("generate.model is empty; use base, a local model folder or a hub id")
+        for key in ("pairs_per_paper", "max_new_tokens", "batch_size", "max_copied_words"):
+            if getattr(self, key) < 1:
+                errors.append(f"generate.{key} is {getattr(self, key)}; use 1 or more")
+        if self.max_papers < 0 or self.min_answer_words < 0:
+            errors.append(f"generate.max_papers ({self.max_papers}) and generate.min_answer_words "
+                          f"({self.min_answer_words}) must be 0 or more")
+        for key in ("min_distinct_share", "min_grounding"):
+            if not 0 <= getattr(self, key) <= 1:
+                errors.append(f"generate.{key} is {getattr(self, key)}; use a share from 0 to 1")
         return errors
 
 
@@ -359,6 +401,7 @@ class Params:
     base: BaseConfig = field(default_factory=BaseConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     collect: CollectConfig = field(default_factory=CollectConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
     data: DataConfig = field(default_factory=DataConfig)
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)

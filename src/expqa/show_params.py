@@ -14,15 +14,15 @@ import dataclasses
 import os
 import sys
 import textwrap
+import typing
 from pathlib import Path
 
 import yaml
 
 from expqa import config
 
-SECTIONS = [("base", config.BaseConfig), ("model", config.ModelConfig), ("collect", config.CollectConfig),
-            ("data", config.DataConfig), ("quantization", config.QuantizationConfig), ("lora", config.LoRAConfig),
-            ("train", config.TrainingConfig), ("eval", config.EvalConfig), ("export", config.ExportConfig)]
+# params.yaml's sections in Params' order (the cpu: profile is shown as marks on the keys it overrides)
+SECTIONS = [(name, cls) for name, cls in typing.get_type_hints(config.Params).items() if name != "cpu"]
 HELP_INDENT = " " * 8
 WIDTH = 110
 

@@ -80,6 +80,19 @@ def test_corrupt_last_checkpoint_falls_back_and_foreign_ones_are_removed(tiny_ba
     assert not list(ckpt.glob("checkpoint-*")), "checkpoints of another configuration must not be resumed"
 
 
+def test_checkpoints_of_other_code_are_not_resumed(tmp_path):
+    """A fix to the trainer re-runs the stage (DVC) and must train again, not resume the old run's last checkpoint."""
+    package = tmp_path / "expqa"
+    package.mkdir()
+    (package / "trainer.py").write_text("x = 1\n")
+    before = trainer_module.code_fingerprint(package)
+    assert before == trainer_module.code_fingerprint(package)
+    (package / "trainer.py").write_text("x = 2\n")
+    trainer_module.code_fingerprint.cache_clear()
+    assert trainer_module.code_fingerprint(package)["expqa_sha256"] != before["expqa_sha256"]
+    assert {"torch", "transformers", "peft", "trl"} <= set(before)
+
+
 @pytest.mark.parametrize("logging_steps", [1, 3])
 def test_non_finite_loss_stops_naming_the_step(tiny_base, processed_dir, tmp_path, embedded_tokenizer, logging_steps):
     """Checked where the Trainer syncs anyway (logging steps here), but always naming the first bad step."""

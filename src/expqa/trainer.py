@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -342,7 +343,7 @@ class QLoRATrainer:
         return {"data_sha256": inputs, "base_weights_sha256": base}
 
     def fingerprint(self) -> dict:
-        return {"config": self.resolved_config(), **self._input_hashes}
+        return {"config": self.resolved_config(), **self._input_hashes, "code": code_fingerprint()}
 
     def _setup_logging(self) -> None:
         if self.log_dir is None or not is_main_process():
@@ -540,6 +541,18 @@ class QLoRATrainer:
             replace_dir(tmp, path)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@functools.cache
+def code_fingerprint(package: Path = Path(__file__).parent) -> dict:
+    """The training code: a checkpoint written by other code is not resumed (after a fix to the trainer, the final
+    checkpoint of the old run would otherwise be "resumed" into the old adapter without training a step)."""
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    versions = library_versions()
+    return {"expqa_sha256": digest.hexdigest(),
+            **{name: versions[name] for name in ("torch", "transformers", "peft", "trl")}}
 
 
 def library_versions() -> dict:

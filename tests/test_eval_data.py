@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import REPO
 
@@ -65,8 +66,11 @@ def questions() -> list[dict]:
 
 @pytest.fixture(scope="module")
 def raw_rows() -> list[dict]:
-    rows = [row for path in sorted(RAW.glob("*.jsonl")) for row in load_rows(path)]
-    assert rows, f"no training rows found in {RAW}/*.jsonl"
+    # the ChatML files in git that the combine stage reads (data/raw also holds the arXiv metadata generate reads)
+    combine = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["combine"]["deps"]
+    files = [REPO / dep for dep in combine if dep.startswith("data/raw/") and dep.endswith(".jsonl")]
+    rows = [row for path in files for row in load_rows(path)]
+    assert rows, f"no training rows found in {files}"
     return rows
 
 

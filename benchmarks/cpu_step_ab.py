@@ -21,9 +21,9 @@ from expqa.trainer import QLoRATrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 variants, reps, n_conv, max_len = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-params = load_params(ROOT / "params.yaml").for_device(False)
+params = load_params(ROOT / "params.yaml").resolve(cuda=False)
 train = dataclasses.replace(params.train, max_steps=1, attn_implementation="expqa_varlen", padding_free=False,
-                            tokens_per_micro_batch=0, lm_head_loss="trl", max_seq_length=max_len)
+                            micro_batch=params.train.micro_batch, lm_head_loss="trl", max_seq_length=max_len)
 runner = QLoRATrainer(train, lora=params.lora, quantization=params.quantization, seed=params.base.seed,
                       base_model=ROOT / "models" / "base", data_dir=ROOT / "data" / "processed",
                       checkpoint_dir="/tmp/expqa_step_ab", metrics_dir=None, log_dir=None)

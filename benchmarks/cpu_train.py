@@ -25,14 +25,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-OLD = dict(num_processes=1, num_threads=2, per_device_train_batch_size=4, padding_free=False,
-           attn_implementation="sdpa", lm_head_loss="trl", tokens_per_micro_batch=0, max_seq_length=512)
+OLD = dict(num_processes=1, num_threads=2, micro_batch="4 conversations", padding_free=False,
+           attn_implementation="sdpa", lm_head_loss="trl", max_seq_length=512)
 VARIANTS = {
     "profile": {},
     "old": OLD,
     "profile_1proc": dict(num_processes=1),  # one process with the profile's threads
     "profile_2threads": dict(num_processes=1, num_threads=2),
-    "profile_padded": dict(padding_free=False, attn_implementation="sdpa", tokens_per_micro_batch=0),
+    "profile_padded": dict(padding_free=False, attn_implementation="sdpa"),
     "profile_trl_head": dict(lm_head_loss="trl"),
     "plain_trl": None,
 }
@@ -41,13 +41,14 @@ VARIANTS = {
 def train_config(name: str, steps: int, warm: int):
     from expqa.config import load_params
 
-    params = load_params(ROOT / "params.yaml").for_device(False)
+    params = load_params(ROOT / "params.yaml").resolve(cuda=False)
     overrides = dict(VARIANTS[name])
     if params.train.tokens_per_micro_batch == 0 and overrides.get("num_processes", params.train.num_processes) \
             != params.train.num_processes:
         # keep the conversations per optimizer step when the process count changes
-        overrides.setdefault("per_device_train_batch_size", params.train.per_device_train_batch_size
-                             * params.train.num_processes // overrides["num_processes"])
+        conversations = params.train.per_device_train_batch_size * params.train.num_processes \
+            // overrides["num_processes"]
+        overrides.setdefault("micro_batch", f"{conversations} conversations")
     train = dataclasses.replace(params.train, max_steps=warm + steps, eval_steps=10 ** 6, save_steps=10 ** 6,
                                 logging_steps=10 ** 6, **overrides)
     return params, train
@@ -105,7 +106,7 @@ def run_plain_trl(steps: int, warm: int, out: Path) -> None:
     from expqa.config import LoRAConfig, load_params
     from expqa.trainer import make_sft_trainer_class
 
-    cpu = load_params(ROOT / "params.yaml").for_device(False)
+    cpu = load_params(ROOT / "params.yaml").resolve(cuda=False)
     torch.set_num_threads(OLD["num_threads"])
     rows = load_chatml_dataset(ROOT / "data" / "processed" / "train.jsonl")
     data = Dataset.from_dict({"messages": [r["messages"] for r in rows]})
@@ -113,7 +114,7 @@ def run_plain_trl(steps: int, warm: int, out: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(ROOT / "models" / "base")
     lora = LoRAConfig(target_modules=cpu.lora.target_modules)
     config = SFTConfig(output_dir="/tmp/expqa_cpu_bench/plain", max_steps=warm + steps, use_cpu=True, report_to=[],
-                       per_device_train_batch_size=OLD["per_device_train_batch_size"], gradient_accumulation_steps=1,
+                       per_device_train_batch_size=4, gradient_accumulation_steps=1,
                        max_length=OLD["max_seq_length"], save_strategy="no", seed=cpu.base.seed)
     trainer = make_sft_trainer_class()(
         model=model, args=config, train_dataset=data, processing_class=tokenizer,

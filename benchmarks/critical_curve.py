@@ -62,7 +62,7 @@ def main() -> None:
     from expqa.config import load_params
     from expqa.evaluate import load_questions, taught_question_ids
 
-    params = load_params(args.params).for_device(False)
+    params = load_params(args.params).resolve(cuda=False)
     questions = load_questions(ROOT / params.eval.critical_questions)
     taught = taught_question_ids(questions, [r["id"] for r in load_chatml_dataset(args.data / "train.jsonl")])
     test_rows = load_chatml_dataset(args.data / "test.jsonl")[: params.eval.max_examples or None]

@@ -47,7 +47,7 @@ def training_run(mode: str, base: Path, data: Path, work: Path, steps: int, resu
     from expqa.trainer import QLoRATrainer
 
     cuda = torch.cuda.is_available()
-    params = load_params(REPO / "params.yaml").for_device(cuda)
+    params = load_params(REPO / "params.yaml").resolve(cuda=cuda)
     liger = params.train.use_liger_kernel and importlib.util.find_spec("liger_kernel") is not None
     train = dataclasses.replace(params.train, max_steps=steps, eval_steps=steps, save_steps=steps, logging_steps=1,
                                 num_processes=1, distributed="fsdp" if mode == "fsdp" else "ddp",
@@ -89,7 +89,7 @@ def training_run(mode: str, base: Path, data: Path, work: Path, steps: int, resu
         "eval_loss_before": metrics.get("eval_loss_before_training"), "eval_loss_after": metrics.get("eval_loss"),
         "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
         "liger": liger, "options": {k: getattr(train, k) for k in (
-            "tokens_per_micro_batch", "gradient_accumulation_steps", "gradient_checkpointing", "fused_lora",
+            "micro_batch", "gradient_accumulation_steps", "gradient_checkpointing", "fused_lora",
             "padding_free", "attn_implementation", "optim", "bf16")},
         "adapter": str(work / f"adapter_{mode}"), "wall_s": round(time.time() - started, 1)}
     if mode == "fsdp":

@@ -64,13 +64,13 @@ VARIANTS = {"params": {},
             "params_gcsel": dict(gradient_checkpointing="selective"),
             "params_nogc": dict(gradient_checkpointing="off"),
             "params_nogroup": dict(grouped_lora=False),  # the fused LoRA function per projection (2026-11)
-            "params_gcfull_tok8k": dict(gradient_checkpointing="full", tokens_per_micro_batch=8192),  # leaner still
+            "params_gcfull_tok8k": dict(gradient_checkpointing="full", micro_batch="8192 tokens"),  # leaner still
             "params_offload": dict(gradient_checkpointing="offload"),  # full, layer inputs in host memory
-            "seedbatch16": dict(tokens_per_micro_batch=0, per_device_train_batch_size=16, fused_lora=False,
+            "seedbatch16": dict(micro_batch="16 conversations", fused_lora=False,
                                 lora_dropout=0.05, optim="paged_adamw_8bit", gradient_checkpointing="full"),
             "params_dropout005": dict(lora_dropout=0.05), "params_peft": dict(fused_lora=False),
             "params_paged": dict(optim="paged_adamw_8bit"), "params_adamw8bit": dict(optim="adamw_8bit"),
-            **{f"params_tok{k}k": dict(tokens_per_micro_batch=k * 1024) for k in (8, 12, 24, 32)}}
+            **{f"params_tok{k}k": dict(micro_batch=f"{k * 1024} tokens") for k in (8, 12, 24, 32)}}
 SPECIAL = ("plain", "unsloth", "unsloth_notebook", "probe")
 # suites: (architecture, variant, expected seconds on an H200 incl. start-up), most important first: a variant that
 # would pass --budget is skipped (and listed), the next smaller ones may still run
@@ -182,10 +182,10 @@ def shipped_params():
     """params.yaml's GPU profile; in a dry run shrunk to what a CPU runs (no Liger, no fused AdamW, short rows)."""
     from expqa.config import load_params
 
-    params = load_params(REPO / "params.yaml")
+    params = load_params(REPO / "params.yaml").resolve(cuda=True)  # the gpu profile: the sections as written
     if DRY:
         params.train = dataclasses.replace(params.train, use_liger_kernel=False, optim="adamw_torch",
-                                           tokens_per_micro_batch=512, max_seq_length=256, num_threads=2)
+                                           micro_batch="512 tokens", max_seq_length=256, num_threads=2)
     return params
 
 
@@ -197,8 +197,8 @@ def run_project(name: str, arch: str, base: Path, data: Path) -> dict:
 
     params = shipped_params()
     overrides = dict(VARIANTS[name])
-    if DRY and "tokens_per_micro_batch" in overrides and overrides["tokens_per_micro_batch"]:
-        overrides["tokens_per_micro_batch"] = params.train.tokens_per_micro_batch * 2
+    if DRY and overrides.get("micro_batch", "").endswith(" tokens"):
+        overrides["micro_batch"] = f"{params.train.tokens_per_micro_batch * 2} tokens"
     lora = dataclasses.replace(params.lora, dropout=overrides.pop("lora_dropout", params.lora.dropout))
     warm, timed = steps(arch)
     profile = name in os.environ.get("BENCH_PROFILE", "").split(",") and torch.cuda.is_available()

@@ -104,14 +104,35 @@ def copy_model_files(src: Path, out_dir: Path) -> None:
         shutil.copy2(path, out_dir / path.name)
 
 
-def download_from_hub(name: str, revision: str, out_dir: Path) -> dict:
-    from huggingface_hub import HfApi, snapshot_download
+def is_hub_id(name: str) -> bool:
+    return "/" in name and not name.startswith((".", "/", "~")) and not Path(name).expanduser().exists()
+
+
+def check_model_source(name: str, revision: str) -> None:
+    """Raise BaseModelError unless model.name can be obtained: the embedded default, a local model folder, or a hub
+    id the hub knows (asked once, without downloading). Run by the params stage, before DVC removes models/base."""
+    if name == EMBEDDED_MODEL:
+        return
+    local = Path(name).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").exists() or not any(local.glob("*.safetensors")):
+            raise BaseModelError(f"model.name {name}: a folder without config.json and *.safetensors weights; give "
+                                 "a Hugging Face model folder")
+        return
+    if not is_hub_id(name):
+        raise BaseModelError(f"model.name {name!r} is neither a local directory nor a hub id like 'org/model'; fix "
+                             "model.name in params.yaml")
+    hub_commit(name, revision)
+
+
+def hub_commit(name: str, revision: str) -> str:
+    """The commit ``revision`` of hub model ``name`` points at; errors say what to fix."""
+    from huggingface_hub import HfApi
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
     token = os.environ.get("HF_TOKEN") or None
     try:
-        commit = HfApi().model_info(name, revision=revision, token=token).sha
-        snapshot = snapshot_download(name, revision=commit, token=token, allow_patterns=MODEL_FILE_PATTERNS)
+        return HfApi().model_info(name, revision=revision, token=token).sha
     except GatedRepoError:
         raise BaseModelError(f"{name} is gated: accept its licence on its Hugging Face page, create a read token "
                              "and export HF_TOKEN=... before `dvc repro`") from None
@@ -122,9 +143,21 @@ def download_from_hub(name: str, revision: str, out_dir: Path) -> dict:
         raise BaseModelError(f"{name}: revision {revision!r} not found; check model.revision") from None
     except Exception as exc:  # connection errors come in many types (requests, httpx, offline mode)
         raise BaseModelError(
-            f"cannot download {name} from the Hugging Face Hub ({type(exc).__name__}). On a machine without "
+            f"cannot reach {name} on the Hugging Face Hub ({type(exc).__name__}). On a machine without "
             f"network, download it elsewhere (`huggingface-cli download {name}`), copy the folder here and set "
             "model.name to that local directory") from None
+
+
+def download_from_hub(name: str, revision: str, out_dir: Path) -> dict:
+    from huggingface_hub import snapshot_download
+
+    commit = hub_commit(name, revision)
+    token = os.environ.get("HF_TOKEN") or None
+    try:
+        snapshot = snapshot_download(name, revision=commit, token=token, allow_patterns=MODEL_FILE_PATTERNS)
+    except Exception as exc:  # connection errors come in many types (requests, httpx, offline mode)
+        raise BaseModelError(f"cannot download {name} from the Hugging Face Hub ({type(exc).__name__}); the "
+                             "folder route of the message above works offline") from None
     copy_model_files(Path(snapshot), out_dir)
     return {"source": f"hub:{name}", "revision": revision, "commit": commit}
 
@@ -151,7 +184,7 @@ def materialize_base(name: str, revision: str, out_dir: Path) -> dict:
         elif Path(name).expanduser().is_dir():
             copy_model_files(Path(name).expanduser(), tmp)
             info = {"source": f"local:{Path(name).expanduser().resolve()}"}
-        elif "/" in name and not name.startswith((".", "/", "~")):
+        elif is_hub_id(name):
             info = download_from_hub(name, revision, tmp)
         else:
             raise BaseModelError(f"model.name {name!r} is neither a local directory nor a hub id like "

@@ -1,13 +1,14 @@
-"""`expqa` command line: the pipeline stages (run from a checkout) plus `ask`, `chat`, `serve`, `params` and `plots`.
+"""`expqa` command line: the pipeline stages plus `ask`, `chat`, `serve`, `params` and `plots`.
 
-Stage subcommands run the checkout's own `stages/<name>.py`, the same scripts `dvc repro` calls, so there is one
-implementation of each stage. `expqa <stage> --help` shows its options.
+Stage subcommands call the same functions `dvc repro` runs (expqa.pipeline.<stage>, through stages/<stage>.py), so
+there is one implementation of each stage, and they work from any folder once expqa is installed.
+`expqa <stage> --help` shows its options.
 """
 
 from __future__ import annotations
 
 import argparse
-import runpy
+import importlib
 import sys
 from pathlib import Path
 
@@ -24,21 +25,17 @@ STAGES = {
 
 
 def find_project(start: Path | None = None) -> Path:
-    """The checkout root: the nearest folder (upwards) with dvc.yaml and stages/."""
+    """The checkout root: the nearest folder (upwards) with dvc.yaml and params.yaml."""
     here = (start or Path.cwd()).resolve()
     for folder in (here, *here.parents):
-        if (folder / "dvc.yaml").exists() and (folder / "stages").is_dir():
+        if (folder / "dvc.yaml").exists() and (folder / "params.yaml").exists():
             return folder
-    raise SystemExit("error: not inside an expqa checkout (no dvc.yaml + stages/ here or above); "
+    raise SystemExit("error: not inside an expqa checkout (no dvc.yaml + params.yaml here or above); "
                      "cd into the repository first")
 
 
 def run_stage(name: str, argv: list[str]) -> int:
-    script = find_project() / "stages" / f"{name}.py"
-    if not script.exists():
-        raise SystemExit(f"error: {script} does not exist")
-    module = runpy.run_path(str(script), run_name="expqa_stage")
-    return module["main"](argv)
+    return importlib.import_module(f"expqa.pipeline.{name}").main(argv)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,8 +1,13 @@
 """Typed configuration: one dataclass per params.yaml section, one loader, errors that name the key.
 
-Every value lives in params.yaml where DVC sees it; nothing here supplies a hidden default at load time
-(the dataclass defaults only document the seed's values and feed tests). Unknown keys, wrong types and invalid
-values are collected and reported together, each with its dotted key, file:line, the bad value and what is allowed.
+params.yaml is the one place a default lives: loading it requires every key (a missing one is a located error
+naming the line to add), so a dataclass default never fills a gap silently. The defaults below exist for the
+Python API (`QLoRATrainer(TrainingConfig(), ...)`) and equal params.yaml's values (tests/test_config.py checks).
+Unknown keys, wrong types and invalid values are collected and reported together, each with its dotted key,
+file:line, the bad value and what is allowed.
+
+The hardware profile (`profile: auto | gpu | cpu`) is resolved once, by the `params` stage, which writes each
+stage's sections as they will run to metrics/params/<stage>.json; the stages read those files (STAGE_SECTIONS).
 """
 
 from __future__ import annotations
@@ -27,6 +32,19 @@ LM_HEAD_LOSSES = ("trl", "expqa")
 MAX_WEIGHT = 1000.0  # expqa.combine.MAX_WEIGHT: train copies are stored in 16 bits, and more is surely a typo
 SOURCE_FORMATS = ("chatml", "sharegpt", "alpaca", "openai", "hf_disk")  # expqa.sources.FORMATS
 SEED_END = 2**32  # numpy's seeds (set by transformers' set_seed) are 32-bit
+PROFILES = ("auto", "gpu", "cpu")
+MICRO_BATCH_UNITS = ("tokens", "conversations")
+# the params sections each stage reads (the params stage writes them, resolved, to metrics/params/<stage>.json)
+STAGE_SECTIONS = {
+    "base": ("model",),
+    "collect": ("collect",),
+    "generate": ("generate",),
+    "combine": ("base", "data"),
+    "stats": ("train",),
+    "train": ("base", "quantization", "lora", "train"),
+    "evaluate": ("base", "eval", "train"),
+    "export": ("export",),
+}
 
 
 class ConfigError(ValueError):
@@ -71,7 +89,10 @@ class CollectConfig:
     posts: str = _help("The dump collect imports: a Posts.xml or a site's .7z / .zip archive. Read by dvc.yaml only "
                        "(`${collect.posts}` in the stage's cmd and deps, so dvc.lock pins its hash); "
                        "`make collect-cv-full ARCHIVE=...` sets it.", "data/raw/stackexchange_sample/Posts.xml")
-    tags: list[str] = _help("Keep Stack Exchange questions with any of these tags; [] keeps all.", [])
+    tags: list[str] = _help("Keep Stack Exchange questions with any of these tags; [] keeps all.",
+                            ["ab-test", "hypothesis-testing", "statistical-power", "sample-size", "sequential-analysis",
+                             "multiple-comparisons", "p-value", "confidence-interval", "t-test", "experiment-design",
+                             "causality", "causal-inference", "variance-reduction", "bootstrap", "bayesian"])
     min_question_score: int = _help("Minimum question score.", 1)
     min_answer_score: int = _help("Minimum score of a non-accepted answer.", 2)
     min_answer_chars: int = _help("Skip answers shorter than this (Markdown characters).", 80)
@@ -221,7 +242,7 @@ class QuantizationConfig:
 class LoRAConfig:
     r: int = _help("LoRA rank.", 16)
     alpha: int = _help("LoRA scaling numerator (scale = alpha / r); usually 2 * r.", 32)
-    dropout: float = _help("Dropout on the LoRA input, in [0, 1).", 0.05)
+    dropout: float = _help("Dropout on the LoRA input, in [0, 1).", 0.0)
     target_modules: list[str] = _help("Linear layers that get adapters (all 7 Llama projections).", LLAMA_PROJECTIONS)
 
     def validate(self) -> list[str]:
@@ -239,15 +260,18 @@ class LoRAConfig:
 
 @dataclass
 class TrainingConfig:
-    per_device_train_batch_size: int = _help("Conversations per device per micro-batch (when tokens_per_micro_batch "
-                                             "is 0).", 2)
-    gradient_accumulation_steps: int = _help("Micro-batches per optimizer step (effective batch = product).", 4)
+    micro_batch: str = _help(
+        "Size of one process's micro-batch, with its unit: '<N> tokens' (conversations packed best-fit, without "
+        "padding, into rows of at most N tokens; needs padding_free) or '<N> conversations' (N conversations, packed "
+        "into one row when padding_free, else padded). Tokens per optimizer step = this x "
+        "gradient_accumulation_steps x processes.", "16384 tokens")
+    gradient_accumulation_steps: int = _help("Micro-batches per optimizer step (effective batch = product).", 1)
     learning_rate: float = _help("Peak learning rate.", 2e-4)
     lr_scheduler_type: str = _help("Schedule after warmup: cosine, linear or constant.", "cosine")
     warmup_ratio: float = _help("Share of optimizer steps spent warming up, in [0, 1).", 0.03)
     num_train_epochs: float = _help("Passes over the train split (ignored when max_steps > 0).", 3.0)
     max_steps: int = _help("Stop after this many optimizer steps; -1 = use num_train_epochs.", -1)
-    optim: str = _help("Optimizer: paged_adamw_8bit, adamw_8bit, adamw_torch, adamw_torch_fused.", "paged_adamw_8bit")
+    optim: str = _help("Optimizer: paged_adamw_8bit, adamw_8bit, adamw_torch, adamw_torch_fused.", "adamw_torch_fused")
     weight_decay: float = _help("AdamW weight decay on LoRA weights.", 0.0)
     max_grad_norm: float = _help("Gradient clipping norm.", 0.3)
     max_seq_length: int = _help("Tokens per conversation; longer ones are truncated (counted in data stats).", 2048)
@@ -264,22 +288,18 @@ class TrainingConfig:
     save_total_limit: int = _help("Checkpoints kept (older ones are deleted).", 3)
     num_threads: int = _help("CPU threads for torch; 0 = torch's default. Fixed for reproducible CPU runs.", 0)
     padding_free: bool = _help("Pack each micro-batch's conversations into one row without padding (position ids "
-                               "restart per conversation). Needs a document-masked attn_implementation.", False)
+                               "restart per conversation). Needs a document-masked attn_implementation.", True)
     attn_implementation: str = _help("Attention kernel: sdpa, eager, or expqa_varlen (document-masked varlen "
-                                     "attention for padding_free; Flash-Attention varlen on CUDA).", "sdpa")
+                                     "attention for padding_free; Flash-Attention varlen on CUDA).", "expqa_varlen")
     use_liger_kernel: bool = _help("Liger's fused Triton kernels (fused linear cross-entropy, RMSNorm, SwiGLU, "
-                                   "RoPE); CUDA only, needs the liger-kernel package.", False)
-    tokens_per_micro_batch: int = _help("Token budget of a micro-batch: conversations are packed best-fit into "
-                                        "micro-batches of at most this many tokens (needs padding_free); 0 = "
-                                        "per_device_train_batch_size conversations. Tokens per optimizer step = "
-                                        "this x gradient_accumulation_steps x processes.", 0)
+                                   "RoPE); CUDA only, needs the liger-kernel package.", True)
     fused_lora: bool = _help("LoRA layers as one autograd function (no extra passes over the output, no "
-                             "dropout mask when lora.dropout is 0); false = PEFT's own forward.", False)
+                             "dropout mask when lora.dropout is 0); false = PEFT's own forward.", True)
     grouped_lora: bool = _help("With fused_lora: projections that read the same input (q/k/v, gate/up) run as one "
                                "function (one read of the input for all their adapters, one buffer for its "
                                "gradient) when lora.dropout is 0.", True)
     num_processes: int = _help("Training processes (DDP): 1 = single process, 0 = one per visible GPU. The "
-                               "effective batch is micro-batch x accumulation x processes.", 1)
+                               "effective batch is micro-batch x accumulation x processes.", 0)
     distributed: str = _help("How the train.num_processes processes (per machine) share the work: ddp (every GPU "
                              "holds the whole model, gradients are averaged) or fsdp (FSDP2 shards the base "
                              "weights, 4-bit included, and the LoRA weights, gradients and optimizer state across "
@@ -294,12 +314,32 @@ class TrainingConfig:
         if isinstance(self.gradient_checkpointing, bool):  # YAML's off/false, and true (the old boolean key)
             self.gradient_checkpointing = "full" if self.gradient_checkpointing else "off"
 
+    def micro_batch_size(self) -> tuple[int, str] | None:
+        """micro_batch as (count, unit), or None when it is not '<positive int> tokens|conversations'."""
+        count, _, unit = self.micro_batch.strip().partition(" ")
+        if not count.isdigit() or int(count) <= 0 or unit.strip() not in MICRO_BATCH_UNITS:
+            return None
+        return int(count), unit.strip()
+
+    @property
+    def tokens_per_micro_batch(self) -> int:
+        """The token budget of a micro-batch; 0 when micro_batch counts conversations."""
+        size = self.micro_batch_size()
+        return size[0] if size and size[1] == "tokens" else 0
+
+    @property
+    def per_device_train_batch_size(self) -> int:
+        """Conversations per micro-batch when micro_batch counts them; 1 under a token budget (the sampler then
+        yields whole packed micro-batches, one per step of the data loader)."""
+        size = self.micro_batch_size()
+        return size[0] if size and size[1] == "conversations" else 1
+
     def validate(self) -> list[str]:
         errors = []
         if self.gradient_checkpointing not in CHECKPOINTING_MODES:
             errors.append(f"train.gradient_checkpointing is {self.gradient_checkpointing!r}; allowed: "
                           f"{', '.join(CHECKPOINTING_MODES)} (YAML's false means off, true means full)")
-        for key in ("per_device_train_batch_size", "gradient_accumulation_steps", "max_seq_length",
+        for key in ("gradient_accumulation_steps", "max_seq_length",
                     "logging_steps", "eval_steps", "save_steps", "save_total_limit"):
             if getattr(self, key) <= 0:
                 errors.append(f"train.{key} is {getattr(self, key)}; must be a positive integer")
@@ -331,17 +371,18 @@ class TrainingConfig:
             errors.append(f"train.distributed is {self.distributed!r}; allowed: ddp, fsdp")
         if self.num_threads < 0:
             errors.append(f"train.num_threads is {self.num_threads}; use 0 (default) or a positive count")
-        if self.tokens_per_micro_batch < 0:
-            errors.append(f"train.tokens_per_micro_batch is {self.tokens_per_micro_batch}; use 0 (batch by "
-                          "conversation count) or a token budget >= train.max_seq_length")
-        elif self.tokens_per_micro_batch:
+        size = self.micro_batch_size()
+        if size is None:
+            errors.append(f"train.micro_batch is {self.micro_batch!r}; give a positive count and its unit, e.g. "
+                          "'16384 tokens' (packed token budget) or '2 conversations'")
+        elif size[1] == "tokens":
             if not self.padding_free:
-                errors.append("train.tokens_per_micro_batch needs train.padding_free: true (a token budget packs "
-                              "conversations into one row); set it to 0 to batch by conversation count")
-            if 0 < self.tokens_per_micro_batch < self.max_seq_length:
-                errors.append(f"train.tokens_per_micro_batch is {self.tokens_per_micro_batch}, below "
-                              f"train.max_seq_length {self.max_seq_length}: the longest conversation would not "
-                              "fit; raise it or lower max_seq_length")
+                errors.append(f"train.micro_batch is {self.micro_batch!r}, a token budget, which packs conversations "
+                              "into one row: it needs train.padding_free: true (or give '<N> conversations')")
+            if size[0] < self.max_seq_length:
+                errors.append(f"train.micro_batch is {self.micro_batch!r}, below train.max_seq_length "
+                              f"{self.max_seq_length}: the longest conversation would not fit; raise it or lower "
+                              "max_seq_length")
         if self.lm_head_loss not in LM_HEAD_LOSSES:
             errors.append(f"train.lm_head_loss is {self.lm_head_loss!r}; allowed: {', '.join(LM_HEAD_LOSSES)}")
         if self.attn_implementation not in ATTENTION_KERNELS:
@@ -356,7 +397,7 @@ class TrainingConfig:
 @dataclass
 class EvalConfig:
     max_new_tokens: int = _help("Longest generated answer for ROUGE and stop-rate.", 256)
-    batch_size: int = _help("Prompts per generation / scoring batch.", 8)
+    batch_size: int = _help("Prompts per generation / scoring batch.", 32)
     max_examples: int = _help("Evaluate at most this many test conversations; 0 = all.", 0)
     critical_questions: str = _help("Multiple-choice question set (JSONL) scored by log-likelihood.",
                                     "data/eval/critical_questions.jsonl")
@@ -398,6 +439,9 @@ class ExportConfig:
 
 @dataclass
 class Params:
+    profile: str = _help("Hardware profile: gpu (the sections as written: the Llama 3.2 3B recipe), cpu (the cpu: "
+                         "overrides merged in, for a laptop) or auto (cpu when there is no CUDA GPU). Resolved once, "
+                         "by the params stage; the result is in metrics/params/*.json.", "auto")
     base: BaseConfig = field(default_factory=BaseConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     collect: CollectConfig = field(default_factory=CollectConfig)
@@ -408,17 +452,41 @@ class Params:
     train: TrainingConfig = field(default_factory=TrainingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
-    # Partial overrides applied only when no CUDA device is present, so that the seed's GPU values stay the
-    # defaults for Llama 3.2 3B while `make repro` on a 2-core laptop finishes in minutes. Same shape as above.
-    cpu: dict = field(default_factory=dict, metadata={"help": "Overrides applied on CPU-only machines."})
+    # Partial overrides for the cpu profile, same shape as the sections above: the seed's GPU values stay the
+    # sections' own, while `make repro` on a 2-core laptop finishes in minutes.
+    cpu: dict = field(default_factory=dict, metadata={"help": "Overrides applied by the cpu profile."})
 
-    def for_device(self, cuda: bool) -> "Params":
-        """The params that actually run: `cpu` overrides merged in when there is no GPU."""
-        if cuda or not self.cpu:
-            return self
-        raw = dataclasses.asdict(self)
-        raw.pop("cpu")
-        return params_from_dict(_deep_merge(raw, self.cpu), source="params.yaml (cpu overrides)")
+    def resolve(self, cuda: bool | None = None) -> "Params":
+        """The params that run: profile auto decided (``cuda``: whether a CUDA GPU is here; None = look), the
+        cpu overrides merged in under the cpu profile. The result has profile gpu or cpu."""
+        profile = self.profile
+        if profile == "auto":
+            if cuda is None:
+                import torch
+
+                cuda = torch.cuda.is_available()
+            profile = "gpu" if cuda else "cpu"
+        raw = _as_raw(self)
+        if profile == "cpu":  # the overrides stay in `cpu` (merging them again changes nothing)
+            raw = _deep_merge(raw, raw["cpu"])
+        raw["profile"] = profile
+        return params_from_dict(raw, source=f"params ({profile} profile)")
+
+    def stage_sections(self, stage: str) -> dict:
+        """What the params stage writes for ``stage`` (metrics/params/<stage>.json) from resolved params: the
+        stage's sections, plus the profile when the cpu overrides touch one of them (so a stage that reads no
+        overridden section is not re-run when only the machine changes)."""
+        raw = _as_raw(self)
+        record = {"stage": stage}
+        if any(section in self.cpu for section in STAGE_SECTIONS[stage]):
+            record["profile"] = self.profile
+        record.update({section: raw[section] for section in STAGE_SECTIONS[stage]})
+        return record
+
+
+def _as_raw(params: Params) -> dict:
+    """Params as the plain mapping params.yaml holds (data.sources items as mappings)."""
+    return json.loads(json.dumps(dataclasses.asdict(params)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -493,10 +561,12 @@ def _type_name(annotation: Any) -> str:
 
 
 def params_from_dict(raw: dict, source: str = "params.yaml", key_lines: dict[str, str] | None = None,
-                     sources_dir: str | Path | None = None) -> Params:
+                     sources_dir: str | Path | None = None, sections: typing.Sequence[str] | None = None) -> Params:
     """Build and validate Params (and the `cpu` overrides merged in); raise one ConfigError listing every problem.
 
-    With ``sources_dir`` (the folder of data.sources files) every data.sources file must exist in it.
+    Every key of every section is required. ``sections``: only these sections are expected (a stage's file,
+    metrics/params/<stage>.json); the others are None. With ``sources_dir`` (the folder of data.sources files)
+    every data.sources file must exist in it.
     """
     key_lines = key_lines or {}
     errors: list[str] = []
@@ -506,41 +576,71 @@ def params_from_dict(raw: dict, source: str = "params.yaml", key_lines: dict[str
 
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping of sections (base, model, data, ...), got {type(raw).__name__}")
-    sections: dict[str, Any] = {}
     hints = typing.get_type_hints(Params)
+    expected = list(hints) if sections is None else ["profile", *sections]
+    built: dict[str, Any] = {name: None for name in hints if name not in expected}
     for name, value in raw.items():
-        if name not in hints:
-            errors.append(f"{where(name)}: unknown section '{name}'; known: {', '.join(hints)}")
+        if name not in hints or name not in expected:
+            known = ", ".join(expected)
+            errors.append(f"{where(name)}: unknown section '{name}'; known: {known}")
             continue
         cls = hints[name]
         if cls is dict:
-            sections[name] = value or {}
-            continue
-        if not isinstance(value, dict):
+            built[name] = _checked_overrides(value, where, errors)
+        elif cls is str:
+            if value not in PROFILES:
+                errors.append(f"{where(name)}: {name} is {value!r}; allowed: {', '.join(PROFILES)}")
+            built[name] = value
+        elif not isinstance(value, dict):
             errors.append(f"{where(name)}: section '{name}' must be a mapping")
-            continue
-        sections[name] = cls(**_checked_fields(cls, value, name, where, errors))
-    params = Params(**sections)
+        else:
+            built[name] = cls(**_checked_fields(cls, value, name, where, errors))
+    if sections is not None:
+        built.setdefault("profile", None)  # a stage file holds it only when the cpu profile touches its sections
+    for name in expected:
+        if name not in raw and not (sections is not None and name in ("cpu", "profile")):
+            example = "profile: auto" if name == "profile" else f"{name}: ... (see `expqa params`)"
+            errors.append(f"{source}: no '{name}' section; add `{example}` (every section is required)")
+    if errors:  # a section that could not be built would only add follow-on problems
+        raise ConfigError(errors)
+    params = Params(**built)
     for name in hints:
         section = getattr(params, name)
         if hasattr(section, "validate"):
             for message in section.validate():
                 key = message.split(" ", 1)[0]
                 errors.append(f"{where(key)}: {message}")
-    if sources_dir is not None:
+    if sources_dir is not None and params.data is not None:
         errors.extend(f"{where(message.split(' ', 1)[0])}: {message}"
                       for message in params.data.check_source_files(Path(sources_dir)))
     if not errors and params.cpu:
-        # check the CPU overrides now, not only on the first CPU machine that runs them
-        merged = _deep_merge({k: v for k, v in raw.items() if k != "cpu"}, params.cpu)
+        # check the cpu profile now, not only on the first CPU machine that runs it
+        merged = _deep_merge(raw, params.cpu)
         cpu_lines = {k[len("cpu."):]: v for k, v in key_lines.items() if k.startswith("cpu.")}
         try:
-            params_from_dict(merged, f"{source} (cpu overrides)", {**key_lines, **cpu_lines})
+            params_from_dict({**merged, "cpu": {}}, f"{source} (cpu overrides)", {**key_lines, **cpu_lines})
         except ConfigError as exc:
             errors.extend(exc.problems)
     if errors:
         raise ConfigError(errors)
     return params
+
+
+def _checked_overrides(value: Any, where: typing.Callable[[str], str], errors: list[str]) -> dict:
+    """The cpu: section: partial sections only (their keys are checked when the profile is merged in)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        errors.append(f"{where('cpu')}: section 'cpu' must be a mapping of partial sections, e.g. train: {{...}}")
+        return {}
+    overridable = [name for name, cls in typing.get_type_hints(Params).items() if dataclasses.is_dataclass(cls)]
+    for name, section in value.items():
+        if name not in overridable:
+            errors.append(f"{where('cpu.' + name)}: cpu.{name} cannot be overridden by a profile; the cpu profile "
+                          f"overrides keys of: {', '.join(overridable)}")
+        elif not isinstance(section, dict):
+            errors.append(f"{where('cpu.' + name)}: cpu.{name} must be a mapping of keys of section {name}")
+    return value
 
 
 def _checked_fields(cls: type, value: dict, prefix: str, where: typing.Callable[[str], str],
@@ -568,7 +668,29 @@ def _checked_fields(cls: type, value: dict, prefix: str, where: typing.Callable[
             errors.extend(f"{where(bad)}: {bad} is {value}; expected a finite number" for bad, value in non_finite)
         else:
             kwargs[key] = float(item) if field_types[key] is float else item
+    missing = [key for key in field_types if key not in value]
+    if missing and "[" not in prefix:  # list items (data.sources[0]) say what they lack in _build_item
+        line = where(prefix)
+        errors.extend(f"{line}: {prefix}.{key} is missing; add `{key}: {_yaml_scalar(_default_of(cls, key))}` under "
+                      f"{prefix}: (every key is required: params.yaml is the one place a default lives)"
+                      for key in missing)
     return kwargs
+
+
+def _default_of(cls: type, key: str) -> Any:
+    """The dataclass default of a field (= params.yaml's shipped value), to show in a 'missing key' error."""
+    spec = next(f for f in dataclasses.fields(cls) if f.name == key)
+    if spec.default_factory is not dataclasses.MISSING:
+        return spec.default_factory()
+    return None if spec.default is dataclasses.MISSING else spec.default
+
+
+def _yaml_scalar(value: Any) -> str:
+    """One-line YAML of a value: 42, true, nf4, [q_proj, k_proj], {cross_validated: 2.0}."""
+    if isinstance(value, list):
+        value = [dataclasses.asdict(item) if dataclasses.is_dataclass(item) else item for item in value]
+    text = yaml.safe_dump(value, default_flow_style=True, width=1 << 30, sort_keys=False).strip()
+    return text.removesuffix("...").strip()  # safe_dump ends a bare scalar with a document-end marker
 
 
 def _dataclass_items(annotation: Any) -> type | None:
@@ -634,6 +756,20 @@ def load_params(path: str | Path = "params.yaml", override: str | Path | None = 
         return params_from_dict(_deep_merge(raw, extra), f"{source} + {override}", {**lines, **extra_lines},
                                 sources_dir)
     return params_from_dict(raw, source, lines, sources_dir)
+
+
+def load_stage_params(path: str | Path, stage: str) -> Params:
+    """The params ``stage`` runs with: its file from the params stage (metrics/params/<stage>.json, already
+    resolved), or a whole params file (params.yaml: checked and resolved here, for running a stage by hand).
+    Sections the stage does not read are None."""
+    raw, lines = read_config_file(path)
+    if not (isinstance(raw, dict) and "stage" in raw):
+        return params_from_dict(raw, str(path), lines).resolve()
+    if raw["stage"] != stage:
+        raise ConfigError(f"{path}: holds the params of stage {raw['stage']!r}, not {stage!r}; give "
+                          f"metrics/params/{stage}.json (written by the params stage) or params.yaml")
+    body = {key: value for key, value in raw.items() if key != "stage"}
+    return params_from_dict(body, str(path), lines, sections=STAGE_SECTIONS[stage])
 
 
 def section_help(cls: type) -> dict[str, str]:

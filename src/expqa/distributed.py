@@ -86,19 +86,20 @@ def needs_launch(processes: int, distributed: str) -> bool:
     return processes > 1 or distributed == "fsdp" or multi_node_requested()
 
 
-def torchrun_command(script: str, args: list[str], processes: int) -> list[str]:
-    """torchrun on this machine; `--standalone` unless PET_* variables describe a job of several machines."""
+def torchrun_command(module: str, args: list[str], processes: int) -> list[str]:
+    """torchrun on this machine running `python -m module args` in each worker; `--standalone` unless PET_*
+    variables describe a job of several machines."""
     rendezvous = [] if multi_node_requested() else ["--standalone"]
-    return [sys.executable, "-m", "torch.distributed.run", *rendezvous, f"--nproc_per_node={processes}", script,
-            *args]
+    return [sys.executable, "-m", "torch.distributed.run", *rendezvous, f"--nproc_per_node={processes}", "-m",
+            module, *args]
 
 
-def relaunch(script: str, args: list[str], processes: int, output: Path | None = None) -> int:
-    """Run `script args` as `processes` torchrun workers on this machine; return their exit code.
+def relaunch(module: str, args: list[str], processes: int, output: Path | None = None) -> int:
+    """Run `python -m module args` as `processes` torchrun workers on this machine; return their exit code.
 
     `output`: what rank 0 writes. On node 0 of a job of several machines (PET_NODE_RANK=0, static rendezvous) it must
     exist afterwards, or rank 0 ran elsewhere and `dvc repro` here would record nothing."""
-    cmd = torchrun_command(script, args, processes)
+    cmd = torchrun_command(module, args, processes)
     nodes = f" (one node of {os.environ.get('PET_NNODES', '?')})" if multi_node_requested() else ""
     print(f"train: launching {processes} processes{nodes}: {' '.join(cmd[1:])}", flush=True)
     # torchrun in a session of its own: on Ctrl-C its agent would tear the workers down (SIGKILL after 30 s, and a

@@ -1,8 +1,9 @@
 """`expqa params`: every params.yaml key with the value that runs on this machine and what it means.
 
-    expqa params                  # profile auto: cpu overrides applied when there is no CUDA GPU (as the stages do)
+    expqa params                  # params.yaml's profile (auto: cpu when there is no CUDA GPU here)
     expqa params --profile gpu    # the top-level sections as written
     expqa params --profile cpu    # with the `cpu:` section merged in; its keys are marked *
+    expqa params --resolved       # what the stages ran with: the params stage's metrics/params/<stage>.json
 
 Values are printed in YAML, so one can be pasted into `dvc exp run -S key=value`.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import textwrap
@@ -22,7 +24,8 @@ import yaml
 from expqa import config
 
 # params.yaml's sections in Params' order (the cpu: profile is shown as marks on the keys it overrides)
-SECTIONS = [(name, cls) for name, cls in typing.get_type_hints(config.Params).items() if name != "cpu"]
+SECTIONS = [(name, cls) for name, cls in typing.get_type_hints(config.Params).items()
+            if dataclasses.is_dataclass(cls)]
 HELP_INDENT = " " * 8
 WIDTH = 110
 
@@ -39,7 +42,7 @@ def describe(params: config.Params | None, profile: str | None) -> str:
     """The listing: with params, each key's resolved value under `profile` (cpu overrides marked *)."""
     lines = []
     overrides = (params.cpu if params is not None and profile == "cpu" else {})
-    resolved = params.for_device(cuda=profile != "cpu") if params is not None else None
+    resolved = dataclasses.replace(params, profile=profile).resolve() if params is not None else None
     for section, cls in SECTIONS:
         lines.append(f"{section}:")
         for key, text in config.section_help(cls).items():
@@ -60,7 +63,7 @@ def describe(params: config.Params | None, profile: str | None) -> str:
 
 def profile_line(path: Path, params: config.Params, profile: str, chosen: str) -> str:
     how = {"auto": f"auto: {'a CUDA GPU' if profile == 'gpu' else 'no CUDA GPU'} on this machine",
-           "cpu": "--profile cpu", "gpu": "--profile gpu"}[chosen]
+           "cpu": "profile cpu", "gpu": "profile gpu"}[chosen]
     if profile == "gpu":
         return f"# {path}, profile gpu ({how}): the sections as written; the cpu: section is not applied\n"
     if not params.cpu:
@@ -69,14 +72,32 @@ def profile_line(path: Path, params: config.Params, profile: str, chosen: str) -
             "# which replaces the value written in their own section\n")
 
 
+def print_resolved(folder: Path) -> int:
+    """The params stage's files as one YAML document per stage (the values that ran, profile decided)."""
+    files = [folder / f"{stage}.json" for stage in config.STAGE_SECTIONS]
+    absent = [str(path) for path in files if not path.exists()]
+    if absent:
+        print(f"error: {', '.join(absent)} not found; run `dvc repro params` (the params stage writes them)",
+              file=sys.stderr)
+        return 2
+    for path in files:
+        record = json.loads(path.read_text())
+        print(f"# {path}: stage {record.pop('stage')}" + (f", profile {record.pop('profile')}" if "profile" in record
+                                                           else " (no section of it differs between profiles)"))
+        print(yaml.safe_dump(record, sort_keys=False, width=WIDTH).rstrip() + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from expqa.cli import find_project
 
     parser = argparse.ArgumentParser(prog="expqa params", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--params", type=Path, help="params file (default: params.yaml of this checkout)")
-    parser.add_argument("--profile", choices=("auto", "cpu", "gpu"), default="auto",
-                        help="which values to show: auto = what the stages would run on this machine")
+    parser.add_argument("--profile", choices=config.PROFILES,
+                        help="which values to show (default: params.yaml's profile; auto = this machine's)")
+    parser.add_argument("--resolved", action="store_true",
+                        help="print what each stage ran with: metrics/params/<stage>.json next to the params file")
     args = parser.parse_args(argv)
     path = args.params
     if path is None:
@@ -87,17 +108,20 @@ def main(argv: list[str] | None = None) -> int:
                   "checkout or pass --params FILE for values\n")
             print(describe(None, None), end="")
             return 0
+    if args.resolved:
+        return print_resolved(path.parent / "metrics" / "params")
     try:
         params = config.load_params(path)
     except config.ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    profile = args.profile
+    chosen = args.profile or params.profile
+    profile = chosen
     if profile == "auto":
         import torch
 
         profile = "gpu" if torch.cuda.is_available() else "cpu"
-    print(profile_line(path, params, profile, args.profile))
+    print(profile_line(path, params, profile, chosen))
     print(describe(params, profile), end="")
     return 0
 

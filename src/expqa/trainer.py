@@ -45,9 +45,8 @@ CHECKPOINT_FILES = ("trainer_state.json", "adapter_model.safetensors", "optimize
 # under FSDP the Trainer writes the optimizer state and the (adapter-only) model state in Accelerate's FSDP names
 FSDP_CHECKPOINT_FILES = ("trainer_state.json", "adapter_model.safetensors", "optimizer.bin", "pytorch_model_fsdp.bin",
                          "scheduler.pt", FINGERPRINT_FILE)
-OOM_ADVICE = ("CUDA ran out of memory. Try, in this order: a smaller train.tokens_per_micro_batch (or "
-              "train.per_device_train_batch_size when it is 0; raise train.gradient_accumulation_steps to keep the "
-              "effective batch), a shorter train.max_seq_length, "
+OOM_ADVICE = ("CUDA ran out of memory. Try, in this order: a smaller train.micro_batch (raise "
+              "train.gradient_accumulation_steps to keep the effective batch), a shorter train.max_seq_length, "
               "train.gradient_checkpointing: offload (the least GPU memory), fewer lora.target_modules (e.g. "
               "[q_proj, v_proj]).")
 
@@ -306,15 +305,14 @@ def write_training_metrics(folder: Path, log_history: list[dict], train_loss: fl
 class QLoRATrainer:
     """Fine-tune `base_model` on `data_dir`/{train,val}.jsonl and save a LoRA adapter."""
 
-    def __init__(self, config: TrainingConfig | None = None, *, lora: LoRAConfig | None = None,
-                 quantization: QuantizationConfig | None = None, seed: int = 42,
-                 base_model: str | Path = "models/base", data_dir: str | Path = "data/processed",
-                 checkpoint_dir: str | Path = "models/checkpoints", metrics_dir: str | Path | None = "metrics/train",
-                 log_dir: str | Path | None = "logs"):
-        self.config = config or TrainingConfig()
-        self.lora = lora or LoRAConfig()
-        self.quantization = quantization or QuantizationConfig()
-        self.seed = seed
+    def __init__(self, config: TrainingConfig, *, lora: LoRAConfig, quantization: QuantizationConfig, seed: int,
+                 base_model: str | Path, data_dir: str | Path, checkpoint_dir: str | Path,
+                 metrics_dir: str | Path | None, log_dir: str | Path | None, profile: str | None = None):
+        """Every setting is given (params.yaml is the one place a default lives: QLoRATrainer.from_params, or the
+        dataclasses' defaults, which equal it). ``profile``: the hardware profile the params were resolved for,
+        recorded with the adapter."""
+        self.config, self.lora, self.quantization, self.seed = config, lora, quantization, seed
+        self.profile = profile
         self.base_model, self.data_dir = Path(base_model), Path(data_dir)
         self.checkpoint_dir = Path(checkpoint_dir)
         self.metrics_dir = Path(metrics_dir) if metrics_dir else None
@@ -323,14 +321,14 @@ class QLoRATrainer:
 
     @classmethod
     def from_params(cls, params: Params, **paths) -> "QLoRATrainer":
-        """From params.yaml sections, with the `cpu` overrides applied when there is no GPU."""
-        run = params.for_device(torch.cuda.is_available())
-        return cls(run.train, lora=run.lora, quantization=run.quantization, seed=run.base.seed, **paths)
+        """From resolved params (Params.resolve(), or the train stage's metrics/params/train.json)."""
+        return cls(params.train, lora=params.lora, quantization=params.quantization, seed=params.base.seed,
+                   profile=params.profile, **paths)
 
     # -- setup ----------------------------------------------------------------------------------------------------
     def resolved_config(self) -> dict:
         return {"train": dataclasses.asdict(self.config), "lora": dataclasses.asdict(self.lora),
-                "quantization": dataclasses.asdict(self.quantization), "seed": self.seed,
+                "quantization": dataclasses.asdict(self.quantization), "seed": self.seed, "profile": self.profile,
                 "device": "cuda" if torch.cuda.is_available() else "cpu", "world_size": world_size()}
 
     @functools.cached_property

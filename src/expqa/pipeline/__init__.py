@@ -1,0 +1,64 @@
+"""The pipeline stages as library functions: `dvc repro` runs them through stages/<name>.py, `expqa <name>` directly.
+
+Each stage module has a docstring (its --help), `arguments(parser)` (paths: all required, dvc.yaml gives them),
+`run(args, params) -> int | None` and `main = stage_main(...)`. stage_main adds `--params` (the stage's resolved
+params, metrics/params/<stage>.json, or a whole params.yaml to run by hand), loads it, and turns the expected
+failures into one `error: ...` line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from expqa.config import ConfigError, Params, load_stage_params
+
+STAGES = ("params", "base", "collect", "generate", "combine", "stats", "train", "merge", "evaluate", "export")
+
+
+def stage_main(name: str, doc: str, arguments: Callable[[argparse.ArgumentParser], None],
+               run: Callable[[argparse.Namespace, Params | None], int | None],
+               errors: tuple[type[BaseException], ...] = (), uses_params: bool = True) -> Callable[..., int]:
+    """The `main(argv=None) -> int` of stage ``name``; ``errors`` are the exceptions that mean bad input."""
+
+    def main(argv: list[str] | None = None) -> int:
+        parser = argparse.ArgumentParser(prog=f"expqa {name}", description=doc,
+                                         formatter_class=argparse.RawDescriptionHelpFormatter)
+        arguments(parser)
+        if uses_params:
+            parser.add_argument("--params", type=Path, required=True,
+                                help=f"this stage's params: metrics/params/{name}.json (written by the params stage) "
+                                     "or a whole params.yaml (its profile resolved on this machine)")
+        args = parser.parse_args(argv)
+        args.argv = sys.argv[1:] if argv is None else list(argv)  # train re-runs itself with them under torchrun
+        try:
+            params = load_stage_params(args.params, name) if uses_params else None
+            return run(args, params) or 0
+        except (ConfigError, *errors) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+
+    return main
+
+
+def check_profile(params: Params, stage: str) -> None:
+    """The profile the params stage resolved must suit this machine: the gpu profile's kernels need CUDA."""
+    if params.profile is None:
+        return
+    import torch
+
+    if params.profile == "gpu" and not torch.cuda.is_available():
+        raise ConfigError(f"{stage}: the params run with the gpu profile (metrics/params/{stage}.json), but there is "
+                          "no CUDA GPU here. The params stage resolved profile auto on a GPU machine: re-resolve with "
+                          "`dvc repro -f -s params` then `dvc repro`, or set profile: cpu")
+    if params.profile == "cpu" and torch.cuda.is_available():
+        print(f"{stage}: note: the cpu profile runs although this machine has a CUDA GPU (profile auto was resolved "
+              "elsewhere, or profile: cpu); `dvc repro -f -s params` re-resolves auto", file=sys.stderr)
+
+
+def require(path: Path, stage: str) -> None:
+    """An input another stage builds; a clear message instead of a traceback when it is not there."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist; build it with `dvc repro {stage}`")

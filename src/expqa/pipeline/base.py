@@ -1,0 +1,18 @@
+"""Stage `base`: materialise the base model named by params `model` into a folder (HF layout + base_info.json)."""
+
+from pathlib import Path
+
+from expqa.base_model import BaseModelError, materialize_base
+from expqa.pipeline import stage_main
+
+
+def arguments(parser):
+    parser.add_argument("--out", type=Path, required=True, help="output folder (models/base)")
+
+
+def run(args, params):
+    info = materialize_base(params.model.name, params.model.revision, args.out)
+    print(f"base: {info['name']} ({info['source']}) -> {args.out}")
+
+
+main = stage_main("base", __doc__, arguments, run, errors=(BaseModelError,))

@@ -1,0 +1,31 @@
+"""Stage `combine`: validate, deduplicate, weight and split the ChatML inputs into train/val/test.
+
+Params: data (weights, fractions, on_invalid, sources) and base.seed; data.sources files are read from --sources.
+"""
+
+from pathlib import Path
+
+from expqa.chatml import DataError
+from expqa.combine import EmptySplitError, combine_datasets
+from expqa.pipeline import stage_main
+
+
+def arguments(parser):
+    parser.add_argument("inputs", nargs="+", type=Path, help="ChatML JSONL files")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (data/processed)")
+    parser.add_argument("--sources", type=Path, required=True, help="folder of the data.sources files")
+
+
+def run(args, params):
+    manifest = combine_datasets(args.inputs, args.out, params.data, seed=params.base.seed,
+                                sources_dir=args.sources)
+    totals = manifest["totals"]
+    print("combine: " + ", ".join(f"{k} {v}" for k, v in sorted(totals.items()) if isinstance(v, int)))
+    for source in params.data.sources:  # what became of each of your rows: nothing is dropped without a count
+        c = manifest["sources"][source.name]
+        print(f"  {source.name} ({source.format}, {args.sources / source.file}): read {c['read']}, kept {c['kept']}, "
+              f"invalid {c['invalid']}, duplicates {c['duplicates_exact'] + c['duplicates_normalised']}, "
+              f"train rows {c['train_rows']}")
+
+
+main = stage_main("combine", __doc__, arguments, run, errors=(DataError, EmptySplitError, OSError))

@@ -1,0 +1,35 @@
+"""Stage `export`: the merged model -> <name>-<type>.gguf files (llama.cpp, Ollama, LM Studio) + an Ollama
+Modelfile, each file verified against the merged model.
+
+Writes --report: size, max |logit diff| and agreement of greedy continuations, token ids, chat template and
+architecture per type (write and verify times go to --timings). A mismatch fails the stage and leaves --out as it was.
+"""
+
+import sys
+from pathlib import Path
+
+from expqa.export import ExportError, export_gguf, export_summary, write_export_report
+from expqa.pipeline import require, stage_main
+
+
+def arguments(parser):
+    parser.add_argument("--model", type=Path, required=True, help="merged model folder (models/merged)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (models/gguf)")
+    parser.add_argument("--report", type=Path, required=True, help="verification report (JSON)")
+    parser.add_argument("--timings", type=Path, required=True, help="write/verify seconds (JSON, untracked)")
+
+
+def run(args, params):
+    require(args.model, "merge")
+    try:
+        report = export_gguf(args.model, args.out, params.export)
+    except ExportError as exc:
+        if exc.report is not None:
+            write_export_report(exc.report, args.report, args.timings)
+        print(f"error: {exc} (details: {args.report})", file=sys.stderr)
+        return 1
+    write_export_report(report, args.report, args.timings)
+    print("\n".join(export_summary(report, args.out)))
+
+
+main = stage_main("export", __doc__, arguments, run, errors=(OSError,))

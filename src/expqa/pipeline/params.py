@@ -1,0 +1,39 @@
+"""Stage `params`: check params.yaml and resolve its profile once, before any stage that has outputs runs.
+
+Writes <out>/<stage>.json for each stage: the sections that stage reads, as they will run (profile auto decided
+here, the cpu overrides merged in under the cpu profile). Every other stage depends on its file, so a bad value
+(`dvc exp run -S ...`) stops the pipeline here, before DVC deletes any stage's outputs, and dvc.lock records which
+profile built each output. Also checked here: the files params name (collect.posts, eval.critical_questions,
+data.sources in --sources) and that model.name can be obtained.
+"""
+
+from pathlib import Path
+
+from expqa.base_model import BaseModelError, check_model_source
+from expqa.config import STAGE_SECTIONS, ConfigError, load_params
+from expqa.files import write_json
+from expqa.pipeline import stage_main
+
+
+def arguments(parser):
+    parser.add_argument("--params", type=Path, required=True, help="the params file (params.yaml)")
+    parser.add_argument("--sources", type=Path, required=True, help="folder of the data.sources files")
+    parser.add_argument("--out", type=Path, required=True, help="folder for <stage>.json (metrics/params)")
+
+
+def run(args, _):
+    params = load_params(args.params, sources_dir=args.sources)
+    missing = [f"{args.params}: {key} {path} does not exist" for key, path in (
+        ("collect.posts", params.collect.posts), ("eval.critical_questions", params.eval.critical_questions))
+        if not Path(path).is_file()]
+    if missing:
+        raise ConfigError(missing)
+    check_model_source(params.model.name, params.model.revision)
+    resolved = params.resolve()
+    for stage in STAGE_SECTIONS:
+        write_json(args.out / f"{stage}.json", resolved.stage_sections(stage))
+    how = f"profile {params.profile}" + (f" -> {resolved.profile}" if params.profile == "auto" else "")
+    print(f"params: {args.params} checked, {how}; {len(STAGE_SECTIONS)} stage files in {args.out}")
+
+
+main = stage_main("params", __doc__, arguments, run, errors=(BaseModelError,), uses_params=False)

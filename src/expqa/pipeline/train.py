@@ -1,0 +1,59 @@
+"""Stage `train`: QLoRA fine-tuning of the base model on the combine stage's splits into a LoRA adapter.
+
+Params: base.seed, quantization, lora, train (as the profile resolved them). Checkpoints land in --checkpoints
+(git-ignored, left alone by DVC): a killed run resumes from the last complete one. Several processes (train.
+num_processes, the cpu profile's 2, or FSDP): the stage re-runs itself as torchrun workers.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+from expqa.pipeline import check_profile, require, stage_main
+
+
+def arguments(parser):
+    parser.add_argument("--base", type=Path, required=True, help="base model folder (models/base)")
+    parser.add_argument("--data", type=Path, required=True, help="the combine stage's folder (data/processed)")
+    parser.add_argument("--out", type=Path, required=True, help="adapter folder (models/adapter)")
+    parser.add_argument("--checkpoints", type=Path, required=True, help="resumable checkpoints (models/checkpoints)")
+    parser.add_argument("--metrics", type=Path, required=True, help="dvclive folder (metrics/train)")
+    parser.add_argument("--logs", type=Path, required=True,
+                        help="training.log, TensorBoard events and wall-clock figures (logs/train)")
+
+
+def run(args, params):
+    require(args.base, "base")
+    check_profile(params, "train")
+    from expqa.distributed import (die_with_parent, inside_launch, is_main_process, needs_launch, relaunch,
+                                   relaunched, wanted_processes)
+
+    processes = wanted_processes(params.train.num_processes)
+    if needs_launch(processes, params.train.distributed):  # never inside a launch (torchrun, accelerate, clusters)
+        return relaunch("expqa.pipeline.train", args.argv, processes, output=args.out)
+    if inside_launch():
+        die_with_parent()  # a worker whose launcher was killed stops too
+    from expqa.trainer import QLoRATrainer, TrainingError, TrainingInterrupted
+
+    try:
+        trainer = QLoRATrainer.from_params(params, base_model=args.base, data_dir=args.data,
+                                           checkpoint_dir=args.checkpoints, metrics_dir=args.metrics,
+                                           log_dir=args.logs)
+        metrics = trainer.train()
+        trainer.save_model(args.out)
+    except TrainingInterrupted as exc:
+        if is_main_process():
+            print(f"train: {exc}", file=sys.stderr)
+        return 0 if relaunched() else 130  # relaunch() returns the 130 (a worker's own would add torchrun's report)
+    except TrainingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if is_main_process():
+        summary = {k: metrics.get(k) for k in ("global_step", "train_loss", "eval_loss", "real_tokens_per_second")}
+        print("train: " + json.dumps(summary))
+
+
+main = stage_main("train", __doc__, arguments, run, errors=(ValueError, OSError))
+
+if __name__ == "__main__":  # torchrun runs the workers as `python -m expqa.pipeline.train ...`
+    sys.exit(main())

@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import re
 
 import pytest
 import yaml
@@ -27,41 +28,108 @@ def test_shipped_params_load_into_every_dataclass(shipped_params):
     for section in ("base", "model", "collect", "data", "quantization", "lora", "train", "eval"):
         fields = {f.name for f in dataclasses.fields(type(getattr(shipped_params, section)))}
         assert set(raw[section]) == fields, f"params.yaml section {section} must set every key explicitly"
-    shipped_params.for_device(False)  # the cpu overrides are valid too
+    shipped_params.resolve(cuda=False)  # the cpu overrides are valid too
 
 
 def test_seed_defaults_are_the_gpu_profile(shipped_params):
     p = shipped_params
     assert (p.lora.r, p.lora.alpha) == (16, 32) and p.lora.dropout == 0.0  # seed 0.05: README "Performance"
-    assert cfg.LoRAConfig().dropout == 0.05
     assert p.lora.target_modules == cfg.LLAMA_PROJECTIONS
     t = p.train
     assert t.learning_rate == 2e-4
     assert (t.lr_scheduler_type, t.warmup_ratio, t.num_train_epochs, t.optim) == ("cosine", 0.03, 3.0,
                                                                                   "adamw_torch_fused")
-    assert cfg.TrainingConfig().optim == "paged_adamw_8bit"
     assert (t.max_seq_length, t.gradient_checkpointing, t.bf16, t.save_steps, t.save_total_limit) == \
         (2048, "auto", True, 500, 3)
     q = p.quantization
     assert (q.load_in_4bit, q.bnb_4bit_quant_type, q.bnb_4bit_use_double_quant, q.bnb_4bit_compute_dtype) == \
         (True, "nf4", True, "bfloat16")
-    # the dataclass defaults document the same seed values; params.yaml adds the GPU fast path on top
-    fast_path = {"padding_free", "attn_implementation", "use_liger_kernel", "per_device_train_batch_size",
-                 "gradient_accumulation_steps", "num_processes", "tokens_per_micro_batch", "fused_lora", "optim"}
-    seed = cfg.TrainingConfig()
-    assert (seed.per_device_train_batch_size, seed.gradient_accumulation_steps) == (2, 4)
-    assert (t.tokens_per_micro_batch, t.gradient_accumulation_steps, t.fused_lora) == (16384, 1, True)
-    defaults = {k: v for k, v in dataclasses.asdict(cfg.TrainingConfig()).items() if k not in fast_path}
-    assert defaults == {k: v for k, v in dataclasses.asdict(t).items() if k not in fast_path}
+    assert (t.micro_batch, t.tokens_per_micro_batch, t.gradient_accumulation_steps, t.fused_lora) == \
+        ("16384 tokens", 16384, 1, True)
     assert (t.padding_free, t.attn_implementation, t.use_liger_kernel) == (True, "expqa_varlen", True)
     assert t.num_processes == 0  # every visible GPU
 
 
-def test_cpu_overrides_apply_only_without_gpu(shipped_params):
-    assert shipped_params.for_device(True) is shipped_params
-    cpu = shipped_params.for_device(False)
+def test_dataclass_defaults_equal_params_yaml():
+    """params.yaml is the one place a default lives; the Python API's defaults must not drift from it."""
+    shipped = yaml.safe_load(shipped_text())
+    defaults = json.loads(json.dumps(dataclasses.asdict(cfg.Params())))
+    for section, value in shipped.items():
+        if section == "cpu":  # the profile's overrides: params.yaml only (Params().cpu is empty)
+            continue
+        assert defaults[section] == value, section
+
+
+def test_profile_auto_resolves_from_the_hardware(shipped_params):
+    assert shipped_params.profile == "auto"
+    gpu, cpu = shipped_params.resolve(cuda=True), shipped_params.resolve(cuda=False)
+    assert (gpu.profile, cpu.profile) == ("gpu", "cpu")
+    assert gpu.train == shipped_params.train and gpu.quantization == shipped_params.quantization
     assert cpu.quantization.load_in_4bit is False and cpu.train.optim == "adamw_torch"
+    assert cpu.train.micro_batch == "2 conversations" and cpu.train.per_device_train_batch_size == 2
     assert cpu.lora == shipped_params.lora
+    assert cpu.resolve(cuda=True) == cpu  # resolved once: a resolved profile stays what it is
+    explicit = dataclasses.replace(shipped_params, profile="gpu")
+    assert explicit.resolve(cuda=False).train == shipped_params.train  # gpu asked for, whatever the machine
+
+
+def test_missing_key_is_a_located_error_naming_the_line_to_add(tmp_path):
+    text = shipped_text()
+    dropout = next(line for line in text.splitlines() if line.startswith("  dropout:"))
+    path = write(tmp_path, text.replace(dropout + "\n", ""))
+    with pytest.raises(ConfigError) as info:
+        load_params(path)
+    lora_line = text.splitlines().index("lora:") + 1
+    assert str(info.value) == (f"{path}:{lora_line}: lora.dropout is missing; add `dropout: 0.0` under lora: (every "
+                               "key is required: params.yaml is the one place a default lives)")
+    no_profile = write(tmp_path, text.replace("profile: auto\n", ""), "noprofile.yaml")
+    with pytest.raises(ConfigError, match="no 'profile' section; add `profile: auto`; every section is required"):
+        load_params(no_profile)
+
+
+@pytest.mark.parametrize("written,expected", [
+    ("16 bananas", "train.micro_batch is '16 bananas'; give a positive count and its unit"),
+    ("0 tokens", "train.micro_batch is '0 tokens'; give a positive count"),
+    ("1024 tokens", "train.micro_batch is '1024 tokens', below train.max_seq_length 2048"),
+])
+def test_micro_batch_is_one_key_with_its_unit(tmp_path, written, expected):
+    path = write(tmp_path, shipped_text().replace("micro_batch: 16384 tokens", f"micro_batch: {written}", 1))
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        load_params(path)
+    padded = write(tmp_path, shipped_text().replace("padding_free: true            #", "padding_free: false #", 1)
+                   .replace("attn_implementation: expqa_varlen  #", "attn_implementation: sdpa  #", 1), "padded.yaml")
+    with pytest.raises(ConfigError, match="a token budget, which packs conversations into one row: it needs "
+                                          "train.padding_free: true"):
+        load_params(padded)
+
+
+def test_profile_value_and_cpu_overrides_are_checked(tmp_path):
+    bad = write(tmp_path, shipped_text().replace("profile: auto", "profile: tpu"))
+    with pytest.raises(ConfigError, match=r"params.yaml:\d+: profile is 'tpu'; allowed: auto, gpu, cpu"):
+        load_params(bad)
+    nested = write(tmp_path, shipped_text().replace("  eval:\n    max_new_tokens: 96", "  profile: gpu\n  eval:\n"
+                                                    "    max_new_tokens: 96"), "nested.yaml")
+    with pytest.raises(ConfigError, match="cpu.profile cannot be overridden by a profile"):
+        load_params(nested)
+
+
+def test_stage_files_hold_resolved_sections_and_load_back(tmp_path, shipped_params):
+    cpu = shipped_params.resolve(cuda=False)
+    record = cpu.stage_sections("train")
+    assert record["profile"] == "cpu" and set(record) == {"stage", "profile", "base", "quantization", "lora", "train"}
+    assert "profile" not in cpu.stage_sections("collect")  # no cpu override touches it: same file on any machine
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(record))
+    loaded = cfg.load_stage_params(path, "train")
+    assert (loaded.train, loaded.lora, loaded.profile, loaded.data) == (cpu.train, cpu.lora, "cpu", None)
+    with pytest.raises(ConfigError, match="holds the params of stage 'train', not 'evaluate'"):
+        cfg.load_stage_params(path, "evaluate")
+    del record["train"]["learning_rate"]
+    path.write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match="train.learning_rate is missing"):
+        cfg.load_stage_params(path, "train")
+    whole = cfg.load_stage_params(REPO / "params.yaml", "train")  # a params.yaml works too, resolved here
+    assert whole.profile in ("cpu", "gpu")
 
 
 @pytest.mark.parametrize("old,new,expected", [
@@ -81,7 +149,6 @@ def test_cpu_overrides_apply_only_without_gpu(shipped_params):
     ("site_url: https://stats.stackexchange.com", "site_url: stats.stackexchange.com",
      "collect.site_url is 'stats.stackexchange.com'; give the site's address with its scheme"),
     ("bnb_4bit_quant_type: nf4", "bnb_4bit_quant_type: int3", "quantization.bnb_4bit_quant_type is 'int3'; allowed: nf4, fp4"),
-    ("per_device_train_batch_size: 16", "per_device_train_batch_size: 0", "train.per_device_train_batch_size is 0"),
     ("  r: 16", "  r: sixteen", "lora.r is 'sixteen' (str); expected int"),
     ("on_invalid: error", "on_invalid: ignore", "data.on_invalid is 'ignore'; allowed: error, skip"),
     ("save_steps: 500", "save_steps: 505",
@@ -164,7 +231,7 @@ def test_gradient_checkpointing_spellings(tmp_path, written, mode):
     path = write(tmp_path, shipped_text().replace("gradient_checkpointing: auto", f"gradient_checkpointing: {written}"))
     params = load_params(path)
     assert params.train.gradient_checkpointing == mode
-    assert params.for_device(False).train.gradient_checkpointing == "off"  # the cpu profile
+    assert params.resolve(cuda=False).train.gradient_checkpointing == "off"  # the cpu profile
 
 
 def test_override_file_that_is_not_utf8_or_a_directory(tmp_path):

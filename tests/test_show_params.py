@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import typing
 
 import pytest
@@ -20,7 +21,8 @@ def listing(capsys, *args: str) -> str:
 
 
 def test_every_section_and_key_is_listed():
-    assert [name for name, _ in SECTIONS] == [name for name in typing.get_type_hints(config.Params) if name != "cpu"]
+    assert [name for name, _ in SECTIONS] == [name for name in typing.get_type_hints(config.Params)
+                                              if name not in ("profile", "cpu")]
     assert all(cls is typing.get_type_hints(config.Params)[name] for name, cls in SECTIONS)
 
 
@@ -36,7 +38,7 @@ def test_cpu_profile_shows_resolved_values_and_marks_the_overrides(capsys, shipp
     marked = {line[2:].split(":")[0] for line in lines if line.startswith("* ")}
     overridden = {key for section in shipped_params.cpu.values() for key in section}
     assert marked == overridden
-    resolved = shipped_params.for_device(cuda=False)
+    resolved = shipped_params.resolve(cuda=False)
     for section, cls in SECTIONS:
         start = lines.index(f"{section}:")
         for f in dataclasses.fields(cls):
@@ -62,12 +64,30 @@ def test_auto_follows_this_machine(capsys, monkeypatch, cuda, profile):
 
 
 def test_values_come_from_the_file_and_bad_files_are_one_line_errors(tmp_path, capsys):
+    shipped = (REPO / "params.yaml").read_text()
     params = tmp_path / "params.yaml"
-    params.write_text("lora:\n  r: 32\ncpu:\n  lora:\n    alpha: 8\n")
+    params.write_text(shipped.replace("  r: 16", "  r: 32", 1).replace("cpu:  ", "cpu:\n  lora:\n    alpha: 8\n  #", 1))
     assert main(["--params", str(params), "--profile", "cpu"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert "  r: 32" in lines and "* alpha: 8    [cpu: override; lora: has 32]" in lines
-    params.write_text("lora:\n  r: 0\n")
+    params.write_text(shipped.replace("  r: 16", "  r: 0", 1))
+    line = next(i for i, text in enumerate(shipped.splitlines(), 1) if text.startswith("  r: 16"))
     assert main(["--params", str(params)]) == 2
-    assert capsys.readouterr().err == (f"error: {params}:2: lora.r is 0; must be a positive integer "
+    assert capsys.readouterr().err == (f"error: {params}:{line}: lora.r is 0; must be a positive integer "
                                        "(typical: 8, 16, 32, 64)\n")
+
+
+def test_resolved_prints_what_each_stage_ran_with(tmp_path, capsys, shipped_params):
+    folder = tmp_path / "metrics" / "params"
+    folder.mkdir(parents=True)
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    assert main(["--params", str(tmp_path / "params.yaml"), "--resolved"]) == 2
+    assert "run `dvc repro params`" in capsys.readouterr().err
+    cpu = shipped_params.resolve(cuda=False)
+    for stage in config.STAGE_SECTIONS:
+        (folder / f"{stage}.json").write_text(json.dumps(cpu.stage_sections(stage)))
+    assert main(["--params", str(tmp_path / "params.yaml"), "--resolved"]) == 0
+    out = capsys.readouterr().out
+    assert f"# {folder / 'train.json'}: stage train, profile cpu" in out
+    assert "  micro_batch: 2 conversations" in out
+    assert f"# {folder / 'collect.json'}: stage collect (no section of it differs between profiles)" in out

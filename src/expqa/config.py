@@ -599,11 +599,10 @@ def params_from_dict(raw: dict, source: str = "params.yaml", key_lines: dict[str
         built.setdefault("profile", None)  # a stage file holds it only when the cpu profile touches its sections
     for name in expected:
         if name not in raw and not (sections is not None and name in ("cpu", "profile")):
-            example = "profile: auto" if name == "profile" else f"{name}: ... (see `expqa params`)"
-            errors.append(f"{source}: no '{name}' section; add `{example}` (every section is required)")
-    if errors:  # a section that could not be built would only add follow-on problems
-        raise ConfigError(errors)
-    params = Params(**built)
+            fix = "add `profile: auto`" if name == "profile" else "add it (`expqa params` lists its keys)"
+            errors.append(f"{source}: no '{name}' section; {fix}; every section is required")
+    # a section that could not be built stays None: its problems are listed, and the others are still checked
+    params = Params(**{name: built.get(name) for name in hints})
     for name in hints:
         section = getattr(params, name)
         if hasattr(section, "validate"):

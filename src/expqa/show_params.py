@@ -61,9 +61,10 @@ def describe(params: config.Params | None, profile: str | None) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def profile_line(path: Path, params: config.Params, profile: str, chosen: str) -> str:
+def profile_line(path: Path, params: config.Params, profile: str, chosen: str, by_flag: bool) -> str:
     how = {"auto": f"auto: {'a CUDA GPU' if profile == 'gpu' else 'no CUDA GPU'} on this machine",
-           "cpu": "profile cpu", "gpu": "profile gpu"}[chosen]
+           "cpu": "--profile cpu" if by_flag else "profile: cpu",
+           "gpu": "--profile gpu" if by_flag else "profile: gpu"}[chosen]
     if profile == "gpu":
         return f"# {path}, profile gpu ({how}): the sections as written; the cpu: section is not applied\n"
     if not params.cpu:
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         profile = "gpu" if torch.cuda.is_available() else "cpu"
-    print(profile_line(path, params, profile, chosen))
+    print(profile_line(path, params, profile, chosen, by_flag=args.profile is not None))
     print(describe(params, profile), end="")
     return 0
 

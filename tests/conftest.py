@@ -112,8 +112,8 @@ def tiny_training_config(**overrides):
 
     from expqa.config import load_params
 
-    params = load_params(REPO / "params.yaml").for_device(False)
-    values = dict(max_steps=4, per_device_train_batch_size=2, gradient_accumulation_steps=1, max_seq_length=128,
+    params = load_params(REPO / "params.yaml").resolve(cuda=False)
+    values = dict(max_steps=4, micro_batch="2 conversations", gradient_accumulation_steps=1, max_seq_length=128,
                   logging_steps=1, eval_steps=2, save_steps=2, learning_rate=1e-2, warmup_ratio=0.0,
                   num_threads=1)
     values.update(overrides)

@@ -25,7 +25,7 @@ def write_params(run_dir, processes, micro_batch, quantized=False, **train):
     params["lora"].update(r=4, alpha=8, dropout=0.0)  # dropout draws different random numbers per process
     params["cpu"]["quantization"]["load_in_4bit"] = quantized
     params["cpu"]["train"].update(dict(max_steps=3, eval_steps=3, save_steps=100, logging_steps=1, max_seq_length=128,
-                                       per_device_train_batch_size=micro_batch, gradient_accumulation_steps=1,
+                                       micro_batch=f"{micro_batch} conversations", gradient_accumulation_steps=1,
                                        learning_rate=1e-2, warmup_ratio=0.0, num_threads=1, num_processes=processes),
                                   **train)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -36,7 +36,7 @@ def stage_args(run_dir, base, data):
     """The stage's arguments, every output inside run_dir."""
     return ["--params", str(run_dir / "params.yaml"), "--base", str(base), "--data", str(data),
             "--out", str(run_dir / "adapter"), "--checkpoints", str(run_dir / "ckpt"),
-            "--metrics", str(run_dir / "metrics")]
+            "--metrics", str(run_dir / "metrics"), "--logs", str(run_dir / "logs")]
 
 
 def train(run_dir, base, data, processes, micro_batch, launcher=(), quantized=False, **overrides):
@@ -139,7 +139,7 @@ def test_two_machines_joined_by_torchrun_static_rendezvous(tiny_base, data, one_
         write_params(node, processes=1, micro_batch=2)
         nodes.append(subprocess.Popen(
             [sys.executable, STAGE, "--params", "params.yaml", "--base", str(tiny_base), "--data", str(data),
-             "--out", "adapter", "--checkpoints", "ckpt", "--metrics", "metrics"], cwd=node,
+             "--out", "adapter", "--checkpoints", "ckpt", "--metrics", "metrics", "--logs", "logs"], cwd=node,
             env={**CPU_ENV, **rendezvous, "PET_NODE_RANK": str(rank)}, stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True))
     logs = [proc.communicate(timeout=900)[0] for proc in nodes]
@@ -289,8 +289,10 @@ def test_fsdp_arguments_bf16_compute_fp32_reduction_and_layer_checkpointing(tiny
 
     monkeypatch.setattr(trainer_module, "use_bf16", lambda requested: requested)  # as on a GPU
     _, config = tiny_training_config(distributed="fsdp", gradient_checkpointing=True, bf16=True)
-    runner = trainer_module.QLoRATrainer(config, base_model=tiny_base, checkpoint_dir=tmp_path, metrics_dir=None,
-                                         log_dir=None)
+    params, _ = tiny_training_config()
+    runner = trainer_module.QLoRATrainer(config, lora=params.lora, quantization=params.quantization,
+                                         seed=params.base.seed, base_model=tiny_base, data_dir=tmp_path,
+                                         checkpoint_dir=tmp_path, metrics_dir=None, log_dir=None)
     args = runner._sft_config(False, AutoModelForCausalLM.from_pretrained(tiny_base))
     plugin = FullyShardedDataParallelPlugin(**args.fsdp_plugin_args)
     plugin.set_mixed_precision("bf16")  # what Accelerate does with bf16=True: our policy is kept

@@ -123,7 +123,7 @@ def configure(repo: Path, tiny_base: Path) -> None:
     # the evaluate stage dies in perplexity() with ZeroDivisionError (reported; 128 keeps some in each).
     # one process each: the workflow is what these tests check; 2-process training and evaluation have their own
     # tests (test_distributed.py, test_merge_evaluate.py), and a process start costs seconds per stage here
-    params["cpu"]["train"].update(max_steps=2, per_device_train_batch_size=2, max_seq_length=128, eval_steps=2,
+    params["cpu"]["train"].update(max_steps=2, micro_batch="2 conversations", max_seq_length=128, eval_steps=2,
                                   save_steps=2, logging_steps=1, num_threads=1, num_processes=1)
     params["cpu"]["eval"].update(max_new_tokens=4, max_examples=2, batch_size=2, num_processes=1, num_threads=1)
     params["export"].update(types=["q8_0"], ollama_type="q8_0")  # one GGUF: each is loaded back twice (~10 s)

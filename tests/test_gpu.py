@@ -40,8 +40,8 @@ def test_train_merge_evaluate_on_cuda(bf16_base, processed_dir, tmp_path, embedd
     from expqa.model import load_for_inference
     from expqa.trainer import QLoRATrainer
 
-    params = load_params(REPO / "params.yaml").for_device(True)  # the GPU profile as shipped, shrunk below
-    train = dataclasses.replace(params.train, max_steps=8, max_seq_length=256, tokens_per_micro_batch=512,
+    params = load_params(REPO / "params.yaml").resolve(cuda=True)  # the GPU profile as shipped, shrunk below
+    train = dataclasses.replace(params.train, max_steps=8, max_seq_length=256, micro_batch="512 tokens",
                                 logging_steps=1, eval_steps=4, save_steps=4, learning_rate=1e-2,
                                 use_liger_kernel=params.train.use_liger_kernel
                                 and importlib.util.find_spec("liger_kernel") is not None)

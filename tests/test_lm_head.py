@@ -79,7 +79,8 @@ def test_trainer_installs_the_configured_head(tiny_base, processed_dir, tmp_path
 
     params, train = tiny_training_config(lm_head_loss=head)
     trainer = QLoRATrainer(train, lora=dataclasses.replace(params.lora, r=4, alpha=8),
-                           quantization=QuantizationConfig(load_in_4bit=False), base_model=tiny_base,
+                           quantization=QuantizationConfig(load_in_4bit=False), seed=params.base.seed,
+                           base_model=tiny_base,
                            data_dir=processed_dir, checkpoint_dir=tmp_path / "ckpt", metrics_dir=None, log_dir=None)
     forward = trainer.setup().model.get_base_model().forward
     assert getattr(forward, "expqa_label_head", False) == (head == "expqa")

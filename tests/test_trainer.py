@@ -25,11 +25,11 @@ def make_trainer(base, data, tmp_path, quantized=False, **overrides):
     params, train = tiny_training_config(**overrides)
     return QLoRATrainer(train, lora=LoRAConfig(r=4, alpha=8, dropout=0.0, target_modules=params.lora.target_modules),
                         quantization=dataclasses.replace(params.quantization, load_in_4bit=quantized),
-                        base_model=base, data_dir=data, checkpoint_dir=tmp_path / "ckpt",
+                        seed=params.base.seed, base_model=base, data_dir=data, checkpoint_dir=tmp_path / "ckpt",
                         metrics_dir=tmp_path / "metrics", log_dir=tmp_path / "logs")
 
 
-FAST_PATH = dict(padding_free=True, attn_implementation="expqa_varlen", tokens_per_micro_batch=256, fused_lora=True)
+FAST_PATH = dict(padding_free=True, attn_implementation="expqa_varlen", micro_batch="256 tokens", fused_lora=True)
 
 
 @pytest.mark.parametrize("quantized,packed", [(False, False), (True, False), (False, True), (True, "fast")],
@@ -163,7 +163,7 @@ def run_stage(repo_params, base, data, out, ckpt, metrics, cwd=None):
         cwd.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen([sys.executable, str(REPO / "stages" / "train.py"), "--params", str(repo_params),
                              "--base", str(base), "--data", str(data), "--out", str(out),
-                             "--checkpoints", str(ckpt), "--metrics", str(metrics)],
+                             "--checkpoints", str(ckpt), "--metrics", str(metrics), "--logs", str(ckpt.parent / "logs")],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             cwd=cwd or ckpt.parent)  # logs/ lands next to the outputs
 
@@ -171,7 +171,7 @@ def run_stage(repo_params, base, data, out, ckpt, metrics, cwd=None):
 def test_killed_run_resumes_from_last_complete_checkpoint(tiny_base, processed_dir, tmp_path):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["cpu"]["train"].update(max_steps=8, save_steps=2, eval_steps=4, logging_steps=1,
-                                  per_device_train_batch_size=2, max_seq_length=128, num_threads=1)
+                                  micro_batch="2 conversations", max_seq_length=128, num_threads=1)
     params["lora"].update(r=4, alpha=8)
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(params))
@@ -219,14 +219,14 @@ def test_ctrl_c_under_the_two_process_launch(tiny_base, processed_dir, tmp_path,
     Twice: one line, exit 130. Never a traceback."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["cpu"]["train"].update(max_steps=400, save_steps=200, eval_steps=400, logging_steps=20,
-                                  per_device_train_batch_size=2, max_seq_length=128, num_threads=1)
+                                  micro_batch="2 conversations", max_seq_length=128, num_threads=1)
     params["lora"].update(r=4, alpha=8)
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(params))
     ckpt, out, metrics = tmp_path / "ckpt", tmp_path / "adapter", tmp_path / "metrics"
     stage = subprocess.Popen([sys.executable, str(REPO / "stages" / "train.py"), "--params", str(params_file),
                               "--base", str(tiny_base), "--data", str(processed_dir), "--out", str(out),
-                              "--checkpoints", str(ckpt), "--metrics", str(metrics)], cwd=tmp_path,
+                              "--checkpoints", str(ckpt), "--metrics", str(metrics), "--logs", str(ckpt.parent / "logs")], cwd=tmp_path,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.time() + 240
     while not (metrics / "plots" / "metrics" / "loss.tsv").exists():  # training has started
@@ -310,8 +310,9 @@ def test_token_budget_packs_whole_conversations_into_bounded_micro_batches(tiny_
 def test_token_budget_below_max_seq_length_is_a_config_error():
     from expqa.config import TrainingConfig
 
-    problems = TrainingConfig(tokens_per_micro_batch=1024, max_seq_length=2048, padding_free=True,
+    problems = TrainingConfig(micro_batch="1024 tokens", max_seq_length=2048, padding_free=True,
                               attn_implementation="expqa_varlen").validate()
-    assert problems == ["train.tokens_per_micro_batch is 1024, below train.max_seq_length 2048: the longest "
+    assert problems == ["train.micro_batch is '1024 tokens', below train.max_seq_length 2048: the longest "
                         "conversation would not fit; raise it or lower max_seq_length"]
-    assert "needs train.padding_free: true" in TrainingConfig(tokens_per_micro_batch=4096).validate()[0]
+    assert "needs train.padding_free: true" in TrainingConfig(micro_batch="4096 tokens", padding_free=False,
+                                                              attn_implementation="sdpa").validate()[0]

@@ -218,7 +218,7 @@ def test_data_stages_reproduce_the_committed_lock_byte_for_byte(project):
     shipped = project.shipped_lock
     here = yaml.safe_load((project.repo / "dvc.lock").read_text())
     for stage, paths in DATA_OUTS.items():
-        assert here["stages"][stage]["params"] == shipped["stages"][stage]["params"], stage
+        assert here["stages"][stage].get("params") == shipped["stages"][stage].get("params"), stage
         for path in paths:
             mine, theirs = lock_outs(here)[path], lock_outs(shipped)[path]
             assert (mine["md5"], mine["size"], mine.get("nfiles")) == \
@@ -367,3 +367,11 @@ def test_experiments_show_params_yaml_params_and_metrics(project):
     header = csv.splitlines()[0].split(",")
     assert {"lora.r", "eval.loss", "rougeL.tuned", "critical_questions.length_norm.tuned"} <= set(header), header
     assert "adam_beta1" not in csv
+
+    # a bad value stops at the params stage, before DVC deletes any output (models/base was removed by
+    # `-S model.name=does/not-exist` when the base stage itself found the problem)
+    base_files = sorted(p.name for p in (dest / "models/base").iterdir())
+    failed = dvc(project, "exp", "run", "-S", "model.name=./no-such-model", cwd=dest, check=False)
+    assert failed.returncode != 0
+    assert "model.name './no-such-model' is neither a local directory nor a hub id" in failed.stdout + failed.stderr
+    assert sorted(p.name for p in (dest / "models/base").iterdir()) == base_files

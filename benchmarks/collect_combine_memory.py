@@ -91,11 +91,10 @@ _COMBINE_CHILD = """
 import json, sys
 from pathlib import Path
 from expqa.combine import combine_datasets
-manifest = combine_datasets(
-    [Path(sys.argv[1])], Path(sys.argv[2]),
-    weights={"cross_validated": 2.0, "arxiv_synthetic": 1.0},
-    test_fraction=0.10, val_fraction=0.05, on_invalid="error", seed=42,
-)
+from expqa.config import DataConfig
+data = DataConfig(weights={"cross_validated": 2.0, "arxiv_synthetic": 1.0}, test_fraction=0.10, val_fraction=0.05,
+                  on_invalid="error", sources=[])
+manifest = combine_datasets([Path(sys.argv[1])], Path(sys.argv[2]), data, seed=42)
 print(json.dumps(manifest["totals"], sort_keys=True))
 """
 
@@ -218,14 +217,16 @@ _COLLECT_CHILD = """
 import json, sys
 from pathlib import Path
 from expqa.collect import collect_stackexchange
-stats = collect_stackexchange(
-    Path(sys.argv[1]), Path(sys.argv[2]),
+from expqa.config import CollectConfig
+config = CollectConfig(
+    posts=sys.argv[1],
     tags=["ab-testing", "hypothesis-testing", "statistical-power", "sample-size", "p-value",
           "confidence-interval", "experiment-design", "bayesian", "causality",
           "multiple-comparisons", "bootstrap", "variance-reduction", "t-test"],
     min_question_score=1, min_answer_score=2, min_answer_chars=80, max_answer_chars=6000,
     site_url="https://stats.stackexchange.com",
 )
+stats = collect_stackexchange(Path(sys.argv[1]), Path(sys.argv[2]), config)
 print(json.dumps(stats, sort_keys=True))
 """
 

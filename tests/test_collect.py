@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from html import escape
@@ -11,11 +12,13 @@ import py7zr
 import pytest
 
 from expqa.collect import DumpError, _ChunkPipe, _ReaderGone, collect_stackexchange, html_to_markdown, parse_tags
+from expqa.config import CollectConfig, ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_POSTS = REPO / "data" / "raw" / "stackexchange_sample" / "Posts.xml"
 SITE = "https://stats.stackexchange.com"
-DEFAULT_PARAMS = dict(
+COLLECT_CONFIG = CollectConfig(
+    posts=str(SAMPLE_POSTS),  # read by dvc.yaml only; the tests pass the dump's path themselves
     tags=["ab-testing", "hypothesis-testing", "statistical-power", "sample-size", "p-value",
           "confidence-interval", "experiment-design", "bayesian", "causality",
           "multiple-comparisons", "bootstrap", "variance-reduction", "t-test"],
@@ -134,7 +137,7 @@ def write_posts(path: Path, rows: list[dict]) -> Path:
 def run(tmp_path: Path, rows: list[dict], **overrides: object) -> tuple[dict, list[dict]]:
     posts = write_posts(tmp_path / "Posts.xml", rows)
     out = tmp_path / "out" / "pairs.jsonl"
-    stats = collect_stackexchange(posts, out, **{**DEFAULT_PARAMS, **overrides})
+    stats = collect_stackexchange(posts, out, dataclasses.replace(COLLECT_CONFIG, **overrides))
     return stats, [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
 
 
@@ -249,8 +252,8 @@ def test_output_is_ordered_by_question_and_byte_identical(tmp_path: Path) -> Non
             question(20), answer(33, 20)]
     posts = write_posts(tmp_path / "Posts.xml", rows)
     first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
-    collect_stackexchange(posts, first, **DEFAULT_PARAMS)
-    collect_stackexchange(posts, second, **DEFAULT_PARAMS)
+    collect_stackexchange(posts, first, COLLECT_CONFIG)
+    collect_stackexchange(posts, second, COLLECT_CONFIG)
     assert first.read_bytes() == second.read_bytes()
     assert [json.loads(line)["post_id"] for line in first.read_text().splitlines()] == [10, 20, 30]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["Posts.xml", "a.jsonl", "b.jsonl"]
@@ -267,7 +270,7 @@ def test_malformed_xml_names_path_and_line(tmp_path: Path) -> None:
     out = tmp_path / "pairs.jsonl"
     out.write_text("previous output\n")
     with pytest.raises(DumpError, match=rf"{posts}:4:\d+: malformed XML .*fully downloaded"):
-        collect_stackexchange(posts, out, **DEFAULT_PARAMS)
+        collect_stackexchange(posts, out, COLLECT_CONFIG)
     assert out.read_text() == "previous output\n"  # never half-written
     assert sorted(path.name for path in tmp_path.iterdir()) == ["Posts.xml", "pairs.jsonl"]
 
@@ -276,7 +279,7 @@ def test_truncated_dump_is_reported(tmp_path: Path) -> None:
     posts = write_posts(tmp_path / "Posts.xml", [question(1), answer(2, 1)])
     posts.write_text(posts.read_text().replace("</posts>\n", ""))
     with pytest.raises(DumpError, match="malformed XML"):
-        collect_stackexchange(posts, tmp_path / "pairs.jsonl", **DEFAULT_PARAMS)
+        collect_stackexchange(posts, tmp_path / "pairs.jsonl", COLLECT_CONFIG)
 
 
 def test_row_without_post_type_names_its_line(tmp_path: Path) -> None:
@@ -299,22 +302,22 @@ def test_wrong_dump_file_is_reported(tmp_path: Path) -> None:
     comments = tmp_path / "Comments.xml"
     comments.write_text('<?xml version="1.0"?>\n<comments>\n  <row Id="1" />\n</comments>\n')
     with pytest.raises(DumpError, match="root element is <comments>, expected <posts>"):
-        collect_stackexchange(comments, tmp_path / "pairs.jsonl", **DEFAULT_PARAMS)
+        collect_stackexchange(comments, tmp_path / "pairs.jsonl", COLLECT_CONFIG)
 
 
 def test_missing_file_is_reported(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no such file.*Posts.xml"):
-        collect_stackexchange(tmp_path / "Posts.xml", tmp_path / "pairs.jsonl", **DEFAULT_PARAMS)
+        collect_stackexchange(tmp_path / "Posts.xml", tmp_path / "pairs.jsonl", COLLECT_CONFIG)
 
 
 def test_output_that_is_a_directory_is_named_before_importing(tmp_path: Path) -> None:
     with pytest.raises(IsADirectoryError, match=f"^output {tmp_path} is a directory; give a file path"):
-        collect_stackexchange(SAMPLE_POSTS, tmp_path, **DEFAULT_PARAMS)
+        collect_stackexchange(SAMPLE_POSTS, tmp_path, COLLECT_CONFIG)
     assert list(tmp_path.iterdir()) == []  # no scratch or temp file left behind
 
 
 def test_inconsistent_length_limits_are_rejected(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="min_answer_chars"):
+    with pytest.raises(ConfigError, match=r"collect.min_answer_chars \(100\) > collect.max_answer_chars \(10\)"):
         run(tmp_path, [], min_answer_chars=100, max_answer_chars=10)
 
 
@@ -323,7 +326,7 @@ def test_inconsistent_length_limits_are_rejected(tmp_path: Path) -> None:
 
 def test_shipped_sample_imports_with_default_params(tmp_path: Path) -> None:
     out = tmp_path / "se.jsonl"
-    stats = collect_stackexchange(SAMPLE_POSTS, out, **DEFAULT_PARAMS)
+    stats = collect_stackexchange(SAMPLE_POSTS, out, COLLECT_CONFIG)
     pairs = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert stats["pairs_written"] == len(pairs) >= 12
     for reason in ("low_score", "no_answer", "low_answer_score", "too_short", "missing_parent"):
@@ -354,8 +357,8 @@ def make_site_7z(path: Path, members: dict[str, Path | bytes]) -> Path:
 def test_7z_archive_gives_the_same_pairs_as_its_posts_xml(tmp_path: Path) -> None:
     archive = make_site_7z(tmp_path / "stats.stackexchange.com.7z",
                            {"Badges.xml": b"<badges />\n" * 500, "Posts.xml": SAMPLE_POSTS, "Users.xml": b"<users />"})
-    from_archive = collect_stackexchange(archive, tmp_path / "a.jsonl", **DEFAULT_PARAMS)
-    from_xml = collect_stackexchange(SAMPLE_POSTS, tmp_path / "x.jsonl", **DEFAULT_PARAMS)
+    from_archive = collect_stackexchange(archive, tmp_path / "a.jsonl", COLLECT_CONFIG)
+    from_xml = collect_stackexchange(SAMPLE_POSTS, tmp_path / "x.jsonl", COLLECT_CONFIG)
     assert from_archive == from_xml and from_archive["pairs_written"] >= 12
     assert (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "x.jsonl").read_bytes()
 
@@ -368,7 +371,7 @@ def test_truncated_7z_archive_is_reported_and_output_kept(tmp_path: Path) -> Non
     for cut in (10, 40, len(whole) // 2, len(whole) - 1):  # inside the start header, the data, the end header
         archive.write_bytes(whole[:cut])
         with pytest.raises(DumpError, match=rf"^{archive}: truncated 7z archive \({cut:,} bytes.*download it again"):
-            collect_stackexchange(archive, out, **DEFAULT_PARAMS)
+            collect_stackexchange(archive, out, COLLECT_CONFIG)
     assert out.read_text() == "previous output\n"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["pairs.jsonl", "site.7z"]
 
@@ -377,14 +380,14 @@ def test_7z_archive_without_posts_xml_names_what_it_holds(tmp_path: Path) -> Non
     archive = make_site_7z(tmp_path / "site.7z", {"Comments.xml": b"<comments />", "Users.xml": b"<users />"})
     with pytest.raises(DumpError, match=rf"^{archive}: the archive has no Posts.xml \(it holds Comments.xml, "
                                         r"Users.xml\); pass a site's dump archive"):
-        collect_stackexchange(archive, tmp_path / "pairs.jsonl", **DEFAULT_PARAMS)
+        collect_stackexchange(archive, tmp_path / "pairs.jsonl", COLLECT_CONFIG)
 
 
 def test_file_that_is_not_a_7z_archive_is_reported(tmp_path: Path) -> None:
     fake = tmp_path / "stats.stackexchange.com.7z"
     fake.write_bytes(SAMPLE_POSTS.read_bytes())  # e.g. an extracted Posts.xml renamed
     with pytest.raises(DumpError, match=rf"^{fake}: not a 7z archive \(no 7z signature\)"):
-        collect_stackexchange(fake, tmp_path / "pairs.jsonl", **DEFAULT_PARAMS)
+        collect_stackexchange(fake, tmp_path / "pairs.jsonl", COLLECT_CONFIG)
 
 
 def test_damaged_7z_data_is_reported(tmp_path: Path) -> None:
@@ -393,14 +396,14 @@ def test_damaged_7z_data_is_reported(tmp_path: Path) -> None:
     damaged[200] ^= 0xFF  # a byte of the compressed stream: full length, so only decompression can tell
     archive.write_bytes(bytes(damaged))
     with pytest.raises(DumpError, match=rf"^{archive}: (damaged 7z archive|.*malformed XML)"):
-        collect_stackexchange(archive, tmp_path / "pairs.jsonl", **DEFAULT_PARAMS)
+        collect_stackexchange(archive, tmp_path / "pairs.jsonl", COLLECT_CONFIG)
 
 
 def test_bad_xml_inside_a_7z_archive_names_the_archive_and_line(tmp_path: Path) -> None:
     posts = write_posts(tmp_path / "Posts.xml", [question(1), {"Id": 2, "PostTypeId": "oops"}])
     archive = make_site_7z(tmp_path / "site.7z", {"Posts.xml": posts})
     with pytest.raises(DumpError, match=rf"^{archive}:4: PostTypeId='oops' is not an integer"):
-        collect_stackexchange(archive, tmp_path / "pairs.jsonl", **DEFAULT_PARAMS)
+        collect_stackexchange(archive, tmp_path / "pairs.jsonl", COLLECT_CONFIG)
 
 
 def test_reader_stopping_early_unblocks_the_decompressing_thread() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import runpy
 import zipfile
@@ -9,19 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from expqa.collect import MIN_QUESTIONS_FOR_TAG_WARNINGS, DumpError, collect_stackexchange, list_tags
-from expqa.config import load_params
+from expqa.collect import (MIN_QUESTIONS_FOR_TAG_WARNINGS, DumpError, collect_stackexchange, format_tag_listing,
+                           list_tags)
+from expqa.config import CollectConfig, load_params
 from test_collect import SAMPLE_POSTS, answer, make_site_7z, question, write_posts
 
 REPO = Path(__file__).resolve().parents[1]
 STAGE = runpy.run_path(str(REPO / "stages" / "collect.py"), run_name="expqa_stage")["main"]
 
 
-def shipped_params() -> dict:
-    """params.yaml's collect section, as the stage passes it."""
-    c = load_params(REPO / "params.yaml").collect
-    return dict(tags=c.tags, min_question_score=c.min_question_score, min_answer_score=c.min_answer_score,
-                min_answer_chars=c.min_answer_chars, max_answer_chars=c.max_answer_chars, site_url=c.site_url)
+def shipped_config(**overrides) -> CollectConfig:
+    """params.yaml's collect section, as the stage passes it (the shipped tags are what these tests check)."""
+    return dataclasses.replace(load_params(REPO / "params.yaml").collect, **overrides)
 
 
 def run_stage(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -39,7 +39,7 @@ def test_ab_test_posts_are_collected_with_the_shipped_params(tmp_path: Path) -> 
             question(3, tags="|ab-test|conversion|"), answer(4, 3),
             question(5, tags="<r><ggplot2>"), answer(6, 5)]
     posts = write_posts(tmp_path / "Posts.xml", rows)
-    stats = collect_stackexchange(posts, tmp_path / "pairs.jsonl", **shipped_params())
+    stats = collect_stackexchange(posts, tmp_path / "pairs.jsonl", shipped_config())
     pairs = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
     assert [pair["post_id"] for pair in pairs] == [1, 3]
     assert stats["questions_per_tag"]["ab-test"] == 2
@@ -47,7 +47,7 @@ def test_ab_test_posts_are_collected_with_the_shipped_params(tmp_path: Path) -> 
 
 def test_shipped_tags_keep_every_sample_question_they_kept_before(tmp_path: Path) -> None:
     """The sample's output is pinned in dvc.lock: the new list must match the same 18 of its 19 questions."""
-    stats = collect_stackexchange(SAMPLE_POSTS, tmp_path / "pairs.jsonl", **shipped_params())
+    stats = collect_stackexchange(SAMPLE_POSTS, tmp_path / "pairs.jsonl", shipped_config())
     assert (stats["questions_seen"], stats["questions_matched"], stats["pairs_written"]) == (19, 18, 14)
     assert stats["warnings"] == []  # 19 questions are too few to call a tag missing
 
@@ -84,7 +84,7 @@ def test_configured_tag_without_questions_is_a_warning_in_stage_output_and_metri
 
 def test_a_small_dump_reports_counts_but_does_not_warn(tmp_path: Path) -> None:
     posts = write_posts(tmp_path / "Posts.xml", [question(1, tags="<ab-test>"), answer(2, 1)])
-    stats = collect_stackexchange(posts, tmp_path / "pairs.jsonl", **{**shipped_params(), "tags": ["ab-test", "x"]})
+    stats = collect_stackexchange(posts, tmp_path / "pairs.jsonl", shipped_config(tags=["ab-test", "x"]))
     assert stats["questions_per_tag"] == {"ab-test": 1, "x": 0}
     assert stats["warnings"] == []
 
@@ -127,10 +127,22 @@ def test_list_tags_on_the_shipped_sample(tmp_path: Path, capsys) -> None:
     assert list(tmp_path.iterdir()) == []  # the scratch index is removed
 
 
+def test_format_tag_listing_of_the_shipped_sample(tmp_path: Path) -> None:
+    """The --list-tags text, from the library (the stage prints it as it is)."""
+    report = list_tags(SAMPLE_POSTS, shipped_config(), scratch_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []  # the scratch index is removed
+    listing = format_tag_listing(report, SAMPLE_POSTS, shipped_config())
+    assert listing + "\n" == SAMPLE_LISTING.format(posts=SAMPLE_POSTS)
+    filtered = format_tag_listing(report, SAMPLE_POSTS, shipped_config(), contains="TEST", top=2).splitlines()
+    assert filtered[1:4] == ["        9  ab-testing", "        5  hypothesis-testing *", ""]
+    assert "19 tags (2 shown, containing 'TEST')" in filtered[4]
+    assert filtered[5].endswith("pass min_question_score 1 and min_answer_score 2")
+
+
 def test_list_tags_pairs_agree_with_collect(tmp_path: Path) -> None:
     """15 pairs pass the score thresholds; collect writes 14 of them and drops 1 as too short."""
-    report = list_tags(SAMPLE_POSTS, scratch_dir=tmp_path, **shipped_params())
-    stats = collect_stackexchange(SAMPLE_POSTS, tmp_path / "pairs.jsonl", **shipped_params())
+    report = list_tags(SAMPLE_POSTS, shipped_config(), scratch_dir=tmp_path)
+    stats = collect_stackexchange(SAMPLE_POSTS, tmp_path / "pairs.jsonl", shipped_config())
     assert report["pairs_before_length_limits"] == stats["pairs_written"] + sum(
         stats["skipped"][reason] for reason in ("too_short", "too_long", "empty_question"))
 
@@ -147,14 +159,14 @@ def test_list_tags_reads_a_zip_archive(tmp_path: Path) -> None:
     archive = tmp_path / "stats.stackexchange.com.zip"
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as out:
         out.write(SAMPLE_POSTS, "dump/Posts.xml")
-    from_zip = list_tags(archive, scratch_dir=tmp_path, **shipped_params())
-    plain = list_tags(SAMPLE_POSTS, scratch_dir=tmp_path, **shipped_params())
+    from_zip = list_tags(archive, shipped_config(), scratch_dir=tmp_path)
+    plain = list_tags(SAMPLE_POSTS, shipped_config(), scratch_dir=tmp_path)
     assert {**from_zip, "warnings": None} == {**plain, "warnings": None}
 
 
 def test_list_tags_streams_a_7z_archive(tmp_path: Path) -> None:
     archive = make_site_7z(tmp_path / "stats.7z", {"Comments.xml": b"<comments />", "dump/Posts.xml": SAMPLE_POSTS})
-    report = list_tags(archive, scratch_dir=tmp_path, **shipped_params())
+    report = list_tags(archive, shipped_config(), scratch_dir=tmp_path)
     assert report["tag_counts"][0] == ("ab-testing", 9)
 
 
@@ -171,10 +183,10 @@ def test_zip_without_posts_and_broken_zip_are_reported(tmp_path: Path) -> None:
     with zipfile.ZipFile(archive, "w") as out:
         out.writestr("Comments.xml", "<comments/>")
     with pytest.raises(DumpError, match="has no Posts.xml \\(it holds Comments.xml\\)"):
-        list_tags(archive, scratch_dir=tmp_path, **shipped_params())
+        list_tags(archive, shipped_config(), scratch_dir=tmp_path)
     (tmp_path / "broken.zip").write_bytes(b"not a zip")
     with pytest.raises(DumpError, match="broken.zip: unreadable zip archive"):
-        list_tags(tmp_path / "broken.zip", scratch_dir=tmp_path, **shipped_params())
+        list_tags(tmp_path / "broken.zip", shipped_config(), scratch_dir=tmp_path)
 
 
 @pytest.mark.parametrize("argv", [["--list-tags", "x", "--out", "y"], ["--posts", "x"], ["--list-tags", "x",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import re
@@ -20,12 +21,15 @@ from expqa.combine import (
     SPLITS,
     UNKNOWN_SOURCE,
     EmptySplitError,
+    KeptRows,
     combine_datasets,
-    main,
     normalise_text,
+    train_copies,
 )
+from expqa.config import MAX_WEIGHT, ConfigError, DataConfig
 
 WEIGHTS = {"cross_validated": 2.0, "arxiv_synthetic": 1.0}
+DATA = DataConfig(weights=WEIGHTS, test_fraction=0.10, val_fraction=0.05, on_invalid="error", sources=[])
 NO_HOLDOUT = {"test_fraction": 0.0, "val_fraction": 0.0}  # for a few rows: test and val need 3 conversations
 ALL_FILES = (*OUTPUT_FILES, MANIFEST_FILE)
 
@@ -61,12 +65,9 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
-def run(inputs: list[Path], out_dir: Path, **overrides: Any) -> dict[str, Any]:
-    params: dict[str, Any] = dict(
-        weights=WEIGHTS, test_fraction=0.10, val_fraction=0.05, on_invalid="error", seed=7
-    )
-    params.update(overrides)
-    return combine_datasets(inputs, out_dir, **params)
+def run(inputs: list[Path], out_dir: Path, *, seed: int = 7, **data_overrides: Any) -> dict[str, Any]:
+    """combine_datasets with DATA, some of its fields replaced."""
+    return combine_datasets(inputs, out_dir, dataclasses.replace(DATA, **data_overrides), seed=seed)
 
 
 def split_rows(out_dir: Path) -> dict[str, list[dict[str, Any]]]:
@@ -235,11 +236,13 @@ def test_unknown_source_names_source_location_and_allowed_keys(tmp_path: Path, o
     assert "data.weights in params.yaml" in message
 
 
-@pytest.mark.parametrize("weight", [-1.0, float("nan"), float("inf")])
+@pytest.mark.parametrize("weight", [-1.0, float("nan"), float("inf"), MAX_WEIGHT + 1])
 def test_bad_weight_is_rejected(tmp_path: Path, weight: float) -> None:
+    """DataConfig.validate's message, also for a config built in Python rather than loaded from params.yaml."""
     path = write_jsonl(tmp_path / "in.jsonl", distinct_questions(3))
-    with pytest.raises(ValueError, match="weight for source 'arxiv_synthetic' is"):
+    with pytest.raises(ConfigError, match=rf"^data.weights.arxiv_synthetic is {weight:g}; use 0 \(drops the source\)"):
         run([path], tmp_path / "out", weights={**WEIGHTS, "arxiv_synthetic": weight})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
 
 
 def test_weight_zero_drops_the_source(tmp_path: Path) -> None:
@@ -489,26 +492,17 @@ def test_a_rerun_replaces_outputs_but_keeps_foreign_files(tmp_path: Path) -> Non
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out"]
 
 
-# --- CLI ----------------------------------------------------------------------------------------
+# --- weights of other sources -------------------------------------------------------------------
 
 
-def test_cli_reports_data_errors_without_a_traceback(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    path = write_jsonl(tmp_path / "in.jsonl", ["{broken"])
-    assert main([str(path), "--out-dir", str(tmp_path / "out")]) == 1
-    assert f"error: {path}:1: invalid JSON" in capsys.readouterr().err
-
-
-def test_cli_weights(tmp_path: Path) -> None:
+def test_a_source_of_any_name_is_weighted_by_data_weights(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "in.jsonl", distinct_questions(10, source="forum"))
-    out = tmp_path / "out"
-    assert main([str(path), "--out-dir", str(out), "--weight", "forum=3", "--seed", "5"]) == 0
-    params = json.loads((out / MANIFEST_FILE).read_text())["params"]
+    manifest = run([path], tmp_path / "out", seed=5, weights={**WEIGHTS, "forum": 3.0}, **NO_HOLDOUT)
+    params = json.loads((tmp_path / "out" / MANIFEST_FILE).read_text())["params"]
     assert params["weights"] == {"arxiv_synthetic": 1.0, "cross_validated": 2.0, "forum": 3.0}
+    assert manifest["sources"]["forum"]["train_rows"] == 3 * 10
 
 
-def test_params_check_the_same_weight_limit_at_load_time() -> None:
-    from expqa.config import MAX_WEIGHT
-
-    assert MAX_WEIGHT == combine_module.MAX_WEIGHT
+def test_the_largest_allowed_weight_fits_the_stored_copy_counts() -> None:
+    """data.weights goes up to config.MAX_WEIGHT; KeptRows keeps each conversation's copies in 16 bits."""
+    KeptRows().copies.append(train_copies(MAX_WEIGHT, seed=0, conversation_id="x"))  # OverflowError if not

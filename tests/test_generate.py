@@ -3,6 +3,7 @@ determinism, the shipped papers sample, and the stage script on a tiny random te
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import runpy
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 from expqa import evaluate
 from expqa.chatml import DataError, validate_conversation
 from expqa.combine import combine_datasets
-from expqa.config import load_params
+from expqa.config import ConfigError, DataConfig, GenerateConfig, load_params
 from expqa.generate import (DROP_REASONS, PROMPT_VERSION, Checks, Paper, check_pairs, generate_qa, grounding,
                             parse_pairs, read_papers, select_papers)
 
@@ -29,14 +30,9 @@ GROUNDED = ("Fixed-sample p-values mislead experimenters who stop an A/B test ea
             "intervals remain valid at any stopping time of the test.")  # the abstract's words, not its sentences
 
 
-def shipped_generate_params(**overrides) -> dict:
-    g = load_params(REPO / "params.yaml").generate
-    params = dict(enabled=g.enabled, model=g.model, categories=g.categories, keywords=g.keywords,
-                  max_papers=g.max_papers, pairs_per_paper=g.pairs_per_paper, max_new_tokens=g.max_new_tokens,
-                  batch_size=g.batch_size, min_answer_words=g.min_answer_words,
-                  min_distinct_share=g.min_distinct_share, max_copied_words=g.max_copied_words,
-                  min_grounding=g.min_grounding)
-    return {**params, **overrides}
+def shipped_generate_config(**overrides) -> GenerateConfig:
+    """params.yaml's generate section (its filter and checks), some fields replaced."""
+    return dataclasses.replace(load_params(REPO / "params.yaml").generate, **overrides)
 
 
 # --- parsing and checks --------------------------------------------------------------------------------------------
@@ -120,16 +116,24 @@ def test_disabled_stage_writes_an_empty_output_and_loads_no_model(tmp_path: Path
 
 def test_missing_teacher_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="run the base stage"):
-        generate_qa(SAMPLE_PAPERS, tmp_path / "out.jsonl", base_dir=tmp_path / "no-model",
-                    **shipped_generate_params(enabled=True, max_papers=1))
+        generate_qa(SAMPLE_PAPERS, tmp_path / "out.jsonl", shipped_generate_config(enabled=True, max_papers=1),
+                    base_dir=tmp_path / "no-model")
+
+
+def test_invalid_config_is_rejected_before_reading_papers(tmp_path: Path) -> None:
+    """GenerateConfig.validate's message, also for a config built in Python rather than loaded from params.yaml."""
+    with pytest.raises(ConfigError, match=r"^generate.min_grounding is 1.5; use a share from 0 to 1"):
+        generate_qa(tmp_path / "no-papers.jsonl", tmp_path / "out.jsonl", shipped_generate_config(min_grounding=1.5),
+                    base_dir=tmp_path / "no-model")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_random_teacher_output_is_dropped_counted_and_deterministic(tiny_base: Path, tmp_path: Path) -> None:
-    params = shipped_generate_params(enabled=True, max_papers=2, max_new_tokens=24)
-    first = generate_qa(SAMPLE_PAPERS, tmp_path / "a.jsonl", base_dir=tiny_base, **params)
-    second = generate_qa(SAMPLE_PAPERS, tmp_path / "b.jsonl", base_dir=tiny_base, **params)
+    config = shipped_generate_config(enabled=True, max_papers=2, max_new_tokens=24)
+    first = generate_qa(SAMPLE_PAPERS, tmp_path / "a.jsonl", config, base_dir=tiny_base)
+    second = generate_qa(SAMPLE_PAPERS, tmp_path / "b.jsonl", config, base_dir=tiny_base)
     assert first == second and (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
-    assert first["pairs_requested"] == 2 * params["pairs_per_paper"]
+    assert first["pairs_requested"] == 2 * config.pairs_per_paper
     assert first["pairs_kept"] + sum(first["dropped"].values()) == first["pairs_requested"]
     assert first["teacher"] == "tiny-random-llama (base stage)" and len(first["teacher_weights_sha256"]) == 64
 
@@ -143,7 +147,7 @@ def test_kept_rows_carry_provenance_and_feed_combine(tiny_base: Path, tmp_path: 
     papers.write_text(json.dumps({"id": PAPER.arxiv_id, "title": PAPER.title, "authors": PAPER.authors,
                                   "abstract": PAPER.abstract, "categories": "stat.ME", "license": None}) + "\n")
     out = tmp_path / "generated.jsonl"
-    counts = generate_qa(papers, out, base_dir=tiny_base, **shipped_generate_params(enabled=True))
+    counts = generate_qa(papers, out, shipped_generate_config(enabled=True), base_dir=tiny_base)
     assert counts["pairs_kept"] == 1 and counts["dropped"]["unparseable"] == counts["pairs_requested"] - 1
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]
     validate_conversation(row)
@@ -152,6 +156,7 @@ def test_kept_rows_carry_provenance_and_feed_combine(tiny_base: Path, tmp_path: 
     assert metadata["arxiv_id"] == "1512.04922" and metadata["prompt_version"] == PROMPT_VERSION
     assert metadata["teacher_weights_sha256"] == counts["teacher_weights_sha256"]
     assert "arXiv:1512.04922" in metadata["attribution"] and metadata["grounding"] == 1.0
+    data = dataclasses.replace(DataConfig(), weights={"cross_validated": 2.0, "arxiv_synthetic": 1.0})
     manifest = combine_datasets([REPO / "data" / "raw" / "arxiv_synthetic.jsonl", out], tmp_path / "processed",
-                                weights={"cross_validated": 2.0, "arxiv_synthetic": 1.0})
+                                data, seed=42)
     assert manifest["sources"]["arxiv_synthetic"]["read"] == 111

@@ -12,7 +12,7 @@ from expqa import stats as stats_module
 from expqa.collect import collect_stackexchange
 from expqa.progress import byte_progress, progress
 from expqa.stats import get_dataset_stats
-from test_collect import DEFAULT_PARAMS, SAMPLE_POSTS
+from test_collect import COLLECT_CONFIG, SAMPLE_POSTS
 from test_stats import fake_tokenize, row
 
 
@@ -81,11 +81,11 @@ def test_unknown_setting_names_the_variable_and_the_choices(monkeypatch):
 
 def test_collect_draws_no_bar_into_a_log_and_two_byte_bars_on_a_terminal(tmp_path, capfd, monkeypatch):
     out = tmp_path / "pairs.jsonl"
-    counts = collect_stackexchange(SAMPLE_POSTS, out, **DEFAULT_PARAMS)
+    counts = collect_stackexchange(SAMPLE_POSTS, out, COLLECT_CONFIG)
     assert counts["pairs_written"] > 0
     assert capfd.readouterr().err == ""
     screen = on_terminal(monkeypatch)
-    collect_stackexchange(SAMPLE_POSTS, out, **DEFAULT_PARAMS)
+    collect_stackexchange(SAMPLE_POSTS, out, COLLECT_CONFIG)
     total = tqdm.format_sizeof(SAMPLE_POSTS.stat().st_size, divisor=1024)  # e.g. 43.9k
     for desc in ("collect: index Posts.xml", "collect: convert chosen posts"):
         assert f"{desc}: 100%" in screen.getvalue() and f"{total}/{total}" in screen.getvalue()

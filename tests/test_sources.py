@@ -12,10 +12,8 @@ import pytest
 from conftest import REPO
 from expqa.chatml import DataError, content_id
 from expqa.combine import combine_datasets
-from expqa.config import ConfigError, load_params
-from expqa.sources import UserSource
+from expqa.config import ConfigError, DataConfig, SourceConfig, load_params
 
-NO_HOLDOUT = {"test_fraction": 0.0, "val_fraction": 0.0}
 BUILT_IN = {"cross_validated": 1.0, "arxiv_synthetic": 1.0}
 BUILT_IN_ROW = {"id": "cv-1", "source": "cross_validated", "messages": [
     {"role": "user", "content": "Built-in question?"}, {"role": "assistant", "content": "Built-in answer."}]}
@@ -28,13 +26,21 @@ def write_jsonl(path: Path, records: list[Any]) -> Path:
     return path
 
 
-def combine(tmp_path: Path, source: UserSource, on_invalid: str = "error") -> dict[str, Any]:
-    """Combine one built-in row and ``source``; returns {"manifest", "rows": the source's train rows,
-    "quarantine"}."""
+def entry(path: Path, format: str, name: str) -> SourceConfig:
+    """A data.sources entry for ``path``, a file (or hf_disk folder) in the test's sources folder, tmp_path."""
+    return SourceConfig(file=path.name, format=format, weight=1.0, name=name)
+
+
+def data_config(sources: list[SourceConfig], on_invalid: str = "error") -> DataConfig:
+    return DataConfig(weights=BUILT_IN, test_fraction=0.0, val_fraction=0.0, on_invalid=on_invalid, sources=sources)
+
+
+def combine(tmp_path: Path, source: SourceConfig, on_invalid: str = "error") -> dict[str, Any]:
+    """Combine one built-in row and ``source`` (its file in tmp_path); returns {"manifest", "rows": the source's
+    train rows, "quarantine"}."""
     built_in = write_jsonl(tmp_path / "built_in.jsonl", [BUILT_IN_ROW])
     out = tmp_path / "out"
-    manifest = combine_datasets([built_in], out, weights=BUILT_IN, sources=[source], on_invalid=on_invalid,
-                                **NO_HOLDOUT)
+    manifest = combine_datasets([built_in], out, data_config([source], on_invalid), seed=42, sources_dir=tmp_path)
     rows = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
     quarantine = [json.loads(line) for line in (out / "quarantine.jsonl").read_text().splitlines()]
     return {"manifest": manifest, "rows": sorted((r for r in rows if r["source"] == source.name),
@@ -76,7 +82,7 @@ def expected(rows: list[dict[str, Any]], file: str, lines: list[int]) -> list[di
 
 def test_sharegpt_jsonl_converts_exactly(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "faq.jsonl", SHAREGPT)
-    result = combine(tmp_path, UserSource(path, "sharegpt", "faq", 1.0))
+    result = combine(tmp_path, entry(path, "sharegpt", "faq"))
     assert result["rows"] == expected(SHAREGPT_ROWS, "faq.jsonl", [1, 2])
     assert result["manifest"]["sources"]["faq"]["kept"] == 2
 
@@ -84,7 +90,7 @@ def test_sharegpt_jsonl_converts_exactly(tmp_path: Path) -> None:
 def test_sharegpt_json_list_converts_exactly_with_the_line_of_each_element(tmp_path: Path) -> None:
     path = tmp_path / "faq.json"
     path.write_text("[\n  " + ",\n\n  ".join(json.dumps(r) for r in SHAREGPT) + "\n]\n", encoding="utf-8")
-    result = combine(tmp_path, UserSource(path, "sharegpt", "faq", 1.0))
+    result = combine(tmp_path, entry(path, "sharegpt", "faq"))
     assert result["rows"] == expected(SHAREGPT_ROWS, "faq.json", [2, 4])
 
 
@@ -94,7 +100,7 @@ def test_alpaca_converts_exactly(tmp_path: Path) -> None:
         {"instruction": "Summarise the test.", "input": "n=100, p=0.03", "output": "Significant at 5 %."},
         {"instruction": "Define MDE.", "input": "", "output": "Minimum detectable effect.", "system": "Be brief."},
     ]), encoding="utf-8")
-    result = combine(tmp_path, UserSource(path, "alpaca", "howto", 1.0))
+    result = combine(tmp_path, entry(path, "alpaca", "howto"))
     assert result["rows"] == expected([
         {"source": "howto", "messages": turns(("user", "Summarise the test.\n\nn=100, p=0.03"),
                                                ("assistant", "Significant at 5 %.")),
@@ -110,7 +116,7 @@ def test_openai_messages_convert_exactly(tmp_path: Path) -> None:
         {"messages": [{"role": "user", "content": "Why randomise?"},
                       {"role": "assistant", "content": "To break confounding.", "weight": 1}]},
     ])
-    result = combine(tmp_path, UserSource(path, "openai", "chat", 1.0))
+    result = combine(tmp_path, entry(path, "openai", "chat"))
     assert result["rows"] == expected([{"source": "chat", "messages": turns(
         ("user", "Why randomise?"), ("assistant", "To break confounding.")),
         "origin": {"file": "chat.jsonl", "format": "openai", "line": 1}}], "chat.jsonl", [1])
@@ -120,7 +126,7 @@ def test_chatml_rows_keep_id_and_metadata_and_get_the_source_name(tmp_path: Path
     path = write_jsonl(tmp_path / "own.jsonl", [
         {"id": "own-1", "source": "notes", "topic": "power", "messages": turns(("user", "Q?"), ("assistant", "A."))},
     ])
-    result = combine(tmp_path, UserSource(path, "chatml", "own", 1.0))
+    result = combine(tmp_path, entry(path, "chatml", "own"))
     assert result["rows"] == [{"id": "own-1", "source": "own", "topic": "power",
                                "messages": turns(("user", "Q?"), ("assistant", "A.")),
                                "origin": {"file": "own.jsonl", "format": "chatml", "line": 1, "source": "notes"}}]
@@ -135,7 +141,7 @@ def test_chatml_rows_keep_id_and_metadata_and_get_the_source_name(tmp_path: Path
 def test_hf_disk_dataset_converts_exactly_whatever_its_shape(tmp_path: Path, records, shape) -> None:
     datasets = pytest.importorskip("datasets")
     datasets.Dataset.from_list(records).save_to_disk(str(tmp_path / "hf"))
-    result = combine(tmp_path, UserSource(tmp_path / "hf", "hf_disk", "hf", 1.0))
+    result = combine(tmp_path, entry(tmp_path / "hf", "hf_disk", "hf"))
     assert result["rows"] == expected([{"source": "hf", "metadata": {"lang": "en"}, "messages": turns(
         ("user", "Q?"), ("assistant", "A.")), "origin": {"file": "hf", "format": "hf_disk", "row": 0}}], "hf", [0])
 
@@ -172,7 +178,7 @@ def test_bad_row_is_a_located_error(tmp_path: Path, format: str, bad: Any, reaso
             "alpaca": {"instruction": "Q?", "output": "A."}}[format]
     path = write_jsonl(tmp_path / "mine.jsonl", [good, bad])
     with pytest.raises(DataError) as caught:
-        combine(tmp_path, UserSource(path, format, "mine", 1.0))
+        combine(tmp_path, entry(path, format, "mine"))
     assert str(caught.value).startswith(f"{path}:2: {reason}")
     assert "\n  hint: " in str(caught.value)
 
@@ -182,7 +188,7 @@ def test_bad_row_is_quarantined_with_its_reason_under_skip(tmp_path: Path, forma
     good = {"chatml": MY_ROW, "openai": MY_ROW, "sharegpt": SHAREGPT[1],
             "alpaca": {"instruction": "Q?", "output": "A."}}[format]
     path = write_jsonl(tmp_path / "mine.jsonl", [bad, good])
-    result = combine(tmp_path, UserSource(path, format, "mine", 1.0), on_invalid="skip")
+    result = combine(tmp_path, entry(path, format, "mine"), on_invalid="skip")
     (record,) = result["quarantine"]
     assert (record["path"], record["line"]) == ("mine.jsonl", 1) and record["reason"].startswith(reason)
     assert record["raw"] == (bad if isinstance(bad, str) else json.dumps(bad))
@@ -195,7 +201,7 @@ def test_hf_disk_bad_row_is_located_by_row_index(tmp_path: Path) -> None:
     rows = [{"messages": turns(("user", "Q?"), ("assistant", "A."))},
             {"messages": turns(("user", "Q2?"), ("robot", "A."))}]
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "hf"))
-    source = UserSource(tmp_path / "hf", "hf_disk", "hf", 1.0)
+    source = entry(tmp_path / "hf", "hf_disk", "hf")
     with pytest.raises(DataError, match=r"hf: row 1: messages\[1\].role is 'robot'"):
         combine(tmp_path, source)
     (record,) = combine(tmp_path, source, on_invalid="skip")["quarantine"]
@@ -206,17 +212,34 @@ def test_json_list_syntax_error_names_its_line(tmp_path: Path) -> None:
     path = tmp_path / "faq.json"
     path.write_text('[\n  {"instruction": "Q?", "output": "A."}\n  {"instruction": "Q2?", "output": "A."}\n]\n')
     with pytest.raises(DataError, match=r"faq.json:3: expected ',' or ']' after a list element"):
-        combine(tmp_path, UserSource(path, "alpaca", "howto", 1.0))
+        combine(tmp_path, entry(path, "alpaca", "howto"))
 
 
 def test_json_list_is_read_as_jsonl_for_a_jsonl_format(tmp_path: Path) -> None:
     path = tmp_path / "chat.json"
     path.write_text(json.dumps([{"messages": turns(("user", "Q?"), ("assistant", "A."))}]))
     with pytest.raises(DataError, match="chat.json:1: record is an array, expected an object"):
-        combine(tmp_path, UserSource(path, "openai", "chat", 1.0))
+        combine(tmp_path, entry(path, "openai", "chat"))
 
 
 # --- config ------------------------------------------------------------------------------------
+
+
+def test_sources_without_a_sources_folder_are_a_config_error(tmp_path: Path) -> None:
+    built_in = write_jsonl(tmp_path / "built_in.jsonl", [BUILT_IN_ROW])
+    data = data_config([entry(write_jsonl(tmp_path / "faq.jsonl", [MY_ROW]), "chatml", "faq")])
+    with pytest.raises(ConfigError, match=r"^data.sources lists 1 file\(s\) but no --sources folder was given"):
+        combine_datasets([built_in], tmp_path / "out", data, seed=42)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_source_file_missing_from_the_sources_folder_is_a_config_error(tmp_path: Path) -> None:
+    built_in = write_jsonl(tmp_path / "built_in.jsonl", [BUILT_IN_ROW])
+    data = data_config([entry(tmp_path / "gone.jsonl", "chatml", "gone")])
+    with pytest.raises(ConfigError, match=rf"^data.sources\[0\].file 'gone.jsonl' not found in {tmp_path}/"):
+        combine_datasets([built_in], tmp_path / "out", data, seed=42, sources_dir=tmp_path)
+    assert not (tmp_path / "out").exists()
+
 
 
 def load_with_sources(tmp_path: Path, entries: str) -> None:

@@ -6,7 +6,7 @@ import pytest
 
 from expqa import stats as stats_module
 from expqa.dataset import IGNORE_INDEX
-from expqa.stats import get_dataset_stats, summary_line
+from expqa.stats import get_dataset_stats, summary_line, write_dataset_stats
 
 
 def row(question: str, words: int, source: str = "cross_validated", id: str = "") -> dict:
@@ -47,3 +47,14 @@ def test_weighted_copies_are_rows_and_truncation_is_counted(data_dir):
     assert stats["token_length"]["max"] == 10
     assert summary_line(stats) == ("stats: 4 conversations (6 rows with the weighted train copies); 2 longer than 6 "
                                    "tokens, 1 longer than 8 tokens; p50 4 tokens")
+
+
+def test_write_dataset_stats_writes_the_json_and_the_histogram_csv(data_dir, tiny_base, tmp_path):
+    """The stage's files, byte for byte: sorted JSON with a final newline (no histogram in it) and the CSV."""
+    out, histogram = tmp_path / "metrics" / "data_stats.json", tmp_path / "metrics" / "plots" / "token_lengths.csv"
+    stats = write_dataset_stats(data_dir, tiny_base, [6, 8], out, histogram)
+    expected = get_dataset_stats(data_dir, tokenizer=None, max_seq_lengths=[6, 8])
+    assert expected.pop("histogram") == [{"tokens": 0, "conversations": 4}]
+    assert stats == expected
+    assert out.read_text() == json.dumps(expected, indent=2, sort_keys=True) + "\n"
+    assert histogram.read_text() == "tokens,conversations\n0,4\n"

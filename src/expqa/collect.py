@@ -38,8 +38,10 @@ from urllib.parse import urlparse
 import py7zr
 from py7zr.io import Py7zIO, WriterFactory
 
+from expqa.config import CollectConfig, ConfigError
 from expqa.progress import byte_progress
 
+SOURCE = "cross_validated"  # combine's source name (data.weights) for every collected pair
 DEFAULT_LICENSE = "CC BY-SA 4.0"
 QUESTION_TYPE = 1
 ANSWER_TYPE = 2
@@ -667,33 +669,8 @@ CREATE TABLE answer_text (aid INTEGER PRIMARY KEY, content TEXT, license TEXT, s
 """
 
 
-@dataclass(frozen=True)
-class Settings:
-    """The stage parameters, validated once."""
-
-    tags: frozenset[str]
-    min_question_score: int
-    min_answer_score: int
-    min_answer_chars: int
-    max_answer_chars: int
-    site_url: str
-    host: str
-    source: str
-
-
-def collect_stackexchange(
-    posts_xml: Path,
-    out_path: Path,
-    *,
-    tags: list[str],
-    min_question_score: int,
-    min_answer_score: int,
-    min_answer_chars: int,
-    max_answer_chars: int,
-    site_url: str,
-    source: str = "cross_validated",
-) -> dict:
-    """Write one ChatML pair per usable question of `posts_xml` to `out_path`; return counts.
+def collect_stackexchange(posts: Path, out: Path, config: CollectConfig) -> dict:
+    """Write one ChatML pair per usable question of the dump `posts` to `out`; return counts.
 
     Counts: rows_read, questions_seen, answers_seen, other_posts (wiki, ...),
     questions_matched (tag filter), pairs_written, accepted_answers_used,
@@ -702,11 +679,8 @@ def collect_stackexchange(
     missing_parent (answers whose question is not in the dump); questions_per_tag (each
     configured tag's questions) and warnings (configured tags that matched nothing).
     """
-    posts_xml, out_path = Path(posts_xml), Path(out_path)
-    settings = _validate_settings(
-        tags, min_question_score, min_answer_score, min_answer_chars, max_answer_chars,
-        site_url, source,
-    )
+    posts_xml, out_path = Path(posts), Path(out)
+    _check(config)
     if out_path.is_dir():  # else the final rename fails after the whole import, naming the temp file
         raise IsADirectoryError(f"output {out_path} is a directory; give a file path, "
                                 f"e.g. {out_path}/stackexchange.jsonl")
@@ -715,10 +689,10 @@ def collect_stackexchange(
     with tempfile.TemporaryDirectory(prefix=".collect-", dir=out_path.parent) as scratch:
         db = _open_scratch_db(Path(scratch) / "posts.sqlite")
         try:
-            counts, tag_counts = _index_posts(db, posts_xml, settings)
-            choice = _choose_answers(db, settings)
+            counts, tag_counts = _index_posts(db, posts_xml, config)
+            choice = _choose_answers(db, config)
             _store_chosen_texts(db, posts_xml)
-            written = _write_pairs(db, out_path, settings)
+            written = _write_pairs(db, out_path, config)
         finally:
             db.close()
     return {
@@ -731,8 +705,20 @@ def collect_stackexchange(
             **choice["skipped"],
             **{reason: written[reason] for reason in ("too_short", "too_long", "empty_question")},
         },
-        **_tag_report(tag_counts, settings, counts["questions_seen"], posts_xml),
+        **_tag_report(tag_counts, config, counts["questions_seen"], posts_xml),
     }
+
+
+def _check(config: CollectConfig) -> None:
+    """CollectConfig.validate, for callers that built the config themselves instead of loading params.yaml."""
+    problems = config.validate()
+    if problems:
+        raise ConfigError(problems)
+
+
+def _wanted_tags(config: CollectConfig) -> frozenset[str]:
+    """collect.tags as the dump writes them (lowercase, no edge spaces); empty keeps every question."""
+    return frozenset(tag.strip().lower() for tag in config.tags)
 
 
 # A configured tag with no question is only suspicious when the dump is big enough that a real tag of the site
@@ -740,9 +726,9 @@ def collect_stackexchange(
 MIN_QUESTIONS_FOR_TAG_WARNINGS = 1_000
 
 
-def _tag_report(tag_counts: Counter, settings: Settings, questions_seen: int, posts_xml: Path) -> dict:
+def _tag_report(tag_counts: Counter, config: CollectConfig, questions_seen: int, posts_xml: Path) -> dict:
     """questions_per_tag for each configured tag, and a warning for each that matched no question."""
-    per_tag = {tag: tag_counts[tag] for tag in sorted(settings.tags)}
+    per_tag = {tag: tag_counts[tag] for tag in sorted(_wanted_tags(config))}
     big_enough = questions_seen >= MIN_QUESTIONS_FOR_TAG_WARNINGS
     unmatched = [tag for tag, count in per_tag.items() if count == 0 and big_enough]
     warnings = [
@@ -754,18 +740,7 @@ def _tag_report(tag_counts: Counter, settings: Settings, questions_seen: int, po
     return {"questions_per_tag": per_tag, "warnings": warnings}
 
 
-def list_tags(
-    posts_xml: Path,
-    *,
-    scratch_dir: Path,
-    tags: list[str],
-    min_question_score: int,
-    min_answer_score: int,
-    min_answer_chars: int,
-    max_answer_chars: int,
-    site_url: str,
-    source: str = "cross_validated",
-) -> dict:
+def list_tags(dump: Path, config: CollectConfig, *, scratch_dir: Path) -> dict:
     """Every tag's question count in a dump, and what collect's tag filter and score thresholds would keep.
 
     Runs collect's pass 1 and answer choice only (no Markdown conversion), spilling to SQLite in a temporary
@@ -773,15 +748,13 @@ def list_tags(
     tag_counts ([tag, questions], most frequent first), questions_matched, pairs_before_length_limits
     (questions with an answer that passes the score thresholds), questions_per_tag and warnings.
     """
-    posts_xml = Path(posts_xml)
-    settings = _validate_settings(
-        tags, min_question_score, min_answer_score, min_answer_chars, max_answer_chars, site_url, source,
-    )
+    posts_xml = Path(dump)
+    _check(config)
     with tempfile.TemporaryDirectory(prefix=".list-tags-", dir=scratch_dir) as scratch:
         db = _open_scratch_db(Path(scratch) / "posts.sqlite")
         try:
-            counts, tag_counts = _index_posts(db, posts_xml, settings)
-            choice = _choose_answers(db, settings)
+            counts, tag_counts = _index_posts(db, posts_xml, config)
+            choice = _choose_answers(db, config)
             (chosen,) = db.execute("SELECT count(*) FROM chosen").fetchone()
         finally:
             db.close()
@@ -790,12 +763,11 @@ def list_tags(
         "tag_counts": sorted(tag_counts.items(), key=lambda item: (-item[1], item[0])),
         "questions_matched": choice["questions_matched"],
         "pairs_before_length_limits": chosen,
-        **_tag_report(tag_counts, settings, counts["questions_seen"], posts_xml),
+        **_tag_report(tag_counts, config, counts["questions_seen"], posts_xml),
     }
 
 
-def format_tag_listing(report: dict, posts_xml: Path, *, contains: str, top: int, min_question_score: int,
-                       min_answer_score: int) -> str:
+def format_tag_listing(report: dict, dump: Path, config: CollectConfig, *, contains: str = "", top: int = 0) -> str:
     """The `--list-tags` text: the tag table (optionally filtered and cut), then what collect.tags keeps."""
     shown = [(tag, count) for tag, count in report["tag_counts"] if contains.lower() in tag]
     shown = shown[:top] if top else shown
@@ -805,11 +777,11 @@ def format_tag_listing(report: dict, posts_xml: Path, *, contains: str, top: int
     selection = f"{len(shown)} shown" + (f", containing '{contains}'" if contains else "")
     lines += [
         "",
-        f"{posts_xml}: {report['questions_seen']:,} questions, {report['answers_seen']:,} answers, "
+        f"{dump}: {report['questions_seen']:,} questions, {report['answers_seen']:,} answers, "
         f"{len(report['tag_counts']):,} tags ({selection})",
         f"{_tag_filter_text(configured)} match {report['questions_matched']:,} questions; "
         f"{report['pairs_before_length_limits']:,} question/answer pairs pass min_question_score "
-        f"{min_question_score} and min_answer_score {min_answer_score}",
+        f"{config.min_question_score} and min_answer_score {config.min_answer_score}",
         "  (collect then also drops answers outside min_answer_chars .. max_answer_chars)",
     ]
     missing = [tag for tag, count in configured.items() if count == 0]
@@ -822,34 +794,6 @@ def _tag_filter_text(configured: dict) -> str:
     return f"collect.tags ({len(configured)} tags)" if configured else "collect.tags is empty, so all questions"
 
 
-def _validate_settings(
-    tags: list[str], min_question_score: int, min_answer_score: int, min_answer_chars: int,
-    max_answer_chars: int, site_url: str, source: str,
-) -> Settings:
-    if isinstance(tags, str):
-        raise ValueError(f"tags must be a list of tag names, got the string {tags!r}")
-    if min_answer_chars > max_answer_chars:
-        raise ValueError(
-            f"min_answer_chars ({min_answer_chars}) is larger than max_answer_chars "
-            f"({max_answer_chars}); no answer could pass."
-        )
-    parsed = urlparse(site_url)
-    if parsed.scheme not in {"http", "https"} or not parsed.netloc:
-        raise ValueError(
-            f"site_url must look like 'https://stats.stackexchange.com', got {site_url!r}"
-        )
-    return Settings(
-        tags=frozenset(tag.strip().lower() for tag in tags),
-        min_question_score=int(min_question_score),
-        min_answer_score=int(min_answer_score),
-        min_answer_chars=int(min_answer_chars),
-        max_answer_chars=int(max_answer_chars),
-        site_url=site_url.rstrip("/"),
-        host=parsed.netloc,
-        source=source,
-    )
-
-
 def _open_scratch_db(path: Path) -> sqlite3.Connection:
     db = sqlite3.connect(path)
     # A throwaway database: durability buys nothing, a bounded page cache keeps RSS flat.
@@ -859,13 +803,14 @@ def _open_scratch_db(path: Path) -> sqlite3.Connection:
     return db
 
 
-def _index_posts(db: sqlite3.Connection, posts_xml: Path, settings: Settings) -> tuple[dict, Counter]:
+def _index_posts(db: sqlite3.Connection, posts_xml: Path, config: CollectConfig) -> tuple[dict, Counter]:
     """Pass 1: record the integers that answer choice needs; bodies are not kept.
 
     Also counts the questions of every tag: memory grows with the site's tag vocabulary, not with the dump.
     """
     counts = {"rows_read": 0, "questions_seen": 0, "answers_seen": 0, "other_posts": 0}
     tag_counts: Counter[str] = Counter()
+    wanted_tags = _wanted_tags(config)
     questions: list[tuple[int, int, int | None, int, int]] = []
     answers: list[tuple[int, int | None, int, int]] = []
     for row in iter_rows(posts_xml, desc="collect: index Posts.xml"):
@@ -878,7 +823,7 @@ def _index_posts(db: sqlite3.Connection, posts_xml: Path, settings: Settings) ->
             accepted = _optional_int(row, "AcceptedAnswerId", posts_xml)
             question_tags = {tag.lower() for tag in parse_tags(row.attrs.get("Tags", ""))}
             tag_counts.update(question_tags)
-            matched = _matches_tags(question_tags, settings.tags)
+            matched = _matches_tags(question_tags, wanted_tags)
             questions.append((post_id, score, accepted, matched, row.line))
         elif post_type == ANSWER_TYPE:
             counts["answers_seen"] += 1
@@ -966,11 +911,11 @@ SELECT count(*) FROM answers a WHERE NOT EXISTS (SELECT 1 FROM questions q WHERE
 """
 
 
-def _choose_answers(db: sqlite3.Connection, settings: Settings) -> dict:
+def _choose_answers(db: sqlite3.Connection, config: CollectConfig) -> dict:
     """Pick each question's answer in SQL and count why the others were skipped."""
     params = {
-        "min_question_score": settings.min_question_score,
-        "min_answer_score": settings.min_answer_score,
+        "min_question_score": config.min_question_score,
+        "min_answer_score": config.min_answer_score,
     }
     db.execute(CHOOSE_ACCEPTED, params)
     db.execute(CHOOSE_TOP, params)
@@ -1041,7 +986,7 @@ ORDER BY c.qid
 """
 
 
-def _write_pairs(db: sqlite3.Connection, out_path: Path, settings: Settings) -> dict:
+def _write_pairs(db: sqlite3.Connection, out_path: Path, config: CollectConfig) -> dict:
     """Write pairs in question-Id order to a temp file, then rename it over `out_path`.
 
     Returns pairs_written, accepted_answers_used and the length-based skips.
@@ -1051,10 +996,11 @@ def _write_pairs(db: sqlite3.Connection, out_path: Path, settings: Settings) -> 
     # A sibling temp file (same filesystem, so the rename is atomic), opened with the normal
     # umask; mkstemp would leave the output readable by its owner only.
     temp_path = out_path.with_name(f".{out_path.name}.{secrets.token_hex(6)}.tmp")
+    site_url, host = config.site_url.rstrip("/"), urlparse(config.site_url).netloc
     try:
         with open(temp_path, "x", encoding="utf-8", newline="\n") as out:
             for row in db.execute(WRITE_QUERY):
-                record, problem = _pair_or_problem(row, settings)
+                record, problem = _pair_or_problem(row, config, site_url, host)
                 if problem:
                     counts[problem] += 1
                     continue
@@ -1070,8 +1016,9 @@ def _write_pairs(db: sqlite3.Connection, out_path: Path, settings: Settings) -> 
     return counts
 
 
-def _pair_or_problem(row: tuple, settings: Settings) -> tuple[dict | None, str | None]:
-    """The output record for one chosen pair, or the skip reason."""
+def _pair_or_problem(row: tuple, config: CollectConfig, site_url: str, host: str) -> tuple[dict | None, str | None]:
+    """The output record for one chosen pair, or the skip reason; `site_url` without its final slash, `host` its
+    host name (both derived from collect.site_url once per run, not per row)."""
     qid, aid, _, question, tags, q_license, q_score, answer, a_license, a_score = row
     if question is None or answer is None:
         raise DumpError(
@@ -1081,25 +1028,25 @@ def _pair_or_problem(row: tuple, settings: Settings) -> tuple[dict | None, str |
     if not question:
         return None, "empty_question"
     # An empty answer is never useful, even when min_answer_chars is 0.
-    if len(answer) < max(settings.min_answer_chars, 1):
+    if len(answer) < max(config.min_answer_chars, 1):
         return None, "too_short"
-    if len(answer) > settings.max_answer_chars:
+    if len(answer) > config.max_answer_chars:
         return None, "too_long"
     license_name = _license(q_license, a_license)
     return {
-        "id": f"se-{settings.host}-{qid}",
-        "source": settings.source,
+        "id": f"se-{host}-{qid}",
+        "source": SOURCE,
         "messages": [
             {"role": "user", "content": question},
             {"role": "assistant", "content": answer},
         ],
         "post_id": qid,
         "answer_id": aid,
-        "url": f"{settings.site_url}/questions/{qid}",
-        "answer_url": f"{settings.site_url}/a/{aid}",
+        "url": f"{site_url}/questions/{qid}",
+        "answer_url": f"{site_url}/a/{aid}",
         "license": license_name,
         "attribution": (
-            f"Question and answer from {settings.site_url} (post {qid}, answer {aid}), "
+            f"Question and answer from {site_url} (post {qid}, answer {aid}), "
             f"licensed under {license_name}."
         ),
         "tags": json.loads(tags),

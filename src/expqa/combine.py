@@ -26,15 +26,12 @@ probability about n**2 / 2**65 (3e-8 for a million rows): accepted in exchange f
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
-import math
 import os
 import secrets
 import shutil
-import sys
 import unicodedata
 from array import array
 from collections import Counter
@@ -47,13 +44,13 @@ from expqa.chatml import (
     DataError,
     RawLine,
     canonical_messages,
-    check_on_invalid,
     hint_for,
     iter_raw_lines,
     parse_json_line,
     row_id,
     validate_conversation,
 )
+from expqa.config import ConfigError, DataConfig
 from expqa.files import replace_dir, sha256_file
 from expqa.sources import UserSource, iter_source_records, source_sha256
 
@@ -63,9 +60,7 @@ SPLITS = ("train", "val", "test")
 QUARANTINE_FILE = "quarantine.jsonl"
 MANIFEST_FILE = "manifest.json"
 OUTPUT_FILES = tuple(f"{split}.jsonl" for split in SPLITS) + (QUARANTINE_FILE,)
-DEFAULT_WEIGHTS = {"cross_validated": 2.0, "arxiv_synthetic": 1.0}
 UNKNOWN_SOURCE = "(unknown)"  # invalid rows whose source cannot be read
-MAX_WEIGHT = 1000.0  # copies are stored in 16 bits; a larger weight is surely a typo (config.MAX_WEIGHT)
 # Every read row ends up in exactly one of these, so read == their sum.
 OUTCOME_FIELDS = ("kept", "invalid", "duplicates_exact", "duplicates_normalised", "dropped_weight0")
 SPLIT_FIELDS = tuple(f"{split}_conversations" for split in SPLITS)
@@ -164,7 +159,7 @@ class KeptRows:
     source_index: array = field(default_factory=lambda: array("H"))
     group: array = field(default_factory=lambda: array("Q"))
     order: array = field(default_factory=lambda: array("Q"))  # of the first copy
-    copies: array = field(default_factory=lambda: array("H"))  # rows if it lands in train
+    copies: array = field(default_factory=lambda: array("H"))  # rows if it lands in train; config.MAX_WEIGHT fits
     extra_order: array = field(default_factory=lambda: array("Q"))  # copies 2.., flat
 
     def __len__(self) -> int:
@@ -571,33 +566,31 @@ def _carry_over_foreign_entries(out_dir: Path, new_dir: Path) -> None:
 def combine_datasets(
     inputs: Sequence[Path],
     out_dir: Path,
+    data: DataConfig,
     *,
-    weights: Mapping[str, float],
-    test_fraction: float = 0.10,
-    val_fraction: float = 0.05,
-    on_invalid: str = "error",
-    seed: int = 42,
-    sources: Sequence[UserSource] = (),
+    seed: int,
+    sources_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Combine ChatML JSONL ``inputs`` and user ``sources`` into ``out_dir``; returns the manifest (see
-    module doc).
+    """Combine ChatML JSONL ``inputs`` and the ``data.sources`` files (read from ``sources_dir``) into
+    ``out_dir``; returns the manifest (see module doc).
 
     Writes train.jsonl, val.jsonl, test.jsonl, quarantine.jsonl and manifest.json. With
-    ``on_invalid="error"`` the first invalid row raises DataError and nothing is written;
+    ``data.on_invalid="error"`` the first invalid row raises DataError and nothing is written;
     with ``"skip"`` invalid rows go to quarantine.jsonl. A source without a weight is
-    always a DataError. Each of ``sources`` (``data.sources``) is converted to ChatML rows named
+    always a DataError. Each ``data.sources`` entry is converted to ChatML rows named
     after it and weighted by its own weight; its rows are then checked like those of ``inputs``.
+    ConfigError when ``data`` is invalid (DataConfig.validate) or a ``data.sources`` file is not in ``sources_dir``.
     """
     inputs = [Path(path) for path in inputs]
     out_dir = Path(out_dir)
-    _check_sources(sources, weights)
-    weights = {**weights, **{source.name: source.weight for source in sources}}
-    _check_params(inputs, weights, test_fraction, val_fraction, on_invalid)
+    sources = _user_sources(data, sources_dir)
+    _check_inputs(inputs)
+    weights = {**data.weights, **{source.name: source.weight for source in sources}}
     params = {
         "weights": {source: float(weights[source]) for source in sorted(weights)},
-        "test_fraction": float(test_fraction),
-        "val_fraction": float(val_fraction),
-        "on_invalid": on_invalid,
+        "test_fraction": float(data.test_fraction),
+        "val_fraction": float(data.val_fraction),
+        "on_invalid": data.on_invalid,
         "seed": seed,
     }
     if sources:  # only then, so that a pipeline without sources writes the same manifest as before
@@ -611,6 +604,19 @@ def combine_datasets(
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)  # already gone after a successful swap
     return manifest
+
+
+def _user_sources(data: DataConfig, sources_dir: Path | None) -> list[UserSource]:
+    """data.sources as files to read; ConfigError for an invalid ``data`` or a file missing from ``sources_dir``."""
+    problems = data.validate()
+    if data.sources and sources_dir is None:
+        problems.append(f"data.sources lists {len(data.sources)} file(s) but no --sources folder was given "
+                        "(sources_dir: the folder that holds them, data/raw/sources in dvc.yaml)")
+    elif data.sources:
+        problems.extend(data.check_source_files(Path(sources_dir)))
+    if problems:
+        raise ConfigError(problems)
+    return [UserSource(Path(sources_dir) / s.file, s.format, s.name, s.weight) for s in data.sources]
 
 
 def _combine_into(
@@ -652,14 +658,7 @@ def _combine_into(
     return manifest
 
 
-def _check_params(
-    inputs: list[Path],
-    weights: Mapping[str, float],
-    test_fraction: float,
-    val_fraction: float,
-    on_invalid: str,
-) -> None:
-    check_on_invalid(on_invalid)
+def _check_inputs(inputs: list[Path]) -> None:
     if not inputs:
         raise ValueError("no input files given")
     for path in inputs:
@@ -667,79 +666,3 @@ def _check_params(
             raise IsADirectoryError(f"input {path} is a directory; give the JSONL files in it, e.g. {path}/*.jsonl")
         if not path.is_file():
             raise FileNotFoundError(f"input file not found: {path} (run the collect stage?)")
-    if not weights:
-        raise ValueError("weights is empty; give every source a weight in data.weights")
-    for source, weight in weights.items():
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not (
-            math.isfinite(weight) and 0 <= weight <= MAX_WEIGHT
-        ):
-            raise ValueError(
-                f"weight for source {source!r} is {weight!r}; expected a number from 0 "
-                f"(drops the source) to {MAX_WEIGHT:g} (data.weights in params.yaml)"
-            )
-    for name, fraction in (("test_fraction", test_fraction), ("val_fraction", val_fraction)):
-        if not 0 <= fraction < 1:
-            raise ValueError(f"{name} is {fraction!r}; expected 0 <= {name} < 1")
-    if test_fraction + val_fraction >= 1:
-        raise ValueError(
-            f"test_fraction + val_fraction is {test_fraction + val_fraction:g}; "
-            "it must be below 1 to leave conversations for train"
-        )
-
-
-def _check_sources(sources: Sequence[UserSource], weights: Mapping[str, float]) -> None:
-    names = [source.name for source in sources]
-    for source in sources:
-        if source.name in weights or names.count(source.name) > 1:
-            raise ValueError(f"source name {source.name!r} is used twice (data.weights and data.sources must "
-                             "name each source once); rename the data.sources entry")
-        if not source.path.exists():
-            raise FileNotFoundError(f"source file not found: {source.path} (data.sources entry {source.name!r})")
-
-
-def _parse_weight(text: str) -> tuple[str, float]:
-    source, sep, value = text.partition("=")
-    try:
-        if not sep or not source:
-            raise ValueError
-        return source, float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--weight {text!r}: expected SOURCE=WEIGHT, e.g. cross_validated=2.0"
-        ) from None
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: ``python -m expqa.combine IN.jsonl... --out-dir DIR [--weight SOURCE=W]...``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m expqa.combine", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("inputs", nargs="+", type=Path, help="ChatML JSONL files, in order")
-    parser.add_argument("--out-dir", type=Path, required=True)
-    parser.add_argument("--cv-weight", type=float, default=DEFAULT_WEIGHTS["cross_validated"])
-    parser.add_argument("--arxiv-weight", type=float, default=DEFAULT_WEIGHTS["arxiv_synthetic"])
-    parser.add_argument(
-        "--weight", type=_parse_weight, action="append", default=[], metavar="SOURCE=WEIGHT",
-        help="weight of another source (repeatable); overrides --cv-weight/--arxiv-weight",
-    )
-    parser.add_argument("--test-fraction", type=float, default=0.10)
-    parser.add_argument("--val-fraction", type=float, default=0.05)
-    parser.add_argument("--on-invalid", choices=("error", "skip"), default="error")
-    parser.add_argument("--seed", type=int, default=42)
-    args = parser.parse_args(argv)
-    weights = {"cross_validated": args.cv_weight, "arxiv_synthetic": args.arxiv_weight}
-    weights.update(dict(args.weight))
-    try:
-        manifest = combine_datasets(
-            args.inputs, args.out_dir, weights=weights, test_fraction=args.test_fraction,
-            val_fraction=args.val_fraction, on_invalid=args.on_invalid, seed=args.seed,
-        )
-    except (ValueError, OSError) as err:  # DataError and EmptySplitError are ValueErrors
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    print(json.dumps(manifest["totals"], sort_keys=True))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

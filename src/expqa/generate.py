@@ -27,6 +27,7 @@ from typing import Any
 
 from expqa.chatml import DataError, iter_jsonl
 from expqa.combine import normalise_text
+from expqa.config import ConfigError, GenerateConfig
 
 SOURCE = "arxiv_synthetic"  # combine's source name: weighted and split with the hand-written arXiv rows
 # Changing the prompt text below changes what the teacher writes: bump the version with it (it is in every row).
@@ -260,28 +261,31 @@ def _model_name(path: Path) -> str:
 
 # --- the stage -------------------------------------------------------------------------------------------------------
 
-def generate_qa(papers_path: Path, out_path: Path, *, base_dir: Path, enabled: bool, model: str,
-                categories: list[str], keywords: list[str], max_papers: int, pairs_per_paper: int,
-                max_new_tokens: int, batch_size: int, min_answer_words: int, min_distinct_share: float,
-                max_copied_words: int, min_grounding: float) -> dict:
-    """Write the kept conversations to `out_path` (JSON lines) and return the counts for metrics/generate.json.
+def generate_qa(papers: Path, out: Path, config: GenerateConfig, *, base_dir: Path) -> dict:
+    """Write the kept conversations to `out` (JSON lines) and return the counts for metrics/generate.json.
 
-    With `enabled` false the papers are still read and selected (bad input fails now, not on the first real run),
-    but no teacher is loaded and `out_path` is written empty, so `combine` always finds its input.
+    `papers` is the arXiv metadata file; `base_dir` the base stage's model, the teacher when config.model is
+    'base'. With config.enabled false the papers are still read and selected (bad input fails now, not on the first
+    real run), but no teacher is loaded and `out` is written empty, so `combine` always finds its input.
     """
-    papers = read_papers(Path(papers_path))
-    selected = select_papers(papers, categories=categories, keywords=keywords, max_papers=max_papers)
-    counts: dict[str, Any] = {"enabled": enabled, "papers_read": len(papers), "papers_selected": len(selected),
-                              "prompt_version": PROMPT_VERSION}
+    problems = config.validate()  # the one validator, for callers that built the config themselves
+    if problems:
+        raise ConfigError(problems)
+    all_papers = read_papers(Path(papers))
+    selected = select_papers(all_papers, categories=config.categories, keywords=config.keywords,
+                             max_papers=config.max_papers)
+    counts: dict[str, Any] = {"enabled": config.enabled, "papers_read": len(all_papers),
+                              "papers_selected": len(selected), "prompt_version": PROMPT_VERSION}
     rows: list[dict] = []
-    if enabled and selected:
-        teacher = resolve_teacher(model, Path(base_dir))
-        checks = Checks(pairs_per_paper, min_answer_words, min_distinct_share, max_copied_words, min_grounding)
-        rows, drops = _generate_rows(teacher, selected, checks, max_new_tokens, batch_size)
+    if config.enabled and selected:
+        teacher = resolve_teacher(config.model, Path(base_dir))
+        checks = Checks(config.pairs_per_paper, config.min_answer_words, config.min_distinct_share,
+                        config.max_copied_words, config.min_grounding)
+        rows, drops = _generate_rows(teacher, selected, checks, config.max_new_tokens, config.batch_size)
         counts.update(teacher=teacher.name, teacher_weights_sha256=teacher.weights_sha256,
-                      pairs_requested=pairs_per_paper * len(selected), pairs_kept=len(rows), dropped=drops,
+                      pairs_requested=config.pairs_per_paper * len(selected), pairs_kept=len(rows), dropped=drops,
                       papers_with_pairs=len({row["metadata"]["arxiv_id"] for row in rows}))
-    _write_jsonl(Path(out_path), rows)
+    _write_jsonl(Path(out), rows)
     return counts
 
 

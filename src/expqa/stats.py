@@ -1,4 +1,4 @@
-"""The stats stage (seed: `get_dataset_stats`): what the model will actually see, in tokens.
+"""The stats stage (`write_dataset_stats`, seed: `get_dataset_stats`): what the model will actually see, in tokens.
 
 Lengths are measured with the base model's tokenizer and chat template through the same function the trainer
 uses (`tokenize_conversation`), so "truncated" here means truncated in training.
@@ -11,6 +11,7 @@ from pathlib import Path
 
 from expqa.chatml import content_id, load_chatml_dataset
 from expqa.dataset import IGNORE_INDEX, tokenize_conversation
+from expqa.files import write_json
 from expqa.progress import progress
 
 SPLITS = ("train", "val", "test")
@@ -66,6 +67,25 @@ def get_dataset_stats(data_dir: str | Path, tokenizer, max_seq_lengths: list[int
                                 for n, count in truncated.items()}
     bins = Counter(length // bin_width * bin_width for length in all_lengths)
     stats["histogram"] = [{"tokens": start, "conversations": bins[start]} for start in sorted(bins)]
+    return stats
+
+
+def write_dataset_stats(data_dir: Path, tokenizer_dir: Path, max_seq_lengths: list[int], out: Path,
+                        histogram: Path) -> dict:
+    """The stage: `get_dataset_stats` with the tokenizer and chat template in `tokenizer_dir` (the base model),
+    written to `out` (JSON) and the histogram to `histogram` (CSV: tokens,conversations, one row per bin).
+
+    Returns the stats without the histogram, as written to `out` (for `summary_line`)."""
+    from transformers import AutoTokenizer  # slow to import: only when a tokenizer is needed
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    stats = get_dataset_stats(data_dir, tokenizer, max_seq_lengths)
+    bins = stats.pop("histogram")
+    write_json(Path(out), stats)
+    histogram = Path(histogram)
+    histogram.parent.mkdir(parents=True, exist_ok=True)
+    histogram.write_text("tokens,conversations\n" + "".join(
+        f"{row['tokens']},{row['conversations']}\n" for row in bins))
     return stats
 
 

@@ -757,13 +757,16 @@ def load_params(path: str | Path = "params.yaml", override: str | Path | None = 
     return params_from_dict(raw, source, lines, sources_dir)
 
 
-def load_stage_params(path: str | Path, stage: str) -> Params:
+def load_stage_params(path: str | Path, stage: str, override: str | Path | None = None) -> Params:
     """The params ``stage`` runs with: its file from the params stage (metrics/params/<stage>.json, already
-    resolved), or a whole params file (params.yaml: checked and resolved here, for running a stage by hand).
-    Sections the stage does not read are None."""
+    resolved), or a whole params file (params.yaml, with an optional partial ``override`` file merged in: checked
+    and resolved here, for running a stage by hand). Sections the stage does not read are None."""
     raw, lines = read_config_file(path)
     if not (isinstance(raw, dict) and "stage" in raw):
-        return params_from_dict(raw, str(path), lines).resolve()
+        return load_params(path, override).resolve()
+    if override is not None:
+        raise ConfigError(f"{override}: --config applies to a whole params file; {path} is the params stage's "
+                          "output for one stage (give --params params.yaml to override values by hand)")
     if raw["stage"] != stage:
         raise ConfigError(f"{path}: holds the params of stage {raw['stage']!r}, not {stage!r}; give "
                           f"metrics/params/{stage}.json (written by the params stage) or params.yaml")

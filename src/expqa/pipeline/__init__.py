@@ -31,10 +31,13 @@ def stage_main(name: str, doc: str, arguments: Callable[[argparse.ArgumentParser
             parser.add_argument("--params", type=Path, required=True,
                                 help=f"this stage's params: metrics/params/{name}.json (written by the params stage) "
                                      "or a whole params.yaml (its profile resolved on this machine)")
+            parser.add_argument("--config", type=Path,
+                                help="with a whole params.yaml: a partial override file (YAML or JSON), e.g. "
+                                     "lora: {r: 32}")
         args = parser.parse_args(argv)
         args.argv = sys.argv[1:] if argv is None else list(argv)  # train re-runs itself with them under torchrun
         try:
-            params = load_stage_params(args.params, name) if uses_params else None
+            params = load_stage_params(args.params, name, args.config) if uses_params else None
             return run(args, params) or 0
         except (ConfigError, *errors) as exc:
             print(f"error: {exc}", file=sys.stderr)

@@ -215,7 +215,8 @@ def test_a_directory_as_input_is_named_as_such(tmp_path: Path) -> None:
 def test_stage_reports_an_empty_split_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     stage = runpy.run_path(str(REPO / "stages" / "combine.py"))
     path = write_jsonl(tmp_path / "in.jsonl", [])
-    assert stage["main"]([str(path), "--out", str(tmp_path / "out"), "--params", str(REPO / "params.yaml")]) == 2
+    assert stage["main"]([str(path), "--out", str(tmp_path / "out"), "--sources", str(tmp_path),
+                          "--params", str(REPO / "params.yaml")]) == 2
     assert capsys.readouterr().err.startswith("error: no conversation kept")
 
 

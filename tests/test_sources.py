@@ -306,13 +306,3 @@ def test_stage_puts_a_weight_2_source_twice_in_train(tmp_path: Path, capsys: pyt
     assert len(mine) == 2 and mine[0]["messages"] == mine[1]["messages"]
     assert sorted(row["id"] for row in mine)[1] == sorted(row["id"] for row in mine)[0] + "#w2"
     assert "faq (sharegpt" in capsys.readouterr().out
-
-
-def test_stage_refuses_sources_without_the_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    override = tmp_path / "override.yaml"
-    override.write_text("data:\n  sources:\n" + GOOD_ENTRY)
-    stage = runpy.run_path(str(REPO / "stages" / "combine.py"))
-    built_in = write_jsonl(tmp_path / "built_in.jsonl", [BUILT_IN_ROW])
-    assert stage["main"]([str(built_in), "--out", str(tmp_path / "out"), "--params", str(REPO / "params.yaml"),
-                          "--config", str(override)]) == 2
-    assert "no --sources folder was given" in capsys.readouterr().err

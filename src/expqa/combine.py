@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import IO, Any, NamedTuple
 
 from expqa.chatml import (
+    SPLITS,
     DataError,
     RawLine,
     canonical_messages,
@@ -57,7 +58,6 @@ from expqa.sources import UserSource, iter_source_records, source_sha256
 
 logger = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 QUARANTINE_FILE = "quarantine.jsonl"
 MANIFEST_FILE = "manifest.json"
 OUTPUT_FILES = tuple(f"{split}.jsonl" for split in SPLITS) + (QUARANTINE_FILE,)

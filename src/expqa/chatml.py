@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 ALLOWED_ROLES = ("system", "user", "assistant")
 ON_INVALID_CHOICES = ("error", "skip")
+SPLITS = ("train", "val", "test")  # the <split>.jsonl files combine writes and the later stages read
 AUTO_ID_PREFIX = "sha256-"
 # Deeper rows are refused: json's C parser and encoder recurse per level, so a row a few hundred levels deep
 # would parse but crash later while it is hashed or written. ChatML rows need about 4.

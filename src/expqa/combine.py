@@ -29,8 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import secrets
 import shutil
 import unicodedata
 from array import array
@@ -41,6 +39,7 @@ from pathlib import Path
 from typing import IO, Any, NamedTuple
 
 from expqa.chatml import (
+    SPLITS,
     DataError,
     RawLine,
     canonical_messages,
@@ -51,12 +50,11 @@ from expqa.chatml import (
     validate_conversation,
 )
 from expqa.config import ConfigError, DataConfig
-from expqa.files import replace_dir, sha256_file
+from expqa.files import atomic_dir, sha256_file
 from expqa.sources import UserSource, iter_source_records, source_sha256
 
 logger = logging.getLogger(__name__)
 
-SPLITS = ("train", "val", "test")
 QUARANTINE_FILE = "quarantine.jsonl"
 MANIFEST_FILE = "manifest.json"
 OUTPUT_FILES = tuple(f"{split}.jsonl" for split in SPLITS) + (QUARANTINE_FILE,)
@@ -522,44 +520,6 @@ def _check_counts_add_up(name: str, counts: Mapping[str, int]) -> None:
         raise AssertionError(f"{name}: kept != train + val + test conversations: {counts}")
 
 
-# --- atomic output directory --------------------------------------------------------------------
-
-
-def _make_work_dir(out_dir: Path) -> Path:
-    """A fresh directory next to ``out_dir`` (same filesystem, so the final rename is atomic).
-
-    Made with os.mkdir rather than tempfile.mkdtemp so it gets the usual umask permissions
-    instead of 0700, since it becomes ``out_dir``.
-    """
-    while True:
-        work_dir = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-        try:
-            work_dir.mkdir()
-            return work_dir
-        except FileExistsError:
-            continue
-
-
-def replace_directory(new_dir: Path, out_dir: Path) -> None:
-    """Put ``new_dir`` at ``out_dir`` (``files.replace_dir``); a failure before the swap leaves ``out_dir``
-    untouched. Files in ``out_dir`` that combine does not produce (e.g. the .gitignore DVC writes there) are
-    copied over first so they survive.
-    """
-    if out_dir.is_dir():
-        _carry_over_foreign_entries(out_dir, new_dir)
-    replace_dir(new_dir, out_dir)
-
-
-def _carry_over_foreign_entries(out_dir: Path, new_dir: Path) -> None:
-    for entry in out_dir.iterdir():
-        if entry.name in OUTPUT_FILES or entry.name == MANIFEST_FILE:
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.copytree(entry, new_dir / entry.name, symlinks=True)
-        else:
-            shutil.copy2(entry, new_dir / entry.name, follow_symlinks=False)
-
-
 # --- entry point ------------------------------------------------------------------------------
 
 
@@ -596,13 +556,9 @@ def combine_datasets(
     if sources:  # only then, so that a pipeline without sources writes the same manifest as before
         params["sources"] = [{"file": display_path(s.path), "format": s.format, "name": s.name,
                               "weight": float(s.weight)} for s in sources]
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work_dir = _make_work_dir(out_dir)
-    try:
+    # files in out_dir that combine does not write (e.g. the .gitignore DVC writes there) survive the swap
+    with atomic_dir(out_dir, carry_over=lambda name: name not in OUTPUT_FILES and name != MANIFEST_FILE) as work_dir:
         manifest = _combine_into(inputs, work_dir, params, sources)
-        replace_directory(work_dir, out_dir)
-    finally:
-        shutil.rmtree(work_dir, ignore_errors=True)  # already gone after a successful swap
     return manifest
 
 

@@ -20,8 +20,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,7 +28,7 @@ import numpy as np
 import torch
 
 from expqa.dataset import end_of_turn_ids, render
-from expqa.files import replace_dir
+from expqa.files import atomic_dir
 from expqa.merge import (VERIFY_NEW_TOKENS, VERIFY_PROMPTS, compare, encode_prompts, reference_continuations,
                          sequence_logits)
 from expqa.ollama import adds_bos, modelfile
@@ -354,9 +352,7 @@ def export_gguf(model_dir: str | Path, out_dir: str | Path, *, types: list[str],
     del merged
     if device == "cuda":
         torch.cuda.empty_cache()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:  # a failed check raises inside: models/gguf stays as it was
         report: dict = {"device": device, "prompts": len(prompts), "new_tokens": VERIFY_NEW_TOKENS, "types": {}}
         for gguf_type in types:
             path = tmp / f"{name}-{gguf_type}.gguf"
@@ -379,7 +375,4 @@ def export_gguf(model_dir: str | Path, out_dir: str | Path, *, types: list[str],
                 [k for k, ok in report["tokenizer"].items() if not ok]
             raise ExportError(f"GGUF export does not match the merged model for {', '.join(failed)}; "
                               f"{out_dir} not written", report)
-        replace_dir(tmp, out_dir)
-        return report
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return report

@@ -6,7 +6,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -19,17 +22,58 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def replace_dir(finished: Path, out_dir: Path) -> None:
-    """Put a fully written directory (a sibling of out_dir, so renames are atomic) in place of out_dir.
+@contextmanager
+def atomic_dir(out_dir: Path, *, carry_over: Callable[[str], bool] | None = None) -> Iterator[Path]:
+    """Write a directory output all or nothing: yield an empty work folder that replaces out_dir when the block ends.
 
-    The old out_dir is renamed aside and deleted only after the new one is in place: a failure at any point
-    leaves either the old or the new output, never neither.
+    The work folder is a sibling of out_dir (same filesystem, so the swap is a rename) made with the umask's
+    permissions, not tempfile.mkdtemp's 0700: it becomes the output that other users and tools read. If the block
+    raises, the work folder is removed and out_dir is left as it was. The previous out_dir is renamed aside and
+    deleted only once the new one is in place, so a failure at any point leaves the old output or the new one.
+    carry_over(name) picks entries of the previous out_dir that the new one keeps unless it has its own (e.g. the
+    .gitignore DVC writes into an output folder it tracks).
     """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"output path {out_dir} exists and is not a directory: remove it, or choose "
+                                 "another output path")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work_dir = _make_work_dir(out_dir)
+    try:
+        yield work_dir
+        if carry_over is not None and out_dir.is_dir():
+            _carry_over_entries(out_dir, work_dir, carry_over)
+        _swap_into_place(work_dir, out_dir)
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)  # already gone after a successful swap
+
+
+def _make_work_dir(out_dir: Path) -> Path:
+    """A new empty `.<name>-<pid>-<random>` folder next to out_dir; os.mkdir applies the umask."""
+    while True:
+        work_dir = out_dir.with_name(f".{out_dir.name}-{os.getpid()}-{secrets.token_hex(4)}")
+        try:
+            work_dir.mkdir()
+            return work_dir
+        except FileExistsError:
+            continue
+
+
+def _carry_over_entries(out_dir: Path, work_dir: Path, carry_over: Callable[[str], bool]) -> None:
+    for entry in out_dir.iterdir():
+        if not carry_over(entry.name) or (work_dir / entry.name).exists():
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, work_dir / entry.name, symlinks=True)
+        else:
+            shutil.copy2(entry, work_dir / entry.name, follow_symlinks=False)
+
+
+def _swap_into_place(finished: Path, out_dir: Path) -> None:
+    """Rename finished to out_dir; an existing out_dir is renamed aside first and put back if that fails."""
     if not out_dir.exists():
         finished.rename(out_dir)
         return
-    if not out_dir.is_dir():
-        raise NotADirectoryError(f"output path {out_dir} exists and is not a directory")
     previous = out_dir.with_name(f".{out_dir.name}.previous-{os.getpid()}")
     shutil.rmtree(previous, ignore_errors=True)  # left behind by a crashed run
     out_dir.rename(previous)

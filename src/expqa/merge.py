@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from expqa.dataset import end_of_turn_ids, render
-from expqa.files import replace_dir
+from expqa.files import atomic_dir
 from expqa.progress import progress
 
 VERIFY_PROMPTS = [
@@ -159,9 +157,7 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
     merged.generation_config.eos_token_id = eos_ids
     merged.generation_config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
         else eos_ids[0]
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".merged-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         del merged, unmerged, base
@@ -175,7 +171,4 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
         if not report["passed"]:
             raise RuntimeError(f"merged model differs from base + adapter: {report}; models/merged not written")
         write_model_card(tmp, base_dir, adapter_dir, report)
-        replace_dir(tmp, out_dir)
-        return report
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return report

@@ -9,12 +9,10 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from expqa.chatml import content_id, load_chatml_dataset
+from expqa.chatml import SPLITS, content_id, load_chatml_dataset
 from expqa.dataset import IGNORE_INDEX, tokenize_conversation
 from expqa.files import write_json
 from expqa.progress import progress
-
-SPLITS = ("train", "val", "test")
 
 
 def percentile(sorted_values: list[int], q: float) -> int:

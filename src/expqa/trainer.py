@@ -17,12 +17,10 @@ import functools
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import signal
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -35,7 +33,7 @@ from expqa.dataset import build_sft_dataset
 from expqa.distributed import (agree_across_processes, enable_fsdp_on_cpu, fsdp_summary, fsdp_trainer_args,
                                 full_adapter_state_dict, is_main_process, relaunched, set_fsdp_mixed_precision,
                                 unwrap_adapter_file, world_size)
-from expqa.files import is_wall_clock, replace_dir, sha256_file
+from expqa.files import atomic_dir, is_wall_clock, sha256_file
 from expqa.model import load_for_training, use_bf16
 
 log = logging.getLogger("expqa.train")
@@ -514,10 +512,7 @@ class QLoRATrainer:
         state = full_adapter_state_dict(self.trainer.model) if self.trainer.is_fsdp_enabled else None
         if not is_main_process():
             return
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".adapter-", dir=path.parent))
-        try:
+        with atomic_dir(Path(path)) as tmp:
             self.trainer.model.save_pretrained(tmp, state_dict=state)
             if state is not None:
                 unwrap_adapter_file(tmp)
@@ -536,9 +531,6 @@ class QLoRATrainer:
             record = {**self.fingerprint(), "base_model": str(self.base_model), "metrics": metrics,
                       "versions": library_versions()}
             (tmp / "training_config.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-            replace_dir(tmp, path)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 @functools.cache

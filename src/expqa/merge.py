@@ -179,3 +179,10 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
         return report
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def merge_summary(report: dict, out: Path) -> str:
+    """One line: where the merged model is and how closely it matches base + adapter. (The report itself is written
+    with expqa.files.write_json.)"""
+    return (f"merge: {out} (max |logit diff| {report['max_abs_logit_diff']:.2e}, "
+            f"greedy equal: {report['greedy_equal']})")

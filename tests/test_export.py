@@ -68,7 +68,8 @@ def llama3_dir(tmp_path_factory, embedded_tokenizer) -> Path:
 @pytest.fixture(scope="module")
 def llama3_export(llama3_dir, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("llama3_gguf") / "gguf"
-    return out, export.export_gguf(llama3_dir, out, types=["f32", "q8_0"], name="tiny", ollama_type="q8_0")
+    return out, export.export_gguf(llama3_dir, out, ExportConfig(types=["f32", "q8_0"], name="tiny",
+                                                                 ollama_type="q8_0"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -112,16 +113,50 @@ def test_a_wrong_qk_layout_fails_the_round_trip(llama3_dir, tmp_path, monkeypatc
     """transformers un-permutes q/k with the inverse of llama.cpp's permutation: skipping it must show."""
     monkeypatch.setattr(export, "permute_qk", lambda weight, n_head: weight)
     with pytest.raises(export.ExportError) as info:
-        export.export_gguf(llama3_dir, tmp_path / "gguf", types=["f32"], name="tiny", ollama_type="f32")
+        export.export_gguf(llama3_dir, tmp_path / "gguf", ExportConfig(types=["f32"], name="tiny", ollama_type="f32"))
     result = info.value.report["types"]["f32"]
     assert not result["passed"] and result["max_abs_logit_diff"] > 0.1
     assert not (tmp_path / "gguf").exists()  # nothing unverified is left behind
 
 
 @pytest.mark.parametrize("gguf_type", ["f16", "bf16"])
-def test_other_types_round_trip_on_the_tiny_base(tiny_base, tmp_path, gguf_type):
-    report = export.export_gguf(tiny_base, tmp_path / "gguf", types=[gguf_type], name="t", ollama_type=gguf_type)
+def test_other_types_round_trip_on_the_tiny_base(tiny_base, tmp_path, gguf_type, monkeypatch):
+    from transformers import AutoTokenizer
+
+    built, from_pretrained = [], AutoTokenizer.from_pretrained
+
+    def counting(path, *args, **kwargs):
+        built.append(kwargs.get("gguf_file"))
+        return from_pretrained(path, *args, **kwargs)
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", counting)
+    report = export.export_gguf(tiny_base, tmp_path / "gguf", ExportConfig(types=[gguf_type], name="t",
+                                                                           ollama_type=gguf_type))
     assert report["passed"], report
+    # building a 49k-token BPE tokenizer takes seconds: the merged model's is built once for every file, and
+    # read back once from the first GGUF (the check)
+    assert built == [None, f"t-{gguf_type}.gguf"]
+
+
+def test_export_report_keeps_seconds_out_of_the_tracked_file(tmp_path):
+    report = {"passed": True, "seconds": 12.3, "types": {"f16": {"file": "expqa-f16.gguf", "bytes": 2**21,
+                                                                 "write_seconds": 1.0, "verify_seconds": 2.0}}}
+    export.write_export_report(report, tmp_path / "metrics" / "export.json", tmp_path / "logs" / "run.json")
+    assert (tmp_path / "metrics" / "export.json").read_text() == (
+        '{\n  "passed": true,\n  "types": {\n    "f16": {\n      "bytes": 2097152,\n'
+        '      "file": "expqa-f16.gguf"\n    }\n  }\n}\n')
+    assert json.loads((tmp_path / "logs" / "run.json").read_text()) == {
+        "seconds": 12.3, "types": {"f16": {"write_seconds": 1.0, "verify_seconds": 2.0}}}
+
+
+def test_export_summary_lines(llama3_export):
+    out, report = llama3_export
+    lines = export.export_summary(report, out)
+    assert len(lines) == 3 and lines[-1] == f"export: {out / 'Modelfile'} (Ollama), {report['seconds']:.0f} s"
+    q8 = report["types"]["q8_0"]
+    assert lines[1] == (f"export: {out / 'tiny-q8_0.gguf'} {q8['bytes'] / 2**20:.0f} MiB, max |logit diff| "
+                        f"{q8['max_abs_logit_diff']:.3g} (tolerance 3.0), greedy equal: {q8['greedy_equal']} "
+                        f"({q8['greedy_flips']} near-tie flips in {q8['greedy_steps']} steps)")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -170,8 +205,8 @@ def test_llama_cpp_answers_like_transformers_on_the_embedded_model(embedded_base
     from expqa.merge import encode_prompts, reference_continuations
 
     path = tmp_path / "smol-f16.gguf"
-    export.write_gguf(embedded_base, path, "f16", "smol")
     tokenizer = AutoTokenizer.from_pretrained(embedded_base)
+    export.write_gguf(embedded_base, path, "f16", "smol", tokenizer)
     model = AutoModelForCausalLM.from_pretrained(embedded_base, dtype=torch.float32).eval()
     messages = [{"role": "user", "content": "What is a p-value?"}]
     [prompt] = encode_prompts(tokenizer, ["What is a p-value?"])

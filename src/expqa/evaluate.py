@@ -14,7 +14,8 @@
   train split that trained the model (ids of data/processed/train.jsonl; weighted copies `id#w2` count as `id`).
 `compare_models` turns both models' per-item results into the report: per metric base, tuned, difference, 95 %
 intervals and a paired test (expqa.significance). Memory stays flat: every batch is reduced to a few numbers
-before the next one runs.
+before the next one runs. `evaluate_base_vs_tuned` is the stage from input files to the report;
+`write_eval_outputs` writes it.
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from expqa.chatml import load_chatml_dataset
+from expqa.config import EvalConfig
 from expqa.dataset import IGNORE_INDEX, end_of_turn_ids, render, tokenize_conversation
+from expqa.files import write_json
 from expqa.progress import progress
 
 
@@ -239,18 +243,19 @@ def _evaluate_path(model_dir: str, test_rows: list[dict], questions: list[dict],
     return evaluate_model(model, tokenizer, test_rows, questions, **options)
 
 
-def evaluate_models(models: dict[str, str | Path], test_rows: list[dict], questions: list[dict], *, max_length: int,
-                    max_new_tokens: int, batch_size: int, processes: int = 1,
-                    threads: int = 0) -> dict[str, tuple[dict, list[dict]]]:
-    """evaluate_model for each named model directory: one after the other in this process, or with processes > 1
-    side by side in that many processes (spawned) of `threads` torch threads each (0 = torch's default).
+def evaluate_models(models: dict[str, str | Path], test_rows: list[dict], questions: list[dict], config: EvalConfig,
+                    *, max_length: int) -> dict[str, tuple[dict, list[dict]]]:
+    """evaluate_model for each named model directory: one after the other in this process, or with
+    eval.num_processes > 1 side by side in that many processes (spawned) of eval.num_threads torch threads each
+    (0 = torch's default). max_length: train.max_seq_length, the length the model was trained on.
 
     On a 2-core CPU, base and tuned in 2 single-thread processes keep both cores busy without the per-operation
     barrier between 2 threads of one process, which stalls whenever other jobs share the cores.
     """
-    options = dict(max_length=max_length, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    processes = config.num_processes
+    options = dict(max_length=max_length, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
     # side by side, each process draws its bars on its own terminal line
-    args = {name: (str(path), test_rows, questions, threads,
+    args = {name: (str(path), test_rows, questions, config.num_threads,
                    {**options, "label": f"evaluate {name}", "position": index if processes > 1 else None})
             for index, (name, path) in enumerate(models.items())}
     if processes <= 1:
@@ -313,3 +318,49 @@ def compare_models(base: list[dict], tuned: list[dict], taught: set[str], *, sam
                                                              q_indices)
     report["critical_questions"] = critical
     return report
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the stage function and its outputs
+
+def evaluate_base_vs_tuned(base: Path, tuned: Path, test: Path, train: Path, config: EvalConfig, *, seed: int,
+                           max_length: int) -> tuple[dict, dict]:
+    """Both models on the test split (at most eval.max_examples conversations) and eval.critical_questions, each
+    question marked taught when the train split holds one of its conversations; compared with eval.bootstrap_samples
+    resamples seeded with base.seed. Returns (report: metrics/eval.json, {"base": rows, "tuned": rows}).
+
+    Raises ValueError or OSError for a missing or malformed input file before any model is loaded.
+    """
+    questions = load_questions(config.critical_questions)
+    test_rows = load_chatml_dataset(test)
+    taught = taught_question_ids(questions, [row["id"] for row in load_chatml_dataset(train)])
+    if config.max_examples:
+        test_rows = test_rows[:config.max_examples]  # test.jsonl is in hash order: a fixed sample
+    results = evaluate_models({"base": base, "tuned": tuned}, test_rows, questions, config, max_length=max_length)
+    examples = {name: rows for name, (_, rows) in results.items()}
+    report = compare_models(examples["base"], examples["tuned"], taught, samples=config.bootstrap_samples, seed=seed)
+    return report, examples
+
+
+def write_eval_outputs(report: dict, examples: dict, *, out: Path, examples_path: Path, plot: Path) -> None:
+    """metrics/eval.json (the report), metrics/eval_examples.jsonl (base and tuned side by side per item) and the
+    ROUGE-L scatter plot's CSV (one row per test conversation; question rows have no ROUGE)."""
+    write_json(out, report)
+    for path in (examples_path, plot):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    with open(examples_path, "w", encoding="utf-8") as handle:
+        for base_row, tuned_row in zip(examples["base"], examples["tuned"]):
+            handle.write(json.dumps({"id": base_row["id"], "base": base_row, "tuned": tuned_row},
+                                    ensure_ascii=False, sort_keys=True) + "\n")
+    plot.write_text("id,base,tuned\n" + "".join(
+        f"{b['id']},{b['rougeL']:.4f},{t['rougeL']:.4f}\n"
+        for b, t in zip(examples["base"], examples["tuned"]) if "rougeL" in b))
+
+
+def eval_summary(report: dict) -> str:
+    """One line: each headline metric base -> tuned with its paired test's p-value."""
+    critical = report["critical_questions"]
+    return "evaluate: " + ", ".join(f"{k} {v['base']:.3f} -> {v['tuned']:.3f} (p {v['p_value']:.3g})" for k, v in (
+        ("perplexity", report["perplexity"]), ("rougeL", report["rougeL"]), ("stop_rate", report["stop_rate"]),
+        ("critical questions (length_norm)", critical["length_norm"]),
+        ("critical questions (calibrated)", critical["calibrated"])))

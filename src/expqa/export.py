@@ -27,8 +27,9 @@ import gguf
 import numpy as np
 import torch
 
+from expqa.config import ExportConfig
 from expqa.dataset import end_of_turn_ids, render
-from expqa.files import atomic_dir
+from expqa.files import atomic_dir, split_wall_clock, write_json
 from expqa.merge import (VERIFY_NEW_TOKENS, VERIFY_PROMPTS, compare, encode_prompts, reference_continuations,
                          sequence_logits)
 from expqa.ollama import adds_bos, modelfile
@@ -228,13 +229,13 @@ def load_tensor(config, path: Path | None, hf_name: str | None) -> np.ndarray:
     return data
 
 
-def write_gguf(model_dir: str | Path, out_path: str | Path, gguf_type: str, name: str) -> None:
-    """Write one GGUF, one tensor at a time (peak memory: the largest tensor, not the model)."""
-    from transformers import AutoConfig, AutoTokenizer
+def write_gguf(model_dir: str | Path, out_path: str | Path, gguf_type: str, name: str, tokenizer) -> None:
+    """Write one GGUF, one tensor at a time (peak memory: the largest tensor, not the model). tokenizer: model_dir's
+    own (AutoTokenizer.from_pretrained(model_dir)), built once by the caller for every file."""
+    from transformers import AutoConfig
 
     model_dir = Path(model_dir)
     config = AutoConfig.from_pretrained(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     check_exportable(config, tokenizer)
     writer = gguf.GGUFWriter(out_path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     add_metadata(writer, config, tokenizer, model_dir, gguf_type, name)
@@ -333,10 +334,10 @@ def verify_gguf(path: Path, config, sequences: list[torch.Tensor], prompt_length
 # ---------------------------------------------------------------------------------------------------------------
 # the stage function
 
-def export_gguf(model_dir: str | Path, out_dir: str | Path, *, types: list[str], name: str,
-                ollama_type: str) -> dict:
-    """Write models/gguf/<name>-<type>.gguf for each type plus an Ollama Modelfile, verify every file against the
-    merged model, and put the folder in place only if all pass. Returns the report (metrics/export.json)."""
+def export_gguf(model_dir: str | Path, out_dir: str | Path, config: ExportConfig) -> dict:
+    """Write models/gguf/<name>-<type>.gguf for each of export.types plus an Ollama Modelfile (FROM the
+    export.ollama_type file), verify every file against the merged model, and put the folder in place only if all
+    pass. Returns the report (metrics/export.json and its wall-clock part: write_export_report)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -348,26 +349,26 @@ def export_gguf(model_dir: str | Path, out_dir: str | Path, *, types: list[str],
     prompts = encode_prompts(tokenizer, VERIFY_PROMPTS)
     sequences = reference_continuations(merged, prompts, end_of_turn_ids(tokenizer), desc="export: merged, generate")
     reference = sequence_logits(merged, sequences, desc="export: merged, logits")
-    config = merged.config
+    model_config = merged.config
     del merged
     if device == "cuda":
         torch.cuda.empty_cache()
     with atomic_dir(out_dir) as tmp:  # a failed check raises inside: models/gguf stays as it was
         report: dict = {"device": device, "prompts": len(prompts), "new_tokens": VERIFY_NEW_TOKENS, "types": {}}
-        for gguf_type in types:
-            path = tmp / f"{name}-{gguf_type}.gguf"
+        for gguf_type in config.types:
+            path = tmp / f"{config.name}-{gguf_type}.gguf"
             start = time.perf_counter()
-            write_gguf(model_dir, path, gguf_type, name)
+            write_gguf(model_dir, path, gguf_type, config.name, tokenizer)
             written = time.perf_counter()
             with quick_gguf_loading():
                 if "tokenizer" not in report:
                     report["tokenizer"] = tokenizer_matches(path, tokenizer)
-                result = verify_gguf(path, config, sequences, [p.shape[1] for p in prompts], reference,
+                result = verify_gguf(path, model_config, sequences, [p.shape[1] for p in prompts], reference,
                                      LOGIT_TOLERANCE[gguf_type], device)
             report["types"][gguf_type] = {"file": path.name, "bytes": path.stat().st_size,
                                           "write_seconds": round(written - start, 1),
                                           "verify_seconds": round(time.perf_counter() - written, 1), **result}
-        (tmp / "Modelfile").write_text(modelfile(tokenizer, f"{name}-{ollama_type}.gguf"))
+        (tmp / "Modelfile").write_text(modelfile(tokenizer, f"{config.name}-{config.ollama_type}.gguf"))
         report["passed"] = all(r["passed"] for r in report["types"].values()) and all(report["tokenizer"].values())
         report["seconds"] = round(time.perf_counter() - started, 1)
         if not report["passed"]:
@@ -376,3 +377,19 @@ def export_gguf(model_dir: str | Path, out_dir: str | Path, *, types: list[str],
             raise ExportError(f"GGUF export does not match the merged model for {', '.join(failed)}; "
                               f"{out_dir} not written", report)
     return report
+
+
+def write_export_report(report: dict, path: Path, timings: Path) -> None:
+    """The report without its write/verify seconds to path (metrics/export.json, DVC-tracked: the same bytes for a
+    reproduced run), the seconds to timings (logs/, untracked)."""
+    tracked, clock = split_wall_clock(report)
+    write_json(path, tracked)
+    write_json(timings, clock)
+
+
+def export_summary(report: dict, out_dir: Path) -> list[str]:
+    """One line per GGUF file (size, logit difference, greedy agreement), then the Modelfile and the total time."""
+    lines = [f"export: {out_dir / r['file']} {r['bytes'] / 2**20:.0f} MiB, max |logit diff| "
+             f"{r['max_abs_logit_diff']:.3g} (tolerance {r['tolerance']}), greedy equal: {r['greedy_equal']} "
+             f"({r['greedy_flips']} near-tie flips in {r['greedy_steps']} steps)" for r in report["types"].values()]
+    return lines + [f"export: {out_dir / 'Modelfile'} (Ollama), {report['seconds']:.0f} s"]

@@ -172,3 +172,10 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
             raise RuntimeError(f"merged model differs from base + adapter: {report}; models/merged not written")
         write_model_card(tmp, base_dir, adapter_dir, report)
     return report
+
+
+def merge_summary(report: dict, out: Path) -> str:
+    """One line: where the merged model is and how closely it matches base + adapter. (The report itself is written
+    with expqa.files.write_json.)"""
+    return (f"merge: {out} (max |logit diff| {report['max_abs_logit_diff']:.2e}, "
+            f"greedy equal: {report['greedy_equal']})")

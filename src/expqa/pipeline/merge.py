@@ -6,7 +6,7 @@ Writes --report: max |logit difference| against base + adapter and whether greed
 from pathlib import Path
 
 from expqa.files import write_json
-from expqa.merge import merge_adapter
+from expqa.merge import merge_adapter, merge_summary
 from expqa.pipeline import require, stage_main
 
 
@@ -22,8 +22,7 @@ def run(args, params):
     require(args.adapter, "train")
     report = merge_adapter(args.base, args.adapter, args.out)
     write_json(args.report, report)
-    print(f"merge: {args.out} (max |logit diff| {report['max_abs_logit_diff']:.2e}, "
-          f"greedy equal: {report['greedy_equal']})")
+    print(merge_summary(report, args.out))
 
 
 main = stage_main("merge", __doc__, arguments, run, errors=(RuntimeError, OSError), uses_params=False)

@@ -25,6 +25,7 @@ def test_help_lists_every_subcommand_and_each_has_help():
         assert sub.returncode == 0 and f"expqa {name}" in sub.stdout, sub.stderr
 
 
+@pytest.mark.slow
 def test_bad_params_value_is_a_one_line_error_without_traceback(copy_repo):
     repo = copy_repo()
     params = repo / "params.yaml"
@@ -42,6 +43,7 @@ def test_stage_subcommand_outside_a_checkout_says_so(tmp_path):
     assert result.returncode != 0 and "not inside an expqa checkout" in result.stderr
 
 
+@pytest.mark.slow
 def test_embedded_base_is_safetensors_with_chat_template_and_pinned_hashes(embedded_base):
     names = {p.name for p in embedded_base.iterdir()}
     assert {"model.safetensors", "config.json", "tokenizer.json", "chat_template.jinja", "base_info.json"} <= names

@@ -15,6 +15,7 @@ def expqa(*args, cwd=REPO):
     return subprocess.run([sys.executable, "-m", "expqa.cli", *args], cwd=cwd, capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_help_lists_every_subcommand_and_each_has_help():
     result = expqa("--help")
     assert result.returncode == 0
@@ -25,7 +26,6 @@ def test_help_lists_every_subcommand_and_each_has_help():
         assert sub.returncode == 0 and f"expqa {name}" in sub.stdout, sub.stderr
 
 
-@pytest.mark.slow
 def test_bad_params_value_is_a_one_line_error_without_traceback(copy_repo):
     repo = copy_repo()
     params = repo / "params.yaml"

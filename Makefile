@@ -86,6 +86,21 @@ repro: install
 test: install
 	$(PY) -m pytest
 
+# the quick loop while editing: everything but the tests marked slow (embedded model, training, stage scripts,
+# dvc repro) or gpu; `make test` still runs them all
+.PHONY: test-fast lint format
+test-fast: install
+	$(PY) -m pytest -m "not slow and not gpu"
+
+# ruff, configured in pyproject.toml's [tool.ruff]: `lint` changes nothing (CI runs it), `format` rewrites the files
+lint: install
+	$(PY) -m ruff check .; status=$$?; $(PY) -m ruff format --check . && exit $$status
+
+# lint fixes first: sorting imports can leave lines for the formatter to rewrap
+format: install
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
 # the seed's targets, as thin wrappers over dvc
 combine-datasets: install
 	dvc repro combine

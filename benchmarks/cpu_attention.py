@@ -14,6 +14,7 @@ import argparse
 import json
 import statistics
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import torch
@@ -40,7 +41,7 @@ def block_mask(q, k, v, bounds):
 def padded(q, k, v, bounds):
     lengths, width = bounds.diff().tolist(), int(bounds.diff().max())
     def pad(t):
-        rows = [F.pad(t[s:e], (0, 0, 0, 0, 0, width - (e - s))) for s, e in zip(bounds[:-1].tolist(), bounds[1:].tolist())]
+        rows = [F.pad(t[s:e], (0, 0, 0, 0, 0, width - (e - s))) for s, e in pairwise(bounds.tolist())]
         return torch.stack(rows).transpose(1, 2)  # (batch, heads, width, dim)
     keep = torch.tensor([[i < n for i in range(width)] for n in lengths])
     mask = keep[:, None, None, :] & torch.ones(width, width, dtype=torch.bool).tril()  # as transformers builds it

@@ -228,7 +228,7 @@ def notes(record: dict) -> list[str]:
                        "the same 4-bit weights)")
         steps = min(len(f["losses"]), len(s["losses"]))
         if steps:
-            worst = max(abs(a - b) for a, b in zip(f["losses"][:steps], s["losses"][:steps]))
+            worst = max(abs(a - b) for a, b in zip(f["losses"][:steps], s["losses"][:steps], strict=True))
             out.append(f"train loss per step, max |fsdp - single| over {steps} logged steps: {worst:.4f}")
         if f["tok_per_s"] and s["tok_per_s"]:
             out.append(f"fsdp / single speed: {f['tok_per_s'] / s['tok_per_s']:.2f}x; peak alloc "

@@ -41,11 +41,9 @@ from importlib import metadata
 from pathlib import Path
 
 try:
-    from packaging.markers import Marker
     from packaging.requirements import Requirement
     from packaging.utils import canonicalize_name
 except ImportError:  # pip vendors it
-    from pip._vendor.packaging.markers import Marker  # type: ignore[no-redef]
     from pip._vendor.packaging.requirements import Requirement  # type: ignore[no-redef]
     from pip._vendor.packaging.utils import canonicalize_name  # type: ignore[no-redef]
 
@@ -268,7 +266,7 @@ def resolve_unpinned(roots: list[str], python_version: str, platforms: list[str]
                 shutil.move(str(wheel), out / wheel.name)
                 chosen[wheel_name(wheel)] = out / wheel.name
         level = []
-        for name, (req, extras, parent) in wanted.items():
+        for name, (_, extras, _) in wanted.items():
             resolved.add(name)
             level += [(Requirement(text), extras, f"{name} {wheel_version(chosen[name])}")
                       for text in requirements_of_wheel(chosen[name])]

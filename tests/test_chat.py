@@ -156,6 +156,7 @@ def test_ctrl_c_stops_the_answer_not_the_chat(engine):
     assert session.reply("Go on.", lambda piece: None, notes.append)  # the same session answers again
 
 
+@pytest.mark.slow
 def test_piped_stdin_prints_answers_only(talkative_base, engine):
     stdin = "What is CUPED?\n/system\n/system Be brief.\n/reset\nWhat is CUPED?\n/exit\nnever asked\n"
     result = subprocess.run([sys.executable, "-m", "expqa.cli", "chat", "--model", str(talkative_base),

@@ -17,6 +17,7 @@ def expqa(*args, cwd=REPO):
     return subprocess.run([sys.executable, "-m", "expqa.cli", *args], cwd=cwd, capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_help_lists_every_subcommand_and_each_has_help():
     result = expqa("--help")
     assert result.returncode == 0
@@ -78,6 +79,7 @@ def test_stage_subcommands_work_outside_a_checkout(tmp_path):
     assert (result.returncode, result.stderr) == (2, "error: b does not exist; build it with `dvc repro base`\n")
 
 
+@pytest.mark.slow
 def test_embedded_base_is_safetensors_with_chat_template_and_pinned_hashes(embedded_base):
     names = {p.name for p in embedded_base.iterdir()}
     assert {"model.safetensors", "config.json", "tokenizer.json", "chat_template.jinja", "base_info.json"} <= names

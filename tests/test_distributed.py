@@ -84,6 +84,7 @@ def one_process(tmp_path_factory, tiny_base, data):
     return run_dir
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tiny_base, data, one_process, tmp_path):
     log = train(tmp_path / "ddp", tiny_base, data, processes=2, micro_batch=2)
     assert "launching 2 processes" in log.stdout and "--standalone" in log.stdout
@@ -93,6 +94,7 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tiny_ba
     assert (tmp_path / "ddp" / "metrics" / "metrics.json").exists()
 
 
+@pytest.mark.slow
 def test_fsdp_under_an_external_torchrun_shards_and_matches_one_process(tiny_base, data, one_process, tmp_path):
     """`torchrun --nproc_per_node=2 stages/train.py` (what `accelerate launch`, a cluster launcher or torchrun on each
     node does): the stage trains in the launcher's processes, never launches its own (params ask for 3), and FSDP2
@@ -127,6 +129,7 @@ def free_port():
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_machines_joined_by_torchrun_static_rendezvous(tiny_base, data, one_process, tmp_path):
     """Two nodes of one process each, as on two machines (each its own folder; here on one host): the stage on each
     (run by `dvc repro` on node 0) relaunches under torchrun with the PET_* rendezvous variables instead of
@@ -155,6 +158,7 @@ def test_two_machines_joined_by_torchrun_static_rendezvous(tiny_base, data, one_
     assert all(name.startswith("ckpt/") and name.endswith("rng_state_1.pth") for name in written), written
 
 
+@pytest.mark.slow
 def test_fsdp_qlora_with_fused_lora_matches_one_process_and_resumes(tiny_base, data, tmp_path):
     """4-bit base (nf4 stored in the compute dtype) + fused LoRA + checkpointing under FSDP2, 2 processes relaunched by
     the stage: the 1-process losses; killed after checkpoint 2 (simulated: its later checkpoint and outputs removed), the run resumes
@@ -178,6 +182,7 @@ def test_fsdp_qlora_with_fused_lora_matches_one_process_and_resumes(tiny_base, d
     assert all(torch.equal(resumed[k], finished[k]) for k in finished)
 
 
+@pytest.mark.slow
 def test_linear4bit_output_is_unchanged_by_fully_shard_on_gloo(tmp_path):
     """bitsandbytes #1945: FSDP2 said to rewrite packed 4-bit bytes that read as bf16 NaNs. The check the GPU script
     (benchmarks/fsdp_check.py) runs on CUDA, here on 2 gloo processes."""

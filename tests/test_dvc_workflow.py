@@ -28,6 +28,8 @@ import yaml
 
 from conftest import REPO
 
+pytestmark = pytest.mark.slow  # a real `dvc repro` of every stage, experiments, push/pull
+
 VENV_BIN = Path(sys.executable).parent
 UP_TO_DATE = "Data and pipelines are up to date"
 DATA_OUTS = {"collect": ["data/interim/stackexchange.jsonl"], "combine": ["data/processed"]}

@@ -75,6 +75,7 @@ def llama3_export(llama3_dir, tmp_path_factory) -> tuple[Path, dict]:
 # ---------------------------------------------------------------------------------------------------------------
 # round trip through transformers' GGUF loader
 
+@pytest.mark.slow
 def test_llama3_shaped_export_round_trips(llama3_export, llama3_dir):
     out, report = llama3_export
     assert report["passed"] and sorted(p.name for p in out.iterdir()) == ["Modelfile", "tiny-f32.gguf",
@@ -87,6 +88,7 @@ def test_llama3_shaped_export_round_trips(llama3_export, llama3_dir):
     assert q8["bytes"] < 0.35 * f32["bytes"]  # 8.5 of 32 bits per weight, plus the vocabulary
 
 
+@pytest.mark.slow
 def test_gguf_metadata_is_what_llama_cpp_reads(llama3_export, llama3_dir):
     import gguf
 
@@ -109,6 +111,7 @@ def test_gguf_metadata_is_what_llama_cpp_reads(llama3_export, llama3_dir):
     assert factors[0] == 1.0 and 1 < factors[1] < 8 and (factors[2:] == 8.0).all()
 
 
+@pytest.mark.slow
 def test_a_wrong_qk_layout_fails_the_round_trip(llama3_dir, tmp_path, monkeypatch):
     """transformers un-permutes q/k with the inverse of llama.cpp's permutation: skipping it must show."""
     monkeypatch.setattr(export, "permute_qk", lambda weight, n_head: weight)
@@ -119,6 +122,7 @@ def test_a_wrong_qk_layout_fails_the_round_trip(llama3_dir, tmp_path, monkeypatc
     assert not (tmp_path / "gguf").exists()  # nothing unverified is left behind
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gguf_type", ["f16", "bf16"])
 def test_other_types_round_trip_on_the_tiny_base(tiny_base, tmp_path, gguf_type, monkeypatch):
     from transformers import AutoTokenizer
@@ -177,6 +181,7 @@ def llama_cpp_top(server, prompt: list[int], k: int = 5) -> list[tuple[int, floa
     return [(t["id"], t["logprob"]) for t in result["choices"][0]["logprobs"]["content"][0]["top_logprobs"]]
 
 
+@pytest.mark.slow
 def test_llama_cpp_computes_the_same_next_token_distribution(llama3_export, llama3_dir):
     """The real check of the q/k permutation, the rope_freqs factors and the tensor names: llama.cpp's own forward."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -269,6 +274,7 @@ def test_non_llama_models_are_refused(tiny_base, tmp_path, embedded_tokenizer):
 # ---------------------------------------------------------------------------------------------------------------
 # the Ollama Modelfile
 
+@pytest.mark.slow
 def test_modelfile_template_renders_the_chat_template(llama3_export, llama3_dir, embedded_tokenizer):
     from transformers import AutoTokenizer
 
@@ -359,6 +365,7 @@ def test_bad_export_params_name_the_key(tmp_path, override, expected):
         load_params(REPO / "params.yaml", tmp_path / "o.yaml")
 
 
+@pytest.mark.slow
 def test_stage_writes_the_report_and_fails_on_a_mismatch(tiny_base, tmp_path):
     (tmp_path / "one.yaml").write_text("export: {types: [f16], ollama_type: f16}\n")
     stage = [sys.executable, str(REPO / "stages/export.py"), "--model", str(tiny_base), "--out",

@@ -15,6 +15,8 @@ import pytest
 
 from conftest import REPO
 
+pytestmark = pytest.mark.slow  # `dvc repro` and two `dvc exp run`s
+
 METRICS = ["metrics/eval.json", "metrics/train/metrics.json", "metrics/merge.json", "metrics/collect.json"]
 FAKE_STAGE = """\
 import json, os, yaml

@@ -146,6 +146,7 @@ def test_ask_answers_with_tiny_model_and_explains_missing_models(tiny_base, embe
     assert ask.main(["What is CUPED?", "--model", str(tiny_base), "--max-new-tokens", "3"]) == 0
 
 
+@pytest.mark.slow
 def test_evaluating_in_two_processes_gives_what_one_process_gives(tiny_base):
     from conftest import conversation
     from expqa.evaluate import evaluate_models

@@ -92,6 +92,7 @@ def test_the_browser_is_offline(tmp_path):
     assert "<p id=\"vega\">undefined</p>" in plots.open_offline(page, "--dump-dom")
 
 
+@pytest.mark.slow
 @NEEDS_CHROMIUM
 def test_page_draws_every_chart_offline(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)  # the checkout's own dvc.yaml and metrics/, as `make plots` sees them

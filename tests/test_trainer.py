@@ -32,6 +32,7 @@ def make_trainer(base, data, tmp_path, quantized=False, **overrides):
 FAST_PATH = dict(padding_free=True, attn_implementation="expqa_varlen", micro_batch="256 tokens", fused_lora=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quantized,packed", [(False, False), (True, False), (False, True), (True, "fast")],
                          ids=["lora", "qlora-4bit", "lora-padding-free", "qlora-token-budget-fused"])
 def test_training_moves_lora_weights_only_and_saves_a_complete_adapter(tiny_base, processed_dir, tmp_path, quantized,
@@ -66,6 +67,7 @@ def test_training_moves_lora_weights_only_and_saves_a_complete_adapter(tiny_base
     assert "gradient checkpointing off" in (tmp_path / "logs" / "training.log").read_text()
 
 
+@pytest.mark.slow
 def test_corrupt_last_checkpoint_falls_back_and_foreign_ones_are_removed(tiny_base, processed_dir, tmp_path, caplog):
     trainer = make_trainer(tiny_base, processed_dir, tmp_path)
     trainer.train()
@@ -93,6 +95,7 @@ def test_checkpoints_of_other_code_are_not_resumed(tmp_path):
     assert {"torch", "transformers", "peft", "trl"} <= set(before)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("logging_steps", [1, 3])
 def test_non_finite_loss_stops_naming_the_step(tiny_base, processed_dir, tmp_path, embedded_tokenizer, logging_steps):
     """Checked where the Trainer syncs anyway (logging steps here), but always naming the first bad step."""
@@ -168,6 +171,7 @@ def run_stage(repo_params, base, data, out, ckpt, metrics, cwd=None):
                             cwd=cwd or ckpt.parent)  # logs/ lands next to the outputs
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_from_last_complete_checkpoint(tiny_base, processed_dir, tmp_path):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["cpu"]["train"].update(max_steps=8, save_steps=2, eval_steps=4, logging_steps=1,
@@ -212,6 +216,7 @@ def test_killed_run_resumes_from_last_complete_checkpoint(tiny_base, processed_d
     assert json.loads((uninterrupted / "logs" / "train_run.json").read_text())["resumed_from_step"] == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("presses", [1, 2])
 def test_ctrl_c_under_the_two_process_launch(tiny_base, processed_dir, tmp_path, presses):
     """Ctrl-C in a terminal signals the foreground process group (here: the stage; torchrun and its workers run in a
@@ -249,6 +254,7 @@ def test_ctrl_c_under_the_two_process_launch(tiny_base, processed_dir, tmp_path,
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_cpu_training_is_reproducible(tiny_base, processed_dir, tmp_path):
     """Same data, params, seed and thread count -> the same losses and the same adapter, bit for bit."""
     runs = []
@@ -266,6 +272,7 @@ def test_cpu_training_is_reproducible(tiny_base, processed_dir, tmp_path):
             (tmp_path / "second" / "adapter" / name).read_bytes(), name
 
 
+@pytest.mark.slow
 def test_offload_checkpointing_trains_like_no_checkpointing(tiny_base, processed_dir, tmp_path):
     """The lean setting through the Trainer (autocast, optimizer, the loss guard): the same losses as off."""
     runs = {}

@@ -109,7 +109,9 @@ def bench_combine(n_rows: int) -> dict[str, Any]:
         started, cpu_before = time.perf_counter(), child_cpu_s()
         child = subprocess.run(
             [sys.executable, "-c", _COMBINE_CHILD, str(input_path), str(Path(tmp) / "combined")],
-            cwd=REPO_ROOT, capture_output=True, text=True,
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
         )
         elapsed_s, cpu_s = time.perf_counter() - started, child_cpu_s() - cpu_before
         if child.returncode != 0:
@@ -134,8 +136,18 @@ def add_combine_parser(parts: argparse._SubParsersAction) -> None:
 
 # --- collect ----------------------------------------------------------------------------------
 
-_COLLECT_TAGS = ("ab-testing", "hypothesis-testing", "statistical-power", "sample-size", "p-value",
-                 "bayesian", "bootstrap", "variance-reduction", "t-test", "experiment-design")
+_COLLECT_TAGS = (
+    "ab-testing",
+    "hypothesis-testing",
+    "statistical-power",
+    "sample-size",
+    "p-value",
+    "bayesian",
+    "bootstrap",
+    "variance-reduction",
+    "t-test",
+    "experiment-design",
+)
 _OTHER_TAGS = ("r", "ggplot2", "time-series", "regression", "machine-learning")
 # Answers per question cycle through this pattern: as many answers as questions, and some
 # questions with none or with competing answers.
@@ -152,7 +164,7 @@ def _collect_body(rng: random.Random, index: int) -> str:
         f"<p>{words(28)} with $\\hat{{\\theta}}_{{{index}}} = \\bar{{y}}_1 - \\bar{{y}}_0$ "
         f"&amp; {words(12)}.</p>\n\n"
         f"<ul>\n<li><strong>{words(3)}</strong>: {words(10)}</li>\n"
-        f"<li>see <a href=\"https://example.org/{index}\">{words(2)}</a> &mdash; "
+        f'<li>see <a href="https://example.org/{index}">{words(2)}</a> &mdash; '
         f"{words(8)}</li>\n</ul>\n\n"
         f'<pre class="lang-py prettyprint-override"><code>import numpy as np\n\n'
         f"def effect(y1, y0):\n    return np.mean(y1) - np.mean(y0)  # {words(4)}\n"
@@ -162,8 +174,13 @@ def _collect_body(rng: random.Random, index: int) -> str:
 
 
 def _xml_attribute(value: str) -> str:
-    return (value.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-            .replace('"', "&quot;").replace("\n", "&#xA;"))
+    return (
+        value.replace("&", "&amp;")
+        .replace("<", "&lt;")
+        .replace(">", "&gt;")
+        .replace('"', "&quot;")
+        .replace("\n", "&#xA;")
+    )
 
 
 def _post_row(attributes: dict[str, Any]) -> str:
@@ -176,23 +193,38 @@ def _question_row(rng: random.Random, qid: int, answer_ids: list[int]) -> str:
     attributes = {"Id": qid, "PostTypeId": 1}
     if answer_ids and qid % 3:
         attributes["AcceptedAnswerId"] = answer_ids[0]
-    attributes.update({
-        "CreationDate": "2021-03-04T05:06:07.890", "Score": rng.randint(-1, 30),
-        "ViewCount": rng.randint(10, 50_000), "Body": _collect_body(rng, qid),
-        "OwnerUserId": rng.randint(1, 100_000), "Title": " ".join(rng.choices(_WORDS, k=9)) + "?",
-        # Newer dumps write |a|b|, older ones <a><b>: generate both.
-        "Tags": f"|{tags[0]}|{tags[1]}|" if qid % 2 else f"<{tags[0]}><{tags[1]}>",
-        "AnswerCount": len(answer_ids), "CommentCount": 0, "ContentLicense": "CC BY-SA 4.0",
-    })
+    attributes.update(
+        {
+            "CreationDate": "2021-03-04T05:06:07.890",
+            "Score": rng.randint(-1, 30),
+            "ViewCount": rng.randint(10, 50_000),
+            "Body": _collect_body(rng, qid),
+            "OwnerUserId": rng.randint(1, 100_000),
+            "Title": " ".join(rng.choices(_WORDS, k=9)) + "?",
+            # Newer dumps write |a|b|, older ones <a><b>: generate both.
+            "Tags": f"|{tags[0]}|{tags[1]}|" if qid % 2 else f"<{tags[0]}><{tags[1]}>",
+            "AnswerCount": len(answer_ids),
+            "CommentCount": 0,
+            "ContentLicense": "CC BY-SA 4.0",
+        }
+    )
     return _post_row(attributes)
 
 
 def _answer_row(rng: random.Random, aid: int, qid: int) -> str:
-    return _post_row({
-        "Id": aid, "PostTypeId": 2, "ParentId": qid, "CreationDate": "2021-03-05T05:06:07.890",
-        "Score": rng.randint(-1, 25), "Body": _collect_body(rng, aid),
-        "OwnerUserId": rng.randint(1, 100_000), "CommentCount": 0, "ContentLicense": "CC BY-SA 4.0",
-    })
+    return _post_row(
+        {
+            "Id": aid,
+            "PostTypeId": 2,
+            "ParentId": qid,
+            "CreationDate": "2021-03-05T05:06:07.890",
+            "Score": rng.randint(-1, 25),
+            "Body": _collect_body(rng, aid),
+            "OwnerUserId": rng.randint(1, 100_000),
+            "CommentCount": 0,
+            "ContentLicense": "CC BY-SA 4.0",
+        }
+    )
 
 
 def write_posts_xml(path: Path, n_rows: int) -> int:
@@ -241,7 +273,9 @@ def bench_collect(n_rows: int) -> dict[str, Any]:
         started, cpu_before = time.perf_counter(), child_cpu_s()
         child = subprocess.run(
             [sys.executable, "-c", _COLLECT_CHILD, str(posts_path), str(out_path)],
-            cwd=REPO_ROOT, capture_output=True, text=True,
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
         )
         elapsed_s, cpu_s = time.perf_counter() - started, child_cpu_s() - cpu_before
         if child.returncode != 0:
@@ -293,7 +327,9 @@ def bench_collect_7z(n_rows: int) -> dict[str, Any]:
         started, cpu_before = time.perf_counter(), child_cpu_s()
         child = subprocess.run(
             [sys.executable, "-c", _COLLECT_CHILD, str(archive_path), str(out_path)],
-            cwd=REPO_ROOT, capture_output=True, text=True,
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
         )
         elapsed_s, cpu_s = time.perf_counter() - started, child_cpu_s() - cpu_before
         if child.returncode != 0:

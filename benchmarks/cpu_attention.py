@@ -26,8 +26,9 @@ HEADS, KV_HEADS, DIM = 9, 3, 64
 
 
 def per_sequence(q, k, v, bounds):  # (tokens, heads, dim); the CPU path of expqa.attention.varlen_attention
-    return _attend_each_sequence(q, k.repeat_interleave(HEADS // KV_HEADS, 1), v.repeat_interleave(HEADS // KV_HEADS, 1),
-                                 bounds, None)
+    return _attend_each_sequence(
+        q, k.repeat_interleave(HEADS // KV_HEADS, 1), v.repeat_interleave(HEADS // KV_HEADS, 1), bounds, None
+    )
 
 
 def block_mask(q, k, v, bounds):
@@ -40,9 +41,11 @@ def block_mask(q, k, v, bounds):
 
 def padded(q, k, v, bounds):
     lengths, width = bounds.diff().tolist(), int(bounds.diff().max())
+
     def pad(t):
         rows = [F.pad(t[s:e], (0, 0, 0, 0, 0, width - (e - s))) for s, e in pairwise(bounds.tolist())]
         return torch.stack(rows).transpose(1, 2)  # (batch, heads, width, dim)
+
     keep = torch.tensor([[i < n for i in range(width)] for n in lengths])
     mask = keep[:, None, None, :] & torch.ones(width, width, dtype=torch.bool).tril()  # as transformers builds it
     out = F.scaled_dot_product_attention(pad(q), pad(k), pad(v), attn_mask=mask, enable_gqa=True)
@@ -72,10 +75,19 @@ def main() -> None:
             fn(q, k, v, bounds).backward(grad)
             times[name].append(time.perf_counter() - start)
     load = [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
-    result = {"lengths": args.lengths, "load_average": load, "threads": 1,
-              "ms_forward_backward": {n: {"median": round(1e3 * statistics.median(t), 1),
-                                          "min": round(1e3 * min(t), 1), "max": round(1e3 * max(t), 1)}
-                                      for n, t in times.items()}}
+    result = {
+        "lengths": args.lengths,
+        "load_average": load,
+        "threads": 1,
+        "ms_forward_backward": {
+            n: {
+                "median": round(1e3 * statistics.median(t), 1),
+                "min": round(1e3 * min(t), 1),
+                "max": round(1e3 * max(t), 1),
+            }
+            for n, t in times.items()
+        },
+    }
     out = Path(__file__).resolve().parent / "results" / f"cpu_attention_{time.strftime('%Y-%m-%d')}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -6,6 +6,7 @@ one process: padded vs packed rows, TRL's vs expqa's LM head, 1 or 2 threads.
 
 Prints seconds, real tokens/s and the loss (the same in every variant) per variant and repeat.
 """
+
 import dataclasses
 import json
 import sys
@@ -22,27 +23,46 @@ from expqa.trainer import QLoRATrainer
 ROOT = Path(__file__).resolve().parents[1]
 variants, reps, n_conv, max_len = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 params = load_params(ROOT / "params.yaml").resolve(cuda=False)
-train = dataclasses.replace(params.train, max_steps=1, attn_implementation="expqa_varlen", padding_free=False,
-                            micro_batch=params.train.micro_batch, lm_head_loss="trl", max_seq_length=max_len)
-runner = QLoRATrainer(train, lora=params.lora, quantization=params.quantization, seed=params.base.seed,
-                      base_model=ROOT / "models" / "base", data_dir=ROOT / "data" / "processed",
-                      checkpoint_dir="/tmp/expqa_step_ab", metrics_dir=None, log_dir=None)
+train = dataclasses.replace(
+    params.train,
+    max_steps=1,
+    attn_implementation="expqa_varlen",
+    padding_free=False,
+    micro_batch=params.train.micro_batch,
+    lm_head_loss="trl",
+    max_seq_length=max_len,
+)
+runner = QLoRATrainer(
+    train,
+    lora=params.lora,
+    quantization=params.quantization,
+    seed=params.base.seed,
+    base_model=ROOT / "models" / "base",
+    data_dir=ROOT / "data" / "processed",
+    checkpoint_dir="/tmp/expqa_step_ab",
+    metrics_dir=None,
+    log_dir=None,
+)
 trainer = runner.setup()
 model = trainer.model
 base = model.get_base_model()
 trl_forward = base.forward
 add_label_lm_head(base)
 expqa_forward = base.forward
-examples = [{"input_ids": trainer.train_dataset[i]["input_ids"], "labels": trainer.train_dataset[i]["labels"]}
-            for i in range(n_conv)]
+examples = [
+    {"input_ids": trainer.train_dataset[i]["input_ids"], "labels": trainer.train_dataset[i]["labels"]}
+    for i in range(n_conv)
+]
 pad = trainer.processing_class.pad_token_id
-batches = {"padded": DataCollatorForLanguageModeling(pad_token_id=pad)(examples),
-           "packed": DataCollatorForLanguageModeling(pad_token_id=pad, padding_free=True)(examples)}
+batches = {
+    "padded": DataCollatorForLanguageModeling(pad_token_id=pad)(examples),
+    "packed": DataCollatorForLanguageModeling(pad_token_id=pad, padding_free=True)(examples),
+}
 real = sum(len(e["input_ids"]) for e in examples)
 print("real tokens", real, "padded", batches["padded"]["input_ids"].numel(), flush=True)
 model.train()
 trainer.current_gradient_accumulation_steps = 1
-trainer.state.max_steps = 10 ** 9
+trainer.state.max_steps = 10**9
 results = {}
 for rep in range(reps):
     for name in variants:

@@ -25,8 +25,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-OLD = dict(num_processes=1, num_threads=2, micro_batch="4 conversations", padding_free=False,
-           attn_implementation="sdpa", lm_head_loss="trl", max_seq_length=512)
+OLD = dict(
+    num_processes=1,
+    num_threads=2,
+    micro_batch="4 conversations",
+    padding_free=False,
+    attn_implementation="sdpa",
+    lm_head_loss="trl",
+    max_seq_length=512,
+)
 VARIANTS = {
     "profile": {},
     "old": OLD,
@@ -43,14 +50,18 @@ def train_config(name: str, steps: int, warm: int):
 
     params = load_params(ROOT / "params.yaml").resolve(cuda=False)
     overrides = dict(VARIANTS[name])
-    if params.train.tokens_per_micro_batch == 0 and overrides.get("num_processes", params.train.num_processes) \
-            != params.train.num_processes:
+    if (
+        params.train.tokens_per_micro_batch == 0
+        and overrides.get("num_processes", params.train.num_processes) != params.train.num_processes
+    ):
         # keep the conversations per optimizer step when the process count changes
-        conversations = params.train.per_device_train_batch_size * params.train.num_processes \
-            // overrides["num_processes"]
+        conversations = (
+            params.train.per_device_train_batch_size * params.train.num_processes // overrides["num_processes"]
+        )
         overrides.setdefault("micro_batch", f"{conversations} conversations")
-    train = dataclasses.replace(params.train, max_steps=warm + steps, eval_steps=10 ** 6, save_steps=10 ** 6,
-                                logging_steps=10 ** 6, **overrides)
+    train = dataclasses.replace(
+        params.train, max_steps=warm + steps, eval_steps=10**6, save_steps=10**6, logging_steps=10**6, **overrides
+    )
     return params, train
 
 
@@ -63,9 +74,17 @@ def run_one(name: str, steps: int, warm: int, out: Path) -> None:
     from expqa.trainer import QLoRATrainer
 
     params, train = train_config(name, steps, warm)
-    runner = QLoRATrainer(train, lora=params.lora, quantization=params.quantization, seed=params.base.seed,
-                          base_model=ROOT / "models" / "base", data_dir=ROOT / "data" / "processed",
-                          checkpoint_dir=Path("/tmp/expqa_cpu_bench") / name, metrics_dir=None, log_dir=None)
+    runner = QLoRATrainer(
+        train,
+        lora=params.lora,
+        quantization=params.quantization,
+        seed=params.base.seed,
+        base_model=ROOT / "models" / "base",
+        data_dir=ROOT / "data" / "processed",
+        checkpoint_dir=Path("/tmp/expqa_cpu_bench") / name,
+        metrics_dir=None,
+        log_dir=None,
+    )
     trainer = runner.setup()
     trainer.eval_dataset = None
     trainer.args.eval_strategy = "no"
@@ -87,11 +106,19 @@ def run_one(name: str, steps: int, warm: int, out: Path) -> None:
     trainer.add_callback(timer)
     trainer.train()
     if is_main_process():
-        out.write_text(json.dumps({
-            "variant": name, "tok_per_s": round(timer.tokens / timer.elapsed, 1),
-            "s_per_step": round(timer.elapsed / steps, 2), "tokens_per_step": round(timer.tokens / steps),
-            "processes": world_size(), "threads": torch.get_num_threads(),
-            "settings": {k: getattr(train, k) for k in OLD}}))
+        out.write_text(
+            json.dumps(
+                {
+                    "variant": name,
+                    "tok_per_s": round(timer.tokens / timer.elapsed, 1),
+                    "s_per_step": round(timer.elapsed / steps, 2),
+                    "tokens_per_step": round(timer.tokens / steps),
+                    "processes": world_size(),
+                    "threads": torch.get_num_threads(),
+                    "settings": {k: getattr(train, k) for k in OLD},
+                }
+            )
+        )
 
 
 def run_plain_trl(steps: int, warm: int, out: Path) -> None:
@@ -113,13 +140,30 @@ def run_plain_trl(steps: int, warm: int, out: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(ROOT / "models" / "base", dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(ROOT / "models" / "base")
     lora = LoRAConfig(target_modules=cpu.lora.target_modules)
-    config = SFTConfig(output_dir="/tmp/expqa_cpu_bench/plain", max_steps=warm + steps, use_cpu=True, report_to=[],
-                       per_device_train_batch_size=4, gradient_accumulation_steps=1,
-                       max_length=OLD["max_seq_length"], save_strategy="no", seed=cpu.base.seed)
+    config = SFTConfig(
+        output_dir="/tmp/expqa_cpu_bench/plain",
+        max_steps=warm + steps,
+        use_cpu=True,
+        report_to=[],
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=1,
+        max_length=OLD["max_seq_length"],
+        save_strategy="no",
+        seed=cpu.base.seed,
+    )
     trainer = make_sft_trainer_class()(
-        model=model, args=config, train_dataset=data, processing_class=tokenizer,
-        peft_config=LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                               target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+        model=model,
+        args=config,
+        train_dataset=data,
+        processing_class=tokenizer,
+        peft_config=LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora.target_modules,
+            task_type="CAUSAL_LM",
+        ),
+    )
 
     class StepTimer(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -130,10 +174,19 @@ def run_plain_trl(steps: int, warm: int, out: Path) -> None:
     trainer.add_callback(timer)
     trainer.train()
     elapsed, tokens = time.perf_counter() - timer.t0, trainer.real_tokens - timer.tokens0
-    out.write_text(json.dumps({"variant": "plain_trl", "tok_per_s": round(tokens / elapsed, 1),
-                               "s_per_step": round(elapsed / steps, 2), "tokens_per_step": round(tokens / steps),
-                               "processes": 1, "threads": torch.get_num_threads(),
-                               "gradient_checkpointing": config.gradient_checkpointing}))
+    out.write_text(
+        json.dumps(
+            {
+                "variant": "plain_trl",
+                "tok_per_s": round(tokens / elapsed, 1),
+                "s_per_step": round(elapsed / steps, 2),
+                "tokens_per_step": round(tokens / steps),
+                "processes": 1,
+                "threads": torch.get_num_threads(),
+                "gradient_checkpointing": config.gradient_checkpointing,
+            }
+        )
+    )
 
 
 def launch(name: str, steps: int, warm: int) -> dict:
@@ -141,11 +194,23 @@ def launch(name: str, steps: int, warm: int) -> dict:
     out = Path("/tmp/expqa_cpu_bench") / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.unlink(missing_ok=True)
-    script = [str(Path(__file__).resolve()), "--one", name, "--steps", str(steps), "--warm", str(warm),
-              "--out", str(out)]
+    script = [
+        str(Path(__file__).resolve()),
+        "--one",
+        name,
+        "--steps",
+        str(steps),
+        "--warm",
+        str(warm),
+        "--out",
+        str(out),
+    ]
     processes = 1 if name == "plain_trl" else train_config(name, steps, warm)[1].num_processes
-    cmd = [sys.executable, *(["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
-                             if processes > 1 else []), *script]
+    cmd = [
+        sys.executable,
+        *(["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] if processes > 1 else []),
+        *script,
+    ]
     started = time.perf_counter()
     subprocess.run(cmd, check=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, stdout=subprocess.DEVNULL)
     result = json.loads(out.read_text())
@@ -168,21 +233,37 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        (run_plain_trl if args.one == "plain_trl" else lambda *a: run_one(args.one, *a))(args.steps, args.warm,
-                                                                                         args.out)
+        (run_plain_trl if args.one == "plain_trl" else lambda *a: run_one(args.one, *a))(
+            args.steps, args.warm, args.out
+        )
         return
     rounds = []
     for index in range(args.rounds):
         before = load_average()
         results = {name: launch(name, args.steps, args.warm) for name in args.variants}
-        rounds.append({"round": index + 1, "load_average_before": before, "load_average_after": load_average(),
-                       "results": results})
+        rounds.append(
+            {
+                "round": index + 1,
+                "load_average_before": before,
+                "load_average_after": load_average(),
+                "results": results,
+            }
+        )
     reference = args.variants[0]
-    ratios = {name: [round(r["results"][name]["tok_per_s"] / r["results"][reference]["tok_per_s"], 2)
-                     for r in rounds] for name in args.variants[1:]}
+    ratios = {
+        name: [round(r["results"][name]["tok_per_s"] / r["results"][reference]["tok_per_s"], 2) for r in rounds]
+        for name in args.variants[1:]
+    }
     cpu = Path("/proc/cpuinfo").read_text().split("model name")[1].split("\n")[0].strip(" :\t")
-    record = {"date": time.strftime("%Y-%m-%d %H:%M"), "cpu": cpu, "cores": os.cpu_count(),
-              "steps": args.steps, "warm": args.warm, "rounds": rounds, f"ratio_to_{reference}": ratios}
+    record = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "steps": args.steps,
+        "warm": args.warm,
+        "rounds": rounds,
+        f"ratio_to_{reference}": ratios,
+    }
     results_dir = ROOT / "benchmarks" / "results"
     results_dir.mkdir(exist_ok=True)
     path = results_dir / f"cpu_train_{time.strftime('%Y-%m-%d_%H%M')}.json"

@@ -20,8 +20,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def score(base: str, adapter: str | None, questions: list[dict], test_rows: list[dict], max_length: int,
-          batch_size: int) -> dict:
+def score(
+    base: str, adapter: str | None, questions: list[dict], test_rows: list[dict], max_length: int, batch_size: int
+) -> dict:
     import torch
 
     from expqa.evaluate import critical_questions_accuracy, perplexity
@@ -39,13 +40,19 @@ def summarise(step: int, result: dict, base: dict, taught: set[str]) -> dict:
 
     row = {"step": step, "perplexity": round(result["perplexity"], 3)}
     for scoring, field in (("length_norm", "chosen"), ("calibrated", "chosen_calibrated")):
-        for subset, keep in (("all", lambda q: True), ("taught", lambda q: q["id"] in taught),
-                             ("untaught", lambda q: q["id"] not in taught)):
+        for subset, keep in (
+            ("all", lambda q: True),
+            ("taught", lambda q: q["id"] in taught),
+            ("untaught", lambda q: q["id"] not in taught),
+        ):
             hits = [q[field] == q["answer"] for q in result["per_question"] if keep(q)]
             base_hits = [q[field] == q["answer"] for q in base["per_question"] if keep(q)]
             lo, hi = wilson_interval(sum(hits), len(hits))
-            row[f"{scoring}_{subset}"] = {"accuracy": round(sum(hits) / len(hits), 4), "ci95": [round(lo, 4),
-                                          round(hi, 4)], "p_vs_base": mcnemar_exact(base_hits, hits)["p_value"]}
+            row[f"{scoring}_{subset}"] = {
+                "accuracy": round(sum(hits) / len(hits), 4),
+                "ci95": [round(lo, 4), round(hi, 4)],
+                "p_vs_base": mcnemar_exact(base_hits, hits)["p_value"],
+            }
     return row
 
 
@@ -69,18 +76,41 @@ def main() -> None:
     steps = sorted((int(p.name.split("-")[-1]), p) for p in args.checkpoints.glob("checkpoint-*"))
     jobs = [(0, None)] + [(step, str(path)) for step, path in steps]
     with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [(step, pool.submit(score, str(args.base), adapter, questions, test_rows,
-                                      params.train.max_seq_length, params.eval.batch_size)) for step, adapter in jobs]
+        futures = [
+            (
+                step,
+                pool.submit(
+                    score,
+                    str(args.base),
+                    adapter,
+                    questions,
+                    test_rows,
+                    params.train.max_seq_length,
+                    params.eval.batch_size,
+                ),
+            )
+            for step, adapter in jobs
+        ]
         results = {step: future.result() for step, future in futures}
     rows = [summarise(step, results[step], results[0], taught) for step, _ in jobs]
     out = ROOT / "benchmarks" / "results" / f"critical_curve_{args.name}"
-    out.with_suffix(".json").write_text(json.dumps({"checkpoints": str(args.checkpoints), "taught": len(taught),
-                                                    "questions": len(questions), "rows": rows}, indent=2) + "\n")
-    lines = ["| step | test ppl | length_norm all | taught | not taught | calibrated all | taught | not taught |",
-             "|---|---|---|---|---|---|---|---|"]
+    out.with_suffix(".json").write_text(
+        json.dumps(
+            {"checkpoints": str(args.checkpoints), "taught": len(taught), "questions": len(questions), "rows": rows},
+            indent=2,
+        )
+        + "\n"
+    )
+    lines = [
+        "| step | test ppl | length_norm all | taught | not taught | calibrated all | taught | not taught |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
-        cells = [f"{row[f'{s}_{k}']['accuracy']:.1%} (p {row[f'{s}_{k}']['p_vs_base']:.2g})"
-                 for s in ("length_norm", "calibrated") for k in ("all", "taught", "untaught")]
+        cells = [
+            f"{row[f'{s}_{k}']['accuracy']:.1%} (p {row[f'{s}_{k}']['p_vs_base']:.2g})"
+            for s in ("length_norm", "calibrated")
+            for k in ("all", "taught", "untaught")
+        ]
         lines.append(f"| {row['step']} | {row['perplexity']:.2f} | " + " | ".join(cells) + " |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -38,6 +38,7 @@ TIMEOUTS = {"fsdp": 240, "single": 180, "merge": 150}  # seconds; a phase that r
 # ---------------------------------------------------------------------------------------------------------------
 # one training run (a child process)
 
+
 def training_run(mode: str, base: Path, data: Path, work: Path, steps: int, result_file: Path) -> None:
     import torch
     from transformers import TrainerCallback
@@ -49,9 +50,16 @@ def training_run(mode: str, base: Path, data: Path, work: Path, steps: int, resu
     cuda = torch.cuda.is_available()
     params = load_params(REPO / "params.yaml").resolve(cuda=cuda)
     liger = params.train.use_liger_kernel and importlib.util.find_spec("liger_kernel") is not None
-    train = dataclasses.replace(params.train, max_steps=steps, eval_steps=steps, save_steps=steps, logging_steps=1,
-                                num_processes=1, distributed="fsdp" if mode == "fsdp" else "ddp",
-                                use_liger_kernel=liger)
+    train = dataclasses.replace(
+        params.train,
+        max_steps=steps,
+        eval_steps=steps,
+        save_steps=steps,
+        logging_steps=1,
+        num_processes=1,
+        distributed="fsdp" if mode == "fsdp" else "ddp",
+        use_liger_kernel=liger,
+    )
     warm = max(1, steps // 4)
 
     class Timer(TrainerCallback):
@@ -67,9 +75,17 @@ def training_run(mode: str, base: Path, data: Path, work: Path, steps: int, resu
                     self.elapsed, self.tokens = time.time() - self.t0, runner.trainer.real_tokens - self.tokens0
 
     started = time.time()
-    runner = QLoRATrainer(train, lora=params.lora, quantization=params.quantization, seed=params.base.seed,
-                          base_model=base, data_dir=data, checkpoint_dir=work / f"ckpt_{mode}", metrics_dir=None,
-                          log_dir=None)
+    runner = QLoRATrainer(
+        train,
+        lora=params.lora,
+        quantization=params.quantization,
+        seed=params.base.seed,
+        base_model=base,
+        data_dir=data,
+        checkpoint_dir=work / f"ckpt_{mode}",
+        metrics_dir=None,
+        log_dir=None,
+    )
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     timer = Timer()
@@ -79,19 +95,38 @@ def training_run(mode: str, base: Path, data: Path, work: Path, steps: int, resu
     trainer = runner.trainer
     held, total = sharded_weights(trainer.model)
     result = {
-        "mode": mode, "world_size": world_size(), "steps": trainer.state.global_step,
-        "fsdp": bool(trainer.is_fsdp_enabled), "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "mode": mode,
+        "world_size": world_size(),
+        "steps": trainer.state.global_step,
+        "fsdp": bool(trainer.is_fsdp_enabled),
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
         "tok_per_s": round(timer.tokens * world_size() / timer.elapsed) if timer.elapsed else None,
-        "timed_steps": f"{warm + 1}-{steps}", "real_tokens_per_second_whole_run": round(metrics["real_tokens_per_second"]),
+        "timed_steps": f"{warm + 1}-{steps}",
+        "real_tokens_per_second_whole_run": round(metrics["real_tokens_per_second"]),
         "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
-        "weights_held_mib": round(held / 2**20, 1), "weights_total_mib": round(total / 2**20, 1),
-        "eval_loss_before": metrics.get("eval_loss_before_training"), "eval_loss_after": metrics.get("eval_loss"),
+        "weights_held_mib": round(held / 2**20, 1),
+        "weights_total_mib": round(total / 2**20, 1),
+        "eval_loss_before": metrics.get("eval_loss_before_training"),
+        "eval_loss_after": metrics.get("eval_loss"),
         "losses": [e["loss"] for e in trainer.state.log_history if "loss" in e],
-        "liger": liger, "options": {k: getattr(train, k) for k in (
-            "micro_batch", "gradient_accumulation_steps", "gradient_checkpointing", "fused_lora",
-            "padding_free", "attn_implementation", "optim", "bf16")},
-        "adapter": str(work / f"adapter_{mode}"), "wall_s": round(time.time() - started, 1)}
+        "liger": liger,
+        "options": {
+            k: getattr(train, k)
+            for k in (
+                "micro_batch",
+                "gradient_accumulation_steps",
+                "gradient_checkpointing",
+                "fused_lora",
+                "padding_free",
+                "attn_implementation",
+                "optim",
+                "bf16",
+            )
+        },
+        "adapter": str(work / f"adapter_{mode}"),
+        "wall_s": round(time.time() - started, 1),
+    }
     if mode == "fsdp":
         result["linear4bit_fully_shard"] = linear4bit_fully_shard_check("cuda" if cuda else "cpu")
     if int(os.environ.get("RANK", "0")) == 0:
@@ -103,6 +138,7 @@ def _with_callback(setup, callback):
         trainer = setup()
         trainer.add_callback(callback)
         return trainer
+
     return wrapped
 
 
@@ -115,10 +151,16 @@ def linear4bit_fully_shard_check(device: str) -> dict:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     torch.manual_seed(0)
-    layer = bnb.nn.Linear4bit(3072, 8192, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4",
-                              quant_storage=torch.bfloat16)
-    layer.weight = bnb.nn.Params4bit(torch.randn(8192, 3072, dtype=torch.bfloat16) * 0.02, requires_grad=False,
-                                     quant_type="nf4", quant_storage=torch.bfloat16, module=layer)
+    layer = bnb.nn.Linear4bit(
+        3072, 8192, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4", quant_storage=torch.bfloat16
+    )
+    layer.weight = bnb.nn.Params4bit(
+        torch.randn(8192, 3072, dtype=torch.bfloat16) * 0.02,
+        requires_grad=False,
+        quant_type="nf4",
+        quant_storage=torch.bfloat16,
+        module=layer,
+    )
     layer = layer.to(device)  # quantizes
     layer.support_avx512bf16_for_cpu = False
     nan_patterns = int(torch.isnan(layer.weight.data).sum())
@@ -147,6 +189,7 @@ def merge_run(base: Path, adapter: Path, work: Path, result_file: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # the driver
 
+
 def make_inputs(base: Path, tokenizer: Path | None, work: Path, steps: int, cuda: bool) -> Path:
     sys.path.insert(0, str(HERE))
     import gpu_train
@@ -160,8 +203,9 @@ def make_inputs(base: Path, tokenizer: Path | None, work: Path, steps: int, cuda
             make_random_llama("llama-3.2-3b", tokenizer, base)
         else:  # CPU: a tiny Llama (tests/conftest.py), for checking this script
             sys.path.insert(0, str(REPO / "tests"))
-            from conftest import make_tiny_llama
             from transformers import AutoTokenizer
+
+            from conftest import make_tiny_llama
 
             base.mkdir(parents=True)
             make_tiny_llama(base, AutoTokenizer.from_pretrained(tokenizer))
@@ -180,8 +224,9 @@ def run_phase(name: str, cmd: list[str], results: Path, env: dict, timeout: floa
     print(f"== {name}: {' '.join(cmd)}", flush=True)
     with open(results / f"{name}.log", "w") as log:
         try:
-            code = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                  timeout=timeout).returncode
+            code = subprocess.run(
+                cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout
+            ).returncode
         except subprocess.TimeoutExpired:
             code = "timeout"
     seconds = time.time() - started
@@ -194,9 +239,13 @@ def run_phase(name: str, cmd: list[str], results: Path, env: dict, timeout: floa
 
 
 def table(record: dict) -> str:
-    lines = [f"# FSDP-QLoRA at world size 1 vs one process, {record['date']}, {record['device']}", "",
-             "| run | launch | FSDP | real tok/s (timed steps) | peak alloc GiB | peak reserved GiB | weights held MiB "
-             "| val loss before -> after | last train loss | wall s |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# FSDP-QLoRA at world size 1 vs one process, {record['date']}, {record['device']}",
+        "",
+        "| run | launch | FSDP | real tok/s (timed steps) | peak alloc GiB | peak reserved GiB | weights held MiB "
+        "| val loss before -> after | last train loss | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, launch in (("single", "python, 1 process (ddp path)"), ("fsdp", "torchrun --nproc_per_node=1")):
         r = record["runs"].get(name)
         if r is None:
@@ -204,10 +253,12 @@ def table(record: dict) -> str:
             lines.append(f"| {name} | {launch} | {'error: ' + error if error else 'not run'} | | | | | | | |")
             continue
         speed = f"{r['tok_per_s']:,}" if r["tok_per_s"] else "?"
-        lines.append(f"| {name} | {launch} | {'yes' if r['fsdp'] else 'no'} | {speed} ({r['timed_steps']}) "
-                     f"| {r['peak_alloc_gib']} | {r['peak_reserved_gib']} | {r['weights_held_mib']} of "
-                     f"{r['weights_total_mib']} | {_f(r['eval_loss_before'])} -> {_f(r['eval_loss_after'])} | "
-                     f"{_f(r['losses'][-1] if r['losses'] else None)} | {r['wall_s']} |")
+        lines.append(
+            f"| {name} | {launch} | {'yes' if r['fsdp'] else 'no'} | {speed} ({r['timed_steps']}) "
+            f"| {r['peak_alloc_gib']} | {r['peak_reserved_gib']} | {r['weights_held_mib']} of "
+            f"{r['weights_total_mib']} | {_f(r['eval_loss_before'])} -> {_f(r['eval_loss_after'])} | "
+            f"{_f(r['losses'][-1] if r['losses'] else None)} | {r['wall_s']} |"
+        )
     lines.append("")
     for line in record["notes"]:
         lines.append(f"- {line}")
@@ -223,26 +274,34 @@ def notes(record: dict) -> list[str]:
     if "fsdp" in runs and "single" in runs:
         f, s = runs["fsdp"], runs["single"]
         if f["eval_loss_before"] is not None and s["eval_loss_before"] is not None:
-            out.append(f"val loss of the untrained base: fsdp {f['eval_loss_before']:.5f}, single "
-                       f"{s['eval_loss_before']:.5f} (|diff| {abs(f['eval_loss_before'] - s['eval_loss_before']):.2e}; "
-                       "the same 4-bit weights)")
+            out.append(
+                f"val loss of the untrained base: fsdp {f['eval_loss_before']:.5f}, single "
+                f"{s['eval_loss_before']:.5f} (|diff| {abs(f['eval_loss_before'] - s['eval_loss_before']):.2e}; "
+                "the same 4-bit weights)"
+            )
         steps = min(len(f["losses"]), len(s["losses"]))
         if steps:
             worst = max(abs(a - b) for a, b in zip(f["losses"][:steps], s["losses"][:steps], strict=True))
             out.append(f"train loss per step, max |fsdp - single| over {steps} logged steps: {worst:.4f}")
         if f["tok_per_s"] and s["tok_per_s"]:
-            out.append(f"fsdp / single speed: {f['tok_per_s'] / s['tok_per_s']:.2f}x; peak alloc "
-                       f"{f['peak_alloc_gib']} vs {s['peak_alloc_gib']} GiB")
+            out.append(
+                f"fsdp / single speed: {f['tok_per_s'] / s['tok_per_s']:.2f}x; peak alloc "
+                f"{f['peak_alloc_gib']} vs {s['peak_alloc_gib']} GiB"
+            )
     check = runs.get("fsdp", {}).get("linear4bit_fully_shard")
     if check:
-        out.append(f"Linear4bit 3072->8192 (nf4 in bf16, {check['packed_values_that_are_bf16_nan']} packed values read "
-                   f"as bf16 NaN) before/after fully_shard: max |diff| {check['max_abs_diff']} "
-                   f"({'identical' if check['identical'] else 'DIFFERENT'})")
+        out.append(
+            f"Linear4bit 3072->8192 (nf4 in bf16, {check['packed_values_that_are_bf16_nan']} packed values read "
+            f"as bf16 NaN) before/after fully_shard: max |diff| {check['max_abs_diff']} "
+            f"({'identical' if check['identical'] else 'DIFFERENT'})"
+        )
     merge = record.get("merge")
     if merge:
-        out.append(f"merge of the FSDP adapter: passed={merge.get('passed')} on {merge.get('device')}, saved "
-                   f"{merge.get('saved_dtype')}, max |logit diff| {merge.get('max_abs_logit_diff')} (tolerance "
-                   f"{merge.get('tolerance')}), {merge['wall_s']} s")
+        out.append(
+            f"merge of the FSDP adapter: passed={merge.get('passed')} on {merge.get('device')}, saved "
+            f"{merge.get('saved_dtype')}, max |logit diff| {merge.get('max_abs_logit_diff')} (tolerance "
+            f"{merge.get('tolerance')}), {merge['wall_s']} s"
+        )
     for name, error in record["errors"].items():
         out.append(f"{name} failed: {error}")
     return out
@@ -268,17 +327,44 @@ def main(argv: list[str] | None = None) -> int:
     data = make_inputs(args.base, args.tokenizer, args.work, args.steps, cuda)
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
     env.update(PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    common = ["--base", str(args.base), "--data", str(data), "--work", str(args.work), "--steps", str(args.steps),
-              "--out", ""]
+    common = [
+        "--base",
+        str(args.base),
+        "--data",
+        str(data),
+        "--work",
+        str(args.work),
+        "--steps",
+        str(args.steps),
+        "--out",
+        "",
+    ]
     commands = {
-        "fsdp": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", __file__,
-                 "--worker", "fsdp", *common],
+        "fsdp": [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=1",
+            __file__,
+            "--worker",
+            "fsdp",
+            *common,
+        ],
         "single": [sys.executable, __file__, "--worker", "single", *common],
-        "merge": [sys.executable, __file__, "--worker", "merge", *common]}
+        "merge": [sys.executable, __file__, "--worker", "merge", *common],
+    }
     # the device's name comes from the runs: a CUDA context here would hold GPU memory during all of them
-    record = {"date": time.strftime("%Y-%m-%d %H:%M"), "device": "cuda" if cuda else "cpu",
-              "versions": _versions(), "steps": args.steps, "base": str(args.base), "runs": {}, "errors": {},
-              "merge": None}
+    record = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "device": "cuda" if cuda else "cpu",
+        "versions": _versions(),
+        "steps": args.steps,
+        "base": str(args.base),
+        "runs": {},
+        "errors": {},
+        "merge": None,
+    }
     for name in args.phases.split(","):
         cmd = list(commands[name])
         cmd[-1] = str(args.results / f"{name}.json")

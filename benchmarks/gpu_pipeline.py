@@ -29,16 +29,25 @@ REPO = Path(__file__).resolve().parents[1]
 ARCH = os.environ.get("ARCH", "llama-3.2-3b")
 BASE = Path(f"/tmp/{ARCH}-random")
 PY = str(REPO / ".venv" / "bin" / "python")
-ENV = {**os.environ, "DVC_NO_ANALYTICS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-       "PATH": f"{REPO / '.venv' / 'bin'}:{os.environ['PATH']}"}
+ENV = {
+    **os.environ,
+    "DVC_NO_ANALYTICS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "PYTHONUNBUFFERED": "1",
+    "PATH": f"{REPO / '.venv' / 'bin'}:{os.environ['PATH']}",
+}
 
 
 def run(cmd: list[str], log: Path, env: dict | None = None) -> tuple[int, list[tuple[float, str]]]:
     """Run cmd in the repo, echo and log its output, return (exit code, [(seconds since start, line)])."""
     started, lines = time.time(), []
     print(f"$ {' '.join(cmd)}", flush=True)
-    with open(log, "a") as handle, subprocess.Popen(cmd, cwd=REPO, env=env or ENV, stdout=subprocess.PIPE,
-                                                    stderr=subprocess.STDOUT, text=True, errors="replace") as proc:
+    with (
+        open(log, "a") as handle,
+        subprocess.Popen(
+            cmd, cwd=REPO, env=env or ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace"
+        ) as proc,
+    ):
         handle.write(f"$ {' '.join(cmd)}\n")
         for line in proc.stdout:
             offset = time.time() - started
@@ -59,8 +68,11 @@ class GpuSampler(threading.Thread):
 
     def run(self):
         while not self.stop.is_set():
-            out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
-                                 capture_output=True, text=True).stdout.strip()
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+                capture_output=True,
+                text=True,
+            ).stdout.strip()
             if out.isdigit():
                 self.samples.append((time.time() - self.started, int(out)))
             self.stop.wait(0.5)
@@ -72,24 +84,32 @@ def setup(args) -> None:
         sys.exit(f"make install failed ({rc}); see {args.results / 'setup.log'}")
     run([PY, "-m", "pip", "check"], args.results / "setup.log")
     if not (BASE / "config.json").exists():
-        rc, _ = run([PY, "benchmarks/random_llama.py", "--arch", ARCH, "--tokenizer", str(args.tokenizer),
-                     "--out", str(BASE)], args.results / "setup.log")
+        rc, _ = run(
+            [PY, "benchmarks/random_llama.py", "--arch", ARCH, "--tokenizer", str(args.tokenizer), "--out", str(BASE)],
+            args.results / "setup.log",
+        )
         if rc:
             sys.exit("random checkpoint failed")
 
 
 def test(args) -> int:
     env = {**ENV, "EXPQA_TEST_TOKENIZER": str(args.tokenizer.resolve())}
-    rc, _ = run([PY, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-W", "ignore::DeprecationWarning"],
-                args.results / "pytest_gpu.log", env)
+    rc, _ = run(
+        [PY, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-W", "ignore::DeprecationWarning"],
+        args.results / "pytest_gpu.log",
+        env,
+    )
     return rc
 
 
 def repro(args) -> int:
     if not (REPO / ".git").exists():  # a copied tree, not a clone: DVC wants git (or no_scm without it)
         if shutil.which("git"):
-            for cmd in (["git", "init", "-q"], ["git", "add", "-A"],
-                        ["git", "-c", "user.email=gpu@host", "-c", "user.name=gpu", "commit", "-qm", "snapshot"]):
+            for cmd in (
+                ["git", "init", "-q"],
+                ["git", "add", "-A"],
+                ["git", "-c", "user.email=gpu@host", "-c", "user.name=gpu", "commit", "-qm", "snapshot"],
+            ):
                 subprocess.run(cmd, cwd=REPO, check=True)
         else:
             subprocess.run(["dvc", "config", "--local", "core.no_scm", "true"], cwd=REPO, env=ENV, check=True)
@@ -121,10 +141,19 @@ def write_report(results: Path, lines, samples, total: float, rc: int) -> None:
             metrics[name] = json.loads(path.read_text())
     train_line = next((line for _, line in lines if line.startswith("train: {")), "")
     eval_lines = [line for _, line in lines if line.startswith("evaluate: cuda")]
-    report = {"rc": rc, "total_seconds": round(total, 1), "stages": rows, "model": str(BASE), "arch": ARCH,
-              "train": json.loads(train_line[len("train: "):]) if train_line else None, "evaluate": eval_lines,
-              "metrics": metrics, "gpu": subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                                                        capture_output=True, text=True).stdout.strip()}
+    report = {
+        "rc": rc,
+        "total_seconds": round(total, 1),
+        "stages": rows,
+        "model": str(BASE),
+        "arch": ARCH,
+        "train": json.loads(train_line[len("train: ") :]) if train_line else None,
+        "evaluate": eval_lines,
+        "metrics": metrics,
+        "gpu": subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True
+        ).stdout.strip(),
+    }
     (results / "gpu_pipeline.json").write_text(json.dumps(report, indent=2) + "\n")
     table = ["| stage | wall time (s) | peak GPU memory (GiB, nvidia-smi) |", "|---|---|---|"]
     table += [f"| {r['stage']} | {r['seconds']} | {r['peak_gpu_mib'] / 1024:.1f} |" for r in rows]

@@ -50,42 +50,88 @@ STEPS = {"llama-3.2-3b": (3, 6), "llama-3.1-8b": (2, 4)}
 PLAIN_STEPS = {"llama-3.2-3b": (2, 4), "llama-3.1-8b": (1, 3)}  # ~1k tok/s: a step takes 3-8 s
 DRY_STEPS = (1, 2)
 # the dry run's stand-ins: the same layout (GQA, tied or not), tiny
-DRY_SHAPES = {"llama-3.2-3b": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, head_dim=16, vocab_size=49152),
-              "llama-3.1-8b": dict(hidden_size=96, intermediate_size=192, num_hidden_layers=3, num_attention_heads=6,
-                                   num_key_value_heads=2, head_dim=16, vocab_size=49152)}
-WORDS = ("test effect sample power data rate user metric value group control mean the of and to in is for "
-         "variance lift error level design analysis").split()
+DRY_SHAPES = {
+    "llama-3.2-3b": dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=49152,
+    ),
+    "llama-3.1-8b": dict(
+        hidden_size=96,
+        intermediate_size=192,
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=16,
+        vocab_size=49152,
+    ),
+}
+WORDS = (
+    "test effect sample power data rate user metric value group control mean the of and to in is for "
+    "variance lift error level design analysis"
+).split()
 # variant -> overrides of params.yaml's train section (lora_dropout: of the lora section); "params" = as shipped,
 # "params_X" = the shipped profile with one thing changed, "seedbatch16" = the default of 2026-11. Rows in results/
 # record every option they ran with, so older tables stay readable after the variant names change.
-VARIANTS = {"params": {},
-            "params_gcfull": dict(gradient_checkpointing="full"),  # the memory-lean one-key switch
-            "params_gcsel": dict(gradient_checkpointing="selective"),
-            "params_nogc": dict(gradient_checkpointing="off"),
-            "params_nogroup": dict(grouped_lora=False),  # the fused LoRA function per projection (2026-11)
-            "params_gcfull_tok8k": dict(gradient_checkpointing="full", micro_batch="8192 tokens"),  # leaner still
-            "params_offload": dict(gradient_checkpointing="offload"),  # full, layer inputs in host memory
-            "seedbatch16": dict(micro_batch="16 conversations", fused_lora=False,
-                                lora_dropout=0.05, optim="paged_adamw_8bit", gradient_checkpointing="full"),
-            "params_dropout005": dict(lora_dropout=0.05), "params_peft": dict(fused_lora=False),
-            "params_paged": dict(optim="paged_adamw_8bit"), "params_adamw8bit": dict(optim="adamw_8bit"),
-            **{f"params_tok{k}k": dict(micro_batch=f"{k * 1024} tokens") for k in (8, 12, 24, 32)}}
+VARIANTS = {
+    "params": {},
+    "params_gcfull": dict(gradient_checkpointing="full"),  # the memory-lean one-key switch
+    "params_gcsel": dict(gradient_checkpointing="selective"),
+    "params_nogc": dict(gradient_checkpointing="off"),
+    "params_nogroup": dict(grouped_lora=False),  # the fused LoRA function per projection (2026-11)
+    "params_gcfull_tok8k": dict(gradient_checkpointing="full", micro_batch="8192 tokens"),  # leaner still
+    "params_offload": dict(gradient_checkpointing="offload"),  # full, layer inputs in host memory
+    "seedbatch16": dict(
+        micro_batch="16 conversations",
+        fused_lora=False,
+        lora_dropout=0.05,
+        optim="paged_adamw_8bit",
+        gradient_checkpointing="full",
+    ),
+    "params_dropout005": dict(lora_dropout=0.05),
+    "params_peft": dict(fused_lora=False),
+    "params_paged": dict(optim="paged_adamw_8bit"),
+    "params_adamw8bit": dict(optim="adamw_8bit"),
+    **{f"params_tok{k}k": dict(micro_batch=f"{k * 1024} tokens") for k in (8, 12, 24, 32)},
+}
 SPECIAL = ("plain", "unsloth", "unsloth_notebook", "probe")
 # suites: (architecture, variant, expected seconds on an H200 incl. start-up), most important first: a variant that
 # would pass --budget is skipped (and listed), the next smaller ones may still run
 B3, B8 = ARCHS
 SUITES = {
-    "issue21": [(B3, "params", 45), (B3, "unsloth", 150), (B3, "plain", 45), (B3, "params_gcfull", 40),
-                (B8, "params", 75), (B3, "probe", 100), (B8, "unsloth", 180), (B8, "probe", 150), (B8, "plain", 80),
-                (B3, "params_nogroup", 40), (B3, "params_nogc", 40), (B3, "unsloth_notebook", 120),
-                (B3, "params_gcfull_tok8k", 40), (B3, "params_gcsel", 40), (B3, "params_tok32k", 45)],
+    "issue21": [
+        (B3, "params", 45),
+        (B3, "unsloth", 150),
+        (B3, "plain", 45),
+        (B3, "params_gcfull", 40),
+        (B8, "params", 75),
+        (B3, "probe", 100),
+        (B8, "unsloth", 180),
+        (B8, "probe", 150),
+        (B8, "plain", 80),
+        (B3, "params_nogroup", 40),
+        (B3, "params_nogc", 40),
+        (B3, "unsloth_notebook", 120),
+        (B3, "params_gcfull_tok8k", 40),
+        (B3, "params_gcsel", 40),
+        (B3, "params_tok32k", 45),
+    ],
 }
 SUITES["smoke"] = [(B3, "params", 45), (B8, "params", 75)]  # the driver's whole path, quickly
 # the lean setting (offload) against Unsloth's memory, and larger token budgets for the default's speed
-SUITES["issue21-lean"] = [(B3, "params_offload", 45), (B3, "unsloth", 150), (B3, "params", 45),
-                          (B3, "params_gcfull", 40), (B3, "params_tok32k", 50), (B3, "params_tok24k", 45),
-                          (B8, "params_offload", 90)]
+SUITES["issue21-lean"] = [
+    (B3, "params_offload", 45),
+    (B3, "unsloth", 150),
+    (B3, "params", 45),
+    (B3, "params_gcfull", 40),
+    (B3, "params_tok32k", 50),
+    (B3, "params_tok24k", 45),
+    (B8, "params_offload", 90),
+]
 # the same in two calls
 SUITES["issue21-3b"] = [row for row in SUITES["issue21"] if row[0] == B3]
 SUITES["issue21-8b"] = [row for row in SUITES["issue21"] if row[0] == B8]
@@ -94,6 +140,7 @@ CHECKPOINT_SECONDS = {"llama-3.2-3b": 25, "llama-3.1-8b": 60}  # random weights 
 
 # ---------------------------------------------------------------------------------------------------------------
 # shared by the child processes (imports inside: the driver runs on the standard library alone)
+
 
 def steps(arch: str) -> tuple[int, int]:
     return DRY_STEPS if DRY else STEPS[arch]
@@ -113,12 +160,16 @@ def memory_peaks() -> dict:
     import torch
 
     if torch.cuda.is_available():
-        return {"peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-                "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2)}
+        return {
+            "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
+            "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
+        }
     import resource  # CPU dry run: the process's peak RSS stands in
 
-    return {"peak_alloc_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
-            "peak_reserved_gib": None}
+    return {
+        "peak_alloc_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "peak_reserved_gib": None,
+    }
 
 
 def reset_memory() -> None:
@@ -178,14 +229,21 @@ def emit(result: dict) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # the project's variants
 
+
 def shipped_params():
     """params.yaml's GPU profile; in a dry run shrunk to what a CPU runs (no Liger, no fused AdamW, short rows)."""
     from expqa.config import load_params
 
     params = load_params(REPO / "params.yaml").resolve(cuda=True)  # the gpu profile: the sections as written
     if DRY:
-        params.train = dataclasses.replace(params.train, use_liger_kernel=False, optim="adamw_torch",
-                                           micro_batch="512 tokens", max_seq_length=256, num_threads=2)
+        params.train = dataclasses.replace(
+            params.train,
+            use_liger_kernel=False,
+            optim="adamw_torch",
+            micro_batch="512 tokens",
+            max_seq_length=256,
+            num_threads=2,
+        )
     return params
 
 
@@ -202,11 +260,24 @@ def run_project(name: str, arch: str, base: Path, data: Path) -> dict:
     lora = dataclasses.replace(params.lora, dropout=overrides.pop("lora_dropout", params.lora.dropout))
     warm, timed = steps(arch)
     profile = name in os.environ.get("BENCH_PROFILE", "").split(",") and torch.cuda.is_available()
-    train = dataclasses.replace(params.train, max_steps=warm + timed + (2 if profile else 0), save_steps=10_000,
-                                logging_steps=warm + timed, **overrides)  # logs (and syncs) like a real run
-    runner = QLoRATrainer(train, lora=lora, quantization=params.quantization, seed=params.base.seed,
-                          base_model=base, data_dir=data, checkpoint_dir=WORK / f"ckpt_{arch}_{name}", metrics_dir=None,
-                          log_dir=None)
+    train = dataclasses.replace(
+        params.train,
+        max_steps=warm + timed + (2 if profile else 0),
+        save_steps=10_000,
+        logging_steps=warm + timed,
+        **overrides,
+    )  # logs (and syncs) like a real run
+    runner = QLoRATrainer(
+        train,
+        lora=lora,
+        quantization=params.quantization,
+        seed=params.base.seed,
+        base_model=base,
+        data_dir=data,
+        checkpoint_dir=WORK / f"ckpt_{arch}_{name}",
+        metrics_dir=None,
+        log_dir=None,
+    )
     reset_memory()
     runner.setup()
     runner.trainer.eval_dataset = None  # the bench data has no val split; nothing to evaluate
@@ -220,17 +291,32 @@ def run_project(name: str, arch: str, base: Path, data: Path) -> dict:
     c, choice = runner.config, runner.checkpointing
     recomputed = len(choice.checkpointed_layers) / choice.layers
     flops_per_token = (4 + 2 * recomputed) * param_count(runner.trainer.model.config)
-    return {"variant": f"expqa:{name}", "arch": arch, "micro_batch": c.per_device_train_batch_size,
-            "tokens_per_micro_batch": c.tokens_per_micro_batch, "fused_lora": c.fused_lora,
-            "grouped_lora": c.grouped_lora, "optim": c.optim, "grad_accum": c.gradient_accumulation_steps,
-            "padding_free": c.padding_free, "gradient_checkpointing": choice.mode,
-            "gradient_checkpointing_requested": c.gradient_checkpointing,
-            "checkpointed_layers": f"{len(choice.checkpointed_layers)}/{choice.layers}",
-            "gc_estimate_gib": choice.estimate_gib, "gc_available_gib": choice.available_gib,
-            "lora_dropout": lora.dropout, "attn": c.attn_implementation, "liger": c.use_liger_kernel,
-            "warm_steps": warm, "timed_steps": timed, "timed_tokens": timer.tokens, "tok_per_s": round(tok_s),
-            "mfu_vs_790T": round(tok_s * flops_per_token / PEAK_FLOPS, 3), **memory_peaks(),
-            "last_loss": last_loss(runner.trainer)}
+    return {
+        "variant": f"expqa:{name}",
+        "arch": arch,
+        "micro_batch": c.per_device_train_batch_size,
+        "tokens_per_micro_batch": c.tokens_per_micro_batch,
+        "fused_lora": c.fused_lora,
+        "grouped_lora": c.grouped_lora,
+        "optim": c.optim,
+        "grad_accum": c.gradient_accumulation_steps,
+        "padding_free": c.padding_free,
+        "gradient_checkpointing": choice.mode,
+        "gradient_checkpointing_requested": c.gradient_checkpointing,
+        "checkpointed_layers": f"{len(choice.checkpointed_layers)}/{choice.layers}",
+        "gc_estimate_gib": choice.estimate_gib,
+        "gc_available_gib": choice.available_gib,
+        "lora_dropout": lora.dropout,
+        "attn": c.attn_implementation,
+        "liger": c.use_liger_kernel,
+        "warm_steps": warm,
+        "timed_steps": timed,
+        "timed_tokens": timer.tokens,
+        "tok_per_s": round(tok_s),
+        "mfu_vs_790T": round(tok_s * flops_per_token / PEAK_FLOPS, 3),
+        **memory_peaks(),
+        "last_loss": last_loss(runner.trainer),
+    }
 
 
 def profiler_callback(base_class, after_step: int, path: Path):
@@ -248,8 +334,9 @@ def profiler_callback(base_class, after_step: int, path: Path):
             elif state.global_step == after_step + 2 and self.prof is not None:
                 sync()
                 self.prof.__exit__(None, None, None)
-                table = self.prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30,
-                                                       max_name_column_width=70)
+                table = self.prof.key_averages().table(
+                    sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=70
+                )
                 path.write_text(table)
                 print(table, flush=True)
                 self.prof = None
@@ -271,18 +358,25 @@ def run_plain(arch: str, base: Path) -> dict:
             def __init__(self, n, seqlen, lengths=None):
                 super().__init__(n, seqlen, lengths)
                 self.items = [ids % 49152 for ids in self.items]
+
         plain.DS = SmallVocab
     from transformers import AutoConfig
 
     plain.N_PARAMS = param_count(AutoConfig.from_pretrained(base))
     plain.run("real_pad")
     row = json.loads((Path(plain.OUT) / "results.jsonl").read_text().splitlines()[-1])
-    return {"variant": "plain:real_pad", "arch": arch, "warm_steps": plain.WARM, "timed_steps": plain.TIMED,
-            **{k: row[k] for k in ("tok_per_s", "mfu_vs_790T", "peak_alloc_gib", "peak_reserved_gib", "last_loss")}}
+    return {
+        "variant": "plain:real_pad",
+        "arch": arch,
+        "warm_steps": plain.WARM,
+        "timed_steps": plain.TIMED,
+        **{k: row[k] for k in ("tok_per_s", "mfu_vs_790T", "peak_alloc_gib", "peak_reserved_gib", "last_loss")},
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # the longest single conversation that trains (lean setting: every layer checkpointed)
+
 
 def run_probe(arch: str, base: Path) -> dict:
     import gc
@@ -294,9 +388,16 @@ def run_probe(arch: str, base: Path) -> dict:
 
     params = shipped_params()
     c = params.train
-    model, _ = load_for_training(base, params.quantization, params.lora, bf16=c.bf16, gradient_checkpointing=True,
-                                 attn_implementation=c.attn_implementation, fused_lora=c.fused_lora,
-                                 grouped_lora=c.grouped_lora)
+    model, _ = load_for_training(
+        base,
+        params.quantization,
+        params.lora,
+        bf16=c.bf16,
+        gradient_checkpointing=True,
+        attn_implementation=c.attn_implementation,
+        fused_lora=c.fused_lora,
+        grouped_lora=c.grouped_lora,
+    )
     checkpointing.apply(model, checkpointing.choose("full", checkpointing.Shape.of(model.config), 1))
     if c.use_liger_kernel:  # as the Trainer applies it (fused linear cross-entropy: no full logits)
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
@@ -374,16 +475,31 @@ def run_probe(arch: str, base: Path) -> dict:
         total = torch.cuda.get_device_properties(0).total_memory / 2**30 * 0.97
         if m2 > m1:
             estimate = int(l2 + (total - m2) * (l2 - l1) / (m2 - m1))
-    why = ("out of memory above" if high is not None else
-           "the model's context (max_position_embeddings)" if low >= cap else "the time cap")
-    return {"variant": "expqa:probe", "arch": arch, "gradient_checkpointing": "full", "longest_trained": low,
-            "first_oom": high, "stopped_by": why, "memory_bound_estimate": estimate, "context": context,
-            "probe_seconds": seconds, "trials": trials,
-            "peak_alloc_gib": max((t["peak_alloc_gib"] for t in fits), default=None)}
+    why = (
+        "out of memory above"
+        if high is not None
+        else "the model's context (max_position_embeddings)"
+        if low >= cap
+        else "the time cap"
+    )
+    return {
+        "variant": "expqa:probe",
+        "arch": arch,
+        "gradient_checkpointing": "full",
+        "longest_trained": low,
+        "first_oom": high,
+        "stopped_by": why,
+        "memory_bound_estimate": estimate,
+        "context": context,
+        "probe_seconds": seconds,
+        "trials": trials,
+        "peak_alloc_gib": max((t["peak_alloc_gib"] for t in fits), default=None),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # one variant in this process
+
 
 def make_data(n: int, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
@@ -396,8 +512,19 @@ def make_data(n: int, out: Path) -> Path:
             if DRY:
                 length = max(8, length // 8)
             text = " ".join(rng.choice(WORDS) for _ in range(max(1, length - 30)))  # ~30 template tokens
-            handle.write(json.dumps({"id": f"b{i}", "source": "bench", "messages": [
-                {"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": text}]}) + "\n")
+            handle.write(
+                json.dumps(
+                    {
+                        "id": f"b{i}",
+                        "source": "bench",
+                        "messages": [
+                            {"role": "user", "content": f"Question {i}?"},
+                            {"role": "assistant", "content": text},
+                        ],
+                    }
+                )
+                + "\n"
+            )
     (out / "val.jsonl").write_text("")
     return out
 
@@ -433,6 +560,7 @@ def run_one(name: str, arch: str, base: Path, data: Path) -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # tables
 
+
 def shape_of(r: dict) -> str:
     if r["variant"].startswith("plain"):
         return "2 conv x 4 padded, PEFT LoRA, dropout 0.05, paged_adamw_8bit, SDPA, full GC"
@@ -440,11 +568,11 @@ def shape_of(r: dict) -> str:
         return r.get("recipe", "")
     if r["variant"] == "expqa:probe":
         return "one conversation, lean (full GC)"
-    batch = f"{r['tokens_per_micro_batch']:,} tokens" if r.get("tokens_per_micro_batch") else \
-        f"{r['micro_batch']} conv"
+    batch = f"{r['tokens_per_micro_batch']:,} tokens" if r.get("tokens_per_micro_batch") else f"{r['micro_batch']} conv"
     lora = ("grouped fused" if r.get("grouped_lora") else "fused") if r["fused_lora"] else "PEFT"
-    gc = r["gradient_checkpointing"] + (f" ({r['checkpointed_layers']} layers)" if r["gradient_checkpointing"] ==
-                                        "selective" else "")
+    gc = r["gradient_checkpointing"] + (
+        f" ({r['checkpointed_layers']} layers)" if r["gradient_checkpointing"] == "selective" else ""
+    )
     if r.get("gradient_checkpointing_requested") == "auto":
         gc = f"auto -> {gc}"
     return f"{batch} x {r['grad_accum']}, {lora} LoRA, dropout {r['lora_dropout']}, {r['optim']}, GC {gc}"
@@ -458,9 +586,13 @@ def write_tables(out_dir: Path, stamp: str, results: list[dict], notes: list[str
     devices = sorted({r.get("device", "") for r in results if r.get("device")})
     record = {"date": stamp, "device": ", ".join(devices), "results": results, "notes": notes}
     (out_dir / f"gpu_train_{stamp}.json").write_text(json.dumps(record, indent=2) + "\n")
-    lines = [f"# GPU train benchmark, {stamp}, {', '.join(devices) or 'no result yet'}", "",
-             "| arch | variant | micro-batch x GA, options | real tok/s | x Unsloth | x plain | MFU | peak alloc GiB | "
-             "peak reserved GiB | loss |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# GPU train benchmark, {stamp}, {', '.join(devices) or 'no result yet'}",
+        "",
+        "| arch | variant | micro-batch x GA, options | real tok/s | x Unsloth | x plain | MFU | peak alloc GiB | "
+        "peak reserved GiB | loss |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     reference = {}
     for r in results:
         if "tok_per_s" in r and (r["variant"] == "unsloth" or r["variant"].startswith("plain")):
@@ -475,33 +607,50 @@ def write_tables(out_dir: Path, stamp: str, results: list[dict], notes: list[str
             lines.append(f"| {arch} | {r['variant']} | {r.get('error', r.get('skipped', ''))[:160]} | | | | | | | |")
             continue
         reserved = r.get("peak_reserved_gib")
-        lines.append(f"| {arch} | {r['variant']} | {shape_of(r)} | {r['tok_per_s']:,} | "
-                     f"{ratio(r['tok_per_s'], reference.get((arch, 'unsloth')))} | "
-                     f"{ratio(r['tok_per_s'], reference.get((arch, 'plain')))} | {r['mfu_vs_790T']:.0%} | "
-                     f"{r['peak_alloc_gib']} | {'' if reserved is None else reserved} | {r.get('last_loss')} |")
-    steps_text = ", ".join(f"{a}: {w} warm-up + {t} timed" for a, (w, t) in STEPS.items()) + \
-        "; plain: " + ", ".join(f"{w} + {t}" for w, t in PLAIN_STEPS.values())
-    lines += ["", "real tok/s: non-padding tokens per second over the timed optimizer steps after warm-up "
-              f"({steps_text}); "
-              "x Unsloth / x plain: ratio to the `unsloth` / plain row of the same architecture in this call. MFU: "
-              "(4 + 2 x checkpointed layers / layers) x N FLOPs per token (N: parameters incl. embeddings; 3.21e9 and "
-              "8.03e9) / 790 TFLOP/s bf16 dense (measured on the card). Peak memory: torch.cuda.max_memory_allocated "
-              "/ max_memory_reserved, one process per row. loss: last logged training loss of random weights on each "
-              "recipe's own batches, not comparable across rows (packed = unpacked loss is tested on CPU)."]
+        lines.append(
+            f"| {arch} | {r['variant']} | {shape_of(r)} | {r['tok_per_s']:,} | "
+            f"{ratio(r['tok_per_s'], reference.get((arch, 'unsloth')))} | "
+            f"{ratio(r['tok_per_s'], reference.get((arch, 'plain')))} | {r['mfu_vs_790T']:.0%} | "
+            f"{r['peak_alloc_gib']} | {'' if reserved is None else reserved} | {r.get('last_loss')} |"
+        )
+    steps_text = (
+        ", ".join(f"{a}: {w} warm-up + {t} timed" for a, (w, t) in STEPS.items())
+        + "; plain: "
+        + ", ".join(f"{w} + {t}" for w, t in PLAIN_STEPS.values())
+    )
+    lines += [
+        "",
+        "real tok/s: non-padding tokens per second over the timed optimizer steps after warm-up "
+        f"({steps_text}); "
+        "x Unsloth / x plain: ratio to the `unsloth` / plain row of the same architecture in this call. MFU: "
+        "(4 + 2 x checkpointed layers / layers) x N FLOPs per token (N: parameters incl. embeddings; 3.21e9 and "
+        "8.03e9) / 790 TFLOP/s bf16 dense (measured on the card). Peak memory: torch.cuda.max_memory_allocated "
+        "/ max_memory_reserved, one process per row. loss: last logged training loss of random weights on each "
+        "recipe's own batches, not comparable across rows (packed = unpacked loss is tested on CPU).",
+    ]
     if probes:
-        lines += ["", "| arch | longest conversation that trained | stopped by | peak alloc GiB | s per step | "
-                  "memory-bound estimate |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "| arch | longest conversation that trained | stopped by | peak alloc GiB | s per step | "
+            "memory-bound estimate |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in probes:
             best = next((t for t in reversed(r["trials"]) if t["ok"] and t["tokens"] == r["longest_trained"]), {})
             estimate = f"~{r['memory_bound_estimate']:,} tokens" if r.get("memory_bound_estimate") else ""
-            lines.append(f"| {r['arch']} | {r['longest_trained']:,} tokens | {r['stopped_by']}"
-                         f"{' ' + format(r['first_oom'], ',') if r.get('first_oom') else ''} | "
-                         f"{best.get('peak_alloc_gib', '')} | {best.get('seconds', '')} | {estimate} |")
-        lines += ["", "Probe: one conversation of N random tokens, one optimizer step, train.gradient_checkpointing: "
-                  "full, the rest as shipped; N doubles from 16,384 up to the model's context (131,072), bisects "
-                  "after an out-of-memory error, and stops before a step whose predicted time would pass the time cap. "
-                  "Memory-bound estimate: the peak's linear growth between the last two lengths, extrapolated to 97 % "
-                  "of the card."]
+            lines.append(
+                f"| {r['arch']} | {r['longest_trained']:,} tokens | {r['stopped_by']}"
+                f"{' ' + format(r['first_oom'], ',') if r.get('first_oom') else ''} | "
+                f"{best.get('peak_alloc_gib', '')} | {best.get('seconds', '')} | {estimate} |"
+            )
+        lines += [
+            "",
+            "Probe: one conversation of N random tokens, one optimizer step, train.gradient_checkpointing: "
+            "full, the rest as shipped; N doubles from 16,384 up to the model's context (131,072), bisects "
+            "after an out-of-memory error, and stops before a step whose predicted time would pass the time cap. "
+            "Memory-bound estimate: the peak's linear growth between the last two lengths, extrapolated to 97 % "
+            "of the card.",
+        ]
     lines += [""] + [f"- {note}" for note in notes]
     text = "\n".join(lines) + "\n"
     (out_dir / f"gpu_train_{stamp}.md").write_text(text)
@@ -513,29 +662,54 @@ def short_table(results: list[dict]) -> str:
     for r in results:
         if r["variant"] == "expqa:probe" and "longest_trained" in r:
             estimate = r.get("memory_bound_estimate")
-            rows.append(f"{r['arch']:13} {'probe':22} {'':>8}  {str(r.get('peak_alloc_gib')):>8}  longest "
-                        f"{r['longest_trained']:,} ({r['stopped_by']})"
-                        + (f", memory-bound ~{estimate:,}" if estimate else ""))
+            rows.append(
+                f"{r['arch']:13} {'probe':22} {'':>8}  {str(r.get('peak_alloc_gib')):>8}  longest "
+                f"{r['longest_trained']:,} ({r['stopped_by']})" + (f", memory-bound ~{estimate:,}" if estimate else "")
+            )
         elif "tok_per_s" in r:
-            note = f"GC {r.get('gradient_checkpointing', '')} {r.get('checkpointed_layers', '')}".strip() \
-                if r["variant"].startswith("expqa") else r.get("recipe", "")[:40]
-            rows.append(f"{r.get('arch', ''):13} {r['variant']:22} {r['tok_per_s']:>8,}  "
-                        f"{str(r.get('peak_alloc_gib')):>8}  {note}")
+            note = (
+                f"GC {r.get('gradient_checkpointing', '')} {r.get('checkpointed_layers', '')}".strip()
+                if r["variant"].startswith("expqa")
+                else r.get("recipe", "")[:40]
+            )
+            rows.append(
+                f"{r.get('arch', ''):13} {r['variant']:22} {r['tok_per_s']:>8,}  "
+                f"{str(r.get('peak_alloc_gib')):>8}  {note}"
+            )
         else:
-            rows.append(f"{r.get('arch', ''):13} {r['variant']:22} {'-':>8}  {'':>8}  "
-                        f"{(r.get('error') or r.get('skipped', ''))[:90]}")
+            rows.append(
+                f"{r.get('arch', ''):13} {r['variant']:22} {'-':>8}  {'':>8}  "
+                f"{(r.get('error') or r.get('skipped', ''))[:90]}"
+            )
     return "\n".join(rows)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # the driver
 
+
 def install_site(wheels: Path, target: Path, log: Path) -> str:
     """pip install --no-deps --target: a site folder of exactly these wheels; returns a one-line summary."""
     files = sorted(str(w) for w in wheels.glob("*.whl"))
     started = time.time()
-    proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                           "--upgrade", "--target", str(target), *files], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-index",
+            "--no-deps",
+            "--no-compile",
+            "--upgrade",
+            "--target",
+            str(target),
+            *files,
+        ],
+        capture_output=True,
+        text=True,
+    )
     log.write_text(proc.stdout + proc.stderr)
     if proc.returncode:
         raise SystemExit(f"installing {wheels} into {target} failed:\n{(proc.stdout + proc.stderr)[-2000:]}")
@@ -545,10 +719,19 @@ def install_site(wheels: Path, target: Path, log: Path) -> str:
 def child_env(site: Path | None) -> dict:
     paths = [str(site)] if site else []
     paths += [str(REPO / "src"), str(HERE)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths + [os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-           "TOKENIZERS_PARALLELISM": "false", "DVC_NO_ANALYTICS": "1", "BENCH_DIR": str(WORK),
-           "UNSLOTH_COMPILE_LOCATION": str(WORK / "unsloth_compiled_cache"), "UNSLOTH_DISABLE_STATISTICS": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(paths + [os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "DVC_NO_ANALYTICS": "1",
+        "BENCH_DIR": str(WORK),
+        "UNSLOTH_COMPILE_LOCATION": str(WORK / "unsloth_compiled_cache"),
+        "UNSLOTH_DISABLE_STATISTICS": "1",
+    }
     if DRY:
         env["BENCH_DRY_RUN"] = "1"
     return env
@@ -558,8 +741,14 @@ def run_child(args: list[str], env: dict, timeout: float, log: Path) -> tuple[di
     """Run `gpu_train.py --one ...` in its own process; return (its RESULT, the tail of its output)."""
     with open(log, "w") as handle:
         try:
-            proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), *args], env=env, cwd=str(REPO),
-                                  stdout=handle, stderr=subprocess.STDOUT, timeout=timeout)
+            proc = subprocess.run(
+                [sys.executable, str(Path(__file__).resolve()), *args],
+                env=env,
+                cwd=str(REPO),
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                timeout=timeout,
+            )
             code = proc.returncode
         except subprocess.TimeoutExpired:
             code = "timeout"
@@ -568,7 +757,7 @@ def run_child(args: list[str], env: dict, timeout: float, log: Path) -> tuple[di
 
 def read_result(log: Path, code, timeout: float) -> tuple[dict | None, str]:
     text = log.read_text(errors="replace")
-    results = [line[len("RESULT "):] for line in text.splitlines() if line.startswith("RESULT ")]
+    results = [line[len("RESULT ") :] for line in text.splitlines() if line.startswith("RESULT ")]
     if results:
         return json.loads(results[-1]), ""
     last = ([line for line in text.strip().splitlines() if line.strip()] or ["no output"])[-1]
@@ -580,8 +769,13 @@ def read_result(log: Path, code, timeout: float) -> tuple[dict | None, str]:
 def prepare_in_background(arch: str, tokenizer: Path, site: Path | None, log: Path) -> subprocess.Popen:
     """Random weights of a later architecture, made on the CPU with 4 threads while the GPU measures others."""
     env = {**child_env(site), "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "4"}
-    return subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--prepare", arch, str(tokenizer)],
-                            env=env, cwd=str(REPO), stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), "--prepare", arch, str(tokenizer)],
+        env=env,
+        cwd=str(REPO),
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+    )
 
 
 def freeze_of_host(path: Path) -> set[str]:
@@ -591,8 +785,7 @@ def freeze_of_host(path: Path) -> set[str]:
 
 
 def pip_check(site: Path, log: Path) -> str:
-    proc = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True, text=True,
-                          env=child_env(site))
+    proc = subprocess.run([sys.executable, "-m", "pip", "check"], capture_output=True, text=True, env=child_env(site))
     log.write_text(proc.stdout + proc.stderr)
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     return f"pip check with {site.name}: {len(lines)} line(s)" + (f", first: {lines[0]}" if lines else "")
@@ -620,8 +813,10 @@ def suite(args) -> int:
         carried = sorted(w.name.split("-")[0].lower().replace("_", "-") for w in Path(wheels).glob("*.whl"))
         already = [name for name in carried if name in host]
         target = WORK / f"site_{key}"
-        notes.append(install_site(Path(wheels), target, logs / f"install_{key}.log")
-                     + (f"; the host already has {', '.join(already)}" if already else ""))
+        notes.append(
+            install_site(Path(wheels), target, logs / f"install_{key}.log")
+            + (f"; the host already has {', '.join(already)}" if already else "")
+        )
         notes.append(pip_check(target, logs / f"pip_check_{key}.txt"))
         sites[key] = target
     print("\n".join(notes), flush=True)
@@ -641,8 +836,13 @@ def suite(args) -> int:
         making = 0 if arch in bases or arch in background else CHECKPOINT_SECONDS[arch]
         need = round(scale * expected + making)
         if args.budget and elapsed + need > args.budget:
-            results.append({"variant": variant, "arch": arch,
-                            "skipped": f"skipped: {elapsed:.0f} s used + ~{need} s expected > {args.budget} s budget"})
+            results.append(
+                {
+                    "variant": variant,
+                    "arch": arch,
+                    "skipped": f"skipped: {elapsed:.0f} s used + ~{need} s expected > {args.budget} s budget",
+                }
+            )
             print(f"skip {arch} {variant}: time budget", flush=True)
             continue
         site = sites.get("unsloth" if variant.startswith("unsloth") else "expqa")
@@ -658,8 +858,9 @@ def suite(args) -> int:
                     code = "timeout"
                 result, tail = read_result(log, code, 600)
             else:
-                result, tail = run_child(["--prepare", arch, str(args.tokenizer)], child_env(sites.get("expqa")),
-                                         600, log)
+                result, tail = run_child(
+                    ["--prepare", arch, str(args.tokenizer)], child_env(sites.get("expqa")), 600, log
+                )
             if result is None:
                 failed[arch] = tail
                 results.append({"variant": variant, "arch": arch, "error": f"no checkpoint: {tail}"})
@@ -669,13 +870,15 @@ def suite(args) -> int:
             notes.append(f"{arch}: random checkpoint ready after {time.time() - t0:.0f} s more")
             for other in dict.fromkeys(a for a, _, _ in plan):  # the later architectures' weights, meanwhile
                 if other not in bases and other not in background and other not in failed:
-                    background[other] = prepare_in_background(other, args.tokenizer, sites.get("expqa"),
-                                                              logs / f"prepare_{other}.log")
+                    background[other] = prepare_in_background(
+                        other, args.tokenizer, sites.get("expqa"), logs / f"prepare_{other}.log"
+                    )
         remaining = (args.budget - (time.time() - started)) if args.budget else 3600
         timeout = 900.0 if DRY else max(30.0, min(remaining, need * 3))  # a shared CPU is slow and uneven
         t0 = time.time()
-        result, tail = run_child(["--one", variant, arch, str(bases[arch]), str(data)], env, timeout,
-                                 logs / f"{arch}_{variant}.log")
+        result, tail = run_child(
+            ["--one", variant, arch, str(bases[arch]), str(data)], env, timeout, logs / f"{arch}_{variant}.log"
+        )
         if result is None:
             result = {"variant": variant, "arch": arch, "error": tail}
         result["wall_seconds"] = round(time.time() - t0, 1)
@@ -709,8 +912,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--suite", choices=sorted(SUITES))
     parser.add_argument("--arch", choices=ARCHS, default=os.environ.get("ARCH", "llama-3.2-3b"))
     parser.add_argument("--results", default=str(RESULTS), help="tables, logs, host freeze (on a lent GPU: $OUT)")
-    parser.add_argument("--tokenizer", type=Path,
-                        default=Path(os.environ.get("TOKENIZER_DIR", REPO / "models" / "base")))
+    parser.add_argument(
+        "--tokenizer", type=Path, default=Path(os.environ.get("TOKENIZER_DIR", REPO / "models" / "base"))
+    )
     parser.add_argument("--wheels", help="wheels for the project's variants (one --target site folder)")
     parser.add_argument("--unsloth-wheels", help="wheels for the Unsloth variants (a second site folder)")
     parser.add_argument("--budget", type=float, default=0, help="seconds for the whole suite; 0 = no limit")

@@ -60,24 +60,32 @@ PER_CUDA_LIBRARIES = {"bitsandbytes": re.compile(r"libbitsandbytes_(?:cuda(\d+)|
 # ---------------------------------------------------------------------------------------------------------------
 # lock
 
+
 def write_lock(python: str) -> None:
     """requirements.lock = this environment's versions (what the tests ran with) + the gpu extra's packages."""
-    frozen = subprocess.run([python, "-m", "pip", "freeze", "--exclude-editable"], check=True,
-                            capture_output=True, text=True).stdout.split()
+    frozen = subprocess.run(
+        [python, "-m", "pip", "freeze", "--exclude-editable"], check=True, capture_output=True, text=True
+    ).stdout.split()
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
-        subprocess.run([python, "-m", "pip", "install", "--quiet", "--dry-run", "--report", str(report),
-                        f"{REPO}[gpu]"], check=True)
-        extra = [f"{item['metadata']['name']}=={item['metadata']['version']}"
-                 for item in json.loads(report.read_text())["install"]
-                 if canonicalize_name(item["metadata"]["name"]) != "expqa"]
+        subprocess.run(
+            [python, "-m", "pip", "install", "--quiet", "--dry-run", "--report", str(report), f"{REPO}[gpu]"],
+            check=True,
+        )
+        extra = [
+            f"{item['metadata']['name']}=={item['metadata']['version']}"
+            for item in json.loads(report.read_text())["install"]
+            if canonicalize_name(item["metadata"]["name"]) != "expqa"
+        ]
     pins = {}
     for line in frozen + extra:
         name, _, version = line.partition("==")
         if version and not TORCH_FAMILY.match(canonicalize_name(name)):
             pins[canonicalize_name(name)] = version
-    LOCK.write_text("# exact versions `make install` installs (constraints); regenerate with `make lock`\n"
-                    + "".join(f"{name}=={version}\n" for name, version in sorted(pins.items())))
+    LOCK.write_text(
+        "# exact versions `make install` installs (constraints); regenerate with `make lock`\n"
+        + "".join(f"{name}=={version}\n" for name, version in sorted(pins.items()))
+    )
     print(f"{LOCK.name}: {len(pins)} packages")
 
 
@@ -99,6 +107,7 @@ def read_pins(path: Path) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------------------------
 # which packages the target needs
 
+
 def requirements_of(name: str, wheels: Path) -> list[str]:
     """Requires-Dist of an installed distribution, or of its wheel in `wheels` when it is not installed here."""
     try:
@@ -114,9 +123,16 @@ def requirements_of(name: str, wheels: Path) -> list[str]:
 
 
 def target_environment(python_version: str) -> dict[str, str]:
-    return {"python_version": python_version, "python_full_version": f"{python_version}.0", "os_name": "posix",
-            "sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64",
-            "implementation_name": "cpython", "platform_python_implementation": "CPython"}
+    return {
+        "python_version": python_version,
+        "python_full_version": f"{python_version}.0",
+        "os_name": "posix",
+        "sys_platform": "linux",
+        "platform_system": "Linux",
+        "platform_machine": "x86_64",
+        "implementation_name": "cpython",
+        "platform_python_implementation": "CPython",
+    }
 
 
 def applies(req: Requirement, env: dict[str, str], extras: list[str] | None) -> bool:
@@ -124,8 +140,14 @@ def applies(req: Requirement, env: dict[str, str], extras: list[str] | None) -> 
     return not req.marker or any(req.marker.evaluate({**env, "extra": e}) for e in extras or [""])
 
 
-def needed_packages(extras: list[str], python_version: str, pins: dict[str, str], host: dict[str, str],
-                    wheels: Path, roots: list[str] | None = None) -> list[str]:
+def needed_packages(
+    extras: list[str],
+    python_version: str,
+    pins: dict[str, str],
+    host: dict[str, str],
+    wheels: Path,
+    roots: list[str] | None = None,
+) -> list[str]:
     """Names in the dependency closure of expqa[extras] (or of `roots`) on the target Python, torch's family excluded.
 
     The walk stops at packages the host keeps: their own requirements are the host's (its pip check).
@@ -151,10 +173,24 @@ def needed_packages(extras: list[str], python_version: str, pins: dict[str, str]
 # ---------------------------------------------------------------------------------------------------------------
 # download, build, trim
 
+
 def download(specs: list[str], out: Path, python_version: str, platforms: list[str]) -> None:
     """Wheels for the target, in one pip call; a spec with no wheel for it is built here if it is pure Python."""
-    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-           "--python-version", python_version, "--implementation", "cp", "-d", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--quiet",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--python-version",
+        python_version,
+        "--implementation",
+        "cp",
+        "-d",
+        str(out),
+    ]
     for platform in platforms:
         cmd += ["--platform", platform]
     if not specs or subprocess.run(cmd + specs, capture_output=True, text=True).returncode == 0:
@@ -163,12 +199,17 @@ def download(specs: list[str], out: Path, python_version: str, platforms: list[s
         if subprocess.run(cmd + [spec], capture_output=True, text=True).returncode == 0:
             continue
         with tempfile.TemporaryDirectory() as tmp:
-            built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", tmp, spec],
-                                   capture_output=True, text=True)
+            built = subprocess.run(
+                [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", tmp, spec],
+                capture_output=True,
+                text=True,
+            )
             wheels = list(Path(tmp).glob("*.whl"))
             if built.returncode or not wheels or not wheels[0].name.endswith("-none-any.whl"):
-                raise SystemExit(f"wheelhouse: no wheel of {spec} for Python {python_version} on {platforms[0]}, "
-                                 f"and it does not build as pure Python here ({built.stderr.strip()[-300:]})")
+                raise SystemExit(
+                    f"wheelhouse: no wheel of {spec} for Python {python_version} on {platforms[0]}, "
+                    f"and it does not build as pure Python here ({built.stderr.strip()[-300:]})"
+                )
             shutil.move(str(wheels[0]), out / wheels[0].name)
             print(f"  built {wheels[0].name} from source (pure Python)")
 
@@ -182,20 +223,24 @@ def trim_cuda_libraries(wheel: Path, cuda: str) -> int:
     before = wheel.stat().st_size
     trimmed = wheel.with_suffix(".trimmed")
     with zipfile.ZipFile(wheel) as src, zipfile.ZipFile(trimmed, "w", zipfile.ZIP_DEFLATED) as dst:
-        dropped = {info.filename for info in src.infolist()
-                   if (m := pattern.search(info.filename)) and m.group(1) != cuda}  # rocm: group 1 is None
+        dropped = {
+            info.filename for info in src.infolist() if (m := pattern.search(info.filename)) and m.group(1) != cuda
+        }  # rocm: group 1 is None
         for info in src.infolist():
             if info.filename in dropped:
                 continue
             data = src.read(info.filename)
             if info.filename.endswith(".dist-info/RECORD"):  # RECORD lists every file: drop the removed ones
-                data = "".join(line + "\n" for line in data.decode().splitlines()
-                               if line.split(",", 1)[0] not in dropped).encode()
+                data = "".join(
+                    line + "\n" for line in data.decode().splitlines() if line.split(",", 1)[0] not in dropped
+                ).encode()
             dst.writestr(info, data)
     if not any((m := pattern.search(n)) and m.group(1) == cuda for n in zipfile.ZipFile(trimmed).namelist()):
         trimmed.unlink()
-        raise SystemExit(f"wheelhouse: {wheel.name} has no library for CUDA {cuda}; check --cuda (torch.version.cuda "
-                         "without the dot, e.g. 130 for 13.0)")
+        raise SystemExit(
+            f"wheelhouse: {wheel.name} has no library for CUDA {cuda}; check --cuda (torch.version.cuda "
+            "without the dot, e.g. 130 for 13.0)"
+        )
     trimmed.replace(wheel)
     return before - wheel.stat().st_size
 
@@ -211,8 +256,9 @@ def drop_folders(wheel: Path, folders: list[str]) -> int:
                 continue
             data = src.read(info.filename)
             if info.filename.endswith(".dist-info/RECORD"):
-                data = "".join(line + "\n" for line in data.decode().splitlines()
-                               if line.split(",", 1)[0] not in dropped).encode()
+                data = "".join(
+                    line + "\n" for line in data.decode().splitlines() if line.split(",", 1)[0] not in dropped
+                ).encode()
             dst.writestr(info, data)
     trimmed.replace(wheel)
     return before - wheel.stat().st_size
@@ -226,8 +272,9 @@ def wheel_version(wheel: Path) -> str:
     return wheel.name.split("-")[1]
 
 
-def resolve_unpinned(roots: list[str], python_version: str, platforms: list[str], host: dict[str, str],
-                     out: Path) -> tuple[list[str], list[str]]:
+def resolve_unpinned(
+    roots: list[str], python_version: str, platforms: list[str], host: dict[str, str], out: Path
+) -> tuple[list[str], list[str]]:
     """Download the closure of `roots` that the host lacks, choosing versions here; returns (names, problems).
 
     Breadth first: the roots' own specs come first, so a root pin (trl==1.15.0) wins over what its dependants
@@ -255,8 +302,11 @@ def resolve_unpinned(roots: list[str], python_version: str, platforms: list[str]
                     problems.append(f"{parent} needs {req}; chosen: {name} {got} (pin it with --requirement)")
                 continue
             wanted[name] = (req, sorted(req.extras), parent)
-        fresh = [n for n in wanted if n not in chosen or
-                 not wanted[n][0].specifier.contains(wheel_version(chosen[n]), prereleases=True)]
+        fresh = [
+            n
+            for n in wanted
+            if n not in chosen or not wanted[n][0].specifier.contains(wheel_version(chosen[n]), prereleases=True)
+        ]
         with tempfile.TemporaryDirectory() as tmp:
             download([f"{n}{wanted[n][0].specifier}" for n in fresh], Path(tmp), python_version, platforms)
             for wheel in Path(tmp).glob("*.whl"):
@@ -268,8 +318,10 @@ def resolve_unpinned(roots: list[str], python_version: str, platforms: list[str]
         level = []
         for name, (_, extras, _) in wanted.items():
             resolved.add(name)
-            level += [(Requirement(text), extras, f"{name} {wheel_version(chosen[name])}")
-                      for text in requirements_of_wheel(chosen[name])]
+            level += [
+                (Requirement(text), extras, f"{name} {wheel_version(chosen[name])}")
+                for text in requirements_of_wheel(chosen[name])
+            ]
     return sorted(resolved), problems
 
 
@@ -297,10 +349,15 @@ def build(args) -> None:
     else:
         pins = read_pins(LOCK)
         # locked packages not installed here (the gpu extra's): their wheels first, to read their requirements
-        download([f"{n}=={v}" for n, v in pins.items() if n not in host and not _installed(n)], out, args.python,
-                 args.platform)
-        needed = needed_packages([e for e in args.extras.split(",") if e], args.python, pins, host, out,
-                                 roots=args.requirement)
+        download(
+            [f"{n}=={v}" for n, v in pins.items() if n not in host and not _installed(n)],
+            out,
+            args.python,
+            args.platform,
+        )
+        needed = needed_packages(
+            [e for e in args.extras.split(",") if e], args.python, pins, host, out, roots=args.requirement
+        )
         shipped = [n for n in needed if n not in host]
         # present files are skipped; setuptools builds the editable install (pip's isolated build env, offline)
         backend = [] if args.requirement else [BUILD_BACKEND]
@@ -323,10 +380,11 @@ def build(args) -> None:
     if not args.requirement:
         (out / "extras").write_text(args.extras + "\n")  # what `make install WHEELHOUSE=...` installs
     size = sum(w.stat().st_size for w in out.glob("*.whl"))
-    print(f"wheelhouse {out}: {len(list(out.glob('*.whl')))} wheels, {size / 2**20:.1f} MiB"
-          + (f" ({saved / 2**20:.1f} MiB of other CUDA versions' libraries or dropped folders removed)" if saved
-             else "")
-          + (f"; {len(host)} packages of the host's freeze are left out" if host else ""))
+    print(
+        f"wheelhouse {out}: {len(list(out.glob('*.whl')))} wheels, {size / 2**20:.1f} MiB"
+        + (f" ({saved / 2**20:.1f} MiB of other CUDA versions' libraries or dropped folders removed)" if saved else "")
+        + (f"; {len(host)} packages of the host's freeze are left out" if host else "")
+    )
     for problem in problems:
         print(f"  problem: {problem}")
     if problems:
@@ -355,8 +413,10 @@ def check(folders: list[Path], python_version: str, host: dict[str, str]) -> lis
         size = sum(w.stat().st_size for w in wheels.values())
         print(f"{folder}: {len(wheels)} wheels, {size / 2**20:.2f} MiB")
     if unknown:
-        print("  met by a host package (or an excluded one) whose version is not known here: "
-              + ", ".join(sorted(unknown)))
+        print(
+            "  met by a host package (or an excluded one) whose version is not known here: "
+            + ", ".join(sorted(unknown))
+        )
     return problems
 
 
@@ -375,21 +435,44 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("build", help="download the wheels a target machine needs")
     b.add_argument("--out", required=True)
     b.add_argument("--python", default=f"{sys.version_info.major}.{sys.version_info.minor}")
-    b.add_argument("--platform", action="append", default=None,
-                   help="pip platform tags of the target (repeatable); default: manylinux x86-64 tags")
+    b.add_argument(
+        "--platform",
+        action="append",
+        default=None,
+        help="pip platform tags of the target (repeatable); default: manylinux x86-64 tags",
+    )
     b.add_argument("--extras", default="gpu", help="extras of the project to include (e.g. dev,gpu)")
     b.add_argument("--host-freeze", help="`pip freeze` of the target: what it has is not downloaded")
     b.add_argument("--cuda", help="keep only this CUDA version's libraries in bitsandbytes (e.g. 130)")
     b.add_argument("--torch", help="also download this torch (e.g. torch==2.13.0) for a target without torch")
-    b.add_argument("--requirement", action="append", default=None,
-                   help="a root spec instead of expqa[extras] (repeatable), e.g. unsloth==2026.10.9")
+    b.add_argument(
+        "--requirement",
+        action="append",
+        default=None,
+        help="a root spec instead of expqa[extras] (repeatable), e.g. unsloth==2026.10.9",
+    )
     b.add_argument("--no-lock", action="store_true", help="resolve versions here instead of requirements.lock's")
-    b.add_argument("--exclude", action="append", default=[], metavar="PACKAGE",
-                   help="leave this required package out (repeatable): nothing that runs on the target imports it")
-    b.add_argument("--shadow", action="append", default=[], metavar="PACKAGE",
-                   help="ship this package even if the host has it (a version the set needs; repeatable)")
-    b.add_argument("--drop", action="append", default=[], metavar="PACKAGE:FOLDER/",
-                   help="rewrite PACKAGE's wheel without the files under FOLDER/ (repeatable)")
+    b.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="PACKAGE",
+        help="leave this required package out (repeatable): nothing that runs on the target imports it",
+    )
+    b.add_argument(
+        "--shadow",
+        action="append",
+        default=[],
+        metavar="PACKAGE",
+        help="ship this package even if the host has it (a version the set needs; repeatable)",
+    )
+    b.add_argument(
+        "--drop",
+        action="append",
+        default=[],
+        metavar="PACKAGE:FOLDER/",
+        help="rewrite PACKAGE's wheel without the files under FOLDER/ (repeatable)",
+    )
     c = sub.add_parser("check", help="offline pip check of wheel folders against the host's freeze")
     c.add_argument("folders", nargs="+", type=Path)
     c.add_argument("--host-freeze")
@@ -404,8 +487,10 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(f"  problem: {p}" for p in problems) or "  every requirement is met")
         return 1 if problems else 0
     else:
-        args.platform = args.platform or [f"manylinux_2_{n}_x86_64" for n in (39, 35, 34, 31, 28, 27, 24, 17)] \
-            + ["manylinux2014_x86_64", "linux_x86_64"]
+        args.platform = args.platform or [f"manylinux_2_{n}_x86_64" for n in (39, 35, 34, 31, 28, 27, 24, 17)] + [
+            "manylinux2014_x86_64",
+            "linux_x86_64",
+        ]
         build(args)
     return 0
 

@@ -25,8 +25,9 @@ def embedded_base(tmp_path_factory) -> Path:
     from expqa.config import EMBEDDED_MODEL
 
     built = REPO / "models" / "base"
-    if (built / "base_info.json").exists() and json.loads((built / "base_info.json").read_text())["name"] \
-            == EMBEDDED_MODEL:
+    if (built / "base_info.json").exists() and json.loads((built / "base_info.json").read_text())[
+        "name"
+    ] == EMBEDDED_MODEL:
         return built
     out = tmp_path_factory.mktemp("embedded") / "base"
     materialize_base(EMBEDDED_MODEL, "main", out)
@@ -50,16 +51,30 @@ def make_tiny_llama(out: Path, tokenizer, seed: int = 0, **overrides) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(**{**dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                   max_position_embeddings=2048, tie_word_embeddings=True,
-                                   bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                   pad_token_id=tokenizer.pad_token_id), **overrides})
+    config = LlamaConfig(
+        **{
+            **dict(
+                vocab_size=len(tokenizer),
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=2048,
+                tie_word_embeddings=True,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            ),
+            **overrides,
+        }
+    )
     model = LlamaForCausalLM(config).to(torch.float32)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-    (out / "base_info.json").write_text(json.dumps({"name": "tiny-random-llama", "source": "test",
-                                                    "weights_sha256": {"model.safetensors": "test"}}))
+    (out / "base_info.json").write_text(
+        json.dumps({"name": "tiny-random-llama", "source": "test", "weights_sha256": {"model.safetensors": "test"}})
+    )
     return out
 
 
@@ -72,15 +87,16 @@ def tiny_base(tmp_path_factory, embedded_tokenizer) -> Path:
 def talkative_base(tmp_path_factory, embedded_tokenizer) -> Path:
     """The tiny Llama with an output layer of its own, for tests that read answers: with tied embeddings it answers
     only newlines (its last prompt token, again and again), which strip to empty answers and prove nothing."""
-    return make_tiny_llama(tmp_path_factory.mktemp("talkative") / "base", embedded_tokenizer,
-                           tie_word_embeddings=False)
+    return make_tiny_llama(tmp_path_factory.mktemp("talkative") / "base", embedded_tokenizer, tie_word_embeddings=False)
 
 
 def conversation(i: int, turns: int = 1) -> dict:
     messages = [{"role": "system", "content": "You are a careful statistician."}] if i % 3 == 0 else []
     for t in range(turns):
-        messages += [{"role": "user", "content": f"Question {i}.{t}: what sample size for a lift of {i}%?"},
-                     {"role": "assistant", "content": f"Answer {i}.{t}: use a power analysis with alpha 0.05."}]
+        messages += [
+            {"role": "user", "content": f"Question {i}.{t}: what sample size for a lift of {i}%?"},
+            {"role": "assistant", "content": f"Answer {i}.{t}: use a power analysis with alpha 0.05."},
+        ]
     return {"id": f"t-{i}", "source": "cross_validated", "messages": messages}
 
 
@@ -113,9 +129,18 @@ def tiny_training_config(**overrides):
     from expqa.config import load_params
 
     params = load_params(REPO / "params.yaml").resolve(cuda=False)
-    values = dict(max_steps=4, micro_batch="2 conversations", gradient_accumulation_steps=1, max_seq_length=128,
-                  logging_steps=1, eval_steps=2, save_steps=2, learning_rate=1e-2, warmup_ratio=0.0,
-                  num_threads=1)
+    values = dict(
+        max_steps=4,
+        micro_batch="2 conversations",
+        gradient_accumulation_steps=1,
+        max_seq_length=128,
+        logging_steps=1,
+        eval_steps=2,
+        save_steps=2,
+        learning_rate=1e-2,
+        warmup_ratio=0.0,
+        num_threads=1,
+    )
     values.update(overrides)
     return params, dataclasses.replace(params.train, **values)
 
@@ -123,10 +148,22 @@ def tiny_training_config(**overrides):
 @pytest.fixture
 def copy_repo(tmp_path):
     """A copy of the tracked project files (no venv, no models), for CLI and DVC tests."""
+
     def _copy(dest_name: str = "repo") -> Path:
         dest = tmp_path / dest_name
-        ignore = shutil.ignore_patterns(".venv", ".git", "cache", "models", "__pycache__", "*.egg-info", "logs",
-                                        ".pytest_cache", "processed", "interim")
+        ignore = shutil.ignore_patterns(
+            ".venv",
+            ".git",
+            "cache",
+            "models",
+            "__pycache__",
+            "*.egg-info",
+            "logs",
+            ".pytest_cache",
+            "processed",
+            "interim",
+        )
         shutil.copytree(REPO, dest, ignore=ignore)
         return dest
+
     return _copy

@@ -21,8 +21,21 @@ def test_several_questions_and_a_file_share_one_model_load(talkative_base, tmp_p
     monkeypatch.setattr(expqa.model, "load_for_inference", counting_load)
     questions_file = tmp_path / "questions.txt"
     questions_file.write_text("# warm-up questions\n\nWhat is a p-value?\n   \n  What is CUPED?  \n")
-    assert ask.main(["What is power?", "Why randomise?", "--file", str(questions_file), "--model",
-                     str(talkative_base), "--max-new-tokens", "4"]) == 0
+    assert (
+        ask.main(
+            [
+                "What is power?",
+                "Why randomise?",
+                "--file",
+                str(questions_file),
+                "--model",
+                str(talkative_base),
+                "--max-new-tokens",
+                "4",
+            ]
+        )
+        == 0
+    )
     assert len(loads) == 1
     out = capsys.readouterr().out
     model, tokenizer = real_load(talkative_base)
@@ -31,7 +44,7 @@ def test_several_questions_and_a_file_share_one_model_load(talkative_base, tmp_p
     assert starts == sorted(starts) and starts[0] == 0
     for n, (question, start, end) in enumerate(zip(questions, starts, starts[1:] + [len(out)]), 1):
         expected = ask.answer(model, tokenizer, question, max_new_tokens=4, temperature=0)
-        block = out[start + len(f"Q{n}: {question}\nA{n}: "):end]
+        block = out[start + len(f"Q{n}: {question}\nA{n}: ") : end]
         assert expected and block.strip() == expected, (question, block)
 
 
@@ -41,11 +54,14 @@ def test_one_question_prints_the_answer_alone(talkative_base, capsys):
     assert not out.startswith("Q1:") and out.strip()
 
 
-@pytest.mark.parametrize("content, message", [
-    (None, "questions.txt: file not found; give a text file with one question per line"),
-    (b"What is CUPED?\n\xe9t\xe9?\n", "questions.txt:2: not valid UTF-8 (byte 0xe9); save the file as UTF-8"),
-    (b"# only a comment\n\n", "questions.txt: no questions (every line is blank or a # comment)"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "questions.txt: file not found; give a text file with one question per line"),
+        (b"What is CUPED?\n\xe9t\xe9?\n", "questions.txt:2: not valid UTF-8 (byte 0xe9); save the file as UTF-8"),
+        (b"# only a comment\n\n", "questions.txt: no questions (every line is blank or a # comment)"),
+    ],
+)
 def test_unreadable_question_files_are_clear_errors(tmp_path, monkeypatch, capsys, content, message):
     monkeypatch.chdir(tmp_path)
     if content is not None:

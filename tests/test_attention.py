@@ -6,10 +6,9 @@ import torch
 from transformers import AutoModelForCausalLM
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
+from conftest import conversation
 from expqa.attention import NAME, cu_seqlens, register
 from expqa.dataset import tokenize_conversation
-
-from conftest import conversation
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +40,7 @@ def test_packed_logits_equal_separate_rows(models, embedded_tokenizer):
         start = 0
         for seq in ids:
             alone = plain_model(input_ids=torch.tensor([seq])).logits[0]
-            torch.testing.assert_close(packed[start:start + len(seq)], alone, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(packed[start : start + len(seq)], alone, atol=1e-4, rtol=1e-4)
             start += len(seq)
 
 
@@ -51,8 +50,8 @@ def test_no_attention_across_sequence_boundaries(models, embedded_tokenizer):
     other_a = [(t + 7) % 1000 for t in a]  # change every token of the first sequence
     positions = torch.tensor([list(range(len(a))) + list(range(len(b)))])
     with torch.no_grad():
-        first = packed_model(input_ids=torch.tensor([a + b]), position_ids=positions).logits[0, len(a):]
-        second = packed_model(input_ids=torch.tensor([other_a + b]), position_ids=positions).logits[0, len(a):]
+        first = packed_model(input_ids=torch.tensor([a + b]), position_ids=positions).logits[0, len(a) :]
+        second = packed_model(input_ids=torch.tensor([other_a + b]), position_ids=positions).logits[0, len(a) :]
     torch.testing.assert_close(first, second, atol=1e-5, rtol=0)
 
 

@@ -7,8 +7,8 @@ import sys
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
-import gpu_train  # noqa: E402
-import unsloth_recipe  # noqa: E402
+import gpu_train
+import unsloth_recipe
 
 
 def test_every_suite_row_names_a_known_variant():
@@ -30,27 +30,77 @@ def test_unsloth_batching_setups():
 
 
 def test_tables_give_ratios_within_an_architecture(tmp_path):
-    base = dict(fused_lora=True, grouped_lora=True, tokens_per_micro_batch=16384, micro_batch=16, grad_accum=1,
-                lora_dropout=0.0, optim="adamw_torch_fused", mfu_vs_790T=0.5, peak_alloc_gib=45.0,
-                peak_reserved_gib=50.0, last_loss=10.7, device="NVIDIA H200")
+    base = dict(
+        fused_lora=True,
+        grouped_lora=True,
+        tokens_per_micro_batch=16384,
+        micro_batch=16,
+        grad_accum=1,
+        lora_dropout=0.0,
+        optim="adamw_torch_fused",
+        mfu_vs_790T=0.5,
+        peak_alloc_gib=45.0,
+        peak_reserved_gib=50.0,
+        last_loss=10.7,
+        device="NVIDIA H200",
+    )
     results = [
-        {"variant": "expqa:params", "arch": "llama-3.2-3b", "tok_per_s": 36000, "gradient_checkpointing": "off",
-         "gradient_checkpointing_requested": "auto", "checkpointed_layers": "0/28", **base},
-        {"variant": "unsloth", "arch": "llama-3.2-3b", "tok_per_s": 18000, "recipe": "Unsloth: packed",
-         "mfu_vs_790T": 0.4, "peak_alloc_gib": 9.0, "peak_reserved_gib": 12.0, "last_loss": 10.8},
-        {"variant": "plain:real_pad", "arch": "llama-3.2-3b", "tok_per_s": 1200, "mfu_vs_790T": 0.03,
-         "peak_alloc_gib": 10.4, "peak_reserved_gib": 21.3, "last_loss": 12.3},
-        {"variant": "expqa:params", "arch": "llama-3.1-8b", "tok_per_s": 13000, "gradient_checkpointing": "selective",
-         "gradient_checkpointing_requested": "auto", "checkpointed_layers": "5/32", **base},
+        {
+            "variant": "expqa:params",
+            "arch": "llama-3.2-3b",
+            "tok_per_s": 36000,
+            "gradient_checkpointing": "off",
+            "gradient_checkpointing_requested": "auto",
+            "checkpointed_layers": "0/28",
+            **base,
+        },
+        {
+            "variant": "unsloth",
+            "arch": "llama-3.2-3b",
+            "tok_per_s": 18000,
+            "recipe": "Unsloth: packed",
+            "mfu_vs_790T": 0.4,
+            "peak_alloc_gib": 9.0,
+            "peak_reserved_gib": 12.0,
+            "last_loss": 10.8,
+        },
+        {
+            "variant": "plain:real_pad",
+            "arch": "llama-3.2-3b",
+            "tok_per_s": 1200,
+            "mfu_vs_790T": 0.03,
+            "peak_alloc_gib": 10.4,
+            "peak_reserved_gib": 21.3,
+            "last_loss": 12.3,
+        },
+        {
+            "variant": "expqa:params",
+            "arch": "llama-3.1-8b",
+            "tok_per_s": 13000,
+            "gradient_checkpointing": "selective",
+            "gradient_checkpointing_requested": "auto",
+            "checkpointed_layers": "5/32",
+            **base,
+        },
         {"variant": "unsloth", "arch": "llama-3.1-8b", "error": "exit 1: RuntimeError: every setup failed"},
         {"variant": "plain", "arch": "llama-3.1-8b", "skipped": "skipped: 500 s used + ~80 s expected > 520 s"},
-        {"variant": "expqa:probe", "arch": "llama-3.2-3b", "longest_trained": 131072, "first_oom": None,
-         "stopped_by": "the model's context (max_position_embeddings)", "memory_bound_estimate": 400000,
-         "peak_alloc_gib": 41.0, "trials": [{"tokens": 131072, "ok": True, "seconds": 25.0, "peak_alloc_gib": 41.0}]},
+        {
+            "variant": "expqa:probe",
+            "arch": "llama-3.2-3b",
+            "longest_trained": 131072,
+            "first_oom": None,
+            "stopped_by": "the model's context (max_position_embeddings)",
+            "memory_bound_estimate": 400000,
+            "peak_alloc_gib": 41.0,
+            "trials": [{"tokens": 131072, "ok": True, "seconds": 25.0, "peak_alloc_gib": 41.0}],
+        },
     ]
     text = gpu_train.write_tables(tmp_path, "stamp", results, ["a note"])
-    rows = {line.split(" | ")[1] + "@" + line.split(" | ")[0].strip("| "): line for line in text.splitlines()
-            if line.startswith("| llama")}
+    rows = {
+        line.split(" | ")[1] + "@" + line.split(" | ")[0].strip("| "): line
+        for line in text.splitlines()
+        if line.startswith("| llama")
+    }
     assert "| 36,000 | 2.00 | 30.00 |" in rows["expqa:params@llama-3.2-3b"]
     assert "GC auto -> off" in rows["expqa:params@llama-3.2-3b"]
     assert "GC auto -> selective (5/32 layers)" in rows["expqa:params@llama-3.1-8b"]

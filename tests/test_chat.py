@@ -42,8 +42,11 @@ def test_trimming_with_the_tokenizer_and_a_tiny_context_limit(embedded_tokenizer
     from expqa.dataset import render
 
     def tokens(messages):
-        return len(embedded_tokenizer(render(embedded_tokenizer, messages, add_generation_prompt=True),
-                                      add_special_tokens=False)["input_ids"])
+        return len(
+            embedded_tokenizer(
+                render(embedded_tokenizer, messages, add_generation_prompt=True), add_special_tokens=False
+            )["input_ids"]
+        )
 
     question = [{"role": "user", "content": "And with unequal variances?"}]
     messages = exchange(1) + exchange(2) + question
@@ -88,16 +91,32 @@ def test_answers_stream_and_the_conversation_goes_with_the_next_question(engine)
     first = answer(engine.model, engine.tokenizer, "What is CUPED?", max_new_tokens=6, temperature=0)
     assert "".join(pieces).strip() == text == first and len(pieces) > 1  # streamed, adding up to the answer
     run_chat(session, ["", "Why?"])
-    assert engine.prompts[1] == [{"role": "user", "content": "What is CUPED?"},
-                                 {"role": "assistant", "content": first}, {"role": "user", "content": "Why?"}]
+    assert engine.prompts[1] == [
+        {"role": "user", "content": "What is CUPED?"},
+        {"role": "assistant", "content": first},
+        {"role": "user", "content": "Why?"},
+    ]
     assert len(session.history) == 4 and notes == []
 
 
 def test_reset_and_system_commands(engine):
     session = ChatSession(engine, max_new_tokens=4)
     engine.prompts.clear()
-    out, notes = run_chat(session, ["/system", "Q1", "/system Answer in one word.", "/system", "Q2", "/reset",
-                                    "Q3", "/nonsense", "/exit", "never asked"])
+    out, notes = run_chat(
+        session,
+        [
+            "/system",
+            "Q1",
+            "/system Answer in one word.",
+            "/system",
+            "Q2",
+            "/reset",
+            "Q3",
+            "/nonsense",
+            "/exit",
+            "never asked",
+        ],
+    )
     assert notes[0].startswith("no system prompt set")
     assert notes[1].startswith("[system prompt set") and notes[2] == "system prompt: Answer in one word."
     system = {"role": "system", "content": "Answer in one word."}
@@ -159,9 +178,14 @@ def test_ctrl_c_stops_the_answer_not_the_chat(engine):
 @pytest.mark.slow
 def test_piped_stdin_prints_answers_only(talkative_base, engine):
     stdin = "What is CUPED?\n/system\n/system Be brief.\n/reset\nWhat is CUPED?\n/exit\nnever asked\n"
-    result = subprocess.run([sys.executable, "-m", "expqa.cli", "chat", "--model", str(talkative_base),
-                             "--max-new-tokens", "5"], input=stdin, capture_output=True, text=True, cwd=REPO,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "expqa.cli", "chat", "--model", str(talkative_base), "--max-new-tokens", "5"],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
 
     def streamed(system: str | None) -> str:

@@ -80,16 +80,24 @@ INVALID_LINES = {
         "'source' is None (null)",
     ),
     # json.dumps writes these as \ud800 and \u0000 escapes, as a producer of bad JSONL would.
-    "lone surrogate": (row_line([user("bad \ud800 x"), assistant()]),
-                       "messages[0].content holds a lone surrogate \\ud800 at character 5"),
-    "lone surrogate in a key": (row_line([user(), assistant()], meta={"k\udfff": 1}),
-                                "a key of meta holds a lone surrogate \\udfff"),
+    "lone surrogate": (
+        row_line([user("bad \ud800 x"), assistant()]),
+        "messages[0].content holds a lone surrogate \\ud800 at character 5",
+    ),
+    "lone surrogate in a key": (
+        row_line([user(), assistant()], meta={"k\udfff": 1}),
+        "a key of meta holds a lone surrogate \\udfff",
+    ),
     "NUL": (row_line([user(), assistant("a\x00")]), "messages[1].content holds a NUL character (\\u0000)"),
     "nested 100,000 levels": ("[" * 100_000 + "]" * 100_000, "invalid JSON: nested deeper than 64 levels"),
-    "nested 100 levels": (row_line([user(), assistant()], meta=json.loads("[" * 100 + "]" * 100)),
-                          "invalid JSON: nested deeper than 64 levels (at meta"),
-    "unterminated string": ('{"messages": [{"role": "user", "content": "abc',
-                            "invalid JSON: Unterminated string starting at column 43"),
+    "nested 100 levels": (
+        row_line([user(), assistant()], meta=json.loads("[" * 100 + "]" * 100)),
+        "invalid JSON: nested deeper than 64 levels (at meta",
+    ),
+    "unterminated string": (
+        '{"messages": [{"role": "user", "content": "abc',
+        "invalid JSON: Unterminated string starting at column 43",
+    ),
     "huge integer": ('{"id": ' + "9" * 5000 + "}", "invalid JSON: Exceeds the limit"),
 }
 
@@ -150,9 +158,7 @@ def test_valid_conversations_pass(messages: list[dict[str, str]]) -> None:
     validate_conversation({"messages": messages, "source": "arxiv_synthetic"})
 
 
-def test_skip_drops_invalid_rows_and_warns_with_count(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_skip_drops_invalid_rows_and_warns_with_count(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     lines = [json.dumps(VALID), "{oops", row_line([user()]), json.dumps({**VALID, "id": "cv-2"})]
     path = write_lines(tmp_path / "data.jsonl", lines)
     with caplog.at_level(logging.WARNING, logger="expqa.chatml"):

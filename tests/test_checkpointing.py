@@ -27,12 +27,15 @@ def test_estimates_match_the_measured_3b_peaks():
     assert all(a > b for a, b in zip(peaks, peaks[1:]))
 
 
-@pytest.mark.parametrize("available_gib,mode,layers", [
-    (200, "off", 0),  # an H200 after the 3B weights: everything fits
-    (30, "selective", None),  # an A100 40GB: some layers
-    (5, "offload", 28),  # a 16 GB card with other work on it: not even full fits (the top layer unrecomputed costs
-    (1, "offload", 28),  # nothing more than a recompute, so auto's "full" is 27 of 28): inputs to host memory
-])
+@pytest.mark.parametrize(
+    "available_gib,mode,layers",
+    [
+        (200, "off", 0),  # an H200 after the 3B weights: everything fits
+        (30, "selective", None),  # an A100 40GB: some layers
+        (5, "offload", 28),  # a 16 GB card with other work on it: not even full fits (the top layer unrecomputed costs
+        (1, "offload", 28),  # nothing more than a recompute, so auto's "full" is 27 of 28): inputs to host memory
+    ],
+)
 def test_auto_picks_the_fastest_mode_that_fits(available_gib, mode, layers):
     choice = ckpt.choose("auto", LLAMA_3B, 16384, available_bytes=available_gib * GIB, static_bytes=0.3 * GIB)
     assert choice.mode == mode and choice.requested == "auto"
@@ -67,9 +70,15 @@ def test_fixed_modes_need_no_measurement():
 
 def load(tiny_base, checkpointing: bool, grouped: bool = True, dropout: float = 0.0):
     torch.manual_seed(0)
-    model, _ = load_for_training(tiny_base, QuantizationConfig(load_in_4bit=False),
-                                 LoRAConfig(r=4, alpha=8, dropout=dropout), bf16=False,
-                                 gradient_checkpointing=checkpointing, fused_lora=True, grouped_lora=grouped)
+    model, _ = load_for_training(
+        tiny_base,
+        QuantizationConfig(load_in_4bit=False),
+        LoRAConfig(r=4, alpha=8, dropout=dropout),
+        bf16=False,
+        gradient_checkpointing=checkpointing,
+        fused_lora=True,
+        grouped_lora=grouped,
+    )
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -89,25 +98,28 @@ def forward_counts(model, ids) -> list[int]:
     counts = []
     hooks = []
     for layer in ckpt.decoder_layers(model):  # a module inside the layer: transformers >= 5.2x checkpoints forward
-        counts.append(0)                         # and keeps the layer's own hooks outside the recompute
+        counts.append(0)  # and keeps the layer's own hooks outside the recompute
         index = len(counts) - 1
-        hooks.append(layer.self_attn.register_forward_pre_hook(
-            lambda *_, i=index: counts.__setitem__(i, counts[i] + 1)))
+        hooks.append(
+            layer.self_attn.register_forward_pre_hook(lambda *_, i=index: counts.__setitem__(i, counts[i] + 1))
+        )
     loss_and_grads(model, ids)
     for hook in hooks:
         hook.remove()
     return counts
 
 
-@pytest.mark.parametrize("mode,layers", [("off", []), ("selective", [0]), ("full", [0, 1]), ("top", [1]),
-                                         ("offload", [0, 1])])
+@pytest.mark.parametrize(
+    "mode,layers", [("off", []), ("selective", [0]), ("full", [0, 1]), ("top", [1]), ("offload", [0, 1])]
+)
 def test_every_mode_gives_the_loss_and_gradients_of_no_checkpointing(tiny_base, mode, layers):
     ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(1))
     loss_ref, grads_ref = loss_and_grads(load(tiny_base, checkpointing=False), ids)
     model = load(tiny_base, checkpointing=True)
     shape = ckpt.Shape.of(model.config)
-    choice = ckpt.choose(mode, shape, 48) if mode != "top" else \
-        ckpt.Choice("test", "selective", layers, shape.layers, 48)
+    choice = (
+        ckpt.choose(mode, shape, 48) if mode != "top" else ckpt.Choice("test", "selective", layers, shape.layers, 48)
+    )
     ckpt.apply(model, choice)
     assert choice.checkpointed_layers == layers
     assert forward_counts(model, ids) == [2 if i in layers else 1 for i in range(shape.layers)]
@@ -143,15 +155,19 @@ def test_offload_refuses_an_input_without_gradient():
 
 def test_configure_measures_memory_for_auto(tiny_base, monkeypatch):
     model = load(tiny_base, checkpointing=True)
-    choice = ckpt.configure(model, "auto", 4096, liger=False, fused_lora=True, lora_rank=4, lora_targets=7,
-                            lora_dropout=0.0)
+    choice = ckpt.configure(
+        model, "auto", 4096, liger=False, fused_lora=True, lora_rank=4, lora_targets=7, lora_dropout=0.0
+    )
     assert choice.mode == "off" and choice.available_gib > 0  # this machine's RAM holds a tiny model's activations
     assert not any(layer.gradient_checkpointing for layer in ckpt.decoder_layers(model))
     monkeypatch.setattr(ckpt, "available_memory", lambda: (3.0 * GIB, 16.0 * GIB))  # 3 GiB free of 16
     model = load(tiny_base, checkpointing=True)
-    choice = ckpt.configure(model, "auto", 10**8, liger=False, fused_lora=True, lora_rank=4, lora_targets=7,
-                            lora_dropout=0.0)
+    choice = ckpt.configure(
+        model, "auto", 10**8, liger=False, fused_lora=True, lora_rank=4, lora_targets=7, lora_dropout=0.0
+    )
     # 3 GiB minus the 2 GiB minimum headroom: not even full fits 10^8 tokens, so every layer's input goes to host memory
     assert choice.mode == "offload" and choice.available_gib == 1.0
-    assert all(layer.gradient_checkpointing and layer._gradient_checkpointing_func is ckpt.offloaded_checkpoint
-               for layer in ckpt.decoder_layers(model))
+    assert all(
+        layer.gradient_checkpointing and layer._gradient_checkpointing_func is ckpt.offloaded_checkpoint
+        for layer in ckpt.decoder_layers(model)
+    )

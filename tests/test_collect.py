@@ -20,9 +20,21 @@ SAMPLE_POSTS = REPO / "data" / "raw" / "stackexchange_sample" / "Posts.xml"
 SITE = "https://stats.stackexchange.com"
 COLLECT_CONFIG = CollectConfig(
     posts=str(SAMPLE_POSTS),  # read by dvc.yaml only; the tests pass the dump's path themselves
-    tags=["ab-testing", "hypothesis-testing", "statistical-power", "sample-size", "p-value",
-          "confidence-interval", "experiment-design", "bayesian", "causality",
-          "multiple-comparisons", "bootstrap", "variance-reduction", "t-test"],
+    tags=[
+        "ab-testing",
+        "hypothesis-testing",
+        "statistical-power",
+        "sample-size",
+        "p-value",
+        "confidence-interval",
+        "experiment-design",
+        "bayesian",
+        "causality",
+        "multiple-comparisons",
+        "bootstrap",
+        "variance-reduction",
+        "t-test",
+    ],
     min_question_score=1,
     min_answer_score=2,
     min_answer_chars=80,
@@ -41,28 +53,47 @@ def test_parse_tags_both_formats() -> None:
 # --- selection rules -------------------------------------------------------------------------
 
 
-def question(qid: int, *, tags: str = "<ab-testing>", score: int = 5, accepted: int | None = None,
-             body: str = "<p>Question body?</p>", **extra: object) -> dict:
-    row = {"Id": qid, "PostTypeId": 1, "Score": score, "Title": f"Question {qid}", "Body": body,
-           "Tags": tags, "CreationDate": "2020-01-01T00:00:00.000", **extra}
+def question(
+    qid: int,
+    *,
+    tags: str = "<ab-testing>",
+    score: int = 5,
+    accepted: int | None = None,
+    body: str = "<p>Question body?</p>",
+    **extra: object,
+) -> dict:
+    row = {
+        "Id": qid,
+        "PostTypeId": 1,
+        "Score": score,
+        "Title": f"Question {qid}",
+        "Body": body,
+        "Tags": tags,
+        "CreationDate": "2020-01-01T00:00:00.000",
+        **extra,
+    }
     if accepted is not None:
         row["AcceptedAnswerId"] = accepted
     return row
 
 
 def answer(aid: int, parent: int, *, score: int = 5, body: str = LONG, **extra: object) -> dict:
-    return {"Id": aid, "PostTypeId": 2, "ParentId": parent, "Score": score, "Body": body,
-            "CreationDate": "2020-01-02T00:00:00.000", **extra}
+    return {
+        "Id": aid,
+        "PostTypeId": 2,
+        "ParentId": parent,
+        "Score": score,
+        "Body": body,
+        "CreationDate": "2020-01-02T00:00:00.000",
+        **extra,
+    }
 
 
 def write_posts(path: Path, rows: list[dict]) -> Path:
     """A Posts.xml in the dump's layout: one row per line, newlines in values as &#xA;."""
     lines = ['<?xml version="1.0" encoding="utf-8"?>', "<posts>"]
     for row in rows:
-        attrs = " ".join(
-            f'{name}="{escape(str(value)).replace(chr(10), "&#xA;")}"'
-            for name, value in row.items()
-        )
+        attrs = " ".join(f'{name}="{escape(str(value)).replace(chr(10), "&#xA;")}"' for name, value in row.items())
         lines.append(f"  <row {attrs} />")
     lines.append("</posts>")
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -108,10 +139,14 @@ def test_accepted_answer_of_another_question_is_not_used(tmp_path: Path) -> None
 
 def test_score_thresholds(tmp_path: Path) -> None:
     rows = [
-        question(1, score=0), answer(2, 1, score=10),  # question below min_question_score
-        question(3), answer(4, 3, score=1), answer(5, 3, score=0),  # answers below threshold
+        question(1, score=0),
+        answer(2, 1, score=10),  # question below min_question_score
+        question(3),
+        answer(4, 3, score=1),
+        answer(5, 3, score=0),  # answers below threshold
         question(6),  # no answers at all
-        question(7, score=1), answer(8, 7, score=2),  # both exactly at the thresholds
+        question(7, score=1),
+        answer(8, 7, score=2),  # both exactly at the thresholds
     ]
     stats, pairs = run(tmp_path, rows)
     assert chosen(pairs) == {7: 8}
@@ -121,9 +156,14 @@ def test_score_thresholds(tmp_path: Path) -> None:
 
 
 def test_answer_length_limits(tmp_path: Path) -> None:
-    rows = [question(1), answer(2, 1, body="<p>" + "x" * 10 + "</p>"),
-            question(3), answer(4, 3, body="<p>" + "y" * 50 + "</p>"),
-            question(5), answer(6, 5, body="<p>" + "z" * 51 + "</p>")]
+    rows = [
+        question(1),
+        answer(2, 1, body="<p>" + "x" * 10 + "</p>"),
+        question(3),
+        answer(4, 3, body="<p>" + "y" * 50 + "</p>"),
+        question(5),
+        answer(6, 5, body="<p>" + "z" * 51 + "</p>"),
+    ]
     stats, pairs = run(tmp_path, rows, min_answer_chars=11, max_answer_chars=50)
     assert chosen(pairs) == {3: 4}
     assert stats["skipped"]["too_short"] == 1
@@ -139,9 +179,12 @@ def test_answer_with_deleted_parent_is_counted(tmp_path: Path) -> None:
 
 def test_tag_filter_reads_both_formats_and_ignores_other_post_types(tmp_path: Path) -> None:
     rows = [
-        question(1, tags="<r><ggplot2>"), answer(2, 1),
-        question(3, tags="|r|p-value|"), answer(4, 3),
-        question(5, tags="<Bayesian>"), answer(6, 5),
+        question(1, tags="<r><ggplot2>"),
+        answer(2, 1),
+        question(3, tags="|r|p-value|"),
+        answer(4, 3),
+        question(5, tags="<Bayesian>"),
+        answer(6, 5),
         {"Id": 7, "PostTypeId": 4, "Body": "<p>tag wiki excerpt</p>"},
         {"Id": 8, "PostTypeId": 5, "Body": "<p>tag wiki</p>"},
     ]
@@ -159,8 +202,7 @@ def test_empty_tag_list_takes_every_question(tmp_path: Path) -> None:
 
 
 def test_output_row_schema(tmp_path: Path) -> None:
-    rows = [question(12, body="<p>Why &amp; how?</p>", ContentLicense="CC BY-SA 3.0"),
-            answer(15, 12, score=4)]
+    rows = [question(12, body="<p>Why &amp; how?</p>", ContentLicense="CC BY-SA 3.0"), answer(15, 12, score=4)]
     _, (pair,) = run(tmp_path, rows)
     assert pair == {
         "id": "se-stats.stackexchange.com-12",
@@ -175,7 +217,7 @@ def test_output_row_schema(tmp_path: Path) -> None:
         "answer_url": f"{SITE}/a/15",
         "license": "CC BY-SA 3.0 (question); CC BY-SA 4.0 (answer)",
         "attribution": f"Question and answer from {SITE} (post 12, answer 15), licensed under "
-                       "CC BY-SA 3.0 (question); CC BY-SA 4.0 (answer).",
+        "CC BY-SA 3.0 (question); CC BY-SA 4.0 (answer).",
         "tags": ["ab-testing"],
         "question_score": 5,
         "answer_score": 4,
@@ -183,8 +225,7 @@ def test_output_row_schema(tmp_path: Path) -> None:
 
 
 def test_output_is_ordered_by_question_and_byte_identical(tmp_path: Path) -> None:
-    rows = [question(30), answer(31, 30), question(10), answer(32, 10),
-            question(20), answer(33, 20)]
+    rows = [question(30), answer(31, 30), question(10), answer(32, 10), question(20), answer(33, 20)]
     posts = write_posts(tmp_path / "Posts.xml", rows)
     first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     collect_stackexchange(posts, first, COLLECT_CONFIG)
@@ -290,8 +331,10 @@ def make_site_7z(path: Path, members: dict[str, Path | bytes]) -> Path:
 
 
 def test_7z_archive_gives_the_same_pairs_as_its_posts_xml(tmp_path: Path) -> None:
-    archive = make_site_7z(tmp_path / "stats.stackexchange.com.7z",
-                           {"Badges.xml": b"<badges />\n" * 500, "Posts.xml": SAMPLE_POSTS, "Users.xml": b"<users />"})
+    archive = make_site_7z(
+        tmp_path / "stats.stackexchange.com.7z",
+        {"Badges.xml": b"<badges />\n" * 500, "Posts.xml": SAMPLE_POSTS, "Users.xml": b"<users />"},
+    )
     from_archive = collect_stackexchange(archive, tmp_path / "a.jsonl", COLLECT_CONFIG)
     from_xml = collect_stackexchange(SAMPLE_POSTS, tmp_path / "x.jsonl", COLLECT_CONFIG)
     assert from_archive == from_xml and from_archive["pairs_written"] >= 12
@@ -313,8 +356,11 @@ def test_truncated_7z_archive_is_reported_and_output_kept(tmp_path: Path) -> Non
 
 def test_7z_archive_without_posts_xml_names_what_it_holds(tmp_path: Path) -> None:
     archive = make_site_7z(tmp_path / "site.7z", {"Comments.xml": b"<comments />", "Users.xml": b"<users />"})
-    with pytest.raises(DumpError, match=rf"^{archive}: the archive has no Posts.xml \(it holds Comments.xml, "
-                                        r"Users.xml\); pass a site's dump archive"):
+    with pytest.raises(
+        DumpError,
+        match=rf"^{archive}: the archive has no Posts.xml \(it holds Comments.xml, "
+        r"Users.xml\); pass a site's dump archive",
+    ):
         collect_stackexchange(archive, tmp_path / "pairs.jsonl", COLLECT_CONFIG)
 
 

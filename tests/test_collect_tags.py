@@ -10,8 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from expqa.collect import (MIN_QUESTIONS_FOR_TAG_WARNINGS, DumpError, collect_stackexchange, format_tag_listing,
-                           list_tags)
+from expqa.collect import (
+    MIN_QUESTIONS_FOR_TAG_WARNINGS,
+    DumpError,
+    collect_stackexchange,
+    format_tag_listing,
+    list_tags,
+)
 from expqa.config import CollectConfig, load_params
 from test_collect import SAMPLE_POSTS, answer, make_site_7z, question, write_posts
 
@@ -35,9 +40,14 @@ def run_stage(argv: list[str], capsys) -> tuple[int, str, str]:
 
 def test_ab_test_posts_are_collected_with_the_shipped_params(tmp_path: Path) -> None:
     """Issue 20: `ab-test` posts (the real dump's name, both tag formats) were dropped by the shipped list."""
-    rows = [question(1, tags="<ab-test>"), answer(2, 1),
-            question(3, tags="|ab-test|conversion|"), answer(4, 3),
-            question(5, tags="<r><ggplot2>"), answer(6, 5)]
+    rows = [
+        question(1, tags="<ab-test>"),
+        answer(2, 1),
+        question(3, tags="|ab-test|conversion|"),
+        answer(4, 3),
+        question(5, tags="<r><ggplot2>"),
+        answer(6, 5),
+    ]
     posts = write_posts(tmp_path / "Posts.xml", rows)
     stats = collect_stackexchange(posts, tmp_path / "pairs.jsonl", shipped_config())
     pairs = [json.loads(line) for line in (tmp_path / "pairs.jsonl").read_text().splitlines()]
@@ -70,8 +80,19 @@ def test_configured_tag_without_questions_is_a_warning_in_stage_output_and_metri
     overrides = tmp_path / "override.yaml"
     overrides.write_text("collect:\n  tags: [ab-test, ab-testing]\n")
     report = tmp_path / "collect.json"
-    code, out, err = run_stage(["--posts", str(posts), "--out", str(tmp_path / "pairs.jsonl"), "--report",
-                                str(report), "--config", str(overrides)], capsys)
+    code, out, err = run_stage(
+        [
+            "--posts",
+            str(posts),
+            "--out",
+            str(tmp_path / "pairs.jsonl"),
+            "--report",
+            str(report),
+            "--config",
+            str(overrides),
+        ],
+        capsys,
+    )
     assert code == 0
     assert "questions per tag: ab-test 1,000, ab-testing 0" in out
     counts = json.loads(report.read_text())
@@ -144,12 +165,14 @@ def test_list_tags_pairs_agree_with_collect(tmp_path: Path) -> None:
     report = list_tags(SAMPLE_POSTS, shipped_config(), scratch_dir=tmp_path)
     stats = collect_stackexchange(SAMPLE_POSTS, tmp_path / "pairs.jsonl", shipped_config())
     assert report["pairs_before_length_limits"] == stats["pairs_written"] + sum(
-        stats["skipped"][reason] for reason in ("too_short", "too_long", "empty_question"))
+        stats["skipped"][reason] for reason in ("too_short", "too_long", "empty_question")
+    )
 
 
 def test_list_tags_filter_and_top(tmp_path: Path, capsys) -> None:
-    code, out, _ = run_stage(["--list-tags", str(SAMPLE_POSTS), "--scratch", str(tmp_path), "--contains", "TEST",
-                              "--top", "2"], capsys)
+    code, out, _ = run_stage(
+        ["--list-tags", str(SAMPLE_POSTS), "--scratch", str(tmp_path), "--contains", "TEST", "--top", "2"], capsys
+    )
     assert code == 0
     assert out.splitlines()[1:4] == ["        9  ab-testing", "        5  hypothesis-testing *", ""]
     assert "19 tags (2 shown, containing 'TEST')" in out
@@ -174,8 +197,10 @@ def test_list_tags_reports_a_7z_archive_without_posts(tmp_path: Path, capsys) ->
     archive = make_site_7z(tmp_path / "stats.7z", {"Comments.xml": b"<comments />"})
     code, out, err = run_stage(["--list-tags", str(archive), "--scratch", str(tmp_path)], capsys)
     assert (code, out) == (2, "")
-    assert err == (f"error: {archive}: the archive has no Posts.xml (it holds Comments.xml); pass a site's dump "
-                   "archive (e.g. stats.stackexchange.com.7z) or the Posts.xml extracted from it.\n")
+    assert err == (
+        f"error: {archive}: the archive has no Posts.xml (it holds Comments.xml); pass a site's dump "
+        "archive (e.g. stats.stackexchange.com.7z) or the Posts.xml extracted from it.\n"
+    )
 
 
 def test_zip_without_posts_and_broken_zip_are_reported(tmp_path: Path) -> None:
@@ -189,8 +214,9 @@ def test_zip_without_posts_and_broken_zip_are_reported(tmp_path: Path) -> None:
         list_tags(tmp_path / "broken.zip", shipped_config(), scratch_dir=tmp_path)
 
 
-@pytest.mark.parametrize("argv", [["--list-tags", "x", "--out", "y"], ["--posts", "x"], ["--list-tags", "x",
-                                                                                          "--top", "-1"]])
+@pytest.mark.parametrize(
+    "argv", [["--list-tags", "x", "--out", "y"], ["--posts", "x"], ["--list-tags", "x", "--top", "-1"]]
+)
 def test_conflicting_arguments_are_rejected(argv: list[str], capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         STAGE(argv)

@@ -79,10 +79,7 @@ def base_id(output_id: str) -> str:
 
 
 def distinct_questions(n: int, source: str = "cross_validated") -> list[dict[str, Any]]:
-    return [
-        conversation(f"Question number {i} from {source}?", source=source, id=f"{source}-{i}")
-        for i in range(n)
-    ]
+    return [conversation(f"Question number {i} from {source}?", source=source, id=f"{source}-{i}") for i in range(n)]
 
 
 def assert_counts_add_up(manifest: dict[str, Any]) -> None:
@@ -97,10 +94,14 @@ def assert_counts_add_up(manifest: dict[str, Any]) -> None:
 INVALID_ROWS = {
     "bad JSON": ("{not json", "invalid JSON: "),
     "bad UTF-8": (b'{"a": "caf\xe9"}', "not valid UTF-8 (byte 0xe9 at column 11)"),
-    "no assistant": (json.dumps({"messages": [{"role": "user", "content": "q"}], "source": "x"}),
-                     "no assistant message"),
-    "unknown role": (json.dumps({"messages": [{"role": "bot", "content": "q"}], "source": "x"}),
-                     "messages[0].role is 'bot'; allowed: system, user, assistant"),
+    "no assistant": (
+        json.dumps({"messages": [{"role": "user", "content": "q"}], "source": "x"}),
+        "no assistant message",
+    ),
+    "unknown role": (
+        json.dumps({"messages": [{"role": "bot", "content": "q"}], "source": "x"}),
+        "messages[0].role is 'bot'; allowed: system, user, assistant",
+    ),
 }
 
 
@@ -165,8 +166,11 @@ def test_bad_text_is_an_error_or_quarantined_with_its_reason(
 EMPTY_INPUTS = {
     "0 bytes": (b"", "no rows in in.jsonl (0 bytes)"),
     "blank lines": (b"\n  \n\t\r\n", "no rows in in.jsonl (only blank lines)"),
-    "all invalid": (b'{}\n[1]\n', "read 2 row(s): 2 invalid, 0 duplicate(s), 0 dropped by weight 0; "
-                    "first invalid row: in.jsonl:1: missing 'messages'"),
+    "all invalid": (
+        b"{}\n[1]\n",
+        "read 2 row(s): 2 invalid, 0 duplicate(s), 0 dropped by weight 0; "
+        "first invalid row: in.jsonl:1: missing 'messages'",
+    ),
 }
 
 
@@ -202,8 +206,11 @@ def test_a_split_left_empty_by_too_few_questions_is_an_error(
 
 def test_weights_that_leave_train_without_rows_are_an_error(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "in.jsonl", distinct_questions(4))
-    with pytest.raises(EmptySplitError, match=r"^train split has 2 conversation\(s\) but 0 rows after weighting: "
-                       r"data.weights \(arxiv_synthetic 1, cross_validated 0.001\)"):
+    with pytest.raises(
+        EmptySplitError,
+        match=r"^train split has 2 conversation\(s\) but 0 rows after weighting: "
+        r"data.weights \(arxiv_synthetic 1, cross_validated 0.001\)",
+    ):
         run([path], tmp_path / "out", weights={**WEIGHTS, "cross_validated": 0.001})
 
 
@@ -215,8 +222,20 @@ def test_a_directory_as_input_is_named_as_such(tmp_path: Path) -> None:
 def test_stage_reports_an_empty_split_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     stage = runpy.run_path(str(REPO / "stages" / "combine.py"))
     path = write_jsonl(tmp_path / "in.jsonl", [])
-    assert stage["main"]([str(path), "--out", str(tmp_path / "out"), "--sources", str(tmp_path),
-                          "--params", str(REPO / "params.yaml")]) == 2
+    assert (
+        stage["main"](
+            [
+                str(path),
+                "--out",
+                str(tmp_path / "out"),
+                "--sources",
+                str(tmp_path),
+                "--params",
+                str(REPO / "params.yaml"),
+            ]
+        )
+        == 2
+    )
     assert capsys.readouterr().err.startswith("error: no conversation kept")
 
 
@@ -267,9 +286,7 @@ def test_exact_and_normalised_duplicates_are_dropped_keeping_the_first(tmp_path:
     fullwidth = conversation("Ｗhat is a p-value?", "A probability.", id="fullwidth")  # NFKC
     other_answer = conversation("What is a p-value?", "Something else.", id="other-answer")
     file_a = write_jsonl(tmp_path / "a.jsonl", [first, variant])
-    file_b = write_jsonl(
-        tmp_path / "b.jsonl", [{**exact_copy, "source": "cross_validated"}, fullwidth, other_answer]
-    )
+    file_b = write_jsonl(tmp_path / "b.jsonl", [{**exact_copy, "source": "cross_validated"}, fullwidth, other_answer])
     manifest = run([file_a, file_b], tmp_path / "out", weights={**WEIGHTS, "cross_validated": 1.0}, **NO_HOLDOUT)
     counts = manifest["sources"]["cross_validated"]
     assert (counts["duplicates_exact"], counts["duplicates_normalised"], counts["kept"]) == (1, 2, 2)
@@ -322,8 +339,10 @@ def random_dataset(rng: random.Random, n_questions: int) -> list[dict[str, Any]]
                 id=None if rng.random() < 0.2 else f"q{q}-v{variant}",
             )
             if follow_up:
-                row["messages"] += [{"role": "user", "content": "And why?"},
-                                    {"role": "assistant", "content": "Because."}]
+                row["messages"] += [
+                    {"role": "user", "content": "And why?"},
+                    {"role": "assistant", "content": "Because."},
+                ]
             rows.append(row)
     rng.shuffle(rows)
     return rows
@@ -408,8 +427,7 @@ def test_shuffling_rows_within_files_keeps_split_membership(tmp_path: Path) -> N
     rows = distinct_questions(60) + distinct_questions(60, source="arxiv_synthetic")
     # Same questions as cross_validated-0..9 with other answers: same groups, not duplicates.
     rows += [
-        conversation(f"Question number {i} from cross_validated?", "Another answer.", id=f"alt-{i}")
-        for i in range(10)
+        conversation(f"Question number {i} from cross_validated?", "Another answer.", id=f"alt-{i}") for i in range(10)
     ]
     random.Random(3).shuffle(rows)
     manifest = run(mixed_inputs(tmp_path, rows), tmp_path / "ordered")
@@ -431,9 +449,7 @@ def test_shuffling_rows_within_files_keeps_split_membership(tmp_path: Path) -> N
         assert (tmp_path / "ordered" / name).read_bytes() == (tmp_path / "shuffled_out" / name).read_bytes()
 
 
-def test_manifest_records_params_hashes_and_no_absolute_paths(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_manifest_records_params_hashes_and_no_absolute_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     Path("data").mkdir()
     write_jsonl(Path("data/cv.jsonl"), distinct_questions(10))
@@ -462,9 +478,7 @@ def snapshot(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in directory.iterdir()}
 
 
-def test_a_failing_run_leaves_the_previous_outputs_intact(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_failing_run_leaves_the_previous_outputs_intact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     good = write_jsonl(tmp_path / "good.jsonl", distinct_questions(20))
     run([good], tmp_path / "out")
     before = snapshot(tmp_path / "out")

@@ -37,15 +37,32 @@ def test_seed_defaults_are_the_gpu_profile(shipped_params):
     assert p.lora.target_modules == cfg.LLAMA_PROJECTIONS
     t = p.train
     assert t.learning_rate == 2e-4
-    assert (t.lr_scheduler_type, t.warmup_ratio, t.num_train_epochs, t.optim) == ("cosine", 0.03, 3.0,
-                                                                                  "adamw_torch_fused")
-    assert (t.max_seq_length, t.gradient_checkpointing, t.bf16, t.save_steps, t.save_total_limit) == \
-        (2048, "auto", True, 500, 3)
+    assert (t.lr_scheduler_type, t.warmup_ratio, t.num_train_epochs, t.optim) == (
+        "cosine",
+        0.03,
+        3.0,
+        "adamw_torch_fused",
+    )
+    assert (t.max_seq_length, t.gradient_checkpointing, t.bf16, t.save_steps, t.save_total_limit) == (
+        2048,
+        "auto",
+        True,
+        500,
+        3,
+    )
     q = p.quantization
-    assert (q.load_in_4bit, q.bnb_4bit_quant_type, q.bnb_4bit_use_double_quant, q.bnb_4bit_compute_dtype) == \
-        (True, "nf4", True, "bfloat16")
-    assert (t.micro_batch, t.tokens_per_micro_batch, t.gradient_accumulation_steps, t.fused_lora) == \
-        ("16384 tokens", 16384, 1, True)
+    assert (q.load_in_4bit, q.bnb_4bit_quant_type, q.bnb_4bit_use_double_quant, q.bnb_4bit_compute_dtype) == (
+        True,
+        "nf4",
+        True,
+        "bfloat16",
+    )
+    assert (t.micro_batch, t.tokens_per_micro_batch, t.gradient_accumulation_steps, t.fused_lora) == (
+        "16384 tokens",
+        16384,
+        1,
+        True,
+    )
     assert (t.padding_free, t.attn_implementation, t.use_liger_kernel) == (True, "expqa_varlen", True)
     assert t.num_processes == 0  # every visible GPU
 
@@ -80,26 +97,37 @@ def test_missing_key_is_a_located_error_naming_the_line_to_add(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_params(path)
     lora_line = text.splitlines().index("lora:") + 1
-    assert str(info.value) == (f"{path}:{lora_line}: lora.dropout is missing; add `dropout: 0.0` under lora: (every "
-                               "key is required: params.yaml is the one place a default lives)")
+    assert str(info.value) == (
+        f"{path}:{lora_line}: lora.dropout is missing; add `dropout: 0.0` under lora: (every "
+        "key is required: params.yaml is the one place a default lives)"
+    )
     no_profile = write(tmp_path, text.replace("profile: auto\n", ""), "noprofile.yaml")
     with pytest.raises(ConfigError, match="no 'profile' section; add `profile: auto`; every section is required"):
         load_params(no_profile)
 
 
-@pytest.mark.parametrize("written,expected", [
-    ("16 bananas", "train.micro_batch is '16 bananas'; give a positive count and its unit"),
-    ("0 tokens", "train.micro_batch is '0 tokens'; give a positive count"),
-    ("1024 tokens", "train.micro_batch is '1024 tokens', below train.max_seq_length 2048"),
-])
+@pytest.mark.parametrize(
+    "written,expected",
+    [
+        ("16 bananas", "train.micro_batch is '16 bananas'; give a positive count and its unit"),
+        ("0 tokens", "train.micro_batch is '0 tokens'; give a positive count"),
+        ("1024 tokens", "train.micro_batch is '1024 tokens', below train.max_seq_length 2048"),
+    ],
+)
 def test_micro_batch_is_one_key_with_its_unit(tmp_path, written, expected):
     path = write(tmp_path, shipped_text().replace("micro_batch: 16384 tokens", f"micro_batch: {written}", 1))
     with pytest.raises(ConfigError, match=re.escape(expected)):
         load_params(path)
-    padded = write(tmp_path, shipped_text().replace("padding_free: true            #", "padding_free: false #", 1)
-                   .replace("attn_implementation: expqa_varlen  #", "attn_implementation: sdpa  #", 1), "padded.yaml")
-    with pytest.raises(ConfigError, match="a token budget, which packs conversations into one row: it needs "
-                                          "train.padding_free: true"):
+    padded = write(
+        tmp_path,
+        shipped_text()
+        .replace("padding_free: true            #", "padding_free: false #", 1)
+        .replace("attn_implementation: expqa_varlen  #", "attn_implementation: sdpa  #", 1),
+        "padded.yaml",
+    )
+    with pytest.raises(
+        ConfigError, match="a token budget, which packs conversations into one row: it needs train.padding_free: true"
+    ):
         load_params(padded)
 
 
@@ -107,8 +135,11 @@ def test_profile_value_and_cpu_overrides_are_checked(tmp_path):
     bad = write(tmp_path, shipped_text().replace("profile: auto", "profile: tpu"))
     with pytest.raises(ConfigError, match=r"params.yaml:\d+: profile is 'tpu'; allowed: auto, gpu, cpu"):
         load_params(bad)
-    nested = write(tmp_path, shipped_text().replace("  eval:\n    max_new_tokens: 96", "  profile: gpu\n  eval:\n"
-                                                    "    max_new_tokens: 96"), "nested.yaml")
+    nested = write(
+        tmp_path,
+        shipped_text().replace("  eval:\n    max_new_tokens: 96", "  profile: gpu\n  eval:\n    max_new_tokens: 96"),
+        "nested.yaml",
+    )
     with pytest.raises(ConfigError, match="cpu.profile cannot be overridden by a profile"):
         load_params(nested)
 
@@ -132,31 +163,51 @@ def test_stage_files_hold_resolved_sections_and_load_back(tmp_path, shipped_para
     assert whole.profile in ("cpu", "gpu")
 
 
-@pytest.mark.parametrize("old,new,expected", [
-    ("  r: 16", "  r: 0", "lora.r is 0; must be a positive integer"),
-    ("learning_rate: 2.0e-4", "learning_rate: 0", "train.learning_rate is 0.0; must be in (0, 1)"),
-    ("learning_rate: 2.0e-4", "learning_rate: 5", "train.learning_rate is 5.0; must be in (0, 1)"),
-    ("learning_rate: 2.0e-4", "learning_rate: .nan", "train.learning_rate is nan; expected a finite number"),
-    ("warmup_ratio: 0.03", "warmup_ratio: -.inf", "train.warmup_ratio is -inf; expected a finite number"),
-    ("weight_decay: 0.0", "weight_decay: -0.1", "train.weight_decay is -0.1; must be >= 0"),
-    ("max_grad_norm: 0.3", "max_grad_norm: -1.0", "train.max_grad_norm is -1.0; must be >= 0"),
-    ("cross_validated: 2.0", "cross_validated: .nan", "data.weights.cross_validated is nan; expected a finite"),
-    ("arxiv_synthetic: 1.0", "arxiv_synthetic: .inf", "data.weights.arxiv_synthetic is inf; expected a finite"),
-    ("cross_validated: 2.0", "cross_validated: 5000", "data.weights.cross_validated is 5000; use 0 (drops the "
-                                                      "source) to 1000"),
-    ("seed: 42", "seed: -1", "base.seed is -1; use 0 to 4294967295"),
-    ("min_answer_chars: 80", "min_answer_chars: -1", "collect.min_answer_chars is -1; use 0 or a positive count"),
-    ("site_url: https://stats.stackexchange.com", "site_url: stats.stackexchange.com",
-     "collect.site_url is 'stats.stackexchange.com'; give the site's address with its scheme"),
-    ("bnb_4bit_quant_type: nf4", "bnb_4bit_quant_type: int3", "quantization.bnb_4bit_quant_type is 'int3'; allowed: nf4, fp4"),
-    ("  r: 16", "  r: sixteen", "lora.r is 'sixteen' (str); expected int"),
-    ("on_invalid: error", "on_invalid: ignore", "data.on_invalid is 'ignore'; allowed: error, skip"),
-    ("save_steps: 500", "save_steps: 505",
-     "train.save_steps is 505, not a multiple of train.logging_steps 10: a run resumed from a checkpoint between two "
-     "logged steps would log other loss values than one that never stopped; use e.g. save_steps: 510"),
-    ("gradient_checkpointing: auto", "gradient_checkpointing: some",
-     "train.gradient_checkpointing is 'some'; allowed: auto, off, selective, full"),
-])
+@pytest.mark.parametrize(
+    "old,new,expected",
+    [
+        ("  r: 16", "  r: 0", "lora.r is 0; must be a positive integer"),
+        ("learning_rate: 2.0e-4", "learning_rate: 0", "train.learning_rate is 0.0; must be in (0, 1)"),
+        ("learning_rate: 2.0e-4", "learning_rate: 5", "train.learning_rate is 5.0; must be in (0, 1)"),
+        ("learning_rate: 2.0e-4", "learning_rate: .nan", "train.learning_rate is nan; expected a finite number"),
+        ("warmup_ratio: 0.03", "warmup_ratio: -.inf", "train.warmup_ratio is -inf; expected a finite number"),
+        ("weight_decay: 0.0", "weight_decay: -0.1", "train.weight_decay is -0.1; must be >= 0"),
+        ("max_grad_norm: 0.3", "max_grad_norm: -1.0", "train.max_grad_norm is -1.0; must be >= 0"),
+        ("cross_validated: 2.0", "cross_validated: .nan", "data.weights.cross_validated is nan; expected a finite"),
+        ("arxiv_synthetic: 1.0", "arxiv_synthetic: .inf", "data.weights.arxiv_synthetic is inf; expected a finite"),
+        (
+            "cross_validated: 2.0",
+            "cross_validated: 5000",
+            "data.weights.cross_validated is 5000; use 0 (drops the source) to 1000",
+        ),
+        ("seed: 42", "seed: -1", "base.seed is -1; use 0 to 4294967295"),
+        ("min_answer_chars: 80", "min_answer_chars: -1", "collect.min_answer_chars is -1; use 0 or a positive count"),
+        (
+            "site_url: https://stats.stackexchange.com",
+            "site_url: stats.stackexchange.com",
+            "collect.site_url is 'stats.stackexchange.com'; give the site's address with its scheme",
+        ),
+        (
+            "bnb_4bit_quant_type: nf4",
+            "bnb_4bit_quant_type: int3",
+            "quantization.bnb_4bit_quant_type is 'int3'; allowed: nf4, fp4",
+        ),
+        ("  r: 16", "  r: sixteen", "lora.r is 'sixteen' (str); expected int"),
+        ("on_invalid: error", "on_invalid: ignore", "data.on_invalid is 'ignore'; allowed: error, skip"),
+        (
+            "save_steps: 500",
+            "save_steps: 505",
+            "train.save_steps is 505, not a multiple of train.logging_steps 10: a run resumed from a checkpoint "
+            "between two logged steps would log other loss values than one that never stopped; use e.g. "
+            "save_steps: 510",
+        ),
+        (
+            "gradient_checkpointing: auto",
+            "gradient_checkpointing: some",
+            "train.gradient_checkpointing is 'some'; allowed: auto, off, selective, full",
+        ),
+    ],
+)
 def test_invalid_value_gives_one_line_naming_key_value_and_line(tmp_path, old, new, expected):
     text = shipped_text()
     assert old in text
@@ -165,7 +216,7 @@ def test_invalid_value_gives_one_line_naming_key_value_and_line(tmp_path, old, n
         load_params(path)
     message = str(info.value)
     assert "\n" not in message and expected in message
-    line = next(i for i, l in enumerate(path.read_text().splitlines(), 1) if new in l)
+    line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if new in text)
     assert message.startswith(f"{path}:{line}: ")
 
 
@@ -219,13 +270,30 @@ def test_missing_and_unparsable_files(tmp_path):
 
 
 def test_every_field_has_help():
-    for cls in (cfg.BaseConfig, cfg.ModelConfig, cfg.CollectConfig, cfg.DataConfig, cfg.QuantizationConfig,
-                cfg.LoRAConfig, cfg.TrainingConfig, cfg.EvalConfig):
+    for cls in (
+        cfg.BaseConfig,
+        cfg.ModelConfig,
+        cfg.CollectConfig,
+        cfg.DataConfig,
+        cfg.QuantizationConfig,
+        cfg.LoRAConfig,
+        cfg.TrainingConfig,
+        cfg.EvalConfig,
+    ):
         assert all(cfg.section_help(cls).values()), cls
 
 
-@pytest.mark.parametrize("written,mode", [("auto", "auto"), ("off", "off"), ("false", "off"), ("true", "full"),
-                                          ("selective", "selective"), ("full", "full")])
+@pytest.mark.parametrize(
+    "written,mode",
+    [
+        ("auto", "auto"),
+        ("off", "off"),
+        ("false", "off"),
+        ("true", "full"),
+        ("selective", "selective"),
+        ("full", "full"),
+    ],
+)
 def test_gradient_checkpointing_spellings(tmp_path, written, mode):
     """YAML reads `off` as false: both mean off; true (the old boolean key) means full."""
     path = write(tmp_path, shipped_text().replace("gradient_checkpointing: auto", f"gradient_checkpointing: {written}"))

@@ -13,7 +13,8 @@ LLAMA3_TEMPLATE = (
     "{{- system_message }}{{- '<|eot_id|>' }}"
     "{%- for message in messages %}{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + "
     "message['content'] | trim + '<|eot_id|>' }}{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}")
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
 
 CONVERSATION = [
     {"role": "system", "content": "You are a statistician."},
@@ -25,25 +26,28 @@ CONVERSATION = [
 
 
 def supervised_text(tokenizer, example):
-    return [tokenizer.decode([t]) for t, l in zip(example["input_ids"], example["labels"]) if l != IGNORE_INDEX]
+    return [tokenizer.decode([t]) for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE_INDEX]
 
 
 def test_embedded_chatml_mask_token_by_token(embedded_tokenizer):
     tok = embedded_tokenizer
     example = tokenize_conversation(tok, CONVERSATION)
-    pieces = [(tok.decode([t]), l != IGNORE_INDEX) for t, l in zip(example["input_ids"], example["labels"])]
+    pieces = [(tok.decode([t]), label != IGNORE_INDEX) for t, label in zip(example["input_ids"], example["labels"])]
     supervised = "".join(p for p, on in pieces if on)
-    assert supervised == ("The probability of rejecting H0 when H1 is true.<|im_end|>\n"
-                          "The false positive rate.<|im_end|>\n")
+    assert supervised == (
+        "The probability of rejecting H0 when H1 is true.<|im_end|>\nThe false positive rate.<|im_end|>\n"
+    )
     unsupervised = "".join(p for p, on in pieces if not on)
-    assert unsupervised == ("<|im_start|>system\nYou are a statistician.<|im_end|>\n<|im_start|>user\nWhat is power?"
-                            "<|im_end|>\n<|im_start|>assistant\n<|im_start|>user\nAnd alpha?<|im_end|>\n"
-                            "<|im_start|>assistant\n")
+    assert unsupervised == (
+        "<|im_start|>system\nYou are a statistician.<|im_end|>\n<|im_start|>user\nWhat is power?"
+        "<|im_end|>\n<|im_start|>assistant\n<|im_start|>user\nAnd alpha?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
     # pad == eos for this model, yet the end-of-turn token is a label (twice: one per assistant turn)
     assert tok.pad_token_id == tok.eos_token_id
-    assert [l for l in example["labels"] if l == tok.eos_token_id] == [tok.eos_token_id] * 2
+    assert [label for label in example["labels"] if label == tok.eos_token_id] == [tok.eos_token_id] * 2
     # labels equal the input ids where supervised
-    assert all(l in (IGNORE_INDEX, t) for t, l in zip(example["input_ids"], example["labels"]))
+    assert all(label in (IGNORE_INDEX, t) for t, label in zip(example["input_ids"], example["labels"]))
 
 
 def test_default_system_prompt_injected_by_template_is_not_supervised(embedded_tokenizer):
@@ -61,8 +65,9 @@ def test_llama3_style_template_keeps_eot_and_is_date_independent(embedded_tokeni
     tok.chat_template = LLAMA3_TEMPLATE
     example = tokenize_conversation(tok, CONVERSATION)
     eot = tok.convert_tokens_to_ids("<|eot_id|>")
-    assert "".join(supervised_text(tok, example)) == ("The probability of rejecting H0 when H1 is true.<|eot_id|>"
-                                                       "The false positive rate.<|eot_id|>")
+    assert "".join(supervised_text(tok, example)) == (
+        "The probability of rejecting H0 when H1 is true.<|eot_id|>The false positive rate.<|eot_id|>"
+    )
     assert example["labels"].count(eot) == 2
     assert eot in end_of_turn_ids(tok)
     assert "Today Date: 26 Jul 2024" in tok.decode(example["input_ids"])  # fixed, not today's date

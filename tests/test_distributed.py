@@ -24,26 +24,57 @@ def write_params(run_dir, processes, micro_batch, quantized=False, **train):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["lora"].update(r=4, alpha=8, dropout=0.0)  # dropout draws different random numbers per process
     params["cpu"]["quantization"]["load_in_4bit"] = quantized
-    params["cpu"]["train"].update(dict(max_steps=3, eval_steps=3, save_steps=100, logging_steps=1, max_seq_length=128,
-                                       micro_batch=f"{micro_batch} conversations", gradient_accumulation_steps=1,
-                                       learning_rate=1e-2, warmup_ratio=0.0, num_threads=1, num_processes=processes),
-                                  **train)
+    params["cpu"]["train"].update(
+        dict(
+            max_steps=3,
+            eval_steps=3,
+            save_steps=100,
+            logging_steps=1,
+            max_seq_length=128,
+            micro_batch=f"{micro_batch} conversations",
+            gradient_accumulation_steps=1,
+            learning_rate=1e-2,
+            warmup_ratio=0.0,
+            num_threads=1,
+            num_processes=processes,
+        ),
+        **train,
+    )
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "params.yaml").write_text(yaml.safe_dump(params))
 
 
 def stage_args(run_dir, base, data):
     """The stage's arguments, every output inside run_dir."""
-    return ["--params", str(run_dir / "params.yaml"), "--base", str(base), "--data", str(data),
-            "--out", str(run_dir / "adapter"), "--checkpoints", str(run_dir / "ckpt"),
-            "--metrics", str(run_dir / "metrics"), "--logs", str(run_dir / "logs")]
+    return [
+        "--params",
+        str(run_dir / "params.yaml"),
+        "--base",
+        str(base),
+        "--data",
+        str(data),
+        "--out",
+        str(run_dir / "adapter"),
+        "--checkpoints",
+        str(run_dir / "ckpt"),
+        "--metrics",
+        str(run_dir / "metrics"),
+        "--logs",
+        str(run_dir / "logs"),
+    ]
 
 
 def train(run_dir, base, data, processes, micro_batch, launcher=(), quantized=False, **overrides):
     if not (run_dir / "params.yaml").exists():
         write_params(run_dir, processes, micro_batch, quantized, **overrides)
-    result = subprocess.run([sys.executable, *launcher, STAGE, *stage_args(run_dir, base, data)], cwd=run_dir,
-                            capture_output=True, text=True, timeout=900, env=CPU_ENV)
+    result = subprocess.run(
+        [sys.executable, *launcher, STAGE, *stage_args(run_dir, base, data)],
+        cwd=run_dir,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=CPU_ENV,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -103,8 +134,16 @@ def test_fsdp_under_an_external_torchrun_shards_and_matches_one_process(tiny_bas
     from expqa.merge import merge_adapter
 
     run_dir = tmp_path / "fsdp"
-    log = train(run_dir, tiny_base, data, processes=3, micro_batch=2, distributed="fsdp", gradient_checkpointing=True,
-                launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"))
+    log = train(
+        run_dir,
+        tiny_base,
+        data,
+        processes=3,
+        micro_batch=2,
+        distributed="fsdp",
+        gradient_checkpointing=True,
+        launcher=("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"),
+    )
     assert "train: launching" not in log.stdout, "an external launch must not be relaunched"
     assert record(run_dir)["config"]["world_size"] == 2 and record(run_dir)["config"]["train"]["distributed"] == "fsdp"
     summary = next(line for line in log.stdout.splitlines() if line.startswith("train: fsdp over 2 processes"))
@@ -140,11 +179,33 @@ def test_two_machines_joined_by_torchrun_static_rendezvous(tiny_base, data, one_
     for rank in (0, 1):
         node = tmp_path / f"node{rank}"
         write_params(node, processes=1, micro_batch=2)
-        nodes.append(subprocess.Popen(
-            [sys.executable, STAGE, "--params", "params.yaml", "--base", str(tiny_base), "--data", str(data),
-             "--out", "adapter", "--checkpoints", "ckpt", "--metrics", "metrics", "--logs", "logs"], cwd=node,
-            env={**CPU_ENV, **rendezvous, "PET_NODE_RANK": str(rank)}, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True))
+        nodes.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    STAGE,
+                    "--params",
+                    "params.yaml",
+                    "--base",
+                    str(tiny_base),
+                    "--data",
+                    str(data),
+                    "--out",
+                    "adapter",
+                    "--checkpoints",
+                    "ckpt",
+                    "--metrics",
+                    "metrics",
+                    "--logs",
+                    "logs",
+                ],
+                cwd=node,
+                env={**CPU_ENV, **rendezvous, "PET_NODE_RANK": str(rank)},
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     logs = [proc.communicate(timeout=900)[0] for proc in nodes]
     assert [proc.returncode for proc in nodes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
     for log in logs:
@@ -161,8 +222,8 @@ def test_two_machines_joined_by_torchrun_static_rendezvous(tiny_base, data, one_
 @pytest.mark.slow
 def test_fsdp_qlora_with_fused_lora_matches_one_process_and_resumes(tiny_base, data, tmp_path):
     """4-bit base (nf4 stored in the compute dtype) + fused LoRA + checkpointing under FSDP2, 2 processes relaunched by
-    the stage: the 1-process losses; killed after checkpoint 2 (simulated: its later checkpoint and outputs removed), the run resumes
-    from the FSDP checkpoint and ends with a bit-identical adapter."""
+    the stage: the 1-process losses; killed after checkpoint 2 (simulated: its later checkpoint and outputs removed),
+    the run resumes from the FSDP checkpoint and ends with a bit-identical adapter."""
     reference, fsdp = tmp_path / "qlora", tmp_path / "qlora_fsdp"
     common = dict(quantized=True, max_steps=4, save_steps=2, eval_steps=4, fused_lora=True, gradient_checkpointing=True)
     train(reference, tiny_base, data, processes=1, micro_batch=4, **common)
@@ -171,7 +232,9 @@ def test_fsdp_qlora_with_fused_lora_matches_one_process_and_resumes(tiny_base, d
     assert losses(fsdp) == pytest.approx(losses(reference), rel=1e-4)
     assert record(fsdp)["metrics"]["eval_loss"] == pytest.approx(record(reference)["metrics"]["eval_loss"], rel=1e-4)
     checkpoint = fsdp / "ckpt" / "checkpoint-2"
-    assert {"optimizer.bin", "pytorch_model_fsdp.bin", "adapter_model.safetensors"} <= {p.name for p in checkpoint.iterdir()}
+    assert {"optimizer.bin", "pytorch_model_fsdp.bin", "adapter_model.safetensors"} <= {
+        p.name for p in checkpoint.iterdir()
+    }
     finished = load_file(fsdp / "adapter" / "adapter_model.safetensors")
     for path in (fsdp / "ckpt" / "checkpoint-4", fsdp / "adapter"):
         subprocess.run(["rm", "-r", str(path)], check=True)
@@ -187,13 +250,20 @@ def test_linear4bit_output_is_unchanged_by_fully_shard_on_gloo(tmp_path):
     """bitsandbytes #1945: FSDP2 said to rewrite packed 4-bit bytes that read as bf16 NaNs. The check the GPU script
     (benchmarks/fsdp_check.py) runs on CUDA, here on 2 gloo processes."""
     script = tmp_path / "check.py"
-    script.write_text("import json, sys, torch.distributed as dist\n"
-                      f"sys.path.insert(0, {str(REPO / 'benchmarks')!r})\n"
-                      "from fsdp_check import linear4bit_fully_shard_check\n"
-                      "dist.init_process_group('gloo')\n"
-                      "print('RESULT', json.dumps(linear4bit_fully_shard_check('cpu')), flush=True)\n")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             str(script)], capture_output=True, text=True, timeout=300, env=CPU_ENV)
+    script.write_text(
+        "import json, sys, torch.distributed as dist\n"
+        f"sys.path.insert(0, {str(REPO / 'benchmarks')!r})\n"
+        "from fsdp_check import linear4bit_fully_shard_check\n"
+        "dist.init_process_group('gloo')\n"
+        "print('RESULT', json.dumps(linear4bit_fully_shard_check('cpu')), flush=True)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=CPU_ENV,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     checks = [json.loads(line.split("RESULT ", 1)[1]) for line in result.stdout.splitlines() if "RESULT " in line]
     assert len(checks) == 2 and all(c["identical"] and c["packed_values_that_are_bf16_nan"] > 0 for c in checks)
@@ -202,6 +272,7 @@ def test_linear4bit_output_is_unchanged_by_fully_shard_on_gloo(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # launch decisions, without launching
 
+
 @pytest.fixture
 def clean_env(monkeypatch):
     for name in (*distributed.LAUNCH_VARIABLES, *distributed.MULTI_NODE_VARIABLES, "PET_NODE_RANK"):
@@ -209,8 +280,9 @@ def clean_env(monkeypatch):
     return monkeypatch
 
 
-@pytest.mark.parametrize("processes,mode,expected", [(1, "ddp", False), (2, "ddp", True), (1, "fsdp", True),
-                                                     (4, "fsdp", True)])
+@pytest.mark.parametrize(
+    "processes,mode,expected", [(1, "ddp", False), (2, "ddp", True), (1, "fsdp", True), (4, "fsdp", True)]
+)
 def test_the_stage_launches_only_outside_a_launch(clean_env, processes, mode, expected):
     assert distributed.needs_launch(processes, mode) is expected
     for name in distributed.LAUNCH_VARIABLES:  # torchrun, accelerate launch, a cluster launcher
@@ -295,9 +367,17 @@ def test_fsdp_arguments_bf16_compute_fp32_reduction_and_layer_checkpointing(tiny
     monkeypatch.setattr(trainer_module, "use_bf16", lambda requested: requested)  # as on a GPU
     _, config = tiny_training_config(distributed="fsdp", gradient_checkpointing=True, bf16=True)
     params, _ = tiny_training_config()
-    runner = trainer_module.QLoRATrainer(config, lora=params.lora, quantization=params.quantization,
-                                         seed=params.base.seed, base_model=tiny_base, data_dir=tmp_path,
-                                         checkpoint_dir=tmp_path, metrics_dir=None, log_dir=None)
+    runner = trainer_module.QLoRATrainer(
+        config,
+        lora=params.lora,
+        quantization=params.quantization,
+        seed=params.base.seed,
+        base_model=tiny_base,
+        data_dir=tmp_path,
+        checkpoint_dir=tmp_path,
+        metrics_dir=None,
+        log_dir=None,
+    )
     args = runner._sft_config(False, AutoModelForCausalLM.from_pretrained(tiny_base))
     plugin = FullyShardedDataParallelPlugin(**args.fsdp_plugin_args)
     plugin.set_mixed_precision("bf16")  # what Accelerate does with bf16=True: our policy is kept

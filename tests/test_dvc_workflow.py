@@ -35,13 +35,21 @@ UP_TO_DATE = "Data and pipelines are up to date"
 DATA_OUTS = {"collect": ["data/interim/stackexchange.jsonl"], "combine": ["data/processed"]}
 SMALL_QUESTIONS = "data/eval/critical_questions_small.jsonl"
 QUESTIONS = [
-    {"id": "cq-t1", "question": "What does a p-value of 0.04 mean in an A/B test?",
-     "options": ["A 4% chance that there is no difference",
-                 "Data at least this extreme would occur 4% of the time if there were no difference"],
-     "answer": 1},
-    {"id": "cq-t2", "question": "Why fix the sample size of an A/B test in advance?",
-     "options": ["Stopping when p < 0.05 inflates the false positive rate", "It makes the test run faster"],
-     "answer": 0},
+    {
+        "id": "cq-t1",
+        "question": "What does a p-value of 0.04 mean in an A/B test?",
+        "options": [
+            "A 4% chance that there is no difference",
+            "Data at least this extreme would occur 4% of the time if there were no difference",
+        ],
+        "answer": 1,
+    },
+    {
+        "id": "cq-t2",
+        "question": "Why fix the sample size of an A/B test in advance?",
+        "options": ["Stopping when p < 0.05 inflates the false positive rate", "It makes the test run faster"],
+        "answer": 0,
+    },
 ]
 
 
@@ -56,6 +64,7 @@ class Project:
 
 # ---------------------------------------------------------------------------------------------------------------
 # helpers
+
 
 def _env(root: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "DVC_", "GIT_"))}
@@ -79,8 +88,10 @@ def _env(root: Path) -> dict:
 def run(cmd: list[str], cwd: Path, env: dict, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, cmd))} failed ({result.returncode}) in {cwd}\n"
-                             f"--- stdout\n{result.stdout[-6000:]}\n--- stderr\n{result.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(map(str, cmd))} failed ({result.returncode}) in {cwd}\n"
+            f"--- stdout\n{result.stdout[-6000:]}\n--- stderr\n{result.stderr[-6000:]}"
+        )
     return result
 
 
@@ -106,9 +117,17 @@ def copy_project(dest: Path) -> None:
     stages instead of re-running them and so void the determinism check) and untracked outputs such as
     models/checkpoints.
     """
+
     def ls(*flags: str) -> set[str]:
-        return set(filter(None, subprocess.run(["git", "ls-files", "-z", *flags], cwd=REPO, capture_output=True,
-                                               text=True, check=True).stdout.split("\0")))
+        return set(
+            filter(
+                None,
+                subprocess.run(
+                    ["git", "ls-files", "-z", *flags], cwd=REPO, capture_output=True, text=True, check=True
+                ).stdout.split("\0"),
+            )
+        )
+
     untracked = {name for name in ls("--others", "--exclude-standard") if not name.startswith(("models/", "metrics/"))}
     for name in sorted(ls("--cached") | untracked):
         if (REPO / name).is_file():
@@ -125,8 +144,16 @@ def configure(repo: Path, tiny_base: Path) -> None:
     # the evaluate stage dies in perplexity() with ZeroDivisionError (reported; 128 keeps some in each).
     # one process each: the workflow is what these tests check; 2-process training and evaluation have their own
     # tests (test_distributed.py, test_merge_evaluate.py), and a process start costs seconds per stage here
-    params["cpu"]["train"].update(max_steps=2, micro_batch="2 conversations", max_seq_length=128, eval_steps=2,
-                                  save_steps=2, logging_steps=1, num_threads=1, num_processes=1)
+    params["cpu"]["train"].update(
+        max_steps=2,
+        micro_batch="2 conversations",
+        max_seq_length=128,
+        eval_steps=2,
+        save_steps=2,
+        logging_steps=1,
+        num_threads=1,
+        num_processes=1,
+    )
     params["cpu"]["eval"].update(max_new_tokens=4, max_examples=2, batch_size=2, num_processes=1, num_threads=1)
     params["export"].update(types=["q8_0"], ollama_type="q8_0")  # one GGUF: each is loaded back twice (~10 s)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -147,10 +174,13 @@ def clone(project: Project, dest: Path) -> Path:
 def assert_nothing_runs(project: Project, cwd: Path) -> None:
     """`dvc status` and `dvc repro` both say up to date and no stage runs (so nothing retrains)."""
     status = dvc(project, "status", cwd=cwd).stdout
-    hint = ("\n(models/checkpoints is a declared output of `train` that is neither pushed (cache: false) nor in git "
-            "(.gitignore): a clone never has it, so DVC sees the output deleted and `dvc repro` retrains. Stop "
-            "declaring it as an output in dvc.yaml; the stage keeps using it for resuming.)"
-            if "models/checkpoints" in status else "")
+    hint = (
+        "\n(models/checkpoints is a declared output of `train` that is neither pushed (cache: false) nor in git "
+        "(.gitignore): a clone never has it, so DVC sees the output deleted and `dvc repro` retrains. Stop "
+        "declaring it as an output in dvc.yaml; the stage keeps using it for resuming.)"
+        if "models/checkpoints" in status
+        else ""
+    )
     assert UP_TO_DATE in status, f"dvc status in a fresh clone ({cwd.name}) is not clean:\n{status}{hint}"
     repro = dvc(project, "repro", cwd=cwd)
     out = repro.stdout + repro.stderr
@@ -165,11 +195,13 @@ def timed(label: str):
 
         def __exit__(self, *exc):  # shown with -s; for keeping an eye on the file's runtime
             print(f"[dvc workflow] {label}: {time.monotonic() - self.start:.1f} s")
+
     return _Timer()
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # the shared, reproduced repository
+
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, tiny_base) -> Project:
@@ -223,12 +255,16 @@ def test_data_stages_reproduce_the_committed_lock_byte_for_byte(project):
         assert here["stages"][stage].get("params") == shipped["stages"][stage].get("params"), stage
         for path in paths:
             mine, theirs = lock_outs(here)[path], lock_outs(shipped)[path]
-            assert (mine["md5"], mine["size"], mine.get("nfiles")) == \
-                (theirs["md5"], theirs["size"], theirs.get("nfiles")), f"{path} is not reproduced byte for byte"
+            assert (mine["md5"], mine["size"], mine.get("nfiles")) == (
+                theirs["md5"],
+                theirs["size"],
+                theirs.get("nfiles"),
+            ), f"{path} is not reproduced byte for byte"
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # sharing: remotes, clones
+
 
 @pytest.fixture(scope="module")
 def local_remote(project) -> Path:
@@ -249,9 +285,15 @@ def test_local_remote_push_then_clone_pull_runs_nothing(project, local_remote):
     assert "local" in dvc(project, "remote", "list", cwd=dest).stdout  # the remote travels in .dvc/config
     with timed("dvc pull + status + repro (clone)"):
         dvc(project, "pull", cwd=dest)
-        for path in ("models/base/model.safetensors", "models/adapter/adapter_model.safetensors",
-                     "models/merged/model.safetensors", "data/processed/train.jsonl",
-                     "data/interim/stackexchange.jsonl", "metrics/eval.json", "metrics/train/metrics.json"):
+        for path in (
+            "models/base/model.safetensors",
+            "models/adapter/adapter_model.safetensors",
+            "models/merged/model.safetensors",
+            "data/processed/train.jsonl",
+            "data/interim/stackexchange.jsonl",
+            "metrics/eval.json",
+            "metrics/train/metrics.json",
+        ):
             assert (dest / path).is_file(), f"{path} missing after dvc pull"
         assert_nothing_runs(project, dest)
 
@@ -270,13 +312,18 @@ def test_s3_remote_via_moto_keeps_credentials_out_of_git(project):
         host, port = server.get_host_and_port()
         endpoint = f"http://{host}:{port}"
         key_id, secret = "AKIAEXPQATEST", "expqa-test-secret-not-in-git"
-        s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=key_id,
-                          aws_secret_access_key=secret)
+        s3 = boto3.client(
+            "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=key_id, aws_secret_access_key=secret
+        )
         s3.create_bucket(Bucket="expqa-dvc")
 
         dvc(project, "remote", "add", "s3remote", "s3://expqa-dvc/store")
-        for option, value in (("endpointurl", endpoint), ("access_key_id", key_id),
-                              ("secret_access_key", secret), ("region", "us-east-1")):
+        for option, value in (
+            ("endpointurl", endpoint),
+            ("access_key_id", key_id),
+            ("secret_access_key", secret),
+            ("region", "us-east-1"),
+        ):
             dvc(project, "remote", "modify", "--local", "s3remote", option, value)
         config = (project.repo / ".dvc/config").read_text()
         assert "s3://expqa-dvc/store" in config
@@ -294,10 +341,12 @@ def test_s3_remote_via_moto_keeps_credentials_out_of_git(project):
         shutil.copy2(project.repo / ".dvc/config.local", dest / ".dvc/config.local")
         with timed("dvc pull (s3/moto) + status + repro (clone)"):
             dvc(project, "pull", "-r", "s3remote", cwd=dest)
-            assert (dest / "models/adapter/adapter_model.safetensors").read_bytes() == \
-                (project.repo / "models/adapter/adapter_model.safetensors").read_bytes()
-            assert sorted(p.name for p in (dest / "data/processed").iterdir()) == \
-                sorted(p.name for p in (project.repo / "data/processed").iterdir())
+            assert (dest / "models/adapter/adapter_model.safetensors").read_bytes() == (
+                project.repo / "models/adapter/adapter_model.safetensors"
+            ).read_bytes()
+            assert sorted(p.name for p in (dest / "data/processed").iterdir()) == sorted(
+                p.name for p in (project.repo / "data/processed").iterdir()
+            )
             assert_nothing_runs(project, dest)
     finally:
         server.stop()
@@ -305,6 +354,7 @@ def test_s3_remote_via_moto_keeps_credentials_out_of_git(project):
 
 # ---------------------------------------------------------------------------------------------------------------
 # experiments (in a clone sharing the cache, so the repository the other tests use keeps its committed state)
+
 
 def _experiments(show: list[dict]) -> dict[str, dict]:
     """name -> record for every experiment in `dvc exp show --json` output."""
@@ -348,8 +398,9 @@ def test_experiments_show_params_yaml_params_and_metrics(project):
                 if "Success" in line or "Failed" in line or time.monotonic() > deadline:
                     break
                 time.sleep(2)
-            assert "Success" in line, status + dvc(project, "queue", "logs", "lora-r4", cwd=dest,
-                                                   check=False).stdout[-4000:]
+            assert "Success" in line, (
+                status + dvc(project, "queue", "logs", "lora-r4", cwd=dest, check=False).stdout[-4000:]
+            )
         finally:
             dvc(project, "queue", "stop", cwd=dest, check=False)
 

@@ -22,15 +22,37 @@ QUESTIONS = REPO / "data" / "eval" / "critical_questions.jsonl"
 RAW = REPO / "data" / "raw"
 
 # The fixed topic vocabulary of the question set.
-TOPICS = frozenset({
-    "p-values", "confidence intervals", "power and sample size", "type I/II errors", "peeking/sequential testing",
-    "multiple comparisons", "CUPED/variance reduction", "sample ratio mismatch", "novelty effects",
-    "ratio metrics/delta method", "Bayesian A/B", "bandits", "heterogeneous effects/subgroups", "interference/SUTVA",
-    "difference-in-differences", "regression discontinuity", "synthetic control", "randomisation and confounding",
-    "t-test assumptions/CLT", "practical vs statistical significance", "bootstrap/nonparametric tests",
-    "heavy tails/outliers", "non-inferiority/equivalence", "metrics and guardrails", "experiment design",
-    "instrumental variables", "observational methods",
-})
+TOPICS = frozenset(
+    {
+        "p-values",
+        "confidence intervals",
+        "power and sample size",
+        "type I/II errors",
+        "peeking/sequential testing",
+        "multiple comparisons",
+        "CUPED/variance reduction",
+        "sample ratio mismatch",
+        "novelty effects",
+        "ratio metrics/delta method",
+        "Bayesian A/B",
+        "bandits",
+        "heterogeneous effects/subgroups",
+        "interference/SUTVA",
+        "difference-in-differences",
+        "regression discontinuity",
+        "synthetic control",
+        "randomisation and confounding",
+        "t-test assumptions/CLT",
+        "practical vs statistical significance",
+        "bootstrap/nonparametric tests",
+        "heavy tails/outliers",
+        "non-inferiority/equivalence",
+        "metrics and guardrails",
+        "experiment design",
+        "instrumental variables",
+        "observational methods",
+    }
+)
 FIELDS = {"id", "topic", "question", "options", "answer", "explanation", "taught_by"}
 N_OPTIONS = 4
 MIN_QUESTIONS = 200
@@ -91,8 +113,9 @@ def test_schema(questions):
         assert isinstance(q["options"], list) and len(q["options"]) == N_OPTIONS, where
         assert all(isinstance(o, str) and o.strip() for o in q["options"]), where
         assert len({normalise(o) for o in q["options"]}) == N_OPTIONS, f"{where}: duplicate options"
-        assert not any("all of the above" in normalise(o) or "none of the above" in normalise(o)
-                       for o in q["options"]), where
+        assert not any(
+            "all of the above" in normalise(o) or "none of the above" in normalise(o) for o in q["options"]
+        ), where
         assert type(q["answer"]) is int and 0 <= q["answer"] < N_OPTIONS, where
         assert isinstance(q["taught_by"], list) and all(isinstance(t, str) for t in q["taught_by"]), where
         assert len(set(q["taught_by"])) == len(q["taught_by"]), f"{where}: repeated taught_by id"

@@ -31,9 +31,16 @@ LLAMA3_TEMPLATE = (
     "{{- 'Today Date: ' + date_string + '\\n\\n' }}{{- system_message }}{{- '<|eot_id|>' }}"
     "{%- for message in messages %}{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + "
     "message['content'] | trim + '<|eot_id|>' }}{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}")
-LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+)
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
 
 
 def llama3_tokenizer(embedded_tokenizer):
@@ -42,15 +49,20 @@ def llama3_tokenizer(embedded_tokenizer):
     from transformers import PreTrainedTokenizerFast
 
     data = json.loads(embedded_tokenizer.backend_tokenizer.to_str())
-    data["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": export.LLAMA3_SPLIT}, "behavior": "Isolated", "invert": False},
-        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+    data["pre_tokenizer"] = {
+        "type": "Sequence",
+        "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": export.LLAMA3_SPLIT}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+        ],
+    }
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(data)))
     tokenizer.add_special_tokens({"additional_special_tokens": LLAMA3_SPECIALS})
     tokenizer.bos_token, tokenizer.eos_token = "<|begin_of_text|>", "<|eot_id|>"
     bos = tokenizer.convert_tokens_to_ids("<|begin_of_text|>")
     tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
-        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos)])
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos)]
+    )
     tokenizer.chat_template = LLAMA3_TEMPLATE
     return tokenizer
 
@@ -60,26 +72,39 @@ def llama3_dir(tmp_path_factory, embedded_tokenizer) -> Path:
     """A 2-layer Llama with llama3 rope scaling, the Llama 3 tokenizer shape and weights large enough that attention
     is sharp (so a wrong q/k layout changes the logits a lot)."""
     tokenizer = llama3_tokenizer(embedded_tokenizer)
-    return make_tiny_llama(tmp_path_factory.mktemp("llama3") / "model", tokenizer, seed=3, initializer_range=0.25,
-                           rope_parameters=LLAMA3_ROPE, tie_word_embeddings=False, bos_token_id=tokenizer.bos_token_id,
-                           eos_token_id=tokenizer.eos_token_id, pad_token_id=None)
+    return make_tiny_llama(
+        tmp_path_factory.mktemp("llama3") / "model",
+        tokenizer,
+        seed=3,
+        initializer_range=0.25,
+        rope_parameters=LLAMA3_ROPE,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=None,
+    )
 
 
 @pytest.fixture(scope="module")
 def llama3_export(llama3_dir, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("llama3_gguf") / "gguf"
-    return out, export.export_gguf(llama3_dir, out, ExportConfig(types=["f32", "q8_0"], name="tiny",
-                                                                 ollama_type="q8_0"))
+    return out, export.export_gguf(
+        llama3_dir, out, ExportConfig(types=["f32", "q8_0"], name="tiny", ollama_type="q8_0")
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # round trip through transformers' GGUF loader
 
+
 @pytest.mark.slow
 def test_llama3_shaped_export_round_trips(llama3_export, llama3_dir):
     out, report = llama3_export
-    assert report["passed"] and sorted(p.name for p in out.iterdir()) == ["Modelfile", "tiny-f32.gguf",
-                                                                          "tiny-q8_0.gguf"]
+    assert report["passed"] and sorted(p.name for p in out.iterdir()) == [
+        "Modelfile",
+        "tiny-f32.gguf",
+        "tiny-q8_0.gguf",
+    ]
     f32, q8 = report["types"]["f32"], report["types"]["q8_0"]
     assert f32["architecture_equal"] and q8["architecture_equal"]
     assert report["tokenizer"] == {"token_ids_equal": True, "chat_template_equal": True}
@@ -134,8 +159,9 @@ def test_other_types_round_trip_on_the_tiny_base(tiny_base, tmp_path, gguf_type,
         return from_pretrained(path, *args, **kwargs)
 
     monkeypatch.setattr(AutoTokenizer, "from_pretrained", counting)
-    report = export.export_gguf(tiny_base, tmp_path / "gguf", ExportConfig(types=[gguf_type], name="t",
-                                                                           ollama_type=gguf_type))
+    report = export.export_gguf(
+        tiny_base, tmp_path / "gguf", ExportConfig(types=[gguf_type], name="t", ollama_type=gguf_type)
+    )
     assert report["passed"], report
     # building a 49k-token BPE tokenizer takes seconds: the merged model's is built once for every file, and
     # read back once from the first GGUF (the check)
@@ -143,14 +169,20 @@ def test_other_types_round_trip_on_the_tiny_base(tiny_base, tmp_path, gguf_type,
 
 
 def test_export_report_keeps_seconds_out_of_the_tracked_file(tmp_path):
-    report = {"passed": True, "seconds": 12.3, "types": {"f16": {"file": "expqa-f16.gguf", "bytes": 2**21,
-                                                                 "write_seconds": 1.0, "verify_seconds": 2.0}}}
+    report = {
+        "passed": True,
+        "seconds": 12.3,
+        "types": {"f16": {"file": "expqa-f16.gguf", "bytes": 2**21, "write_seconds": 1.0, "verify_seconds": 2.0}},
+    }
     export.write_export_report(report, tmp_path / "metrics" / "export.json", tmp_path / "logs" / "run.json")
     assert (tmp_path / "metrics" / "export.json").read_text() == (
         '{\n  "passed": true,\n  "types": {\n    "f16": {\n      "bytes": 2097152,\n'
-        '      "file": "expqa-f16.gguf"\n    }\n  }\n}\n')
+        '      "file": "expqa-f16.gguf"\n    }\n  }\n}\n'
+    )
     assert json.loads((tmp_path / "logs" / "run.json").read_text()) == {
-        "seconds": 12.3, "types": {"f16": {"write_seconds": 1.0, "verify_seconds": 2.0}}}
+        "seconds": 12.3,
+        "types": {"f16": {"write_seconds": 1.0, "verify_seconds": 2.0}},
+    }
 
 
 def test_export_summary_lines(llama3_export):
@@ -158,13 +190,16 @@ def test_export_summary_lines(llama3_export):
     lines = export.export_summary(report, out)
     assert len(lines) == 3 and lines[-1] == f"export: {out / 'Modelfile'} (Ollama), {report['seconds']:.0f} s"
     q8 = report["types"]["q8_0"]
-    assert lines[1] == (f"export: {out / 'tiny-q8_0.gguf'} {q8['bytes'] / 2**20:.0f} MiB, max |logit diff| "
-                        f"{q8['max_abs_logit_diff']:.3g} (tolerance 3.0), greedy equal: {q8['greedy_equal']} "
-                        f"({q8['greedy_flips']} near-tie flips in {q8['greedy_steps']} steps)")
+    assert lines[1] == (
+        f"export: {out / 'tiny-q8_0.gguf'} {q8['bytes'] / 2**20:.0f} MiB, max |logit diff| "
+        f"{q8['max_abs_logit_diff']:.3g} (tolerance 3.0), greedy equal: {q8['greedy_equal']} "
+        f"({q8['greedy_flips']} near-tie flips in {q8['greedy_steps']} steps)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # what llama.cpp computes from the files (a runtime wheel from PyPI: no C++ build)
+
 
 def llama_cpp(path: Path, n_ctx: int = 512):
     xlc = pytest.importorskip("xllamacpp", reason="llama.cpp runtime wheel (pip install xllamacpp)")
@@ -176,8 +211,9 @@ def llama_cpp(path: Path, n_ctx: int = 512):
 
 def llama_cpp_top(server, prompt: list[int], k: int = 5) -> list[tuple[int, float]]:
     """llama.cpp's k most likely next tokens after `prompt` (token ids) and their log-probabilities."""
-    result = server.handle_completions({"prompt": prompt, "n_predict": 1, "temperature": 0, "n_probs": k,
-                                        "cache_prompt": False})
+    result = server.handle_completions(
+        {"prompt": prompt, "n_predict": 1, "temperature": 0, "n_probs": k, "cache_prompt": False}
+    )
     return [(t["id"], t["logprob"]) for t in result["choices"][0]["logprobs"]["content"][0]["top_logprobs"]]
 
 
@@ -189,8 +225,10 @@ def test_llama_cpp_computes_the_same_next_token_distribution(llama3_export, llam
     tokenizer = AutoTokenizer.from_pretrained(llama3_dir)
     model = AutoModelForCausalLM.from_pretrained(llama3_dir).eval()
     server = llama_cpp(llama3_export[0] / "tiny-f32.gguf")
-    prompt = tokenizer(render(tokenizer, [{"role": "user", "content": "What is CUPED, in 2 sentences?"}],
-                              add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    prompt = tokenizer(
+        render(tokenizer, [{"role": "user", "content": "What is CUPED, in 2 sentences?"}], add_generation_prompt=True),
+        add_special_tokens=False,
+    )["input_ids"]
     for length in (1, 9, len(prompt)):  # the first position has no rope rotation; later ones do
         with torch.no_grad():
             expected = torch.log_softmax(model(torch.tensor([prompt[:length]])).logits[0, -1], -1)
@@ -215,19 +253,21 @@ def test_llama_cpp_answers_like_transformers_on_the_embedded_model(embedded_base
     model = AutoModelForCausalLM.from_pretrained(embedded_base, dtype=torch.float32).eval()
     messages = [{"role": "user", "content": "What is a p-value?"}]
     [prompt] = encode_prompts(tokenizer, ["What is a p-value?"])
-    greedy = reference_continuations(model, [prompt], [2])[0][prompt.shape[1]:].tolist()
+    greedy = reference_continuations(model, [prompt], [2])[0][prompt.shape[1] :].tolist()
     server = llama_cpp(path)
     chat = server.handle_chat_completions({"messages": messages, "max_tokens": 24, "temperature": 0})
     prompt_ids = tokenizer(render(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)
     assert chat["usage"]["prompt_tokens"] == len(prompt_ids["input_ids"])
     assert chat["choices"][0]["message"]["content"] == tokenizer.decode(greedy, skip_special_tokens=True)
-    completion = server.handle_completions({"prompt": export.TOKENIZER_PROBE, "n_predict": 1, "temperature": 0,
-                                            "cache_prompt": False})
+    completion = server.handle_completions(
+        {"prompt": export.TOKENIZER_PROBE, "n_predict": 1, "temperature": 0, "cache_prompt": False}
+    )
     assert completion["timings"]["prompt_n"] == len(tokenizer(export.TOKENIZER_PROBE)["input_ids"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # pieces
+
 
 def test_permutation_is_the_inverse_of_transformers_unpermute():
     from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
@@ -245,10 +285,14 @@ def test_pre_tokenizer_names(embedded_tokenizer):
     assert export.LLAMA3_SPLIT == GGUF_PRE_TOKENIZER_SPLITS["llama-bpe"]  # what transformers reads back
     data = json.loads(embedded_tokenizer.backend_tokenizer.to_str())
     assert export.pre_tokenizer_name(data) == "gpt-2"
-    assert export.pre_tokenizer_name(json.loads(llama3_tokenizer(embedded_tokenizer).backend_tokenizer.to_str())) \
+    assert (
+        export.pre_tokenizer_name(json.loads(llama3_tokenizer(embedded_tokenizer).backend_tokenizer.to_str()))
         == "llama-bpe"
-    data["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [{"type": "Digits", "individual_digits": True},
-                                                                   data["pre_tokenizer"]]}
+    )
+    data["pre_tokenizer"] = {
+        "type": "Sequence",
+        "pretokenizers": [{"type": "Digits", "individual_digits": True}, data["pre_tokenizer"]],
+    }
     with pytest.raises(export.ExportError, match="pre-tokenizer .* is not one the exporter knows"):
         export.pre_tokenizer_name(data)
 
@@ -274,6 +318,7 @@ def test_non_llama_models_are_refused(tiny_base, tmp_path, embedded_tokenizer):
 # ---------------------------------------------------------------------------------------------------------------
 # the Ollama Modelfile
 
+
 @pytest.mark.slow
 def test_modelfile_template_renders_the_chat_template(llama3_export, llama3_dir, embedded_tokenizer):
     from transformers import AutoTokenizer
@@ -288,9 +333,10 @@ def test_modelfile_template_renders_the_chat_template(llama3_export, llama3_dir,
     smol = turn_segments(embedded_tokenizer)  # ChatML with a default system prompt, BOS not added
     assert smol["bos"] == "" and "You are a helpful AI assistant named SmolLM" in smol["default_system"]
     for tok in (tokenizer, embedded_tokenizer):
-        for messages in ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-                          {"role": "user", "content": "c"}],
-                         [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]):
+        for messages in (
+            [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}],
+            [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}],
+        ):
             assert compose(turn_segments(tok), messages) == render(tok, messages, add_generation_prompt=True)
 
 
@@ -323,28 +369,40 @@ def test_modelfile_template_renders_in_go_like_the_chat_template(tmp_path, embed
     for tokenizer in (embedded_tokenizer, llama3_tokenizer(embedded_tokenizer)):
         text = modelfile(tokenizer, "x.gguf")
         (tmp_path / "t.tmpl").write_text(text.split('TEMPLATE """', 1)[1].split('"""', 1)[0])
-        for messages in ([{"role": "user", "content": "What is a p-value?"}],
-                         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Power?"}],
-                         [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello.\n\nWell?"},
-                          {"role": "user", "content": "CUPED?"}]):
-            (tmp_path / "m.json").write_text(json.dumps([{"Role": m["role"], "Content": m["content"]}
-                                                         for m in messages]))
-            go = subprocess.run([tmp_path / "render", tmp_path / "t.tmpl", tmp_path / "m.json"], capture_output=True,
-                                text=True, check=True).stdout
+        for messages in (
+            [{"role": "user", "content": "What is a p-value?"}],
+            [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Power?"}],
+            [
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello.\n\nWell?"},
+                {"role": "user", "content": "CUPED?"},
+            ],
+        ):
+            (tmp_path / "m.json").write_text(
+                json.dumps([{"Role": m["role"], "Content": m["content"]} for m in messages])
+            )
+            go = subprocess.run(
+                [tmp_path / "render", tmp_path / "t.tmpl", tmp_path / "m.json"],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
             assert turn_segments(tokenizer)["bos"] + go == render(tokenizer, messages, add_generation_prompt=True)
 
 
 def test_modelfile_for_chatml(embedded_tokenizer):
     text = modelfile(embedded_tokenizer, "expqa-q8_0.gguf")
-    assert text.splitlines()[1:3] == ["FROM ./expqa-q8_0.gguf",
-                                      ('TEMPLATE """{{ if or (not .Messages) (ne (index .Messages 0).Role "system") }}'
-                                       "<|im_start|>system")]
+    assert text.splitlines()[1:3] == [
+        "FROM ./expqa-q8_0.gguf",
+        ('TEMPLATE """{{ if or (not .Messages) (ne (index .Messages 0).Role "system") }}<|im_start|>system'),
+    ]
     assert '{{ else if eq .Role "user" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n{{ else if' in text
     assert text.endswith('{{ end }}{{ end }}<|im_start|>assistant\n"""\nPARAMETER stop "<|im_end|>"\n')
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # params and the stage
+
 
 def test_params_export_section_is_complete_and_equals_the_dataclass(shipped_params):
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -354,11 +412,14 @@ def test_params_export_section_is_complete_and_equals_the_dataclass(shipped_para
     assert set(GGUF_EXPORT_TYPES) == set(export.GGUF_TYPES) == set(export.LOGIT_TOLERANCE)
 
 
-@pytest.mark.parametrize("override,expected", [
-    ("export: {types: [q4_k]}", "export.types has 'q4_k'; allowed: f32, f16, bf16, q8_0"),
-    ("export: {types: [f16], ollama_type: q8_0}", "export.ollama_type is 'q8_0'; must be one of export.types"),
-    ("export: {name: 'my model'}", "export.name is 'my model'; use a plain file stem"),
-])
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("export: {types: [q4_k]}", "export.types has 'q4_k'; allowed: f32, f16, bf16, q8_0"),
+        ("export: {types: [f16], ollama_type: q8_0}", "export.ollama_type is 'q8_0'; must be one of export.types"),
+        ("export: {name: 'my model'}", "export.name is 'my model'; use a plain file stem"),
+    ],
+)
 def test_bad_export_params_name_the_key(tmp_path, override, expected):
     (tmp_path / "o.yaml").write_text(override)
     with pytest.raises(ConfigError, match=expected.replace("[", r"\[")):
@@ -368,9 +429,22 @@ def test_bad_export_params_name_the_key(tmp_path, override, expected):
 @pytest.mark.slow
 def test_stage_writes_the_report_and_fails_on_a_mismatch(tiny_base, tmp_path):
     (tmp_path / "one.yaml").write_text("export: {types: [f16], ollama_type: f16}\n")
-    stage = [sys.executable, str(REPO / "stages/export.py"), "--model", str(tiny_base), "--out",
-             str(tmp_path / "gguf"), "--report", str(tmp_path / "export.json"), "--params", str(REPO / "params.yaml"),
-             "--config", str(tmp_path / "one.yaml"), "--timings", str(tmp_path / "logs" / "export_run.json")]
+    stage = [
+        sys.executable,
+        str(REPO / "stages/export.py"),
+        "--model",
+        str(tiny_base),
+        "--out",
+        str(tmp_path / "gguf"),
+        "--report",
+        str(tmp_path / "export.json"),
+        "--params",
+        str(REPO / "params.yaml"),
+        "--config",
+        str(tmp_path / "one.yaml"),
+        "--timings",
+        str(tmp_path / "logs" / "export_run.json"),
+    ]
     done = subprocess.run(stage, capture_output=True, text=True, cwd=REPO, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads((tmp_path / "export.json").read_text())
@@ -382,10 +456,13 @@ def test_stage_writes_the_report_and_fails_on_a_mismatch(tiny_base, tmp_path):
     assert "expqa-f16.gguf" in done.stdout and (tmp_path / "gguf" / "Modelfile").exists()
 
     (tmp_path / "one.yaml").write_text("export: {types: [q8_0], ollama_type: q8_0, name: other}\n")
-    broken = ("import runpy, expqa.export as e; e.LOGIT_TOLERANCE['q8_0'] = 0.0; "
-              f"runpy.run_path({stage[1]!r}, run_name='__main__')")
-    done = subprocess.run([sys.executable, "-c", broken, *stage[2:]], capture_output=True, text=True, cwd=REPO,
-                          check=False)
+    broken = (
+        "import runpy, expqa.export as e; e.LOGIT_TOLERANCE['q8_0'] = 0.0; "
+        f"runpy.run_path({stage[1]!r}, run_name='__main__')"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", broken, *stage[2:]], capture_output=True, text=True, cwd=REPO, check=False
+    )
     assert done.returncode == 1 and "does not match the merged model for q8_0" in done.stderr
     assert not json.loads((tmp_path / "export.json").read_text())["passed"]
     assert sorted(p.name for p in (tmp_path / "gguf").iterdir()) == ["Modelfile", "expqa-f16.gguf"]  # untouched

@@ -14,12 +14,24 @@ from expqa.files import atomic_dir, is_wall_clock, split_wall_clock
 
 
 def test_split_wall_clock_moves_timings_at_every_depth():
-    report = {"passed": True, "seconds": 39.7, "types": {"f16": {"bytes": 10, "write_seconds": 3.0}},
-              "train_runtime": 5.0, "train_samples_per_second": 1.0, "total_flos": 1e12, "eval": {"loss": 2.0}}
+    report = {
+        "passed": True,
+        "seconds": 39.7,
+        "types": {"f16": {"bytes": 10, "write_seconds": 3.0}},
+        "train_runtime": 5.0,
+        "train_samples_per_second": 1.0,
+        "total_flos": 1e12,
+        "eval": {"loss": 2.0},
+    }
     kept, clock = split_wall_clock(report)
     assert kept == {"passed": True, "types": {"f16": {"bytes": 10}}, "eval": {"loss": 2.0}}
-    assert clock == {"seconds": 39.7, "types": {"f16": {"write_seconds": 3.0}}, "train_runtime": 5.0,
-                     "train_samples_per_second": 1.0, "total_flos": 1e12}
+    assert clock == {
+        "seconds": 39.7,
+        "types": {"f16": {"write_seconds": 3.0}},
+        "train_runtime": 5.0,
+        "train_samples_per_second": 1.0,
+        "total_flos": 1e12,
+    }
     assert not is_wall_clock("eval_loss") and is_wall_clock("real_tokens_per_second")
 
 
@@ -27,8 +39,11 @@ def test_tracked_metrics_hold_no_wall_clock_values():
     """Every metrics file dvc.yaml declares, as committed: nothing that differs between two runs of the same inputs
     (a fresh clone's `make repro` leaves git clean, and `dvc metrics diff` lists only real changes)."""
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
-    files = [next(iter(entry)) if isinstance(entry, dict) else entry
-             for stage in stages.values() for entry in stage.get("metrics", [])]
+    files = [
+        next(iter(entry)) if isinstance(entry, dict) else entry
+        for stage in stages.values()
+        for entry in stage.get("metrics", [])
+    ]
     assert files
     for name in files:
         path = REPO / name

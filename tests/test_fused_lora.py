@@ -12,10 +12,15 @@ from expqa.model import load_for_training
 
 def lora_model(base, quantized=False, dropout=0.0, fused_lora=False, gradient_checkpointing=False, grouped=False):
     torch.manual_seed(0)
-    model, _ = load_for_training(base, QuantizationConfig(load_in_4bit=quantized),
-                                 LoRAConfig(r=4, alpha=8, dropout=dropout), bf16=False,
-                                 gradient_checkpointing=gradient_checkpointing, fused_lora=fused_lora,
-                                 grouped_lora=grouped)
+    model, _ = load_for_training(
+        base,
+        QuantizationConfig(load_in_4bit=quantized),
+        LoRAConfig(r=4, alpha=8, dropout=dropout),
+        bf16=False,
+        gradient_checkpointing=gradient_checkpointing,
+        fused_lora=fused_lora,
+        grouped_lora=grouped,
+    )
     with torch.no_grad():  # LoRA B starts at zero; give it values so its path shows in outputs and gradients
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -47,12 +52,16 @@ class CountCalls:
             def apply(*args, original=original, attr=attr):
                 setattr(self, attr, getattr(self, attr) + 1)
                 return original(*args)
+
             monkeypatch.setattr(cls, "apply", apply)
 
 
 @pytest.mark.parametrize("grouped", [False, True], ids=["per-projection", "grouped"])
-@pytest.mark.parametrize("quantized,autocast", [(False, False), (True, False), (False, True), (True, True)],
-                         ids=["fp32", "4bit", "bf16-autocast", "4bit-bf16-autocast"])
+@pytest.mark.parametrize(
+    "quantized,autocast",
+    [(False, False), (True, False), (False, True), (True, True)],
+    ids=["fp32", "4bit", "bf16-autocast", "4bit-bf16-autocast"],
+)
 def test_fused_lora_matches_peft(tiny_base, ids, quantized, autocast, grouped, monkeypatch):
     peft_model = lora_model(tiny_base, quantized=quantized).train()
     fused_model = lora_model(tiny_base, quantized=quantized, fused_lora=True, grouped=grouped).train()
@@ -146,8 +155,9 @@ def test_grouped_with_dropout_falls_back_and_keeps_checkpoint_masks(tiny_base, i
     reference = lora_model(tiny_base, dropout=0.3, fused_lora=True).train()
     torch.manual_seed(5)
     loss_ref, grads_ref = loss_and_grads(reference, ids)
-    model = lora_model(tiny_base, dropout=0.3, fused_lora=True, grouped=True,
-                       gradient_checkpointing=checkpointing).train()
+    model = lora_model(
+        tiny_base, dropout=0.3, fused_lora=True, grouped=True, gradient_checkpointing=checkpointing
+    ).train()
     calls = CountCalls(monkeypatch)
     torch.manual_seed(5)
     loss, grads = loss_and_grads(model, ids)

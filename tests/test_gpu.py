@@ -30,9 +30,18 @@ def bf16_base(tmp_path_factory, embedded_tokenizer) -> Path:
     """A tiny random Llama saved in bf16 (as Llama 3.2 is), Llama 3 rope scaling included."""
     from transformers import AutoModelForCausalLM
 
-    out = make_tiny_llama(tmp_path_factory.mktemp("gpu") / "base", embedded_tokenizer, seed=3,
-                          rope_scaling={"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-                                        "original_max_position_embeddings": 8192, "rope_type": "llama3"})
+    out = make_tiny_llama(
+        tmp_path_factory.mktemp("gpu") / "base",
+        embedded_tokenizer,
+        seed=3,
+        rope_scaling={
+            "factor": 32.0,
+            "high_freq_factor": 4.0,
+            "low_freq_factor": 1.0,
+            "original_max_position_embeddings": 8192,
+            "rope_type": "llama3",
+        },
+    )
     AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).save_pretrained(out)
     return out
 
@@ -45,14 +54,29 @@ def test_train_merge_evaluate_on_cuda(bf16_base, processed_dir, tmp_path, embedd
     from expqa.trainer import QLoRATrainer
 
     params = load_params(REPO / "params.yaml").resolve(cuda=True)  # the GPU profile as shipped, shrunk below
-    train = dataclasses.replace(params.train, max_steps=8, max_seq_length=256, micro_batch="512 tokens",
-                                logging_steps=1, eval_steps=4, save_steps=4, learning_rate=1e-2,
-                                use_liger_kernel=params.train.use_liger_kernel
-                                and importlib.util.find_spec("liger_kernel") is not None)
+    train = dataclasses.replace(
+        params.train,
+        max_steps=8,
+        max_seq_length=256,
+        micro_batch="512 tokens",
+        logging_steps=1,
+        eval_steps=4,
+        save_steps=4,
+        learning_rate=1e-2,
+        use_liger_kernel=params.train.use_liger_kernel and importlib.util.find_spec("liger_kernel") is not None,
+    )
     assert params.quantization.load_in_4bit and train.padding_free and train.fused_lora
-    trainer = QLoRATrainer(train, lora=params.lora, quantization=params.quantization, seed=params.base.seed,
-                           base_model=bf16_base, data_dir=processed_dir, checkpoint_dir=tmp_path / "ckpt",
-                           metrics_dir=tmp_path / "metrics", log_dir=None)
+    trainer = QLoRATrainer(
+        train,
+        lora=params.lora,
+        quantization=params.quantization,
+        seed=params.base.seed,
+        base_model=bf16_base,
+        data_dir=processed_dir,
+        checkpoint_dir=tmp_path / "ckpt",
+        metrics_dir=tmp_path / "metrics",
+        log_dir=None,
+    )
     metrics = trainer.train()
     model = trainer.trainer.model
     four_bit = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
@@ -74,7 +98,14 @@ def test_train_merge_evaluate_on_cuda(bf16_base, processed_dir, tmp_path, embedd
     merged, tokenizer = load_for_inference(tmp_path / "merged")
     assert merged.device.type == "cuda" and merged.dtype == torch.bfloat16
     rows = [json.loads(line) for line in (processed_dir / "test.jsonl").read_text().splitlines()]
-    summary, examples = evaluate_model(merged, tokenizer, rows, load_questions(REPO / params.eval.critical_questions),
-                                       max_length=256, max_new_tokens=16, batch_size=params.eval.batch_size)
+    summary, examples = evaluate_model(
+        merged,
+        tokenizer,
+        rows,
+        load_questions(REPO / params.eval.critical_questions),
+        max_length=256,
+        max_new_tokens=16,
+        batch_size=params.eval.batch_size,
+    )
     assert summary["perplexity"] > 1 and 0 <= summary["critical_questions_accuracy"] <= 1
     assert len([e for e in examples if "rougeL" in e]) == len(rows)

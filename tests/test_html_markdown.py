@@ -32,7 +32,7 @@ def test_code_inside_list_and_quote_keeps_its_lines() -> None:
 def test_inline_code_and_entities() -> None:
     html = "<p>Use <code>a &lt; b</code> &amp; don&#39;t &quot;panic&quot; &mdash;</p>"
     markdown = html_to_markdown(html)
-    assert markdown == "Use `a < b` & don't \"panic\" —"
+    assert markdown == 'Use `a < b` & don\'t "panic" —'
 
 
 def test_latex_is_kept_verbatim() -> None:
@@ -42,8 +42,7 @@ def test_latex_is_kept_verbatim() -> None:
 
 
 def test_nested_lists() -> None:
-    html = ("<ul>\n<li>a <strong>bold</strong></li>\n<li>b\n<ol>\n<li>one</li>\n<li>two</li>\n"
-            "</ol></li>\n</ul>")
+    html = "<ul>\n<li>a <strong>bold</strong></li>\n<li>b\n<ol>\n<li>one</li>\n<li>two</li>\n</ol></li>\n</ul>"
     assert html_to_markdown(html) == "- a **bold**\n- b\n  1. one\n  2. two"
 
 
@@ -53,16 +52,20 @@ def test_ordered_list_start_and_multi_paragraph_items() -> None:
 
 
 def test_links_images_emphasis() -> None:
-    html = ('<p>See <a href="https://e.org/?a=1&amp;b=2">the <em>docs</em></a>, '
-            '<b>bold</b>, <i>it</i>, <img src="https://i.e.org/p.png" alt="plot"></p>')
+    html = (
+        '<p>See <a href="https://e.org/?a=1&amp;b=2">the <em>docs</em></a>, '
+        '<b>bold</b>, <i>it</i>, <img src="https://i.e.org/p.png" alt="plot"></p>'
+    )
     assert html_to_markdown(html) == (
         "See [the *docs*](https://e.org/?a=1&b=2), **bold**, *it*, ![plot](https://i.e.org/p.png)"
     )
 
 
 def test_blockquote_headings_rule_and_unknown_tags() -> None:
-    html = ("<h2>Title</h2>\n<blockquote><p>quoted</p><p>two</p></blockquote>\n<hr>\n"
-            "<p><span class='x'>kept</span> <sup>2</sup> <kbd>Ctrl</kbd></p>")
+    html = (
+        "<h2>Title</h2>\n<blockquote><p>quoted</p><p>two</p></blockquote>\n<hr>\n"
+        "<p><span class='x'>kept</span> <sup>2</sup> <kbd>Ctrl</kbd></p>"
+    )
     assert html_to_markdown(html) == "## Title\n\n> quoted\n>\n> two\n\n---\n\nkept 2 Ctrl"
 
 
@@ -75,7 +78,8 @@ def test_inline_code_fence_outgrows_its_backticks_and_pads_only_when_needed() ->
 
 
 def test_table_gets_a_header_row_and_a_link_keeps_its_text() -> None:
-    html = ("<table><tr><th>a</th><th>b</th></tr><tr><td>1</td><td><code>2</code></td></tr></table>"
-            "<p><a href='https://x.org'>https://x.org</a></p>")
-    assert html_to_markdown(html) == ("| a | b |\n| --- | --- |\n| 1 | `2` |\n\n"
-                                      "[https://x.org](https://x.org)")
+    html = (
+        "<table><tr><th>a</th><th>b</th></tr><tr><td>1</td><td><code>2</code></td></tr></table>"
+        "<p><a href='https://x.org'>https://x.org</a></p>"
+    )
+    assert html_to_markdown(html) == ("| a | b |\n| --- | --- |\n| 1 | `2` |\n\n[https://x.org](https://x.org)")

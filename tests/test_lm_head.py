@@ -36,8 +36,14 @@ def test_label_log_probs_match_log_softmax_with_gradients():
 
 def lora_model(base):
     torch.manual_seed(0)
-    model, _ = load_for_training(base, QuantizationConfig(load_in_4bit=False), LoRAConfig(r=4, alpha=8, dropout=0.0),
-                                 bf16=False, gradient_checkpointing=False, fused_lora=True)
+    model, _ = load_for_training(
+        base,
+        QuantizationConfig(load_in_4bit=False),
+        LoRAConfig(r=4, alpha=8, dropout=0.0),
+        bf16=False,
+        gradient_checkpointing=False,
+        fused_lora=True,
+    )
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -78,9 +84,16 @@ def test_trainer_installs_the_configured_head(tiny_base, processed_dir, tmp_path
     from expqa.trainer import QLoRATrainer
 
     params, train = tiny_training_config(lm_head_loss=head)
-    trainer = QLoRATrainer(train, lora=dataclasses.replace(params.lora, r=4, alpha=8),
-                           quantization=QuantizationConfig(load_in_4bit=False), seed=params.base.seed,
-                           base_model=tiny_base,
-                           data_dir=processed_dir, checkpoint_dir=tmp_path / "ckpt", metrics_dir=None, log_dir=None)
+    trainer = QLoRATrainer(
+        train,
+        lora=dataclasses.replace(params.lora, r=4, alpha=8),
+        quantization=QuantizationConfig(load_in_4bit=False),
+        seed=params.base.seed,
+        base_model=tiny_base,
+        data_dir=processed_dir,
+        checkpoint_dir=tmp_path / "ckpt",
+        metrics_dir=None,
+        log_dir=None,
+    )
     forward = trainer.setup().model.get_base_model().forward
     assert getattr(forward, "expqa_label_head", False) == (head == "expqa")

@@ -4,6 +4,7 @@ A throwaway DVC project with the shipped params.yaml and one stage that writes t
 lora.r and train.learning_rate, so every metric differs between experiments, as in real runs), two experiments run
 with `dvc exp run -S`, then the Makefile's own target.
 """
+
 import os
 import shutil
 import subprocess
@@ -41,24 +42,39 @@ def run(cmd: list[str], cwd: Path, env: dict) -> str:
 @pytest.fixture(scope="module")
 def experiments(tmp_path_factory) -> tuple[Path, dict]:
     project = tmp_path_factory.mktemp("exps")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t", "COLUMNS": "120"}
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+        "COLUMNS": "120",
+    }
     shutil.copy(REPO / "params.yaml", project)
     for path in METRICS:
         (project / "shipped" / path).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / path, project / "shipped" / path)
     (project / "fake_stage.py").write_text(FAKE_STAGE.replace("{metrics}", repr(METRICS)))
-    (project / "dvc.yaml").write_text(textwrap.dedent(f"""\
+    (project / "dvc.yaml").write_text(
+        textwrap.dedent(f"""\
         stages:
           fake:
             cmd: python fake_stage.py
             deps: [fake_stage.py, shipped]
             params: [lora, train]
             metrics: {[{path: {"cache": False}} for path in METRICS]}
-        """))
-    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "repro", "-q"], ["git", "add", "-A"],
-                ["git", "commit", "-qm", "baseline"], ["dvc", "exp", "run", "-q", "-n", "rank32", "-S", "lora.r=32"]):
+        """)
+    )
+    for cmd in (
+        ["git", "init", "-q"],
+        ["dvc", "init", "-q"],
+        ["dvc", "repro", "-q"],
+        ["git", "add", "-A"],
+        ["git", "commit", "-qm", "baseline"],
+        ["dvc", "exp", "run", "-q", "-n", "rank32", "-S", "lora.r=32"],
+    ):
         run(cmd, project, env)
     run(["dvc", "exp", "run", "-q", "-n", "rank8-lr", "-S", "lora.r=8", "-S", "train.learning_rate=1e-4"], project, env)
     return project, env
@@ -72,11 +88,14 @@ def test_make_exps_shows_key_metrics_and_changed_params_within_120_columns(exper
     assert max(len(line) for line in lines) <= 120 and "…" not in out, out
     # columns in the order of dvc.yaml's metrics files, experiments newest first in the tables
     headers = [sorted(line.split()) for line in lines if line.strip().startswith("Experiment")]
-    assert headers == [sorted(["Experiment", "eval.loss", "train.loss", "perplexity.delta", "rougeL.delta"]),
-                       ["Experiment", "critical_questions.calibrated.delta", "critical_questions.length_norm.delta"]]
+    assert headers == [
+        sorted(["Experiment", "eval.loss", "train.loss", "perplexity.delta", "rougeL.delta"]),
+        ["Experiment", "critical_questions.calibrated.delta", "critical_questions.length_norm.delta"],
+    ]
     for name in ("rank32", "rank8-lr"):  # a row in each table
         assert sum(f"[{name}]" in line for line in lines) == 2, out
-    params = out[out.index("\nParam"):].strip().split("\n\n")
+    params = out[out.index("\nParam") :].strip().split("\n\n")
     assert sorted([line.split() for line in block.splitlines()] for block in params) == [
         [["Param", "HEAD", "rank32"], ["lora.r", "16", "32"]],
-        [["Param", "HEAD", "rank8-lr"], ["lora.r", "16", "8"], ["train.learning_rate", "0.0002", "0.0001"]]], out
+        [["Param", "HEAD", "rank8-lr"], ["lora.r", "16", "8"], ["train.learning_rate", "0.0002", "0.0001"]],
+    ], out

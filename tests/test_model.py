@@ -15,8 +15,9 @@ def lora_grads(model, batch):
 def test_bnb_cpu_guard_keeps_lora_gradients_after_eval_forward(tiny_base):
     """Regression: bitsandbytes 0.50 on avx512_bf16 CPUs silently zeroes LoRA gradients after an eval forward."""
     torch.manual_seed(0)
-    model, _ = load_for_training(tiny_base, QuantizationConfig(), LoRAConfig(r=4, alpha=8, dropout=0.0),
-                                 bf16=True, gradient_checkpointing=False)
+    model, _ = load_for_training(
+        tiny_base, QuantizationConfig(), LoRAConfig(r=4, alpha=8, dropout=0.0), bf16=True, gradient_checkpointing=False
+    )
     for name, param in model.named_parameters():  # make B non-zero so every LoRA weight gets a gradient
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.02)
@@ -46,12 +47,28 @@ def llama_32_3b_config(layers: int):
     """The exact Llama-3.2-3B-Instruct architecture, layers reduced for test speed."""
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=layers,
-                       num_attention_heads=24, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
-                       rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
-                       rope_scaling={"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-                                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
-                       bos_token_id=128000, eos_token_id=[128001, 128008, 128009])
+    return LlamaConfig(
+        vocab_size=128256,
+        hidden_size=3072,
+        intermediate_size=8192,
+        num_hidden_layers=layers,
+        num_attention_heads=24,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        rope_scaling={
+            "factor": 32.0,
+            "high_freq_factor": 4.0,
+            "low_freq_factor": 1.0,
+            "original_max_position_embeddings": 8192,
+            "rope_type": "llama3",
+        },
+        bos_token_id=128000,
+        eos_token_id=[128001, 128008, 128009],
+    )
 
 
 def test_llama_32_3b_architecture_resolves_targets_and_quantisation(shipped_params):
@@ -65,8 +82,16 @@ def test_llama_32_3b_architecture_resolves_targets_and_quantisation(shipped_para
         model = AutoModelForCausalLM.from_config(llama_32_3b_config(layers=2))
     check_target_modules(model, shipped_params.lora.target_modules)
     lora = shipped_params.lora
-    peft_model = get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                                  target_modules=lora.target_modules, task_type="CAUSAL_LM"))
+    peft_model = get_peft_model(
+        model,
+        LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora.target_modules,
+            task_type="CAUSAL_LM",
+        ),
+    )
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     # r16 on all 7 projections: per layer 16*(3072+3072) q,o + 16*(3072+1024)*2 k,v + 16*(3072+8192)*3 mlp
     assert trainable == 2 * 16 * (2 * 6144 + 2 * 4096 + 3 * 11264)

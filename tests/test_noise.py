@@ -13,8 +13,10 @@ def test_only_the_listed_messages_are_silenced(caplog):
         noise.install()
         bnb.warning("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure ...", "x")
         bnb.warning("some other bitsandbytes warning")
-        warnings.warn("`use_liger_kernel=True` is deprecated and will be removed in v2.0.0.", FutureWarning)
-        warnings.warn("another deprecation", FutureWarning)
+        warnings.warn(
+            "`use_liger_kernel=True` is deprecated and will be removed in v2.0.0.", FutureWarning, stacklevel=1
+        )
+        warnings.warn("another deprecation", FutureWarning, stacklevel=1)
     assert [record.getMessage() for record in caplog.records] == ["some other bitsandbytes warning"]
     assert [str(warning.message) for warning in shown] == ["another deprecation"]
 

@@ -4,6 +4,7 @@
 replaces every list with a plain one and dumps it again: a flow list `[a, b]` comes back as a block list, and a
 blank line or comment after a list that ends a section is dropped. params.yaml is written the way DVC writes it.
 """
+
 import difflib
 import shutil
 
@@ -24,17 +25,30 @@ def set_params(tmp_path, *overrides):
 
 
 def changed_lines(old: list[str], new: list[str]) -> list[str]:
-    return [line for line in difflib.unified_diff(old, new, lineterm="", n=0)
-            if line[:1] in "+-" and not line.startswith(("+++", "---"))]
+    return [
+        line
+        for line in difflib.unified_diff(old, new, lineterm="", n=0)
+        if line[:1] in "+-" and not line.startswith(("+++", "---"))
+    ]
 
 
-@pytest.mark.parametrize("override, removed, added", [
-    ("lora.r=32", "  r: 16", "  r: 32"),
-    ("cpu.train.num_train_epochs=3", "    num_train_epochs: 1         # one full pass over the train split (98 steps)",
-     "    num_train_epochs: 3         # one full pass over the train split (98 steps)"),
-    ("export.ollama_type=f16", "  ollama_type: q8_0             # the file models/gguf/Modelfile's FROM points at",
-     "  ollama_type: f16              # the file models/gguf/Modelfile's FROM points at"),
-], ids=["lora.r", "cpu.train.num_train_epochs", "export.ollama_type"])
+@pytest.mark.parametrize(
+    "override, removed, added",
+    [
+        ("lora.r=32", "  r: 16", "  r: 32"),
+        (
+            "cpu.train.num_train_epochs=3",
+            "    num_train_epochs: 1         # one full pass over the train split (98 steps)",
+            "    num_train_epochs: 3         # one full pass over the train split (98 steps)",
+        ),
+        (
+            "export.ollama_type=f16",
+            "  ollama_type: q8_0             # the file models/gguf/Modelfile's FROM points at",
+            "  ollama_type: f16              # the file models/gguf/Modelfile's FROM points at",
+        ),
+    ],
+    ids=["lora.r", "cpu.train.num_train_epochs", "export.ollama_type"],
+)
 def test_set_param_rewrites_exactly_one_line(tmp_path, override, removed, added):
     old, path = set_params(tmp_path, override)
     assert changed_lines(old, path.read_text().splitlines()) == [f"-{removed}", f"+{added}"]
@@ -48,11 +62,15 @@ def test_set_param_keeps_every_other_value_and_the_key_order(tmp_path):
     assert [list(section) for section in after.values()] == [list(section) for section in before.values()]
 
 
-@pytest.mark.parametrize("override, bad_line, message", [
-    ("lora.r=0", "  r: 0", "lora.r is 0; must be a positive integer"),
-    # after every list in the file: a list DVC expanded would have moved this line
-    ("export.ollama_type=f32", "  ollama_type: f32", "export.ollama_type is 'f32'; must be one of export.types"),
-], ids=["lora.r", "export.ollama_type"])
+@pytest.mark.parametrize(
+    "override, bad_line, message",
+    [
+        ("lora.r=0", "  r: 0", "lora.r is 0; must be a positive integer"),
+        # after every list in the file: a list DVC expanded would have moved this line
+        ("export.ollama_type=f32", "  ollama_type: f32", "export.ollama_type is 'f32'; must be one of export.types"),
+    ],
+    ids=["lora.r", "export.ollama_type"],
+)
 def test_config_error_points_at_the_line_dvc_wrote(tmp_path, override, bad_line, message):
     old, path = set_params(tmp_path, override)
     new = path.read_text().splitlines()

@@ -11,8 +11,9 @@ import yaml
 from conftest import REPO
 from expqa import plots
 
-NEEDS_CHROMIUM = pytest.mark.skipif(plots.find_browser() is None,
-                                    reason="no chromium: apt-get install -y chromium (Debian/Ubuntu)")
+NEEDS_CHROMIUM = pytest.mark.skipif(
+    plots.find_browser() is None, reason="no chromium: apt-get install -y chromium (Debian/Ubuntu)"
+)
 VOID_TAGS = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
 
 
@@ -56,17 +57,27 @@ def declared_plots() -> int:
 
 
 def test_base_vs_tuned_takes_every_nested_pair_with_its_interval():
-    metrics = {"perplexity": {"base": 29.2, "tuned": 19.9, "base_ci95_lo": 21.1, "base_ci95_hi": 40.4,
-                              "tuned_ci95_lo": 14.7, "tuned_ci95_hi": 27.0, "n": 16},
-               "critical_questions": {"questions": 204, "calibrated": {"base": 0.25, "tuned": 0.24}},
-               "stop_rate": {"base": "n/a", "tuned": 0.0},  # not a number: not a metric to draw
-               "test_examples": 16}
+    metrics = {
+        "perplexity": {
+            "base": 29.2,
+            "tuned": 19.9,
+            "base_ci95_lo": 21.1,
+            "base_ci95_hi": 40.4,
+            "tuned_ci95_lo": 14.7,
+            "tuned_ci95_hi": 27.0,
+            "n": 16,
+        },
+        "critical_questions": {"questions": 204, "calibrated": {"base": 0.25, "tuned": 0.24}},
+        "stop_rate": {"base": "n/a", "tuned": 0.0},  # not a number: not a metric to draw
+        "test_examples": 16,
+    }
     rows = plots.base_vs_tuned(metrics)
     assert rows == [
         {"metric": "perplexity", "model": "base", "value": 29.2, "lo": 21.1, "hi": 40.4},
         {"metric": "perplexity", "model": "tuned", "value": 19.9, "lo": 14.7, "hi": 27.0},
         {"metric": "critical_questions.calibrated", "model": "base", "value": 0.25, "lo": 0.25, "hi": 0.25},
-        {"metric": "critical_questions.calibrated", "model": "tuned", "value": 0.24, "lo": 0.24, "hi": 0.24}]
+        {"metric": "critical_questions.calibrated", "model": "tuned", "value": 0.24, "lo": 0.24, "hi": 0.24},
+    ]
 
 
 def test_compared_revisions_are_dvc_plots_diffs_with_the_workspace_first():
@@ -76,8 +87,9 @@ def test_compared_revisions_are_dvc_plots_diffs_with_the_workspace_first():
 
 
 def test_plots_subcommand_has_help():
-    result = subprocess.run([sys.executable, "-m", "expqa.cli", "plots", "--help"], cwd=REPO, capture_output=True,
-                            text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "expqa.cli", "plots", "--help"], cwd=REPO, capture_output=True, text=True
+    )
     assert result.returncode == 0 and "expqa plots" in result.stdout and "--screenshot" in result.stdout
 
 
@@ -87,9 +99,11 @@ def test_the_browser_is_offline(tmp_path):
     from dvc_render.vega import VegaRenderer
 
     page = tmp_path / "cdn.html"
-    page.write_text(f"<html><head>{VegaRenderer.SCRIPTS}</head><body><p id='vega'></p>"
-                    "<script>document.getElementById('vega').textContent = typeof vegaEmbed;</script></body></html>")
-    assert "<p id=\"vega\">undefined</p>" in plots.open_offline(page, "--dump-dom")
+    page.write_text(
+        f"<html><head>{VegaRenderer.SCRIPTS}</head><body><p id='vega'></p>"
+        "<script>document.getElementById('vega').textContent = typeof vegaEmbed;</script></body></html>"
+    )
+    assert '<p id="vega">undefined</p>' in plots.open_offline(page, "--dump-dom")
 
 
 @pytest.mark.slow

@@ -79,6 +79,7 @@ def test_unknown_setting_names_the_variable_and_the_choices(monkeypatch):
 
 # --- the stage loops --------------------------------------------------------------------------------------------
 
+
 def test_collect_draws_no_bar_into_a_log_and_two_byte_bars_on_a_terminal(tmp_path, capfd, monkeypatch):
     out = tmp_path / "pairs.jsonl"
     counts = collect_stackexchange(SAMPLE_POSTS, out, COLLECT_CONFIG)

@@ -47,14 +47,19 @@ def post(url: str, body, path: str = "/v1/chat/completions") -> tuple[int, bytes
 
 
 def ask_request(**extra) -> dict:
-    return {"model": "expqa", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 8,
-            "temperature": 0, **extra}
+    return {
+        "model": "expqa",
+        "messages": [{"role": "user", "content": QUESTION}],
+        "max_tokens": 8,
+        "temperature": 0,
+        **extra,
+    }
 
 
 def sse_events(raw: bytes) -> list:
     lines = [line for line in raw.decode().split("\n\n") if line]
     assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
-    return [json.loads(line[len("data: "):]) for line in lines[:-1]]
+    return [json.loads(line[len("data: ") :]) for line in lines[:-1]]
 
 
 def test_binds_loopback_by_default(engine):
@@ -98,20 +103,23 @@ def test_stream_chunks_add_up_to_the_answer(url):
     assert usage["choices"] == [] and usage["usage"] == json.loads(plain)["usage"]
 
 
-@pytest.mark.parametrize("body,status,message", [
-    (b"{not json", 400, "not valid JSON"),
-    ([1, 2], 400, "must be a JSON object"),
-    ({"max_tokens": 8}, 400, "messages must be a non-empty list"),
-    ({"messages": []}, 400, "messages must be a non-empty list"),
-    ({"messages": [{"role": "bot", "content": "hi"}]}, 400, "messages[0].role is 'bot'; allowed: system, user"),
-    ({"messages": [{"role": "user", "content": 42}]}, 400, "messages[0].content must be a string"),
-    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens must be an integer"),
-    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 65}, 400, "this server's limit"),
-    ({"messages": [{"role": "user", "content": "hi"}], "temperature": 3}, 400, "temperature must be a number"),
-    ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "only n=1"),
-    ({"messages": [{"role": "user", "content": "word " * 2100}]}, 400, "context window is 2048 tokens"),
-    ({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404, "this server has 'expqa'"),
-])
+@pytest.mark.parametrize(
+    "body,status,message",
+    [
+        (b"{not json", 400, "not valid JSON"),
+        ([1, 2], 400, "must be a JSON object"),
+        ({"max_tokens": 8}, 400, "messages must be a non-empty list"),
+        ({"messages": []}, 400, "messages must be a non-empty list"),
+        ({"messages": [{"role": "bot", "content": "hi"}]}, 400, "messages[0].role is 'bot'; allowed: system, user"),
+        ({"messages": [{"role": "user", "content": 42}]}, 400, "messages[0].content must be a string"),
+        ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens must be an integer"),
+        ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 65}, 400, "this server's limit"),
+        ({"messages": [{"role": "user", "content": "hi"}], "temperature": 3}, 400, "temperature must be a number"),
+        ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "only n=1"),
+        ({"messages": [{"role": "user", "content": "word " * 2100}]}, 400, "context window is 2048 tokens"),
+        ({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404, "this server has 'expqa'"),
+    ],
+)
 def test_bad_requests_get_4xx_json_and_the_server_stays_up(url, body, status, message):
     got, raw = post(url, body)
     error = json.loads(raw)["error"]
@@ -140,8 +148,10 @@ def test_a_client_that_leaves_mid_stream_does_not_stop_the_server(url):
     host, port = url.removeprefix("http://").split(":")
     body = json.dumps(ask_request(stream=True, max_tokens=64)).encode()
     with socket.create_connection((host, int(port)), timeout=60) as conn:
-        conn.sendall(b"POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        conn.sendall(
+            b"POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
         assert b"200" in conn.recv(32)
     assert post(url, ask_request(max_tokens=2))[0] == 200
 
@@ -149,12 +159,14 @@ def test_a_client_that_leaves_mid_stream_does_not_stop_the_server(url):
 def test_openai_client(url, engine):
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
-    reply = client.chat.completions.create(model="expqa", messages=[{"role": "user", "content": QUESTION}],
-                                           max_tokens=8, temperature=0)
+    reply = client.chat.completions.create(
+        model="expqa", messages=[{"role": "user", "content": QUESTION}], max_tokens=8, temperature=0
+    )
     expected = answer(engine.model, engine.tokenizer, QUESTION, max_new_tokens=8, temperature=0)
     assert reply.choices[0].message.content.strip() == expected
-    stream = client.chat.completions.create(model="expqa", messages=[{"role": "user", "content": QUESTION}],
-                                            max_tokens=8, temperature=0, stream=True)
+    stream = client.chat.completions.create(
+        model="expqa", messages=[{"role": "user", "content": QUESTION}], max_tokens=8, temperature=0, stream=True
+    )
     assert "".join(chunk.choices[0].delta.content or "" for chunk in stream) == reply.choices[0].message.content
     with pytest.raises(openai.BadRequestError, match="allowed: system, user, assistant"):
         client.chat.completions.create(model="expqa", messages=[{"role": "tool", "content": "x"}])

@@ -21,8 +21,9 @@ def listing(capsys, *args: str) -> str:
 
 
 def test_every_section_and_key_is_listed():
-    assert [name for name, _ in SECTIONS] == [name for name in typing.get_type_hints(config.Params)
-                                              if name not in ("profile", "cpu")]
+    assert [name for name, _ in SECTIONS] == [
+        name for name in typing.get_type_hints(config.Params) if name not in ("profile", "cpu")
+    ]
     assert all(cls is typing.get_type_hints(config.Params)[name] for name, cls in SECTIONS)
 
 
@@ -59,8 +60,9 @@ def test_auto_follows_this_machine(capsys, monkeypatch, cuda, profile):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     out = listing(capsys)
-    assert out.startswith(f"# {PARAMS}, profile {profile} (auto: {'a CUDA GPU' if cuda else 'no CUDA GPU'} on "
-                          "this machine)")
+    assert out.startswith(
+        f"# {PARAMS}, profile {profile} (auto: {'a CUDA GPU' if cuda else 'no CUDA GPU'} on this machine)"
+    )
 
 
 def test_values_come_from_the_file_and_bad_files_are_one_line_errors(tmp_path, capsys):
@@ -73,8 +75,9 @@ def test_values_come_from_the_file_and_bad_files_are_one_line_errors(tmp_path, c
     params.write_text(shipped.replace("  r: 16", "  r: 0", 1))
     line = next(i for i, text in enumerate(shipped.splitlines(), 1) if text.startswith("  r: 16"))
     assert main(["--params", str(params)]) == 2
-    assert capsys.readouterr().err == (f"error: {params}:{line}: lora.r is 0; must be a positive integer "
-                                       "(typical: 8, 16, 32, 64)\n")
+    assert capsys.readouterr().err == (
+        f"error: {params}:{line}: lora.r is 0; must be a positive integer (typical: 8, 16, 32, 64)\n"
+    )
 
 
 def test_resolved_prints_what_each_stage_ran_with(tmp_path, capsys, shipped_params):

@@ -4,12 +4,23 @@ import numpy as np
 import pytest
 
 from expqa.evaluate import choose_calibrated, compare_models, taught_question_ids
-from expqa.significance import (binomial_two_sided_p, bootstrap_indices, compare_per_item, compare_proportions,
-                                mcnemar_exact, mean_statistic, pooled_perplexity, sign_test, wilson_interval)
+from expqa.significance import (
+    binomial_two_sided_p,
+    bootstrap_indices,
+    compare_per_item,
+    compare_proportions,
+    mcnemar_exact,
+    mean_statistic,
+    pooled_perplexity,
+    sign_test,
+    wilson_interval,
+)
 
 
-@pytest.mark.parametrize("successes,n,lo,hi", [(81, 263, 0.2553, 0.3662), (15, 148, 0.0624, 0.1605),
-                                               (0, 20, 0.0, 0.1611), (1, 29, 0.0061, 0.1718)])
+@pytest.mark.parametrize(
+    "successes,n,lo,hi",
+    [(81, 263, 0.2553, 0.3662), (15, 148, 0.0624, 0.1605), (0, 20, 0.0, 0.1611), (1, 29, 0.0061, 0.1718)],
+)
 def test_wilson_interval_matches_newcombe_1998_table_1(successes, n, lo, hi):
     assert wilson_interval(successes, n) == pytest.approx((lo, hi), abs=5e-5)
 
@@ -25,7 +36,7 @@ def test_exact_binomial_and_mcnemar_by_hand():
     assert binomial_two_sided_p(8, 10) == binomial_two_sided_p(2, 10)
     assert binomial_two_sided_p(9, 10) == 2 * (1 + 10) / 1024
     assert binomial_two_sided_p(5, 10) == 1.0 and binomial_two_sided_p(0, 0) == 1.0
-    base = [True, True] + [False] * 8 + [True] * 5 + [False] * 3   # 2 base-only, 8 tuned-only, 5 + 3 concordant
+    base = [True, True] + [False] * 8 + [True] * 5 + [False] * 3  # 2 base-only, 8 tuned-only, 5 + 3 concordant
     tuned = [False, False] + [True] * 8 + [True] * 5 + [False] * 3
     assert mcnemar_exact(base, tuned) == {"base_only": 2, "tuned_only": 8, "p_value": 0.109375}
     assert sign_test([0.1, -0.2, 0.0, 0.3]) == {"tuned_better": 2, "tuned_worse": 1, "p_value": 1.0}
@@ -48,8 +59,9 @@ def test_pooled_perplexity_weights_conversations_by_tokens():
 
 
 def test_compare_proportions_fields():
-    report = compare_proportions([True, False, False, True], [True, True, True, False],
-                                 bootstrap_indices(4, 100, seed=3))
+    report = compare_proportions(
+        [True, False, False, True], [True, True, True, False], bootstrap_indices(4, 100, seed=3)
+    )
     assert report["base"] == 0.5 and report["tuned"] == 0.75 and report["delta"] == 0.25 and report["n"] == 4
     assert (report["base_ci95_lo"], report["base_ci95_hi"]) == wilson_interval(2, 4)
     assert report["base_only"] == 1 and report["tuned_only"] == 2 and report["p_value"] == 1.0
@@ -62,17 +74,32 @@ def test_calibrated_choice_subtracts_the_unconditional_log_probability():
 
 
 def test_taught_questions_need_a_taught_by_row_in_the_train_split():
-    questions = [{"id": "q1", "taught_by": ["cv-1"]}, {"id": "q2", "taught_by": ["cv-9"]}, {"id": "q3", "taught_by": []},
-                 {"id": "q4", "taught_by": ["cv-9", "ax-2"]}]
+    questions = [
+        {"id": "q1", "taught_by": ["cv-1"]},
+        {"id": "q2", "taught_by": ["cv-9"]},
+        {"id": "q3", "taught_by": []},
+        {"id": "q4", "taught_by": ["cv-9", "ax-2"]},
+    ]
     assert taught_question_ids(questions, ["cv-1#w2", "ax-2", "cv-5"]) == {"q1", "q4"}
 
 
 def test_compare_models_report_layout():
     def rows(logprob, rouge, stopped, chosen):
-        conversations = [{"id": f"c{i}", "logprob": logprob * (i + 1), "tokens": 10 * (i + 1), "rouge1": rouge,
-                          "rouge2": rouge / 2, "rougeL": rouge, "stopped": stopped} for i in range(4)]
-        questions = [{"id": f"q{i}", "chosen": c, "chosen_calibrated": 1, "answer_index": 1} for i, c in
-                     enumerate(chosen)]
+        conversations = [
+            {
+                "id": f"c{i}",
+                "logprob": logprob * (i + 1),
+                "tokens": 10 * (i + 1),
+                "rouge1": rouge,
+                "rouge2": rouge / 2,
+                "rougeL": rouge,
+                "stopped": stopped,
+            }
+            for i in range(4)
+        ]
+        questions = [
+            {"id": f"q{i}", "chosen": c, "chosen_calibrated": 1, "answer_index": 1} for i, c in enumerate(chosen)
+        ]
         return conversations + questions
 
     base = rows(-30.0, 0.1, False, [0, 0, 1, 1])

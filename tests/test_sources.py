@@ -15,8 +15,14 @@ from expqa.combine import combine_datasets
 from expqa.config import ConfigError, DataConfig, SourceConfig, load_params
 
 BUILT_IN = {"cross_validated": 1.0, "arxiv_synthetic": 1.0}
-BUILT_IN_ROW = {"id": "cv-1", "source": "cross_validated", "messages": [
-    {"role": "user", "content": "Built-in question?"}, {"role": "assistant", "content": "Built-in answer."}]}
+BUILT_IN_ROW = {
+    "id": "cv-1",
+    "source": "cross_validated",
+    "messages": [
+        {"role": "user", "content": "Built-in question?"},
+        {"role": "assistant", "content": "Built-in answer."},
+    ],
+}
 
 MY_ROW = {"messages": [{"role": "user", "content": "My question?"}, {"role": "assistant", "content": "Mine."}]}
 
@@ -43,8 +49,11 @@ def combine(tmp_path: Path, source: SourceConfig, on_invalid: str = "error") -> 
     manifest = combine_datasets([built_in], out, data_config([source], on_invalid), seed=42, sources_dir=tmp_path)
     rows = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
     quarantine = [json.loads(line) for line in (out / "quarantine.jsonl").read_text().splitlines()]
-    return {"manifest": manifest, "rows": sorted((r for r in rows if r["source"] == source.name),
-                                                 key=lambda r: r["id"]), "quarantine": quarantine}
+    return {
+        "manifest": manifest,
+        "rows": sorted((r for r in rows if r["source"] == source.name), key=lambda r: r["id"]),
+        "quarantine": quarantine,
+    }
 
 
 def turns(*pairs: tuple[str, str]) -> list[dict[str, str]]:
@@ -54,18 +63,32 @@ def turns(*pairs: tuple[str, str]) -> list[dict[str, str]]:
 # --- good rows convert exactly ---------------------------------------------------------------
 
 SHAREGPT = [
-    {"id": "a1", "conversations": [{"from": "system", "value": "Be brief."},
-                                   {"from": "human", "value": "What is a p-value?"},
-                                   {"from": "gpt", "value": "A tail probability under H0."}], "lang": "en"},
+    {
+        "id": "a1",
+        "conversations": [
+            {"from": "system", "value": "Be brief."},
+            {"from": "human", "value": "What is a p-value?"},
+            {"from": "gpt", "value": "A tail probability under H0."},
+        ],
+        "lang": "en",
+    },
     {"conversations": [{"from": "human", "value": "What is power?"}, {"from": "gpt", "value": "1 - beta."}]},
 ]
 SHAREGPT_ROWS = [
-    {"id": "faq:a1", "source": "faq", "metadata": {"lang": "en"},
-     "messages": turns(("system", "Be brief."), ("user", "What is a p-value?"),
-                       ("assistant", "A tail probability under H0.")),
-     "origin": {"file": "{file}", "format": "sharegpt", "line": 1}},
-    {"source": "faq", "messages": turns(("user", "What is power?"), ("assistant", "1 - beta.")),
-     "origin": {"file": "{file}", "format": "sharegpt", "line": 2}},
+    {
+        "id": "faq:a1",
+        "source": "faq",
+        "metadata": {"lang": "en"},
+        "messages": turns(
+            ("system", "Be brief."), ("user", "What is a p-value?"), ("assistant", "A tail probability under H0.")
+        ),
+        "origin": {"file": "{file}", "format": "sharegpt", "line": 1},
+    },
+    {
+        "source": "faq",
+        "messages": turns(("user", "What is power?"), ("assistant", "1 - beta.")),
+        "origin": {"file": "{file}", "format": "sharegpt", "line": 2},
+    },
 ]
 
 
@@ -96,76 +119,161 @@ def test_sharegpt_json_list_converts_exactly_with_the_line_of_each_element(tmp_p
 
 def test_alpaca_converts_exactly(tmp_path: Path) -> None:
     path = tmp_path / "howto.json"
-    path.write_text(json.dumps([
-        {"instruction": "Summarise the test.", "input": "n=100, p=0.03", "output": "Significant at 5 %."},
-        {"instruction": "Define MDE.", "input": "", "output": "Minimum detectable effect.", "system": "Be brief."},
-    ]), encoding="utf-8")
+    path.write_text(
+        json.dumps(
+            [
+                {"instruction": "Summarise the test.", "input": "n=100, p=0.03", "output": "Significant at 5 %."},
+                {
+                    "instruction": "Define MDE.",
+                    "input": "",
+                    "output": "Minimum detectable effect.",
+                    "system": "Be brief.",
+                },
+            ]
+        ),
+        encoding="utf-8",
+    )
     result = combine(tmp_path, entry(path, "alpaca", "howto"))
-    assert result["rows"] == expected([
-        {"source": "howto", "messages": turns(("user", "Summarise the test.\n\nn=100, p=0.03"),
-                                               ("assistant", "Significant at 5 %.")),
-         "origin": {"file": "howto.json", "format": "alpaca", "line": 1}},
-        {"source": "howto", "messages": turns(("system", "Be brief."), ("user", "Define MDE."),
-                                               ("assistant", "Minimum detectable effect.")),
-         "origin": {"file": "howto.json", "format": "alpaca", "line": 1}},
-    ], "howto.json", [1, 1])
+    assert result["rows"] == expected(
+        [
+            {
+                "source": "howto",
+                "messages": turns(
+                    ("user", "Summarise the test.\n\nn=100, p=0.03"), ("assistant", "Significant at 5 %.")
+                ),
+                "origin": {"file": "howto.json", "format": "alpaca", "line": 1},
+            },
+            {
+                "source": "howto",
+                "messages": turns(
+                    ("system", "Be brief."), ("user", "Define MDE."), ("assistant", "Minimum detectable effect.")
+                ),
+                "origin": {"file": "howto.json", "format": "alpaca", "line": 1},
+            },
+        ],
+        "howto.json",
+        [1, 1],
+    )
 
 
 def test_openai_messages_convert_exactly(tmp_path: Path) -> None:
-    path = write_jsonl(tmp_path / "chat.jsonl", [
-        {"messages": [{"role": "user", "content": "Why randomise?"},
-                      {"role": "assistant", "content": "To break confounding.", "weight": 1}]},
-    ])
+    path = write_jsonl(
+        tmp_path / "chat.jsonl",
+        [
+            {
+                "messages": [
+                    {"role": "user", "content": "Why randomise?"},
+                    {"role": "assistant", "content": "To break confounding.", "weight": 1},
+                ]
+            },
+        ],
+    )
     result = combine(tmp_path, entry(path, "openai", "chat"))
-    assert result["rows"] == expected([{"source": "chat", "messages": turns(
-        ("user", "Why randomise?"), ("assistant", "To break confounding.")),
-        "origin": {"file": "chat.jsonl", "format": "openai", "line": 1}}], "chat.jsonl", [1])
+    assert result["rows"] == expected(
+        [
+            {
+                "source": "chat",
+                "messages": turns(("user", "Why randomise?"), ("assistant", "To break confounding.")),
+                "origin": {"file": "chat.jsonl", "format": "openai", "line": 1},
+            }
+        ],
+        "chat.jsonl",
+        [1],
+    )
 
 
 def test_chatml_rows_keep_id_and_metadata_and_get_the_source_name(tmp_path: Path) -> None:
-    path = write_jsonl(tmp_path / "own.jsonl", [
-        {"id": "own-1", "source": "notes", "topic": "power", "messages": turns(("user", "Q?"), ("assistant", "A."))},
-    ])
+    path = write_jsonl(
+        tmp_path / "own.jsonl",
+        [
+            {
+                "id": "own-1",
+                "source": "notes",
+                "topic": "power",
+                "messages": turns(("user", "Q?"), ("assistant", "A.")),
+            },
+        ],
+    )
     result = combine(tmp_path, entry(path, "chatml", "own"))
-    assert result["rows"] == [{"id": "own-1", "source": "own", "topic": "power",
-                               "messages": turns(("user", "Q?"), ("assistant", "A.")),
-                               "origin": {"file": "own.jsonl", "format": "chatml", "line": 1, "source": "notes"}}]
+    assert result["rows"] == [
+        {
+            "id": "own-1",
+            "source": "own",
+            "topic": "power",
+            "messages": turns(("user", "Q?"), ("assistant", "A.")),
+            "origin": {"file": "own.jsonl", "format": "chatml", "line": 1, "source": "notes"},
+        }
+    ]
 
 
-@pytest.mark.parametrize("records, shape", [
-    ([{"messages": turns(("user", "Q?"), ("assistant", "A.")), "lang": "en"}], "openai"),
-    ([{"conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A."}], "lang": "en"}],
-     "sharegpt"),
-    ([{"instruction": "Q?", "input": "", "output": "A.", "lang": "en"}], "alpaca"),
-], ids=["openai", "sharegpt", "alpaca"])
+@pytest.mark.parametrize(
+    "records, shape",
+    [
+        ([{"messages": turns(("user", "Q?"), ("assistant", "A.")), "lang": "en"}], "openai"),
+        (
+            [{"conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": "A."}], "lang": "en"}],
+            "sharegpt",
+        ),
+        ([{"instruction": "Q?", "input": "", "output": "A.", "lang": "en"}], "alpaca"),
+    ],
+    ids=["openai", "sharegpt", "alpaca"],
+)
 def test_hf_disk_dataset_converts_exactly_whatever_its_shape(tmp_path: Path, records, shape) -> None:
     datasets = pytest.importorskip("datasets")
     datasets.Dataset.from_list(records).save_to_disk(str(tmp_path / "hf"))
     result = combine(tmp_path, entry(tmp_path / "hf", "hf_disk", "hf"))
-    assert result["rows"] == expected([{"source": "hf", "metadata": {"lang": "en"}, "messages": turns(
-        ("user", "Q?"), ("assistant", "A.")), "origin": {"file": "hf", "format": "hf_disk", "row": 0}}], "hf", [0])
+    assert result["rows"] == expected(
+        [
+            {
+                "source": "hf",
+                "metadata": {"lang": "en"},
+                "messages": turns(("user", "Q?"), ("assistant", "A.")),
+                "origin": {"file": "hf", "format": "hf_disk", "row": 0},
+            }
+        ],
+        "hf",
+        [0],
+    )
 
 
 # --- bad rows: located errors, or quarantined with their reason ------------------------------
 
 BAD_ROWS = [
-    ("sharegpt", {"conversations": [{"from": "human", "value": "Q?"}, {"from": "bot", "value": "A."}]},
-     "conversations[1].from is 'bot'; allowed: human, gpt, system"),
-    ("sharegpt", {"conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": ""}]},
-     "conversations[1].value is empty"),
-    ("sharegpt", {"conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt"}]},
-     "conversations[1] has no 'value'"),
+    (
+        "sharegpt",
+        {"conversations": [{"from": "human", "value": "Q?"}, {"from": "bot", "value": "A."}]},
+        "conversations[1].from is 'bot'; allowed: human, gpt, system",
+    ),
+    (
+        "sharegpt",
+        {"conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt", "value": ""}]},
+        "conversations[1].value is empty",
+    ),
+    (
+        "sharegpt",
+        {"conversations": [{"from": "human", "value": "Q?"}, {"from": "gpt"}]},
+        "conversations[1] has no 'value'",
+    ),
     ("sharegpt", {"messages": []}, "missing 'conversations'"),
-    ("sharegpt", {"conversations": [{"from": "human", "value": "Q?"}, {"from": "human", "value": "Q2?"}]},
-     "messages[1].role is 'user' but 'assistant' was expected"),
+    (
+        "sharegpt",
+        {"conversations": [{"from": "human", "value": "Q?"}, {"from": "human", "value": "Q2?"}]},
+        "messages[1].role is 'user' but 'assistant' was expected",
+    ),
     ("alpaca", {"instruction": "Q?"}, "missing 'output'"),
     ("alpaca", {"instruction": "Q?", "output": 42}, "'output' is a number, expected a string"),
     ("alpaca", {"instruction": " ", "output": "A."}, "'instruction' is only whitespace"),
-    ("openai", {"messages": turns(("user", "Q?"), ("tool", "A."))},
-     "messages[1].role is 'tool'; allowed: system, user, assistant"),
+    (
+        "openai",
+        {"messages": turns(("user", "Q?"), ("tool", "A."))},
+        "messages[1].role is 'tool'; allowed: system, user, assistant",
+    ),
     ("openai", {"messages": "Q? A."}, "'messages' is a string, expected a list"),
-    ("openai", {"messages": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": None}]},
-     "messages[1].content is null, expected a string"),
+    (
+        "openai",
+        {"messages": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": None}]},
+        "messages[1].content is null, expected a string",
+    ),
     ("chatml", {"messages": turns(("user", "Q?"))}, "no assistant message"),
     ("chatml", '{"messages": [', "invalid JSON"),
     ("chatml", ["not", "an", "object"], "record is an array, expected an object"),
@@ -174,8 +282,12 @@ BAD_ROWS = [
 
 @pytest.mark.parametrize("format, bad, reason", BAD_ROWS, ids=[f"{f}-{r[:30]}" for f, _, r in BAD_ROWS])
 def test_bad_row_is_a_located_error(tmp_path: Path, format: str, bad: Any, reason: str) -> None:
-    good = {"chatml": MY_ROW, "openai": MY_ROW, "sharegpt": SHAREGPT[1],
-            "alpaca": {"instruction": "Q?", "output": "A."}}[format]
+    good = {
+        "chatml": MY_ROW,
+        "openai": MY_ROW,
+        "sharegpt": SHAREGPT[1],
+        "alpaca": {"instruction": "Q?", "output": "A."},
+    }[format]
     path = write_jsonl(tmp_path / "mine.jsonl", [good, bad])
     with pytest.raises(DataError) as caught:
         combine(tmp_path, entry(path, format, "mine"))
@@ -185,8 +297,12 @@ def test_bad_row_is_a_located_error(tmp_path: Path, format: str, bad: Any, reaso
 
 @pytest.mark.parametrize("format, bad, reason", BAD_ROWS, ids=[f"{f}-{r[:30]}" for f, _, r in BAD_ROWS])
 def test_bad_row_is_quarantined_with_its_reason_under_skip(tmp_path: Path, format: str, bad: Any, reason: str) -> None:
-    good = {"chatml": MY_ROW, "openai": MY_ROW, "sharegpt": SHAREGPT[1],
-            "alpaca": {"instruction": "Q?", "output": "A."}}[format]
+    good = {
+        "chatml": MY_ROW,
+        "openai": MY_ROW,
+        "sharegpt": SHAREGPT[1],
+        "alpaca": {"instruction": "Q?", "output": "A."},
+    }[format]
     path = write_jsonl(tmp_path / "mine.jsonl", [bad, good])
     result = combine(tmp_path, entry(path, format, "mine"), on_invalid="skip")
     (record,) = result["quarantine"]
@@ -198,8 +314,10 @@ def test_bad_row_is_quarantined_with_its_reason_under_skip(tmp_path: Path, forma
 
 def test_hf_disk_bad_row_is_located_by_row_index(tmp_path: Path) -> None:
     datasets = pytest.importorskip("datasets")
-    rows = [{"messages": turns(("user", "Q?"), ("assistant", "A."))},
-            {"messages": turns(("user", "Q2?"), ("robot", "A."))}]
+    rows = [
+        {"messages": turns(("user", "Q?"), ("assistant", "A."))},
+        {"messages": turns(("user", "Q2?"), ("robot", "A."))},
+    ]
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "hf"))
     source = entry(tmp_path / "hf", "hf_disk", "hf")
     with pytest.raises(DataError, match=r"hf: row 1: messages\[1\].role is 'robot'"):
@@ -241,7 +359,6 @@ def test_a_source_file_missing_from_the_sources_folder_is_a_config_error(tmp_pat
     assert not (tmp_path / "out").exists()
 
 
-
 def load_with_sources(tmp_path: Path, entries: str) -> None:
     """load_params on the shipped params.yaml with data.sources set to ``entries`` (YAML block list)."""
     (tmp_path / "sources").mkdir(exist_ok=True)
@@ -254,21 +371,38 @@ def load_with_sources(tmp_path: Path, entries: str) -> None:
 GOOD_ENTRY = "  - file: faq.jsonl\n    format: sharegpt\n    weight: 1.0\n    name: faq\n"
 
 
-@pytest.mark.parametrize("entry, message", [
-    (GOOD_ENTRY.replace("sharegpt", "xml"), ":4: data.sources[0].format is 'xml'; allowed: chatml, sharegpt"),
-    (GOOD_ENTRY.replace("faq.jsonl", "gone.jsonl"), ":3: data.sources[0].file 'gone.jsonl' not found in"),
-    (GOOD_ENTRY.replace("faq.jsonl", "../faq.jsonl"), ":3: data.sources[0].file is '../faq.jsonl'; give a name"),
-    (GOOD_ENTRY + GOOD_ENTRY, ":10: data.sources[1].name is 'faq', already the name of data.sources[0]"),
-    (GOOD_ENTRY.replace("1.0", ".nan"), ":5: data.sources[0].weight is nan; expected a finite number"),
-    (GOOD_ENTRY.replace("1.0", "-1"), ":5: data.sources[0].weight is -1; use 0 (drops the source) to 1000"),
-    (GOOD_ENTRY.replace("1.0", "1001"), ":5: data.sources[0].weight is 1001; use 0 (drops the source) to 1000"),
-    (GOOD_ENTRY.replace("name: faq", "name: cross_validated"),
-     ":6: data.sources[0].name is 'cross_validated', a built-in source (data.weights)"),
-    (GOOD_ENTRY + "    colour: red\n", ":7: unknown key 'data.sources[0].colour'"),
-    (GOOD_ENTRY.replace("    name: faq\n", ""), ":3: data.sources[0] has no name; each entry needs file, format"),
-    ("  - faq.jsonl\n", ":3: data.sources[0] is 'faq.jsonl' (str); expected a mapping"),
-], ids=["format", "missing-file", "outside-folder", "duplicate-name", "nan-weight", "negative-weight",
-        "huge-weight", "built-in-name", "unknown-key", "missing-key", "not-a-mapping"])
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        (GOOD_ENTRY.replace("sharegpt", "xml"), ":4: data.sources[0].format is 'xml'; allowed: chatml, sharegpt"),
+        (GOOD_ENTRY.replace("faq.jsonl", "gone.jsonl"), ":3: data.sources[0].file 'gone.jsonl' not found in"),
+        (GOOD_ENTRY.replace("faq.jsonl", "../faq.jsonl"), ":3: data.sources[0].file is '../faq.jsonl'; give a name"),
+        (GOOD_ENTRY + GOOD_ENTRY, ":10: data.sources[1].name is 'faq', already the name of data.sources[0]"),
+        (GOOD_ENTRY.replace("1.0", ".nan"), ":5: data.sources[0].weight is nan; expected a finite number"),
+        (GOOD_ENTRY.replace("1.0", "-1"), ":5: data.sources[0].weight is -1; use 0 (drops the source) to 1000"),
+        (GOOD_ENTRY.replace("1.0", "1001"), ":5: data.sources[0].weight is 1001; use 0 (drops the source) to 1000"),
+        (
+            GOOD_ENTRY.replace("name: faq", "name: cross_validated"),
+            ":6: data.sources[0].name is 'cross_validated', a built-in source (data.weights)",
+        ),
+        (GOOD_ENTRY + "    colour: red\n", ":7: unknown key 'data.sources[0].colour'"),
+        (GOOD_ENTRY.replace("    name: faq\n", ""), ":3: data.sources[0] has no name; each entry needs file, format"),
+        ("  - faq.jsonl\n", ":3: data.sources[0] is 'faq.jsonl' (str); expected a mapping"),
+    ],
+    ids=[
+        "format",
+        "missing-file",
+        "outside-folder",
+        "duplicate-name",
+        "nan-weight",
+        "negative-weight",
+        "huge-weight",
+        "built-in-name",
+        "unknown-key",
+        "missing-key",
+        "not-a-mapping",
+    ],
+)
 def test_config_error_is_located(tmp_path: Path, entry: str, message: str) -> None:
     with pytest.raises(ConfigError) as caught:
         load_with_sources(tmp_path, entry)
@@ -292,15 +426,32 @@ def test_good_sources_entry_loads(tmp_path: Path) -> None:
 def test_stage_puts_a_weight_2_source_twice_in_train(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     sources = tmp_path / "data" / "raw" / "sources"
     sources.mkdir(parents=True)
-    write_jsonl(sources / "faq.jsonl", [{"conversations": [{"from": "human", "value": "Only from my data?"},
-                                                            {"from": "gpt", "value": "Yes."}]}])
+    write_jsonl(
+        sources / "faq.jsonl",
+        [{"conversations": [{"from": "human", "value": "Only from my data?"}, {"from": "gpt", "value": "Yes."}]}],
+    )
     override = tmp_path / "override.yaml"
-    override.write_text("data:\n  test_fraction: 0.0\n  val_fraction: 0.0\n  sources:\n"
-                        + GOOD_ENTRY.replace("1.0", "2.0"))
+    override.write_text(
+        "data:\n  test_fraction: 0.0\n  val_fraction: 0.0\n  sources:\n" + GOOD_ENTRY.replace("1.0", "2.0")
+    )
     built_in = write_jsonl(tmp_path / "built_in.jsonl", [BUILT_IN_ROW])
     stage = runpy.run_path(str(REPO / "stages" / "combine.py"))
-    assert stage["main"]([str(built_in), "--out", str(tmp_path / "out"), "--params", str(REPO / "params.yaml"),
-                          "--config", str(override), "--sources", str(sources)]) == 0
+    assert (
+        stage["main"](
+            [
+                str(built_in),
+                "--out",
+                str(tmp_path / "out"),
+                "--params",
+                str(REPO / "params.yaml"),
+                "--config",
+                str(override),
+                "--sources",
+                str(sources),
+            ]
+        )
+        == 0
+    )
     train = [json.loads(line) for line in (tmp_path / "out" / "train.jsonl").read_text().splitlines()]
     mine = [row for row in train if row["source"] == "faq"]
     assert len(mine) == 2 and mine[0]["messages"] == mine[1]["messages"]

@@ -45,8 +45,10 @@ def test_weighted_copies_are_rows_and_truncation_is_counted(data_dir):
     assert stats["truncated_share"] == {"6": 0.5, "8": 0.25}
     assert sum(b["conversations"] for b in stats["histogram"]) == 4
     assert stats["token_length"]["max"] == 10
-    assert summary_line(stats) == ("stats: 4 conversations (6 rows with the weighted train copies); 2 longer than 6 "
-                                   "tokens, 1 longer than 8 tokens; p50 4 tokens")
+    assert summary_line(stats) == (
+        "stats: 4 conversations (6 rows with the weighted train copies); 2 longer than 6 "
+        "tokens, 1 longer than 8 tokens; p50 4 tokens"
+    )
 
 
 def test_write_dataset_stats_writes_the_json_and_the_histogram_csv(data_dir, tiny_base, tmp_path):

@@ -17,28 +17,39 @@ from safetensors.torch import load_file
 from conftest import REPO, make_tiny_llama, tiny_training_config
 from expqa import trainer as trainer_module
 from expqa.config import LoRAConfig
-from expqa.trainer import (FINGERPRINT_FILE, QLoRATrainer, StopOnSignal, TrainingError,
-                           find_resumable_checkpoint)
+from expqa.trainer import FINGERPRINT_FILE, QLoRATrainer, StopOnSignal, TrainingError, find_resumable_checkpoint
 
 
 def make_trainer(base, data, tmp_path, quantized=False, **overrides):
     params, train = tiny_training_config(**overrides)
-    return QLoRATrainer(train, lora=LoRAConfig(r=4, alpha=8, dropout=0.0, target_modules=params.lora.target_modules),
-                        quantization=dataclasses.replace(params.quantization, load_in_4bit=quantized),
-                        seed=params.base.seed, base_model=base, data_dir=data, checkpoint_dir=tmp_path / "ckpt",
-                        metrics_dir=tmp_path / "metrics", log_dir=tmp_path / "logs")
+    return QLoRATrainer(
+        train,
+        lora=LoRAConfig(r=4, alpha=8, dropout=0.0, target_modules=params.lora.target_modules),
+        quantization=dataclasses.replace(params.quantization, load_in_4bit=quantized),
+        seed=params.base.seed,
+        base_model=base,
+        data_dir=data,
+        checkpoint_dir=tmp_path / "ckpt",
+        metrics_dir=tmp_path / "metrics",
+        log_dir=tmp_path / "logs",
+    )
 
 
 FAST_PATH = dict(padding_free=True, attn_implementation="expqa_varlen", micro_batch="256 tokens", fused_lora=True)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("quantized,packed", [(False, False), (True, False), (False, True), (True, "fast")],
-                         ids=["lora", "qlora-4bit", "lora-padding-free", "qlora-token-budget-fused"])
-def test_training_moves_lora_weights_only_and_saves_a_complete_adapter(tiny_base, processed_dir, tmp_path, quantized,
-                                                                       packed):
-    extra = FAST_PATH if packed == "fast" else dict(padding_free=True, attn_implementation="expqa_varlen") \
-        if packed else {}
+@pytest.mark.parametrize(
+    "quantized,packed",
+    [(False, False), (True, False), (False, True), (True, "fast")],
+    ids=["lora", "qlora-4bit", "lora-padding-free", "qlora-token-budget-fused"],
+)
+def test_training_moves_lora_weights_only_and_saves_a_complete_adapter(
+    tiny_base, processed_dir, tmp_path, quantized, packed
+):
+    extra = (
+        FAST_PATH if packed == "fast" else dict(padding_free=True, attn_implementation="expqa_varlen") if packed else {}
+    )
     trainer = make_trainer(tiny_base, processed_dir, tmp_path, quantized=quantized, **extra)
     metrics = trainer.train()
     assert metrics["global_step"] == 4 and metrics["eval_loss"] < metrics["eval_loss_before_training"]
@@ -54,8 +65,13 @@ def test_training_moves_lora_weights_only_and_saves_a_complete_adapter(tiny_base
     out = tmp_path / "adapter"
     trainer.save_model(out)
     names = {p.name for p in out.iterdir()}
-    assert {"adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "chat_template.jinja",
-            "training_config.json"} <= names
+    assert {
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "tokenizer.json",
+        "chat_template.jinja",
+        "training_config.json",
+    } <= names
     record = json.loads((out / "training_config.json").read_text())
     assert set(record["data_sha256"]) == {"train", "val"} and record["config"]["lora"]["r"] == 4
     assert record["config"]["quantization"]["load_in_4bit"] is quantized
@@ -105,8 +121,7 @@ def test_non_finite_loss_stops_naming_the_step(tiny_base, processed_dir, tmp_pat
     weights = load_file(broken / "model.safetensors")
     weights["model.norm.weight"][:] = float("nan")
     save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
-    trainer = make_trainer(broken, processed_dir, tmp_path, eval_steps=100, logging_steps=logging_steps,
-                           save_steps=99)
+    trainer = make_trainer(broken, processed_dir, tmp_path, eval_steps=100, logging_steps=logging_steps, save_steps=99)
     trainer.config = dataclasses.replace(trainer.config, max_steps=5)
     with pytest.raises(TrainingError, match=r"loss is nan at optimizer step 1"):
         trainer.train()
@@ -145,8 +160,9 @@ def test_second_signal_exits_at_once_with_one_line(monkeypatch, capsys):
         callback._handle(signal.SIGINT, None)
     assert stopped.value.code == 130
     lines = capsys.readouterr().err.strip().splitlines()
-    assert lines == ["train: aborted by a second signal (SIGINT); the next run resumes from the last complete "
-                     "checkpoint"]
+    assert lines == [
+        "train: aborted by a second signal (SIGINT); the next run resumes from the last complete checkpoint"
+    ]
 
 
 def test_why_a_checkpoint_is_skipped_is_printed_once(tmp_path, capsys):
@@ -156,26 +172,54 @@ def test_why_a_checkpoint_is_skipped_is_printed_once(tmp_path, capsys):
     assert find_resumable_checkpoint(tmp_path, {}, remove_foreign=False) is None
     assert capsys.readouterr().err == ""  # not the main process: it only logs
     assert find_resumable_checkpoint(tmp_path, {}) is None
-    assert capsys.readouterr().err == (f"train: skipping checkpoint {folder} (missing adapter_model.safetensors, "
-                                       f"optimizer.pt, scheduler.pt, {FINGERPRINT_FILE}); falling back to the one "
-                                       "before\n")
+    assert capsys.readouterr().err == (
+        f"train: skipping checkpoint {folder} (missing adapter_model.safetensors, "
+        f"optimizer.pt, scheduler.pt, {FINGERPRINT_FILE}); falling back to the one "
+        "before\n"
+    )
 
 
 def run_stage(repo_params, base, data, out, ckpt, metrics, cwd=None):
     if cwd is not None:
         cwd.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen([sys.executable, str(REPO / "stages" / "train.py"), "--params", str(repo_params),
-                             "--base", str(base), "--data", str(data), "--out", str(out),
-                             "--checkpoints", str(ckpt), "--metrics", str(metrics), "--logs", str(ckpt.parent / "logs")],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            cwd=cwd or ckpt.parent)  # logs/ lands next to the outputs
+    return subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO / "stages" / "train.py"),
+            "--params",
+            str(repo_params),
+            "--base",
+            str(base),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--checkpoints",
+            str(ckpt),
+            "--metrics",
+            str(metrics),
+            "--logs",
+            str(ckpt.parent / "logs"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=cwd or ckpt.parent,
+    )  # logs/ lands next to the outputs
 
 
 @pytest.mark.slow
 def test_killed_run_resumes_from_last_complete_checkpoint(tiny_base, processed_dir, tmp_path):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["cpu"]["train"].update(max_steps=8, save_steps=2, eval_steps=4, logging_steps=1,
-                                  micro_batch="2 conversations", max_seq_length=128, num_threads=1)
+    params["cpu"]["train"].update(
+        max_steps=8,
+        save_steps=2,
+        eval_steps=4,
+        logging_steps=1,
+        micro_batch="2 conversations",
+        max_seq_length=128,
+        num_threads=1,
+    )
     params["lora"].update(r=4, alpha=8)
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(params))
@@ -200,18 +244,31 @@ def test_killed_run_resumes_from_last_complete_checkpoint(tiny_base, processed_d
 
     # the same run, never stopped: every output file is the same, byte for byte
     uninterrupted = tmp_path / "uninterrupted"
-    third = run_stage(params_file, tiny_base, processed_dir, uninterrupted / "adapter", uninterrupted / "ckpt",
-                      uninterrupted / "metrics", cwd=uninterrupted)
+    third = run_stage(
+        params_file,
+        tiny_base,
+        processed_dir,
+        uninterrupted / "adapter",
+        uninterrupted / "ckpt",
+        uninterrupted / "metrics",
+        cwd=uninterrupted,
+    )
     log, _ = third.communicate(timeout=300)
     assert third.returncode == 0, log
 
     def hashes(folder):
-        return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-                for p in sorted(folder.rglob("*")) if p.is_file()}
+        return {
+            str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*"))
+            if p.is_file()
+        }
 
     for resumed, clean in ((out, uninterrupted / "adapter"), (metrics, uninterrupted / "metrics")):
-        assert hashes(resumed) == hashes(clean), (resumed, json.loads((metrics / "metrics.json").read_text()),
-                                                  json.loads((uninterrupted / "metrics" / "metrics.json").read_text()))
+        assert hashes(resumed) == hashes(clean), (
+            resumed,
+            json.loads((metrics / "metrics.json").read_text()),
+            json.loads((uninterrupted / "metrics" / "metrics.json").read_text()),
+        )
     assert "train/runtime.tsv" not in "".join(hashes(metrics))  # wall time is not a DVC-tracked metric
     assert json.loads((uninterrupted / "logs" / "train_run.json").read_text())["resumed_from_step"] == 0
 
@@ -223,16 +280,44 @@ def test_ctrl_c_under_the_two_process_launch(tiny_base, processed_dir, tmp_path,
     session of their own and get it from the stage). Once: a checkpoint at the next logged step, exit code 130.
     Twice: one line, exit 130. Never a traceback."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["cpu"]["train"].update(max_steps=400, save_steps=200, eval_steps=400, logging_steps=20,
-                                  micro_batch="2 conversations", max_seq_length=128, num_threads=1)
+    params["cpu"]["train"].update(
+        max_steps=400,
+        save_steps=200,
+        eval_steps=400,
+        logging_steps=20,
+        micro_batch="2 conversations",
+        max_seq_length=128,
+        num_threads=1,
+    )
     params["lora"].update(r=4, alpha=8)
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(params))
     ckpt, out, metrics = tmp_path / "ckpt", tmp_path / "adapter", tmp_path / "metrics"
-    stage = subprocess.Popen([sys.executable, str(REPO / "stages" / "train.py"), "--params", str(params_file),
-                              "--base", str(tiny_base), "--data", str(processed_dir), "--out", str(out),
-                              "--checkpoints", str(ckpt), "--metrics", str(metrics), "--logs", str(ckpt.parent / "logs")], cwd=tmp_path,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    stage = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO / "stages" / "train.py"),
+            "--params",
+            str(params_file),
+            "--base",
+            str(tiny_base),
+            "--data",
+            str(processed_dir),
+            "--out",
+            str(out),
+            "--checkpoints",
+            str(ckpt),
+            "--metrics",
+            str(metrics),
+            "--logs",
+            str(ckpt.parent / "logs"),
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     deadline = time.time() + 240
     while not (metrics / "plots" / "metrics" / "loss.tsv").exists():  # training has started
         assert stage.poll() is None, stage.stdout.read()
@@ -268,8 +353,9 @@ def test_cpu_training_is_reproducible(tiny_base, processed_dir, tmp_path):
     for key in weights_first:
         assert torch.equal(weights_first[key], weights_second[key]), key
     for name in ("adapter_config.json", "adapter_model.safetensors", "training_config.json"):
-        assert (tmp_path / "first" / "adapter" / name).read_bytes() == \
-            (tmp_path / "second" / "adapter" / name).read_bytes(), name
+        assert (tmp_path / "first" / "adapter" / name).read_bytes() == (
+            tmp_path / "second" / "adapter" / name
+        ).read_bytes(), name
 
 
 @pytest.mark.slow
@@ -317,9 +403,14 @@ def test_token_budget_packs_whole_conversations_into_bounded_micro_batches(tiny_
 def test_token_budget_below_max_seq_length_is_a_config_error():
     from expqa.config import TrainingConfig
 
-    problems = TrainingConfig(micro_batch="1024 tokens", max_seq_length=2048, padding_free=True,
-                              attn_implementation="expqa_varlen").validate()
-    assert problems == ["train.micro_batch is '1024 tokens', below train.max_seq_length 2048: the longest "
-                        "conversation would not fit; raise it or lower max_seq_length"]
-    assert "needs train.padding_free: true" in TrainingConfig(micro_batch="4096 tokens", padding_free=False,
-                                                              attn_implementation="sdpa").validate()[0]
+    problems = TrainingConfig(
+        micro_batch="1024 tokens", max_seq_length=2048, padding_free=True, attn_implementation="expqa_varlen"
+    ).validate()
+    assert problems == [
+        "train.micro_batch is '1024 tokens', below train.max_seq_length 2048: the longest "
+        "conversation would not fit; raise it or lower max_seq_length"
+    ]
+    assert (
+        "needs train.padding_free: true"
+        in TrainingConfig(micro_batch="4096 tokens", padding_free=False, attn_implementation="sdpa").validate()[0]
+    )

@@ -41,15 +41,19 @@ def chosen_model(args: argparse.Namespace) -> tuple[Path, Path | None]:
 def read_questions(path: Path) -> list[str]:
     """One question per line; blank lines and `#` comment lines are skipped."""
     if not path.is_file():
-        raise QuestionFileError(f"{path}: {'is a directory' if path.is_dir() else 'file not found'}; give a text "
-                                "file with one question per line")
+        raise QuestionFileError(
+            f"{path}: {'is a directory' if path.is_dir() else 'file not found'}; give a text "
+            "file with one question per line"
+        )
     data = path.read_bytes()
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
         line = data.count(b"\n", 0, err.start) + 1
-        raise QuestionFileError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[err.start]:02x}); save the file as "
-                                "UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+        raise QuestionFileError(
+            f"{path}:{line}: not valid UTF-8 (byte 0x{data[err.start]:02x}); save the file as "
+            "UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
     questions = [line.strip() for line in text.splitlines()]
     questions = [q for q in questions if q and not q.startswith("#")]
     if not questions:
@@ -65,9 +69,16 @@ def answer(model, tokenizer, question: str, *, max_new_tokens: int, temperature:
     eos_ids = end_of_turn_ids(tokenizer)
     sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     with torch.no_grad():
-        output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                eos_token_id=eos_ids, pad_token_id=eos_ids[0], streamer=stream, **sampling)
-    return tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True).strip()
+        output = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos_ids,
+            pad_token_id=eos_ids[0],
+            streamer=stream,
+            **sampling,
+        )
+    return tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,8 +107,14 @@ def main(argv: list[str] | None = None) -> int:
         if len(questions) > 1:  # one question prints its answer only, as before: scripts read it whole
             blank_line = "\n" if number > 1 else ""
             print(f"{blank_line}Q{number}: {question}\nA{number}: ", end="", flush=True)
-        answer(model, tokenizer, question, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-               stream=streamer)
+        answer(
+            model,
+            tokenizer,
+            question,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            stream=streamer,
+        )
     return 0
 
 

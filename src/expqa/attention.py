@@ -57,8 +57,9 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
         # not a packed row (e.g. generation with padding): ordinary SDPA
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                      **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
     groups = query.shape[1] // key.shape[1]
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (tokens, heads, dim)
     bounds, longest = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
@@ -71,8 +72,18 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     if flash is not None:
         dtype = q.dtype if q.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16  # flash: 16-bit only
         extra = {"enable_gqa": True} if groups > 1 and _flash_has_gqa() else {}
-        out = flash(q.to(dtype), k.to(dtype), v.to(dtype), bounds, bounds, longest, longest, scale=scaling,
-                    window_size=(-1, 0), **extra).to(q.dtype)
+        out = flash(
+            q.to(dtype),
+            k.to(dtype),
+            v.to(dtype),
+            bounds,
+            bounds,
+            longest,
+            longest,
+            scale=scaling,
+            window_size=(-1, 0),
+            **extra,
+        ).to(q.dtype)
     else:
         out = _attend_each_sequence(q, k, v, bounds, scaling)
     return out.unsqueeze(0), None

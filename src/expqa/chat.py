@@ -32,8 +32,9 @@ class ContextFull(ValueError):
         self.tokens, self.budget = tokens, budget
 
 
-def trim_history(messages: list[dict], count_tokens: Callable[[list[dict]], int], budget: int
-                 ) -> tuple[list[dict], int]:
+def trim_history(
+    messages: list[dict], count_tokens: Callable[[list[dict]], int], budget: int
+) -> tuple[list[dict], int]:
     """Drop the oldest exchanges (a question and its answer) until count_tokens(messages) <= budget.
 
     messages: an optional system message, then user/assistant exchanges, then the newest question. The system
@@ -41,7 +42,7 @@ def trim_history(messages: list[dict], count_tokens: Callable[[list[dict]], int]
     messages and the number of exchanges dropped.
     """
     system = messages[:1] if messages and messages[0]["role"] == "system" else []
-    turns = messages[len(system):]
+    turns = messages[len(system) :]
     dropped = 0
     while (tokens := count_tokens(system + turns)) > budget:
         if len(turns) <= 1:
@@ -54,11 +55,20 @@ def trim_history(messages: list[dict], count_tokens: Callable[[list[dict]], int]
 class ChatSession:
     """One conversation with one loaded model: the system prompt, the exchanges so far, the sampling settings."""
 
-    def __init__(self, engine: Engine, *, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                 system: str | None = None):
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        system: str | None = None,
+    ):
         if max_new_tokens >= engine.context_window:
-            raise ValueError(f"--max-new-tokens {max_new_tokens} leaves no room for a question in the "
-                             f"{engine.context_window}-token context window")
+            raise ValueError(
+                f"--max-new-tokens {max_new_tokens} leaves no room for a question in the "
+                f"{engine.context_window}-token context window"
+            )
         self.engine, self.max_new_tokens = engine, max_new_tokens
         self.temperature, self.top_p, self.system = temperature, top_p, system
         self.history: list[dict] = []  # user/assistant messages, oldest first
@@ -74,13 +84,17 @@ class ChatSession:
         """
         system = [{"role": "system", "content": self.system}] if self.system else []
         budget = self.engine.context_window - self.max_new_tokens
-        messages, dropped = trim_history(system + self.history + [{"role": "user", "content": question}],
-                                         self.prompt_tokens, budget)
+        messages, dropped = trim_history(
+            system + self.history + [{"role": "user", "content": question}], self.prompt_tokens, budget
+        )
         if dropped:
-            note(f"[history trimmed: dropped the oldest {dropped} exchange{'s' * (dropped > 1)} to fit the "
-                 f"{self.engine.context_window}-token context window ({self.max_new_tokens} kept for the answer)]")
-        request = ChatRequest(messages=messages, max_tokens=self.max_new_tokens, temperature=self.temperature,
-                              top_p=self.top_p)
+            note(
+                f"[history trimmed: dropped the oldest {dropped} exchange{'s' * (dropped > 1)} to fit the "
+                f"{self.engine.context_window}-token context window ({self.max_new_tokens} kept for the answer)]"
+            )
+        request = ChatRequest(
+            messages=messages, max_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p
+        )
         pieces = self.engine.stream(request, self.engine.prompt_ids(request), threading.Event(), {})
         written, stopped = [], False
         try:
@@ -92,7 +106,7 @@ class ChatSession:
             stopped = True
             note(" [stopped]")
         text = "".join(written).strip()
-        self.history = messages[len(system):-1]  # what survived trimming
+        self.history = messages[len(system) : -1]  # what survived trimming
         if text or not stopped:  # a question stopped before any answer is forgotten with it
             self.history += [{"role": "user", "content": question}, {"role": "assistant", "content": text}]
         return text
@@ -109,15 +123,23 @@ class ChatSession:
             self.system = rest.strip()
             say("[system prompt set; the conversation is kept (/reset forgets it)]")
         elif name == "/system":
-            say(f"system prompt: {self.system}" if self.system else
-                "no system prompt set (the model's chat template may add its own default)")
+            say(
+                f"system prompt: {self.system}"
+                if self.system
+                else "no system prompt set (the model's chat template may add its own default)"
+            )
         else:
             say(f"unknown command {name}; commands: {COMMANDS}")
         return True
 
 
-def chat_loop(session: ChatSession, read_line: Callable[[], str | None], write: Callable[[str], None],
-              note: Callable[[str], None], after_answer: str = "\n") -> None:
+def chat_loop(
+    session: ChatSession,
+    read_line: Callable[[], str | None],
+    write: Callable[[str], None],
+    note: Callable[[str], None],
+    after_answer: str = "\n",
+) -> None:
     """Questions and commands until /exit or the end of input (read_line returns None)."""
     while (line := read_line()) is not None:
         line = line.strip()
@@ -136,9 +158,11 @@ def chat_loop(session: ChatSession, read_line: Callable[[], str | None], write: 
             note(f"error: {exc}")
             continue
         except ContextFull as exc:
-            note(f"error: the prompt for this question{' (with the system prompt)' if session.system else ''} is "
-                 f"{exc.tokens} tokens; the context window minus --max-new-tokens {session.max_new_tokens} leaves "
-                 f"{exc.budget}: shorten it or lower --max-new-tokens")
+            note(
+                f"error: the prompt for this question{' (with the system prompt)' if session.system else ''} is "
+                f"{exc.tokens} tokens; the context window minus --max-new-tokens {session.max_new_tokens} leaves "
+                f"{exc.budget}: shorten it or lower --max-new-tokens"
+            )
             continue
         write(after_answer)
 
@@ -159,22 +183,25 @@ def terminal_reader(prompt: str) -> Callable[[], str | None]:
         except KeyboardInterrupt:
             print()
             return ""
+
     return read_line
 
 
 def main(argv: list[str] | None = None) -> int:
     from expqa.ask import add_model_options, chosen_model
 
-    parser = argparse.ArgumentParser(prog="expqa chat", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="expqa chat", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_model_options(parser)
     parser.add_argument("--system", help="system prompt to start with (the /system command changes it)")
     parser.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (deterministic)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, with --temperature > 0")
     parser.add_argument("--seed", type=int, help="seed for sampling (once, at the start)")
-    parser.add_argument("--context-window", type=int,
-                        help="tokens of conversation kept (default: the model's max_position_embeddings)")
+    parser.add_argument(
+        "--context-window", type=int, help="tokens of conversation kept (default: the model's max_position_embeddings)"
+    )
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1 or not 0 <= args.temperature <= 2 or not 0 < args.top_p <= 1:
         parser.error("--max-new-tokens must be >= 1, --temperature in [0, 2], --top-p in (0, 1]")
@@ -197,8 +224,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.seed is not None:
         torch.manual_seed(args.seed)
     try:
-        session = ChatSession(engine, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                              top_p=args.top_p, system=args.system)
+        session = ChatSession(
+            engine,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            system=args.system,
+        )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -211,8 +243,10 @@ def main(argv: list[str] | None = None) -> int:
         print(text, file=sys.stderr, flush=True)
 
     if interactive:
-        note(f"chatting with {adapter or model_dir} ({engine.context_window}-token context, "
-             f"{'greedy' if args.temperature == 0 else f'temperature {args.temperature}'}); Ctrl-C stops an answer")
+        note(
+            f"chatting with {adapter or model_dir} ({engine.context_window}-token context, "
+            f"{'greedy' if args.temperature == 0 else f'temperature {args.temperature}'}); Ctrl-C stops an answer"
+        )
         note(f"commands: {COMMANDS}")
         chat_loop(session, terminal_reader("> "), write, note, after_answer="\n\n")
     else:

@@ -104,9 +104,7 @@ def validate_conversation(row: object) -> None:
 def _validate_message(index: int, message: object) -> None:
     where = f"messages[{index}]"
     if not isinstance(message, dict):
-        raise ValueError(
-            f"{where} is {json_type_name(message)}, expected an object with 'role' and 'content'"
-        )
+        raise ValueError(f"{where} is {json_type_name(message)}, expected an object with 'role' and 'content'")
     for key in ("role", "content"):
         if key not in message:
             raise ValueError(f"{where} has no '{key}'")
@@ -124,10 +122,7 @@ def _validate_turn_order(messages: list[dict[str, Any]]) -> None:
     roles = [message["role"] for message in messages]
     for index, role in enumerate(roles):
         if role == "system" and index > 0:
-            raise ValueError(
-                f"messages[{index}] is a system message; a system message is only allowed "
-                "as messages[0]"
-            )
+            raise ValueError(f"messages[{index}] is a system message; a system message is only allowed as messages[0]")
     first_turn = 1 if roles[0] == "system" else 0
     for index in range(first_turn, len(roles)):
         expected = "user" if (index - first_turn) % 2 == 0 else "assistant"
@@ -162,9 +157,7 @@ def _validate_source(row: dict[str, Any]) -> None:
         raise ValueError("missing 'source' (e.g. 'cross_validated' or 'arxiv_synthetic')")
     source = row["source"]
     if not isinstance(source, str) or not source.strip():
-        raise ValueError(
-            f"'source' is {source!r} ({json_type_name(source)}); expected a non-empty string"
-        )
+        raise ValueError(f"'source' is {source!r} ({json_type_name(source)}); expected a non-empty string")
 
 
 # --- ids --------------------------------------------------------------------------------------
@@ -209,9 +202,7 @@ def parse_json_line(data: bytes) -> object:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise ValueError(
-            f"not valid UTF-8 (byte 0x{data[err.start]:02x} at column {err.start + 1})"
-        ) from None
+        raise ValueError(f"not valid UTF-8 (byte 0x{data[err.start]:02x} at column {err.start + 1})") from None
     # A byte-order mark is legal UTF-8 but not JSON; editors on Windows add one to line 1. The line end goes
     # too, or a string left open reports the newline as an "invalid control character" instead.
     text = text.lstrip("\ufeff").rstrip("\r\n")
@@ -307,9 +298,7 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, object]]:
 def check_on_invalid(on_invalid: str) -> None:
     """Raise ValueError unless ``on_invalid`` is a known policy."""
     if on_invalid not in ON_INVALID_CHOICES:
-        raise ValueError(
-            f"on_invalid is {on_invalid!r}; allowed: {', '.join(ON_INVALID_CHOICES)}"
-        )
+        raise ValueError(f"on_invalid is {on_invalid!r}; allowed: {', '.join(ON_INVALID_CHOICES)}")
 
 
 def load_chatml_dataset(path: str | Path, on_invalid: str = "error") -> list[dict[str, Any]]:
@@ -339,6 +328,9 @@ def load_chatml_dataset(path: str | Path, on_invalid: str = "error") -> list[dic
     if first_skipped is not None:
         logger.warning(
             "%s: skipped %d invalid row(s); first: line %d: %s",
-            path, skipped_count, first_skipped.line, first_skipped.reason,
+            path,
+            skipped_count,
+            first_skipped.line,
+            first_skipped.reason,
         )
     return rows

@@ -49,6 +49,7 @@ CALIBRATION = 1.10
 @dataclasses.dataclass
 class Shape:
     """What the memory estimate needs to know about the model and the run."""
+
     layers: int
     hidden: int
     intermediate: int
@@ -63,12 +64,18 @@ class Shape:
     lora_dropout: float = 0.0
 
     @classmethod
-    def of(cls, config, **run) -> "Shape":
+    def of(cls, config, **run) -> Shape:
         heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-        return cls(layers=config.num_hidden_layers, hidden=config.hidden_size,
-                   intermediate=config.intermediate_size, q_dim=heads * head_dim,
-                   kv_dim=getattr(config, "num_key_value_heads", heads) * head_dim, vocab=config.vocab_size, **run)
+        return cls(
+            layers=config.num_hidden_layers,
+            hidden=config.hidden_size,
+            intermediate=config.intermediate_size,
+            q_dim=heads * head_dim,
+            kv_dim=getattr(config, "num_key_value_heads", heads) * head_dim,
+            vocab=config.vocab_size,
+            **run,
+        )
 
     def layer_bytes(self) -> float:
         """Bytes per token one decoder layer keeps for backward without checkpointing."""
@@ -116,21 +123,33 @@ class Choice:
     available_gib: float | None = None  # free for training after the model was loaded, headroom taken off
 
     def metrics(self) -> dict:
-        return {"gradient_checkpointing": self.mode, "gradient_checkpointing_requested": self.requested,
-                "gradient_checkpointing_layers": len(self.checkpointed_layers),
-                "gradient_checkpointing_estimate_gib": self.estimate_gib,
-                "gradient_checkpointing_available_gib": self.available_gib}
+        return {
+            "gradient_checkpointing": self.mode,
+            "gradient_checkpointing_requested": self.requested,
+            "gradient_checkpointing_layers": len(self.checkpointed_layers),
+            "gradient_checkpointing_estimate_gib": self.estimate_gib,
+            "gradient_checkpointing_available_gib": self.available_gib,
+        }
 
     def describe(self) -> str:
         text = f"gradient checkpointing {self.mode}: {len(self.checkpointed_layers)} of {self.layers} layers"
         if self.requested == "auto":
-            text += (f" (auto: estimated peak {self.estimate_gib:.1f} GiB for {self.tokens:,}-token micro-batches, "
-                     f"{self.available_gib:.1f} GiB available after the headroom)")
+            text += (
+                f" (auto: estimated peak {self.estimate_gib:.1f} GiB for {self.tokens:,}-token micro-batches, "
+                f"{self.available_gib:.1f} GiB available after the headroom)"
+            )
         return text
 
 
-def choose(requested: str, shape: Shape, tokens: int, *, available_bytes: float | None = None,
-           static_bytes: float = 0.0, resident_bytes: float = 0.0) -> Choice:
+def choose(
+    requested: str,
+    shape: Shape,
+    tokens: int,
+    *,
+    available_bytes: float | None = None,
+    static_bytes: float = 0.0,
+    resident_bytes: float = 0.0,
+) -> Choice:
     """The checkpointing for a run; `available_bytes` (free device memory, headroom taken off) only for auto.
 
     static_bytes: what training adds besides activations (LoRA gradients, optimizer state); resident_bytes: what is
@@ -151,8 +170,15 @@ def choose(requested: str, shape: Shape, tokens: int, *, available_bytes: float 
     layers = list(range(count))  # the first ones: see Shape.peak_bytes
     mode = "offload" if offload else "off" if count == 0 else "full" if count == n else "selective"
     estimate = (shape.peak_bytes(tokens, count, offload) + static_bytes + resident_bytes) / GIB
-    return Choice(requested, mode, layers, n, tokens, round(estimate, 2),
-                  None if available_bytes is None else round(available_bytes / GIB, 2))
+    return Choice(
+        requested,
+        mode,
+        layers,
+        n,
+        tokens,
+        round(estimate, 2),
+        None if available_bytes is None else round(available_bytes / GIB, 2),
+    )
 
 
 def available_memory(device: torch.device | None = None) -> tuple[float, float]:
@@ -195,14 +221,29 @@ def apply(model, choice: Choice) -> None:
                     del module._forward_hooks[key]
 
 
-def configure(model, requested: str, tokens: int, *, liger: bool, fused_lora: bool, lora_rank: int,
-              lora_targets: int, lora_dropout: float) -> Choice:
+def configure(
+    model,
+    requested: str,
+    tokens: int,
+    *,
+    liger: bool,
+    fused_lora: bool,
+    lora_rank: int,
+    lora_targets: int,
+    lora_dropout: float,
+) -> Choice:
     """Choose (auto: from the memory free now) and apply the checkpointing of a loaded model; log the choice."""
     params = [p for p in model.parameters() if p.requires_grad]
     dtype = next((p.dtype for p in model.parameters() if p.dtype in (torch.bfloat16, torch.float16)), torch.float32)
-    shape = Shape.of(model.config, lora_rank=lora_rank, lora_targets=lora_targets,
-                     activation_bytes=torch.finfo(dtype).bits // 8, liger=liger, fused_lora=fused_lora,
-                     lora_dropout=lora_dropout)
+    shape = Shape.of(
+        model.config,
+        lora_rank=lora_rank,
+        lora_targets=lora_targets,
+        activation_bytes=torch.finfo(dtype).bits // 8,
+        liger=liger,
+        fused_lora=fused_lora,
+        lora_dropout=lora_dropout,
+    )
     # trainable weights' gradients and AdamW's two moments, in the weights' dtype (fp32 for LoRA)
     static = 3.0 * sum(p.numel() * p.element_size() for p in params)
     available, resident = None, 0.0
@@ -222,9 +263,9 @@ def longest_micro_batch(tokens_per_micro_batch: int, conversations: int, max_seq
     return tokens_per_micro_batch if tokens_per_micro_batch > 0 else conversations * max_seq_length
 
 
-
 # ---------------------------------------------------------------------------------------------------------------
 # offload: a reentrant checkpoint whose saved input lives in host memory
+
 
 def offloaded_checkpoint(run, hidden, *args):
     """transformers calls a checkpointed layer as func(partial(layer.forward, **kwargs), hidden_states)."""

@@ -30,8 +30,9 @@ def find_project(start: Path | None = None) -> Path:
     for folder in (here, *here.parents):
         if (folder / "dvc.yaml").exists() and (folder / "params.yaml").exists():
             return folder
-    raise SystemExit("error: not inside an expqa checkout (no dvc.yaml + params.yaml here or above); "
-                     "cd into the repository first")
+    raise SystemExit(
+        "error: not inside an expqa checkout (no dvc.yaml + params.yaml here or above); cd into the repository first"
+    )
 
 
 def run_stage(name: str, argv: list[str]) -> int:
@@ -39,20 +40,25 @@ def run_stage(name: str, argv: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="expqa", description="Reproducible QLoRA fine-tuning for "
-                                     "experimentation and statistics Q&A. Stages are normally run by `dvc repro`.")
+    parser = argparse.ArgumentParser(
+        prog="expqa",
+        description="Reproducible QLoRA fine-tuning for "
+        "experimentation and statistics Q&A. Stages are normally run by `dvc repro`.",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, text in STAGES.items():
         sub.add_parser(name, help=text, add_help=False)
-    sub.add_parser("ask", help="answer questions (or a file of them) with the fine-tuned model, loaded once",
-                   add_help=False)
-    sub.add_parser("chat", help="interactive chat with the fine-tuned model (history, /reset, /system)",
-                   add_help=False)
+    sub.add_parser(
+        "ask", help="answer questions (or a file of them) with the fine-tuned model, loaded once", add_help=False
+    )
+    sub.add_parser("chat", help="interactive chat with the fine-tuned model (history, /reset, /system)", add_help=False)
     sub.add_parser("serve", help="OpenAI-compatible chat-completions endpoint on 127.0.0.1", add_help=False)
-    sub.add_parser("params", help="every params.yaml key: the value that runs here (profile) and its meaning",
-                   add_help=False)
-    sub.add_parser("plots", help="dvc plots (show, or diff of revisions) + base vs tuned, drawn offline",
-                   add_help=False)
+    sub.add_parser(
+        "params", help="every params.yaml key: the value that runs here (profile) and its meaning", add_help=False
+    )
+    sub.add_parser(
+        "plots", help="dvc plots (show, or diff of revisions) + base vs tuned, drawn offline", add_help=False
+    )
     return parser
 
 

@@ -45,10 +45,7 @@ SOURCE = "cross_validated"  # combine's source name (data.weights) for every col
 DEFAULT_LICENSE = "CC BY-SA 4.0"
 QUESTION_TYPE = 1
 ANSWER_TYPE = 2
-DUMP_HINT = (
-    "check that the dump was fully downloaded and extracted (e.g. `7z t site.7z`, then extract "
-    "again)"
-)
+DUMP_HINT = "check that the dump was fully downloaded and extracted (e.g. `7z t site.7z`, then extract again)"
 
 
 class DumpError(ValueError):
@@ -180,17 +177,21 @@ def _check_7z_complete(path: Path) -> None:
     with open(path, "rb") as stream:
         start = stream.read(SEVEN_ZIP_START_HEADER)
     if not start.startswith(SEVEN_ZIP_SIGNATURE):
-        raise DumpError(f"{path}: not a 7z archive (no 7z signature); pass a site's dump archive as downloaded "
-                        "(e.g. stats.stackexchange.com.7z), or a Posts.xml or .zip under its own name.")
+        raise DumpError(
+            f"{path}: not a 7z archive (no 7z signature); pass a site's dump archive as downloaded "
+            "(e.g. stats.stackexchange.com.7z), or a Posts.xml or .zip under its own name."
+        )
     expected = len(start)
     if len(start) == SEVEN_ZIP_START_HEADER:
         header_offset, header_size = struct.unpack("<QQ", start[12:28])
         expected += header_offset + header_size
     size = path.stat().st_size
     if len(start) < SEVEN_ZIP_START_HEADER or size < expected:
-        raise DumpError(f"{path}: truncated 7z archive ({size:,} bytes, its header needs "
-                        f"{max(expected, SEVEN_ZIP_START_HEADER + 1):,}); download it again and compare its size "
-                        "with the published one.")
+        raise DumpError(
+            f"{path}: truncated 7z archive ({size:,} bytes, its header needs "
+            f"{max(expected, SEVEN_ZIP_START_HEADER + 1):,}); download it again and compare its size "
+            "with the published one."
+        )
 
 
 def _7z_member(names: list[str], path: Path) -> str:
@@ -198,8 +199,10 @@ def _7z_member(names: list[str], path: Path) -> str:
         if name.rsplit("/", 1)[-1] == "Posts.xml":
             return name
     held = ", ".join(names[:5]) or "nothing"
-    raise DumpError(f"{path}: the archive has no Posts.xml (it holds {held}); pass a site's dump archive "
-                    "(e.g. stats.stackexchange.com.7z) or the Posts.xml extracted from it.")
+    raise DumpError(
+        f"{path}: the archive has no Posts.xml (it holds {held}); pass a site's dump archive "
+        "(e.g. stats.stackexchange.com.7z) or the Posts.xml extracted from it."
+    )
 
 
 # Decompressed chunks waiting for the parser: this bounds the memory. py7zr writes what one read of compressed
@@ -314,8 +317,10 @@ def _zip_member(archive: zipfile.ZipFile, path: Path) -> str:
         if name.rsplit("/", 1)[-1] == "Posts.xml":
             return name
     held = ", ".join(archive.namelist()[:5]) or "nothing"
-    raise DumpError(f"{path}: the archive has no Posts.xml (it holds {held}); pass a site's dump archive "
-                    "or the Posts.xml extracted from it.")
+    raise DumpError(
+        f"{path}: the archive has no Posts.xml (it holds {held}); pass a site's dump archive "
+        "or the Posts.xml extracted from it."
+    )
 
 
 def _feed(parser: ET.XMLPullParser, chunk: bytes, path: Path) -> list[tuple[str, ET.Element]]:
@@ -366,9 +371,7 @@ def _parse_int(value: str, row: Row, name: str, path: Path) -> int:
     try:
         return int(value)
     except ValueError:
-        raise DumpError(
-            f"{path}:{row.line}: {name}={value!r} is not an integer; {DUMP_HINT}."
-        ) from None
+        raise DumpError(f"{path}:{row.line}: {name}={value!r} is not an integer; {DUMP_HINT}.") from None
 
 
 def parse_tags(raw: str) -> list[str]:
@@ -407,8 +410,9 @@ def collect_stackexchange(posts: Path, out: Path, config: CollectConfig) -> dict
     posts_xml, out_path = Path(posts), Path(out)
     _check(config)
     if out_path.is_dir():  # else the final rename fails after the whole import, naming the temp file
-        raise IsADirectoryError(f"output {out_path} is a directory; give a file path, "
-                                f"e.g. {out_path}/stackexchange.jsonl")
+        raise IsADirectoryError(
+            f"output {out_path} is a directory; give a file path, e.g. {out_path}/stackexchange.jsonl"
+        )
     out_path.parent.mkdir(parents=True, exist_ok=True)
     # Next to the output, not in /tmp: /tmp is often RAM-backed and the spill can be GBs.
     with tempfile.TemporaryDirectory(prefix=".collect-", dir=out_path.parent) as scratch:
@@ -522,9 +526,7 @@ def _tag_filter_text(configured: dict) -> str:
 def _open_scratch_db(path: Path) -> sqlite3.Connection:
     db = sqlite3.connect(path)
     # A throwaway database: durability buys nothing, a bounded page cache keeps RSS flat.
-    db.executescript(
-        "PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; PRAGMA cache_size=-65536;" + SCHEMA
-    )
+    db.executescript("PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; PRAGMA cache_size=-65536;" + SCHEMA)
     return db
 
 
@@ -569,9 +571,7 @@ def _matches_tags(question_tags: set[str], wanted: frozenset[str]) -> int:
     return int(not question_tags.isdisjoint(wanted))
 
 
-def _insert_index_batch(
-    db: sqlite3.Connection, questions: list[tuple], answers: list[tuple], posts_xml: Path
-) -> None:
+def _insert_index_batch(db: sqlite3.Connection, questions: list[tuple], answers: list[tuple], posts_xml: Path) -> None:
     for table, rows, sql in (
         ("questions", questions, "INSERT INTO questions VALUES (?, ?, ?, ?, ?)"),
         ("answers", answers, "INSERT INTO answers VALUES (?, ?, ?, ?)"),
@@ -583,9 +583,7 @@ def _insert_index_batch(
         rows.clear()
 
 
-def _duplicate_id_error(
-    db: sqlite3.Connection, table: str, rows: list[tuple], posts_xml: Path
-) -> DumpError:
+def _duplicate_id_error(db: sqlite3.Connection, table: str, rows: list[tuple], posts_xml: Path) -> DumpError:
     """Find which row of a failed batch repeats an Id (slow path, only on corrupt dumps).
 
     Rows of the batch before the failing one are already in the table, so a stored row only
@@ -716,8 +714,7 @@ def _write_pairs(db: sqlite3.Connection, out_path: Path, config: CollectConfig) 
 
     Returns pairs_written, accepted_answers_used and the length-based skips.
     """
-    counts = {"pairs_written": 0, "accepted_answers_used": 0, "too_short": 0, "too_long": 0,
-              "empty_question": 0}
+    counts = {"pairs_written": 0, "accepted_answers_used": 0, "too_short": 0, "too_long": 0, "empty_question": 0}
     # A sibling temp file (same filesystem, so the rename is atomic), opened with the normal
     # umask; mkstemp would leave the output readable by its owner only.
     temp_path = out_path.with_name(f".{out_path.name}.{secrets.token_hex(6)}.tmp")
@@ -771,8 +768,7 @@ def _pair_or_problem(row: tuple, config: CollectConfig, site_url: str, host: str
         "answer_url": f"{site_url}/a/{aid}",
         "license": license_name,
         "attribution": (
-            f"Question and answer from {site_url} (post {qid}, answer {aid}), "
-            f"licensed under {license_name}."
+            f"Question and answer from {site_url} (post {qid}, answer {aid}), licensed under {license_name}."
         ),
         "tags": json.loads(tags),
         "question_score": q_score,

@@ -177,9 +177,7 @@ class Where(NamedTuple):
 class Scanner:
     """Reads inputs once, keeping counts, dedup sets and ``KeptRows``; quarantines bad rows."""
 
-    def __init__(
-        self, weights: Mapping[str, float], seed: int, on_invalid: str, quarantine: IO[str]
-    ) -> None:
+    def __init__(self, weights: Mapping[str, float], seed: int, on_invalid: str, quarantine: IO[str]) -> None:
         self.weights = weights
         self.sources = sorted(weights)
         self._source_index = {source: index for index, source in enumerate(self.sources)}
@@ -201,7 +199,8 @@ class Scanner:
             self._scan_line(file_index, path, raw)
         if rows == 0:
             self.empty_inputs.append(
-                f"{display_path(path)} ({'0 bytes' if path.stat().st_size == 0 else 'only blank lines'})")
+                f"{display_path(path)} ({'0 bytes' if path.stat().st_size == 0 else 'only blank lines'})"
+            )
 
     def scan_source(self, file_index: int, source: UserSource, converted: IO[bytes]) -> None:
         """Convert a ``data.sources`` entry record by record into ``converted`` (ChatML JSONL, read back by
@@ -444,9 +443,11 @@ def check_splits_not_empty(scanner: Scanner, params: Mapping[str, Any]) -> None:
     for counts in scanner.stats.values():
         totals.update(counts)
     if totals["kept"] == 0:
-        raise EmptySplitError(f"no conversation kept, so train/val/test would be empty; {_losses(totals)}"
-                              f"{_empty_inputs(scanner.empty_inputs)}{_first_invalid(scanner)}; "
-                              "fix the inputs (or run the collect stage again)")
+        raise EmptySplitError(
+            f"no conversation kept, so train/val/test would be empty; {_losses(totals)}"
+            f"{_empty_inputs(scanner.empty_inputs)}{_first_invalid(scanner)}; "
+            "fix the inputs (or run the collect stage again)"
+        )
     wanted = {"test": params["test_fraction"], "val": params["val_fraction"], "train": 1.0}
     for split, fraction in wanted.items():
         if fraction > 0 and totals[f"{split}_conversations"] == 0:
@@ -461,8 +462,10 @@ def check_splits_not_empty(scanner: Scanner, params: Mapping[str, Any]) -> None:
 
 def _losses(totals: Mapping[str, int]) -> str:
     duplicates = totals["duplicates_exact"] + totals["duplicates_normalised"]
-    return (f"read {totals['read']} row(s): {totals['invalid']} invalid, {duplicates} duplicate(s), "
-            f"{totals['dropped_weight0']} dropped by weight 0")
+    return (
+        f"read {totals['read']} row(s): {totals['invalid']} invalid, {duplicates} duplicate(s), "
+        f"{totals['dropped_weight0']} dropped by weight 0"
+    )
 
 
 def _empty_inputs(empty: Sequence[str]) -> str:
@@ -475,9 +478,11 @@ def _first_invalid(scanner: Scanner) -> str:
 
 def _too_few_groups(split: str, totals: Mapping[str, int], groups: int) -> str:
     fix = f"set data.{split}_fraction: 0" if split != "train" else "lower data.test_fraction/val_fraction"
-    return (f"{split} split would be empty: {totals['kept']} conversation(s) kept, with {groups} distinct first "
-            "question(s); test and val get one only from 3 conversations on, and all conversations of a question "
-            f"go to the same split; add conversations with other questions, or {fix} ({_losses(totals)})")
+    return (
+        f"{split} split would be empty: {totals['kept']} conversation(s) kept, with {groups} distinct first "
+        "question(s); test and val get one only from 3 conversations on, and all conversations of a question "
+        f"go to the same split; add conversations with other questions, or {fix} ({_losses(totals)})"
+    )
 
 
 # --- manifest ---------------------------------------------------------------------------------
@@ -498,14 +503,12 @@ def build_manifest(
     for name, counts in {**sources, "totals": totals}.items():
         _check_counts_add_up(name, counts)
     return {
-        "inputs": [{"path": display_path(p), "sha256": sha256_file(p)} for p in inputs] + [
+        "inputs": [{"path": display_path(p), "sha256": sha256_file(p)} for p in inputs]
+        + [
             {"path": display_path(s.path), "sha256": source_sha256(s.path), "format": s.format, "source": s.name}
             for s in user_sources
         ],
-        "outputs": {
-            name: {"sha256": sha256_file(out_dir / name), "rows": row_counts[name]}
-            for name in OUTPUT_FILES
-        },
+        "outputs": {name: {"sha256": sha256_file(out_dir / name), "rows": row_counts[name]} for name in OUTPUT_FILES},
         "params": params,
         "sources": sources,
         "totals": totals,
@@ -554,8 +557,10 @@ def combine_datasets(
         "seed": seed,
     }
     if sources:  # only then, so that a pipeline without sources writes the same manifest as before
-        params["sources"] = [{"file": display_path(s.path), "format": s.format, "name": s.name,
-                              "weight": float(s.weight)} for s in sources]
+        params["sources"] = [
+            {"file": display_path(s.path), "format": s.format, "name": s.name, "weight": float(s.weight)}
+            for s in sources
+        ]
     # files in out_dir that combine does not write (e.g. the .gitignore DVC writes there) survive the swap
     with atomic_dir(out_dir, carry_over=lambda name: name not in OUTPUT_FILES and name != MANIFEST_FILE) as work_dir:
         manifest = _combine_into(inputs, work_dir, params, sources)
@@ -566,8 +571,10 @@ def _user_sources(data: DataConfig, sources_dir: Path | None) -> list[UserSource
     """data.sources as files to read; ConfigError for an invalid ``data`` or a file missing from ``sources_dir``."""
     problems = data.validate()
     if data.sources and sources_dir is None:
-        problems.append(f"data.sources lists {len(data.sources)} file(s) but no --sources folder was given "
-                        "(sources_dir: the folder that holds them, data/raw/sources in dvc.yaml)")
+        problems.append(
+            f"data.sources lists {len(data.sources)} file(s) but no --sources folder was given "
+            "(sources_dir: the folder that holds them, data/raw/sources in dvc.yaml)"
+        )
     elif data.sources:
         problems.extend(data.check_source_files(Path(sources_dir)))
     if problems:
@@ -598,15 +605,14 @@ def _combine_into(
     reader = RowReader([*inputs, *converted])
     try:
         for split in SPLITS:
-            row_counts[f"{split}.jsonl"] = write_rows(
-                work_dir / f"{split}.jsonl", plan.pop(split), kept, reader
-            )
+            row_counts[f"{split}.jsonl"] = write_rows(work_dir / f"{split}.jsonl", plan.pop(split), kept, reader)
     finally:
         reader.close()
     shutil.rmtree(converted_dir)
     manifest = build_manifest(inputs, work_dir, stats, params, row_counts, sources)
     logger.info(
-        "combined %d file(s): %s", len(inputs),
+        "combined %d file(s): %s",
+        len(inputs),
         ", ".join(f"{name} {count} rows" for name, count in sorted(row_counts.items())),
     )
     manifest_text = json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n"

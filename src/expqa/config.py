@@ -76,8 +76,11 @@ class BaseConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = _help("Base model: the embedded default, a hub id (e.g. meta-llama/Llama-3.2-3B-Instruct) or a "
-                      "local directory in Hugging Face layout.", EMBEDDED_MODEL)
+    name: str = _help(
+        "Base model: the embedded default, a hub id (e.g. meta-llama/Llama-3.2-3B-Instruct) or a "
+        "local directory in Hugging Face layout.",
+        EMBEDDED_MODEL,
+    )
     revision: str = _help("Hub revision (branch, tag or commit) for hub ids; ignored otherwise.", "main")
 
     def validate(self) -> list[str]:
@@ -86,13 +89,32 @@ class ModelConfig:
 
 @dataclass
 class CollectConfig:
-    posts: str = _help("The dump collect imports: a Posts.xml or a site's .7z / .zip archive. Read by dvc.yaml only "
-                       "(`${collect.posts}` in the stage's cmd and deps, so dvc.lock pins its hash); "
-                       "`make collect-cv-full ARCHIVE=...` sets it.", "data/raw/stackexchange_sample/Posts.xml")
-    tags: list[str] = _help("Keep Stack Exchange questions with any of these tags; [] keeps all.",
-                            ["ab-test", "hypothesis-testing", "statistical-power", "sample-size", "sequential-analysis",
-                             "multiple-comparisons", "p-value", "confidence-interval", "t-test", "experiment-design",
-                             "causality", "causal-inference", "variance-reduction", "bootstrap", "bayesian"])
+    posts: str = _help(
+        "The dump collect imports: a Posts.xml or a site's .7z / .zip archive. Read by dvc.yaml only "
+        "(`${collect.posts}` in the stage's cmd and deps, so dvc.lock pins its hash); "
+        "`make collect-cv-full ARCHIVE=...` sets it.",
+        "data/raw/stackexchange_sample/Posts.xml",
+    )
+    tags: list[str] = _help(
+        "Keep Stack Exchange questions with any of these tags; [] keeps all.",
+        [
+            "ab-test",
+            "hypothesis-testing",
+            "statistical-power",
+            "sample-size",
+            "sequential-analysis",
+            "multiple-comparisons",
+            "p-value",
+            "confidence-interval",
+            "t-test",
+            "experiment-design",
+            "causality",
+            "causal-inference",
+            "variance-reduction",
+            "bootstrap",
+            "bayesian",
+        ],
+    )
     min_question_score: int = _help("Minimum question score.", 1)
     min_answer_score: int = _help("Minimum score of a non-accepted answer.", 2)
     min_answer_chars: int = _help("Skip answers shorter than this (Markdown characters).", 80)
@@ -106,12 +128,16 @@ class CollectConfig:
         if self.min_answer_chars < 0:
             errors.append(f"collect.min_answer_chars is {self.min_answer_chars}; use 0 or a positive count")
         if self.min_answer_chars > self.max_answer_chars:
-            errors.append(f"collect.min_answer_chars ({self.min_answer_chars}) > collect.max_answer_chars "
-                          f"({self.max_answer_chars})")
+            errors.append(
+                f"collect.min_answer_chars ({self.min_answer_chars}) > collect.max_answer_chars "
+                f"({self.max_answer_chars})"
+            )
         url = urlparse(self.site_url)
         if url.scheme not in ("http", "https") or not url.netloc:
-            errors.append(f"collect.site_url is {self.site_url!r}; give the site's address with its scheme, "
-                          "e.g. https://stats.stackexchange.com")
+            errors.append(
+                f"collect.site_url is {self.site_url!r}; give the site's address with its scheme, "
+                "e.g. https://stats.stackexchange.com"
+            )
         return errors
 
 
@@ -120,7 +146,7 @@ class SourceConfig:
     """One entry of data.sources: a dataset of yours in the sources folder (dvc.yaml's --sources)."""
 
     file: str = _help("File (or hf_disk folder) name inside the sources folder, data/raw/sources.")
-    format: str = _help(f"Record shape: {' | '.join(SOURCE_FORMATS)} (README \"Your own data\").")
+    format: str = _help(f'Record shape: {" | ".join(SOURCE_FORMATS)} (README "Your own data").')
     weight: float = _help("Copies of each of its conversations in the train split, like data.weights.")
     name: str = _help("Source name written into each row's 'source' and counted under it in the manifest.")
 
@@ -131,8 +157,9 @@ class SourceConfig:
         if self.format not in SOURCE_FORMATS:
             errors.append(f"{key}.format is {self.format!r}; allowed: {', '.join(SOURCE_FORMATS)}")
         if not 0 <= self.weight <= MAX_WEIGHT:
-            errors.append(f"{key}.weight is {self.weight:g}; use 0 (drops the source) to {MAX_WEIGHT:g} (copies in "
-                          "train)")
+            errors.append(
+                f"{key}.weight is {self.weight:g}; use 0 (drops the source) to {MAX_WEIGHT:g} (copies in train)"
+            )
         if not self.name.strip() or self.name != self.name.strip():
             errors.append(f"{key}.name is {self.name!r}; give a non-empty name without edge spaces, e.g. my_faq")
         return errors
@@ -140,24 +167,32 @@ class SourceConfig:
 
 @dataclass
 class GenerateConfig:
-    enabled: bool = _help("Run the teacher (true) or write an empty output (false, the default: `make generate-qa` "
-                          "turns it on).", False)
+    enabled: bool = _help(
+        "Run the teacher (true) or write an empty output (false, the default: `make generate-qa` turns it on).", False
+    )
     model: str = _help("Teacher: 'base' (the base stage's model), a local model folder or a hub id.", "base")
-    categories: list[str] = _help("Keep papers in any of these arXiv categories; [] keeps all.",
-                                  ["stat.ME", "stat.AP", "econ.EM"])
-    keywords: list[str] = _help("...and whose title or abstract mentions any of these (case-insensitive); [] keeps "
-                                "all.", ["A/B", "experiment", "causal"])
+    categories: list[str] = _help(
+        "Keep papers in any of these arXiv categories; [] keeps all.", ["stat.ME", "stat.AP", "econ.EM"]
+    )
+    keywords: list[str] = _help(
+        "...and whose title or abstract mentions any of these (case-insensitive); [] keeps all.",
+        ["A/B", "experiment", "causal"],
+    )
     max_papers: int = _help("At most this many selected papers, in file order (0: all).", 0)
     pairs_per_paper: int = _help("Question/answer pairs asked of the teacher per paper.", 3)
     max_new_tokens: int = _help("Longest teacher output per paper (tokens).", 384)
     batch_size: int = _help("Papers per generation batch.", 8)
     min_answer_words: int = _help("Drop answers with fewer words (answer_too_short).", 20)
-    min_distinct_share: float = _help("Drop answers whose distinct content words are a smaller share of their content "
-                                      "words (repetitive), 0 to 1.", 0.5)
-    max_copied_words: int = _help("Drop answers that repeat this many consecutive words of the abstract "
-                                  "(copies_abstract).", 12)
-    min_grounding: float = _help("Drop answers with a smaller share of content words found in the title or abstract "
-                                 "(ungrounded), 0 to 1.", 0.6)
+    min_distinct_share: float = _help(
+        "Drop answers whose distinct content words are a smaller share of their content words (repetitive), 0 to 1.",
+        0.5,
+    )
+    max_copied_words: int = _help(
+        "Drop answers that repeat this many consecutive words of the abstract (copies_abstract).", 12
+    )
+    min_grounding: float = _help(
+        "Drop answers with a smaller share of content words found in the title or abstract (ungrounded), 0 to 1.", 0.6
+    )
 
     def validate(self) -> list[str]:
         errors = []
@@ -167,8 +202,10 @@ class GenerateConfig:
             if getattr(self, key) < 1:
                 errors.append(f"generate.{key} is {getattr(self, key)}; use 1 or more")
         if self.max_papers < 0 or self.min_answer_words < 0:
-            errors.append(f"generate.max_papers ({self.max_papers}) and generate.min_answer_words "
-                          f"({self.min_answer_words}) must be 0 or more")
+            errors.append(
+                f"generate.max_papers ({self.max_papers}) and generate.min_answer_words "
+                f"({self.min_answer_words}) must be 0 or more"
+            )
         for key in ("min_distinct_share", "min_grounding"):
             if not 0 <= getattr(self, key) <= 1:
                 errors.append(f"generate.{key} is {getattr(self, key)}; use a share from 0 to 1")
@@ -177,25 +214,39 @@ class GenerateConfig:
 
 @dataclass
 class DataConfig:
-    weights: dict[str, float] = _help("Sampling weight of each source in the train split (seed: --cv-weight 2.0 "
-                                      "--arxiv-weight 1.0); 2.5 = 2 copies + a 50 % chance of a third.",
-                                      {"cross_validated": 2.0, "arxiv_synthetic": 1.0})
+    weights: dict[str, float] = _help(
+        "Sampling weight of each source in the train split (seed: --cv-weight 2.0 "
+        "--arxiv-weight 1.0); 2.5 = 2 copies + a 50 % chance of a third.",
+        {"cross_validated": 2.0, "arxiv_synthetic": 1.0},
+    )
     test_fraction: float = _help("Holdout share for the final evaluation (seed: 10 %).", 0.10)
     val_fraction: float = _help("Share used for eval loss during training.", 0.05)
-    on_invalid: str = _help("What to do with an invalid row: error (stop, name file:line) or skip (quarantine).",
-                            "error")
-    sources: list[SourceConfig] = _help("Your own datasets in data/raw/sources, each {file, format, weight, name}, "
-                                        "converted to ChatML rows and checked like the built-in sources.", [])
+    on_invalid: str = _help(
+        "What to do with an invalid row: error (stop, name file:line) or skip (quarantine).", "error"
+    )
+    sources: list[SourceConfig] = _help(
+        "Your own datasets in data/raw/sources, each {file, format, weight, name}, "
+        "converted to ChatML rows and checked like the built-in sources.",
+        [],
+    )
 
     def validate(self) -> list[str]:
-        errors = [f"data.weights.{k} is {v:g}; use 0 (drops the source) to {MAX_WEIGHT:g} (copies in train)"
-                  for k, v in self.weights.items() if not 0 <= v <= MAX_WEIGHT]
+        errors = [
+            f"data.weights.{k} is {v:g}; use 0 (drops the source) to {MAX_WEIGHT:g} (copies in train)"
+            for k, v in self.weights.items()
+            if not 0 <= v <= MAX_WEIGHT
+        ]
         if not self.weights:
             errors.append("data.weights is empty; give every source a weight, e.g. cross_validated: 1.0")
-        if not 0 <= self.test_fraction < 1 or not 0 <= self.val_fraction < 1 \
-                or self.test_fraction + self.val_fraction >= 1:
-            errors.append(f"data.test_fraction ({self.test_fraction}) and data.val_fraction ({self.val_fraction}) "
-                          "must be in [0, 1) and sum to less than 1")
+        if (
+            not 0 <= self.test_fraction < 1
+            or not 0 <= self.val_fraction < 1
+            or self.test_fraction + self.val_fraction >= 1
+        ):
+            errors.append(
+                f"data.test_fraction ({self.test_fraction}) and data.val_fraction ({self.val_fraction}) "
+                "must be in [0, 1) and sum to less than 1"
+            )
         if self.on_invalid not in ("error", "skip"):
             errors.append(f"data.on_invalid is {self.on_invalid!r}; allowed: error, skip")
         names: dict[str, int] = {}  # name -> index of the first entry with it
@@ -207,34 +258,42 @@ class DataConfig:
             if source.name in self.weights:
                 errors.append(f"{key}.name is {source.name!r}, a built-in source (data.weights); choose another name")
             elif source.name in names:
-                errors.append(f"{key}.name is {source.name!r}, already the name of data.sources[{names[source.name]}]"
-                              "; give each source its own name")
+                errors.append(
+                    f"{key}.name is {source.name!r}, already the name of data.sources[{names[source.name]}]"
+                    "; give each source its own name"
+                )
             names.setdefault(source.name, index)
         return errors
 
     def check_source_files(self, sources_dir: Path) -> list[str]:
         """Problems with data.sources files that are not in ``sources_dir`` (the folder dvc.yaml passes)."""
-        return [f"data.sources[{index}].file {source.file!r} not found in {sources_dir}/; put it there or fix the name"
-                for index, source in enumerate(self.sources)
-                if source is not None and not (sources_dir / source.file).exists()]
+        return [
+            f"data.sources[{index}].file {source.file!r} not found in {sources_dir}/; put it there or fix the name"
+            for index, source in enumerate(self.sources)
+            if source is not None and not (sources_dir / source.file).exists()
+        ]
 
 
 @dataclass
 class QuantizationConfig:
-    load_in_4bit: bool = _help("QLoRA: load the frozen base in 4-bit (bitsandbytes). false = plain LoRA on "
-                               "full-precision weights (faster on CPU).", True)
+    load_in_4bit: bool = _help(
+        "QLoRA: load the frozen base in 4-bit (bitsandbytes). false = plain LoRA on "
+        "full-precision weights (faster on CPU).",
+        True,
+    )
     bnb_4bit_quant_type: str = _help("4-bit data type: nf4 or fp4.", "nf4")
     bnb_4bit_use_double_quant: bool = _help("Quantise the quantisation constants too (~0.4 bit/param saved).", True)
-    bnb_4bit_compute_dtype: str = _help("Dtype of the de-quantised matmuls: bfloat16, float16 or float32.",
-                                        "bfloat16")
+    bnb_4bit_compute_dtype: str = _help("Dtype of the de-quantised matmuls: bfloat16, float16 or float32.", "bfloat16")
 
     def validate(self) -> list[str]:
         errors = []
         if self.bnb_4bit_quant_type not in ("nf4", "fp4"):
             errors.append(f"quantization.bnb_4bit_quant_type is {self.bnb_4bit_quant_type!r}; allowed: nf4, fp4")
         if self.bnb_4bit_compute_dtype not in ("bfloat16", "float16", "float32"):
-            errors.append(f"quantization.bnb_4bit_compute_dtype is {self.bnb_4bit_compute_dtype!r}; "
-                          "allowed: bfloat16, float16, float32")
+            errors.append(
+                f"quantization.bnb_4bit_compute_dtype is {self.bnb_4bit_compute_dtype!r}; "
+                "allowed: bfloat16, float16, float32"
+            )
         return errors
 
 
@@ -264,7 +323,9 @@ class TrainingConfig:
         "Size of one process's micro-batch, with its unit: '<N> tokens' (conversations packed best-fit, without "
         "padding, into rows of at most N tokens; needs padding_free) or '<N> conversations' (N conversations, packed "
         "into one row when padding_free, else padded). Tokens per optimizer step = this x "
-        "gradient_accumulation_steps x processes.", "16384 tokens")
+        "gradient_accumulation_steps x processes.",
+        "16384 tokens",
+    )
     gradient_accumulation_steps: int = _help("Micro-batches per optimizer step (effective batch = product).", 1)
     learning_rate: float = _help("Peak learning rate.", 2e-4)
     lr_scheduler_type: str = _help("Schedule after warmup: cosine, linear or constant.", "cosine")
@@ -280,35 +341,61 @@ class TrainingConfig:
         "free device memory and the longest micro-batch: off if it fits, else the fewest checkpointed layers that "
         "fit, else full, else offload), off, selective (the first half of the layers), full, or offload (full, with "
         "each layer's input kept in host memory: the least GPU memory; one process only). YAML reads off/false as "
-        "false: it means off; true means full.", "auto")
+        "false: it means off; true means full.",
+        "auto",
+    )
     bf16: bool = _help("bf16 mixed precision where the hardware supports it (fp32 otherwise).", True)
     logging_steps: int = _help("Log loss, lr and grad norm every N optimizer steps.", 10)
     eval_steps: int = _help("Evaluate on the val split every N optimizer steps.", 100)
     save_steps: int = _help("Write a resumable checkpoint every N optimizer steps.", 500)
     save_total_limit: int = _help("Checkpoints kept (older ones are deleted).", 3)
     num_threads: int = _help("CPU threads for torch; 0 = torch's default. Fixed for reproducible CPU runs.", 0)
-    padding_free: bool = _help("Pack each micro-batch's conversations into one row without padding (position ids "
-                               "restart per conversation). Needs a document-masked attn_implementation.", True)
-    attn_implementation: str = _help("Attention kernel: sdpa, eager, or expqa_varlen (document-masked varlen "
-                                     "attention for padding_free; Flash-Attention varlen on CUDA).", "expqa_varlen")
-    use_liger_kernel: bool = _help("Liger's fused Triton kernels (fused linear cross-entropy, RMSNorm, SwiGLU, "
-                                   "RoPE); CUDA only, needs the liger-kernel package.", True)
-    fused_lora: bool = _help("LoRA layers as one autograd function (no extra passes over the output, no "
-                             "dropout mask when lora.dropout is 0); false = PEFT's own forward.", True)
-    grouped_lora: bool = _help("With fused_lora: projections that read the same input (q/k/v, gate/up) run as one "
-                               "function (one read of the input for all their adapters, one buffer for its "
-                               "gradient) when lora.dropout is 0.", True)
-    num_processes: int = _help("Training processes (DDP): 1 = single process, 0 = one per visible GPU. The "
-                               "effective batch is micro-batch x accumulation x processes.", 0)
-    distributed: str = _help("How the train.num_processes processes (per machine) share the work: ddp (every GPU "
-                             "holds the whole model, gradients are averaged) or fsdp (FSDP2 shards the base "
-                             "weights, 4-bit included, and the LoRA weights, gradients and optimizer state across "
-                             "the processes, for a model that does not fit one GPU; runs under torchrun even for "
-                             "one process).", "ddp")
+    padding_free: bool = _help(
+        "Pack each micro-batch's conversations into one row without padding (position ids "
+        "restart per conversation). Needs a document-masked attn_implementation.",
+        True,
+    )
+    attn_implementation: str = _help(
+        "Attention kernel: sdpa, eager, or expqa_varlen (document-masked varlen "
+        "attention for padding_free; Flash-Attention varlen on CUDA).",
+        "expqa_varlen",
+    )
+    use_liger_kernel: bool = _help(
+        "Liger's fused Triton kernels (fused linear cross-entropy, RMSNorm, SwiGLU, "
+        "RoPE); CUDA only, needs the liger-kernel package.",
+        True,
+    )
+    fused_lora: bool = _help(
+        "LoRA layers as one autograd function (no extra passes over the output, no "
+        "dropout mask when lora.dropout is 0); false = PEFT's own forward.",
+        True,
+    )
+    grouped_lora: bool = _help(
+        "With fused_lora: projections that read the same input (q/k/v, gate/up) run as one "
+        "function (one read of the input for all their adapters, one buffer for its "
+        "gradient) when lora.dropout is 0.",
+        True,
+    )
+    num_processes: int = _help(
+        "Training processes (DDP): 1 = single process, 0 = one per visible GPU. The "
+        "effective batch is micro-batch x accumulation x processes.",
+        0,
+    )
+    distributed: str = _help(
+        "How the train.num_processes processes (per machine) share the work: ddp (every GPU "
+        "holds the whole model, gradients are averaged) or fsdp (FSDP2 shards the base "
+        "weights, 4-bit included, and the LoRA weights, gradients and optimizer state across "
+        "the processes, for a model that does not fit one GPU; runs under torchrun even for "
+        "one process).",
+        "ddp",
+    )
 
-    lm_head_loss: str = _help("Who computes the LM head and loss: trl (TRL's chunked head; Triton on CUDA, every "
-                              "position off CUDA) or expqa (label positions only, softmax kept for backward: "
-                              "src/expqa/lm_head.py; the CPU profile).", "trl")
+    lm_head_loss: str = _help(
+        "Who computes the LM head and loss: trl (TRL's chunked head; Triton on CUDA, every "
+        "position off CUDA) or expqa (label positions only, softmax kept for backward: "
+        "src/expqa/lm_head.py; the CPU profile).",
+        "trl",
+    )
 
     def __post_init__(self):
         if isinstance(self.gradient_checkpointing, bool):  # YAML's off/false, and true (the old boolean key)
@@ -337,25 +424,37 @@ class TrainingConfig:
     def validate(self) -> list[str]:
         errors = []
         if self.gradient_checkpointing not in CHECKPOINTING_MODES:
-            errors.append(f"train.gradient_checkpointing is {self.gradient_checkpointing!r}; allowed: "
-                          f"{', '.join(CHECKPOINTING_MODES)} (YAML's false means off, true means full)")
-        for key in ("gradient_accumulation_steps", "max_seq_length",
-                    "logging_steps", "eval_steps", "save_steps", "save_total_limit"):
+            errors.append(
+                f"train.gradient_checkpointing is {self.gradient_checkpointing!r}; allowed: "
+                f"{', '.join(CHECKPOINTING_MODES)} (YAML's false means off, true means full)"
+            )
+        for key in (
+            "gradient_accumulation_steps",
+            "max_seq_length",
+            "logging_steps",
+            "eval_steps",
+            "save_steps",
+            "save_total_limit",
+        ):
             if getattr(self, key) <= 0:
                 errors.append(f"train.{key} is {getattr(self, key)}; must be a positive integer")
         if self.logging_steps > 0 and self.save_steps > 0 and self.save_steps % self.logging_steps:
-            errors.append(f"train.save_steps is {self.save_steps}, not a multiple of train.logging_steps "
-                          f"{self.logging_steps}: a run resumed from a checkpoint between two logged steps would log "
-                          "other loss values than one that never stopped; use e.g. save_steps: "
-                          f"{-(-self.save_steps // self.logging_steps) * self.logging_steps}")
+            errors.append(
+                f"train.save_steps is {self.save_steps}, not a multiple of train.logging_steps "
+                f"{self.logging_steps}: a run resumed from a checkpoint between two logged steps would log "
+                "other loss values than one that never stopped; use e.g. save_steps: "
+                f"{-(-self.save_steps // self.logging_steps) * self.logging_steps}"
+            )
         if not 0 < self.learning_rate < 1:
             errors.append(f"train.learning_rate is {self.learning_rate}; must be in (0, 1) (seed: 2e-4)")
         for key in ("weight_decay", "max_grad_norm"):
             if getattr(self, key) < 0:
                 errors.append(f"train.{key} is {getattr(self, key)}; must be >= 0 (0 turns it off)")
         if self.lr_scheduler_type not in ("cosine", "linear", "constant", "constant_with_warmup"):
-            errors.append(f"train.lr_scheduler_type is {self.lr_scheduler_type!r}; "
-                          "allowed: cosine, linear, constant, constant_with_warmup")
+            errors.append(
+                f"train.lr_scheduler_type is {self.lr_scheduler_type!r}; "
+                "allowed: cosine, linear, constant, constant_with_warmup"
+            )
         if not 0 <= self.warmup_ratio < 1:
             errors.append(f"train.warmup_ratio is {self.warmup_ratio}; must be in [0, 1)")
         if self.max_steps <= 0 and self.max_steps != -1:
@@ -373,24 +472,33 @@ class TrainingConfig:
             errors.append(f"train.num_threads is {self.num_threads}; use 0 (default) or a positive count")
         size = self.micro_batch_size()
         if size is None:
-            errors.append(f"train.micro_batch is {self.micro_batch!r}; give a positive count and its unit, e.g. "
-                          "'16384 tokens' (packed token budget) or '2 conversations'")
+            errors.append(
+                f"train.micro_batch is {self.micro_batch!r}; give a positive count and its unit, e.g. "
+                "'16384 tokens' (packed token budget) or '2 conversations'"
+            )
         elif size[1] == "tokens":
             if not self.padding_free:
-                errors.append(f"train.micro_batch is {self.micro_batch!r}, a token budget, which packs conversations "
-                              "into one row: it needs train.padding_free: true (or give '<N> conversations')")
+                errors.append(
+                    f"train.micro_batch is {self.micro_batch!r}, a token budget, which packs conversations "
+                    "into one row: it needs train.padding_free: true (or give '<N> conversations')"
+                )
             if size[0] < self.max_seq_length:
-                errors.append(f"train.micro_batch is {self.micro_batch!r}, below train.max_seq_length "
-                              f"{self.max_seq_length}: the longest conversation would not fit; raise it or lower "
-                              "max_seq_length")
+                errors.append(
+                    f"train.micro_batch is {self.micro_batch!r}, below train.max_seq_length "
+                    f"{self.max_seq_length}: the longest conversation would not fit; raise it or lower "
+                    "max_seq_length"
+                )
         if self.lm_head_loss not in LM_HEAD_LOSSES:
             errors.append(f"train.lm_head_loss is {self.lm_head_loss!r}; allowed: {', '.join(LM_HEAD_LOSSES)}")
         if self.attn_implementation not in ATTENTION_KERNELS:
-            errors.append(f"train.attn_implementation is {self.attn_implementation!r}; allowed: "
-                          f"{', '.join(ATTENTION_KERNELS)}")
+            errors.append(
+                f"train.attn_implementation is {self.attn_implementation!r}; allowed: {', '.join(ATTENTION_KERNELS)}"
+            )
         elif self.padding_free and self.attn_implementation != "expqa_varlen":
-            errors.append(f"train.padding_free is true with train.attn_implementation {self.attn_implementation!r}; "
-                          "packed rows need expqa_varlen (or set padding_free: false)")
+            errors.append(
+                f"train.padding_free is true with train.attn_implementation {self.attn_implementation!r}; "
+                "packed rows need expqa_varlen (or set padding_free: false)"
+            )
         return errors
 
 
@@ -399,18 +507,26 @@ class EvalConfig:
     max_new_tokens: int = _help("Longest generated answer for ROUGE and stop-rate.", 256)
     batch_size: int = _help("Prompts per generation / scoring batch.", 32)
     max_examples: int = _help("Evaluate at most this many test conversations; 0 = all.", 0)
-    critical_questions: str = _help("Multiple-choice question set (JSONL) scored by log-likelihood.",
-                                    "data/eval/critical_questions.jsonl")
-    bootstrap_samples: int = _help("Bootstrap resamples for the 95 % intervals in metrics/eval.json (seeded with "
-                                   "base.seed: the same report every run).", 10000)
-    num_processes: int = _help("Evaluate base and tuned side by side in this many processes (1 = one after the "
-                               "other in the stage's process).", 1)
+    critical_questions: str = _help(
+        "Multiple-choice question set (JSONL) scored by log-likelihood.", "data/eval/critical_questions.jsonl"
+    )
+    bootstrap_samples: int = _help(
+        "Bootstrap resamples for the 95 % intervals in metrics/eval.json (seeded with "
+        "base.seed: the same report every run).",
+        10000,
+    )
+    num_processes: int = _help(
+        "Evaluate base and tuned side by side in this many processes (1 = one after the other in the stage's process).",
+        1,
+    )
     num_threads: int = _help("torch threads per evaluation process; 0 = torch's default.", 0)
 
     def validate(self) -> list[str]:
-        errors = [f"eval.{k} is {getattr(self, k)}; must be a positive integer"
-                  for k in ("max_new_tokens", "batch_size", "bootstrap_samples", "num_processes")
-                  if getattr(self, k) <= 0]
+        errors = [
+            f"eval.{k} is {getattr(self, k)}; must be a positive integer"
+            for k in ("max_new_tokens", "batch_size", "bootstrap_samples", "num_processes")
+            if getattr(self, k) <= 0
+        ]
         if self.max_examples < 0:
             errors.append(f"eval.max_examples is {self.max_examples}; use 0 (all) or a positive count")
         if self.num_threads < 0:
@@ -420,14 +536,20 @@ class EvalConfig:
 
 @dataclass
 class ExportConfig:
-    types: list[str] = _help("GGUF files to write, models/gguf/<name>-<type>.gguf: f16 (half of fp32, near "
-                             "lossless), q8_0 (a quarter of fp32), bf16, f32.", ["f16", "q8_0"])
+    types: list[str] = _help(
+        "GGUF files to write, models/gguf/<name>-<type>.gguf: f16 (half of fp32, near "
+        "lossless), q8_0 (a quarter of fp32), bf16, f32.",
+        ["f16", "q8_0"],
+    )
     name: str = _help("File stem of the GGUF files and their general.name.", "expqa")
     ollama_type: str = _help("The type the Ollama Modelfile's FROM points at (one of types).", "q8_0")
 
     def validate(self) -> list[str]:
-        errors = [f"export.types has {t!r}; allowed: {', '.join(GGUF_EXPORT_TYPES)}"
-                  for t in self.types if t not in GGUF_EXPORT_TYPES]
+        errors = [
+            f"export.types has {t!r}; allowed: {', '.join(GGUF_EXPORT_TYPES)}"
+            for t in self.types
+            if t not in GGUF_EXPORT_TYPES
+        ]
         if not self.types or len(set(self.types)) != len(self.types):
             errors.append(f"export.types is {self.types}; list each GGUF type once, at least one")
         if self.ollama_type not in self.types:
@@ -439,9 +561,12 @@ class ExportConfig:
 
 @dataclass
 class Params:
-    profile: str = _help("Hardware profile: gpu (the sections as written: the Llama 3.2 3B recipe), cpu (the cpu: "
-                         "overrides merged in, for a laptop) or auto (cpu when there is no CUDA GPU). Resolved once, "
-                         "by the params stage; the result is in metrics/params/*.json.", "auto")
+    profile: str = _help(
+        "Hardware profile: gpu (the sections as written: the Llama 3.2 3B recipe), cpu (the cpu: "
+        "overrides merged in, for a laptop) or auto (cpu when there is no CUDA GPU). Resolved once, "
+        "by the params stage; the result is in metrics/params/*.json.",
+        "auto",
+    )
     base: BaseConfig = field(default_factory=BaseConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     collect: CollectConfig = field(default_factory=CollectConfig)
@@ -456,7 +581,7 @@ class Params:
     # sections' own, while `make repro` on a 2-core laptop finishes in minutes.
     cpu: dict = field(default_factory=dict, metadata={"help": "Overrides applied by the cpu profile."})
 
-    def resolve(self, cuda: bool | None = None) -> "Params":
+    def resolve(self, cuda: bool | None = None) -> Params:
         """The params that run: profile auto decided (``cuda``: whether a CUDA GPU is here; None = look), the
         cpu overrides merged in under the cpu profile. The result has profile gpu or cpu."""
         profile = self.profile
@@ -491,6 +616,7 @@ def _as_raw(params: Params) -> dict:
 
 # ---------------------------------------------------------------------------------------------------------------
 # loading and checking
+
 
 def _deep_merge(base: dict, override: dict) -> dict:
     merged = dict(base)
@@ -542,8 +668,9 @@ def _type_ok(value: Any, annotation: Any) -> bool:
         return isinstance(value, list) and all(_type_ok(v, item) for v in value)
     if origin is dict or annotation is dict:
         args = typing.get_args(annotation)
-        return isinstance(value, dict) and (not args or all(
-            _type_ok(k, args[0]) and _type_ok(v, args[1]) for k, v in value.items()))
+        return isinstance(value, dict) and (
+            not args or all(_type_ok(k, args[0]) and _type_ok(v, args[1]) for k, v in value.items())
+        )
     return True
 
 
@@ -560,8 +687,13 @@ def _type_name(annotation: Any) -> str:
     return getattr(annotation, "__name__", None) if typing.get_origin(annotation) is None else str(annotation)
 
 
-def params_from_dict(raw: dict, source: str = "params.yaml", key_lines: dict[str, str] | None = None,
-                     sources_dir: str | Path | None = None, sections: typing.Sequence[str] | None = None) -> Params:
+def params_from_dict(
+    raw: dict,
+    source: str = "params.yaml",
+    key_lines: dict[str, str] | None = None,
+    sources_dir: str | Path | None = None,
+    sections: typing.Sequence[str] | None = None,
+) -> Params:
     """Build and validate Params (and the `cpu` overrides merged in); raise one ConfigError listing every problem.
 
     Every key of every section is required. ``sections``: only these sections are expected (a stage's file,
@@ -575,7 +707,9 @@ def params_from_dict(raw: dict, source: str = "params.yaml", key_lines: dict[str
         return key_lines.get(key, source)
 
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: expected a mapping of sections (base, model, data, ...), got {type(raw).__name__}")
+        raise ConfigError(
+            f"{source}: expected a mapping of sections (base, model, data, ...), got {type(raw).__name__}"
+        )
     hints = typing.get_type_hints(Params)
     expected = list(hints) if sections is None else ["profile", *sections]
     built: dict[str, Any] = {name: None for name in hints if name not in expected}
@@ -610,12 +744,14 @@ def params_from_dict(raw: dict, source: str = "params.yaml", key_lines: dict[str
                 key = message.split(" ", 1)[0]
                 errors.append(f"{where(key)}: {message}")
     if sources_dir is not None and params.data is not None:
-        errors.extend(f"{where(message.split(' ', 1)[0])}: {message}"
-                      for message in params.data.check_source_files(Path(sources_dir)))
+        errors.extend(
+            f"{where(message.split(' ', 1)[0])}: {message}"
+            for message in params.data.check_source_files(Path(sources_dir))
+        )
     if not errors and params.cpu:
         # check the cpu profile now, not only on the first CPU machine that runs it
         merged = _deep_merge(raw, params.cpu)
-        cpu_lines = {k[len("cpu."):]: v for k, v in key_lines.items() if k.startswith("cpu.")}
+        cpu_lines = {k[len("cpu.") :]: v for k, v in key_lines.items() if k.startswith("cpu.")}
         try:
             params_from_dict({**merged, "cpu": {}}, f"{source} (cpu overrides)", {**key_lines, **cpu_lines})
         except ConfigError as exc:
@@ -635,15 +771,18 @@ def _checked_overrides(value: Any, where: typing.Callable[[str], str], errors: l
     overridable = [name for name, cls in typing.get_type_hints(Params).items() if dataclasses.is_dataclass(cls)]
     for name, section in value.items():
         if name not in overridable:
-            errors.append(f"{where('cpu.' + name)}: cpu.{name} cannot be overridden by a profile; the cpu profile "
-                          f"overrides keys of: {', '.join(overridable)}")
+            errors.append(
+                f"{where('cpu.' + name)}: cpu.{name} cannot be overridden by a profile; the cpu profile "
+                f"overrides keys of: {', '.join(overridable)}"
+            )
         elif not isinstance(section, dict):
             errors.append(f"{where('cpu.' + name)}: cpu.{name} must be a mapping of keys of section {name}")
     return value
 
 
-def _checked_fields(cls: type, value: dict, prefix: str, where: typing.Callable[[str], str],
-                    errors: list[str]) -> dict[str, Any]:
+def _checked_fields(
+    cls: type, value: dict, prefix: str, where: typing.Callable[[str], str], errors: list[str]
+) -> dict[str, Any]:
     """The keyword arguments for the dataclass ``cls`` from a mapping (a section, or an item of a list of
     dataclasses); appends every problem to ``errors`` and leaves bad keys out (their defaults apply)."""
     field_types = typing.get_type_hints(cls)
@@ -652,16 +791,18 @@ def _checked_fields(cls: type, value: dict, prefix: str, where: typing.Callable[
         dotted = f"{prefix}.{key}"
         item_cls = _dataclass_items(field_types.get(key))
         if key not in field_types:
-            errors.append(f"{where(dotted)}: unknown key '{dotted}'; known keys in {prefix}: "
-                          f"{', '.join(field_types)}")
+            errors.append(f"{where(dotted)}: unknown key '{dotted}'; known keys in {prefix}: {', '.join(field_types)}")
         elif item_cls is not None and isinstance(item, list):
             # An item that cannot be built stays as None so the others keep their index in messages; it never
             # reaches a caller, since its problem is in errors.
-            kwargs[key] = [_build_item(item_cls, entry, f"{dotted}[{index}]", where, errors)
-                           for index, entry in enumerate(item)]
+            kwargs[key] = [
+                _build_item(item_cls, entry, f"{dotted}[{index}]", where, errors) for index, entry in enumerate(item)
+            ]
         elif not _type_ok(item, field_types[key]):
-            errors.append(f"{where(dotted)}: {dotted} is {item!r} ({type(item).__name__}); "
-                          f"expected {_type_name(field_types[key])}")
+            errors.append(
+                f"{where(dotted)}: {dotted} is {item!r} ({type(item).__name__}); "
+                f"expected {_type_name(field_types[key])}"
+            )
         elif non_finite := _non_finite(item, dotted):
             # Reported here, not left to validate(): every range check is False for nan.
             errors.extend(f"{where(bad)}: {bad} is {value}; expected a finite number" for bad, value in non_finite)
@@ -670,9 +811,11 @@ def _checked_fields(cls: type, value: dict, prefix: str, where: typing.Callable[
     missing = [key for key in field_types if key not in value]
     if missing and "[" not in prefix:  # list items (data.sources[0]) say what they lack in _build_item
         line = where(prefix)
-        errors.extend(f"{line}: {prefix}.{key} is missing; add `{key}: {_yaml_scalar(_default_of(cls, key))}` under "
-                      f"{prefix}: (every key is required: params.yaml is the one place a default lives)"
-                      for key in missing)
+        errors.extend(
+            f"{line}: {prefix}.{key} is missing; add `{key}: {_yaml_scalar(_default_of(cls, key))}` under "
+            f"{prefix}: (every key is required: params.yaml is the one place a default lives)"
+            for key in missing
+        )
     return kwargs
 
 
@@ -704,8 +847,9 @@ def _build_item(cls: type, value: Any, key: str, where: typing.Callable[[str], s
     """One item of a list of dataclasses, or None after appending why it cannot be built."""
     required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING]
     if not isinstance(value, dict):
-        errors.append(f"{where(key)}: {key} is {value!r} ({type(value).__name__}); expected a mapping with "
-                      f"{', '.join(required)}")
+        errors.append(
+            f"{where(key)}: {key} is {value!r} ({type(value).__name__}); expected a mapping with {', '.join(required)}"
+        )
         return None
     problems = len(errors)
     missing = [name for name in required if name not in value]
@@ -737,12 +881,15 @@ def _read_utf8(path: Path) -> str:
     except UnicodeDecodeError as err:
         line = data.count(b"\n", 0, err.start) + 1
         column = err.start - (data.rfind(b"\n", 0, err.start) + 1) + 1
-        raise ConfigError(f"{path}:{line}: not valid UTF-8 (byte 0x{data[err.start]:02x} at column {column}); "
-                          "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+        raise ConfigError(
+            f"{path}:{line}: not valid UTF-8 (byte 0x{data[err.start]:02x} at column {column}); "
+            "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
 
 
-def load_params(path: str | Path = "params.yaml", override: str | Path | None = None,
-                sources_dir: str | Path | None = None) -> Params:
+def load_params(
+    path: str | Path = "params.yaml", override: str | Path | None = None, sources_dir: str | Path | None = None
+) -> Params:
     """Load params.yaml, optionally merge a partial override file (`--config my.yaml`), validate; with
     ``sources_dir``, also that every data.sources file is in that folder."""
     raw, lines = read_config_file(path)
@@ -752,8 +899,9 @@ def load_params(path: str | Path = "params.yaml", override: str | Path | None = 
         if not isinstance(extra, dict):
             raise ConfigError(f"{override}: expected a mapping like {{lora: {{r: 32}}}}")
         # keys set by the override file are reported against it
-        return params_from_dict(_deep_merge(raw, extra), f"{source} + {override}", {**lines, **extra_lines},
-                                sources_dir)
+        return params_from_dict(
+            _deep_merge(raw, extra), f"{source} + {override}", {**lines, **extra_lines}, sources_dir
+        )
     return params_from_dict(raw, source, lines, sources_dir)
 
 
@@ -765,11 +913,15 @@ def load_stage_params(path: str | Path, stage: str, override: str | Path | None 
     if not (isinstance(raw, dict) and "stage" in raw):
         return load_params(path, override).resolve()
     if override is not None:
-        raise ConfigError(f"{override}: --config applies to a whole params file; {path} is the params stage's "
-                          "output for one stage (give --params params.yaml to override values by hand)")
+        raise ConfigError(
+            f"{override}: --config applies to a whole params file; {path} is the params stage's "
+            "output for one stage (give --params params.yaml to override values by hand)"
+        )
     if raw["stage"] != stage:
-        raise ConfigError(f"{path}: holds the params of stage {raw['stage']!r}, not {stage!r}; give "
-                          f"metrics/params/{stage}.json (written by the params stage) or params.yaml")
+        raise ConfigError(
+            f"{path}: holds the params of stage {raw['stage']!r}, not {stage!r}; give "
+            f"metrics/params/{stage}.json (written by the params stage) or params.yaml"
+        )
     body = {key: value for key, value in raw.items() if key != "stage"}
     return params_from_dict(body, str(path), lines, sections=STAGE_SECTIONS[stage])
 

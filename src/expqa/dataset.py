@@ -23,8 +23,9 @@ class TemplateError(ValueError):
 
 
 def render(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                         **TEMPLATE_KWARGS)
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt, **TEMPLATE_KWARGS
+    )
 
 
 def assistant_char_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
@@ -41,8 +42,10 @@ def assistant_char_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tup
         prompt = render(tokenizer, messages[:i], add_generation_prompt=True)
         through = render(tokenizer, messages[: i + 1])
         if not (text.startswith(through) and through.startswith(prompt)):
-            raise TemplateError("the chat template does not render conversations prefix by prefix (turn "
-                                f"{i} changes earlier text), so assistant tokens cannot be located")
+            raise TemplateError(
+                "the chat template does not render conversations prefix by prefix (turn "
+                f"{i} changes earlier text), so assistant tokens cannot be located"
+            )
         spans.append((len(prompt), len(through)))
     return text, spans
 
@@ -87,5 +90,6 @@ def build_sft_dataset(path: str | Path, tokenizer, max_length: int):
     examples = [e for e in examples if any(label != IGNORE_INDEX for label in e["labels"])]
     if not examples:
         raise ValueError(f"{path}: no conversation has assistant tokens within max_seq_length={max_length}")
-    return Dataset.from_dict({"input_ids": [e["input_ids"] for e in examples],
-                              "labels": [e["labels"] for e in examples]})
+    return Dataset.from_dict(
+        {"input_ids": [e["input_ids"] for e in examples], "labels": [e["labels"] for e in examples]}
+    )

@@ -90,8 +90,16 @@ def torchrun_command(module: str, args: list[str], processes: int) -> list[str]:
     """torchrun on this machine running `python -m module args` in each worker; `--standalone` unless PET_*
     variables describe a job of several machines."""
     rendezvous = [] if multi_node_requested() else ["--standalone"]
-    return [sys.executable, "-m", "torch.distributed.run", *rendezvous, f"--nproc_per_node={processes}", "-m",
-            module, *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        *rendezvous,
+        f"--nproc_per_node={processes}",
+        "-m",
+        module,
+        *args,
+    ]
 
 
 def relaunch(module: str, args: list[str], processes: int, output: Path | None = None) -> int:
@@ -111,11 +119,18 @@ def relaunch(module: str, args: list[str], processes: int, output: Path | None =
     code, interrupted = _wait_forwarding_signals(launcher, forward)
     if interrupted and code == 0:  # the workers saved a checkpoint and stopped, and said so
         return 130
-    if code == 0 and output is not None and multi_node_requested() and os.environ.get("PET_NODE_RANK") == "0" \
-            and not output.exists():
-        print(f"error: {output} was not written on this machine: rank 0 ran on another one. Use torchrun's static "
-              "rendezvous (PET_NODE_RANK=0 here, 1, 2, ... on the others; README \"Several GPUs / several machines\")",
-              file=sys.stderr)
+    if (
+        code == 0
+        and output is not None
+        and multi_node_requested()
+        and os.environ.get("PET_NODE_RANK") == "0"
+        and not output.exists()
+    ):
+        print(
+            f"error: {output} was not written on this machine: rank 0 ran on another one. Use torchrun's static "
+            'rendezvous (PET_NODE_RANK=0 here, 1, 2, ... on the others; README "Several GPUs / several machines")',
+            file=sys.stderr,
+        )
         return 1
     return code
 
@@ -174,20 +189,27 @@ def agree_across_processes(fingerprint: dict, checkpoint):
 
     import torch.distributed as dist
 
-    mine = (hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest(),
-            None if checkpoint is None else checkpoint.name)
+    mine = (
+        hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest(),
+        None if checkpoint is None else checkpoint.name,
+    )
     found = [None] * world_size()
     dist.all_gather_object(found, mine)
     differ = [rank for rank, (inputs, _) in enumerate(found) if inputs != found[0][0]]
     if differ:
-        raise ValueError(f"ranks {differ} have other params, data or base weights than rank 0 (params.yaml, "
-                         "data/processed, models/base must be the same on every machine: dvc pull there)")
+        raise ValueError(
+            f"ranks {differ} have other params, data or base weights than rank 0 (params.yaml, "
+            "data/processed, models/base must be the same on every machine: dvc pull there)"
+        )
     if len({name for _, name in found}) == 1:
         return checkpoint
     if is_main_process():
-        print(f"train: not resuming: the processes found different checkpoints "
-              f"({sorted({str(name) for _, name in found})}); for a job on several machines put --checkpoints on a "
-              "filesystem they all share", flush=True)
+        print(
+            f"train: not resuming: the processes found different checkpoints "
+            f"({sorted({str(name) for _, name in found})}); for a job on several machines put --checkpoints on a "
+            "filesystem they all share",
+            flush=True,
+        )
     return None
 
 
@@ -200,8 +222,10 @@ def decoder_layer_classes(model) -> list[str]:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     names = list(getattr(base, "_no_split_modules", None) or [])
     if not names:
-        raise ValueError(f"train.distributed: fsdp needs the decoder layer class of {type(base).__name__} "
-                         "(`_no_split_modules` is empty); use train.distributed: ddp")
+        raise ValueError(
+            f"train.distributed: fsdp needs the decoder layer class of {type(base).__name__} "
+            "(`_no_split_modules` is empty); use train.distributed: ddp"
+        )
     return names
 
 
@@ -212,11 +236,18 @@ def fsdp_trainer_args(model, gradient_checkpointing) -> dict:
     activation_checkpointing = gradient_checkpointing not in (False, "off")
     if getattr(model, "is_gradient_checkpointing", False):
         model.gradient_checkpointing_disable()
-    return {"fsdp": True,
-            "fsdp_config": {"version": 2, "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-                            "transformer_layer_cls_to_wrap": decoder_layer_classes(model),
-                            "reshard_after_forward": True, "activation_checkpointing": activation_checkpointing,
-                            "state_dict_type": "FULL_STATE_DICT", "cpu_ram_efficient_loading": False}}
+    return {
+        "fsdp": True,
+        "fsdp_config": {
+            "version": 2,
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "transformer_layer_cls_to_wrap": decoder_layer_classes(model),
+            "reshard_after_forward": True,
+            "activation_checkpointing": activation_checkpointing,
+            "state_dict_type": "FULL_STATE_DICT",
+            "cpu_ram_efficient_loading": False,
+        },
+    }
 
 
 def set_fsdp_mixed_precision(training_args, bf16: bool) -> None:
@@ -229,7 +260,8 @@ def set_fsdp_mixed_precision(training_args, bf16: bool) -> None:
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     training_args.fsdp_plugin_args["mixed_precision_policy"] = MixedPrecisionPolicy(
-        param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        param_dtype=torch.bfloat16, reduce_dtype=torch.float32
+    )
 
 
 def enable_fsdp_on_cpu(trainer) -> None:
@@ -303,5 +335,7 @@ def fsdp_summary(model) -> str:
 
     held, total = sharded_weights(model)
     checkpointed = sum(isinstance(module, CheckpointWrapper) for module in model.modules())  # FSDPCheckpointWrapper
-    return (f"fsdp over {world_size()} processes: rank {os.environ.get('RANK', '0')} holds {held / 2**20:.1f} of "
-            f"{total / 2**20:.1f} MiB of weights; {checkpointed} decoder layers checkpointed by FSDP")
+    return (
+        f"fsdp over {world_size()} processes: rank {os.environ.get('RANK', '0')} holds {held / 2**20:.1f} of "
+        f"{total / 2**20:.1f} MiB of weights; {checkpointed} decoder layers checkpointed by FSDP"
+    )

@@ -37,7 +37,7 @@ from expqa.progress import progress
 
 def batches(items: list, size: int):
     for start in range(0, len(items), size):
-        yield items[start:start + size]
+        yield items[start : start + size]
 
 
 def pad_right(sequences: list[list[int]], value: int) -> torch.Tensor:
@@ -71,44 +71,62 @@ def sequence_logprobs(model, input_ids: list[list[int]], labels: list[list[int]]
     return list(zip(sums.tolist(), counts.tolist()))
 
 
-def score_examples(model, examples: list[dict], batch_size: int, desc: str = "score",
-                   position: int | None = None) -> list[tuple[float, int]]:
+def score_examples(
+    model, examples: list[dict], batch_size: int, desc: str = "score", position: int | None = None
+) -> list[tuple[float, int]]:
     """sequence_logprobs of every example, in batches of similar length (little padding), in input order.
     desc, position: the progress bar's (expqa.progress)."""
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
     scores: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
-    for batch in progress(batches(order, batch_size), desc=desc, total=-(-len(order) // batch_size), unit="batch",
-                          position=position):
-        results = sequence_logprobs(model, [examples[i]["input_ids"] for i in batch],
-                                    [examples[i]["labels"] for i in batch])
+    for batch in progress(
+        batches(order, batch_size), desc=desc, total=-(-len(order) // batch_size), unit="batch", position=position
+    ):
+        results = sequence_logprobs(
+            model, [examples[i]["input_ids"] for i in batch], [examples[i]["labels"] for i in batch]
+        )
         for index, result in zip(batch, results):
             scores[index] = result
     return scores
 
 
-def perplexity(model, tokenizer, conversations: list[list[dict]], max_length: int, batch_size: int,
-               label: str = "evaluate", position: int | None = None) -> dict:
+def perplexity(
+    model,
+    tokenizer,
+    conversations: list[list[dict]],
+    max_length: int,
+    batch_size: int,
+    label: str = "evaluate",
+    position: int | None = None,
+) -> dict:
     """exp(mean negative log-likelihood per assistant token) over all conversations, and each conversation's
     (sum of log-probabilities, assistant tokens) for the bootstrap."""
     examples = [tokenize_conversation(tokenizer, messages, max_length) for messages in conversations]
     scores = score_examples(model, examples, batch_size, f"{label}: perplexity", position)
     total_logprob, total_tokens = sum(s for s, _ in scores), sum(c for _, c in scores)
     if total_tokens == 0:
-        raise ValueError(f"no assistant tokens left within max_length={max_length} (train.max_seq_length) in the "
-                         "evaluated conversations; raise train.max_seq_length or eval.max_examples")
-    return {"perplexity": math.exp(-total_logprob / total_tokens), "assistant_tokens": total_tokens,
-            "per_conversation": scores}
+        raise ValueError(
+            f"no assistant tokens left within max_length={max_length} (train.max_seq_length) in the "
+            "evaluated conversations; raise train.max_seq_length or eval.max_examples"
+        )
+    return {
+        "perplexity": math.exp(-total_logprob / total_tokens),
+        "assistant_tokens": total_tokens,
+        "per_conversation": scores,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # critical questions
 
+
 def option_example(tokenizer, question: str, option: str) -> dict:
     """Token ids of prompt + option, with labels on the option's tokens only (no end-of-turn token)."""
     prompt = render(tokenizer, [{"role": "user", "content": question}], add_generation_prompt=True)
     encoded = tokenizer(prompt + option, add_special_tokens=False, return_offsets_mapping=True)
-    labels = [token if start >= len(prompt) else IGNORE_INDEX
-              for token, (start, _) in zip(encoded["input_ids"], encoded["offset_mapping"])]
+    labels = [
+        token if start >= len(prompt) else IGNORE_INDEX
+        for token, (start, _) in zip(encoded["input_ids"], encoded["offset_mapping"])
+    ]
     return {"input_ids": encoded["input_ids"], "labels": labels}
 
 
@@ -124,27 +142,35 @@ def choose_calibrated(scores: list[tuple[float, int]], unconditional: list[float
     return max(range(len(gains)), key=lambda i: (gains[i], -i))
 
 
-def critical_questions_accuracy(model, tokenizer, questions: list[dict], batch_size: int, label: str = "evaluate",
-                                position: int | None = None) -> dict:
+def critical_questions_accuracy(
+    model, tokenizer, questions: list[dict], batch_size: int, label: str = "evaluate", position: int | None = None
+) -> dict:
     """Every option of every question scored in length-sorted batches (not one question at a time), with the
     question and, once per distinct option text, after an empty user turn; both scorings."""
     examples = [option_example(tokenizer, q["question"], option) for q in questions for option in q["options"]]
     distinct = sorted({option for q in questions for option in q["options"]})
-    priors = score_examples(model, [option_example(tokenizer, "", option) for option in distinct], batch_size,
-                            f"{label}: options alone", position)
+    priors = score_examples(
+        model,
+        [option_example(tokenizer, "", option) for option in distinct],
+        batch_size,
+        f"{label}: options alone",
+        position,
+    )
     prior = {option: logprob for option, (logprob, _) in zip(distinct, priors)}
     scores = score_examples(model, examples, batch_size, f"{label}: critical questions", position)
     per_question, start = [], 0
     for q in questions:
-        own = scores[start:start + len(q["options"])]
+        own = scores[start : start + len(q["options"])]
         start += len(q["options"])
         chosen, calibrated = choose_option(own), choose_calibrated(own, [prior[o] for o in q["options"]])
-        per_question.append({"id": q["id"], "chosen": chosen, "chosen_calibrated": calibrated,
-                             "answer": q["answer"]})
+        per_question.append({"id": q["id"], "chosen": chosen, "chosen_calibrated": calibrated, "answer": q["answer"]})
     n = len(questions)
-    return {"accuracy": sum(q["chosen"] == q["answer"] for q in per_question) / n,
-            "accuracy_calibrated": sum(q["chosen_calibrated"] == q["answer"] for q in per_question) / n,
-            "questions": n, "per_question": per_question}
+    return {
+        "accuracy": sum(q["chosen"] == q["answer"] for q in per_question) / n,
+        "accuracy_calibrated": sum(q["chosen_calibrated"] == q["answer"] for q in per_question) / n,
+        "questions": n,
+        "per_question": per_question,
+    }
 
 
 def load_questions(path: str | Path) -> list[dict]:
@@ -153,10 +179,15 @@ def load_questions(path: str | Path) -> list[dict]:
         if not line.strip():
             continue
         q = json.loads(line)
-        if not (isinstance(q.get("options"), list) and len(q["options"]) >= 2
-                and isinstance(q.get("answer"), int) and 0 <= q["answer"] < len(q["options"])):
-            raise ValueError(f"{path}:{line_number}: needs 'question', 'options' (>= 2) and 'answer' (an index "
-                             "into options)")
+        if not (
+            isinstance(q.get("options"), list)
+            and len(q["options"]) >= 2
+            and isinstance(q.get("answer"), int)
+            and 0 <= q["answer"] < len(q["options"])
+        ):
+            raise ValueError(
+                f"{path}:{line_number}: needs 'question', 'options' (>= 2) and 'answer' (an index into options)"
+            )
         questions.append(q)
     return questions
 
@@ -164,30 +195,54 @@ def load_questions(path: str | Path) -> list[dict]:
 # ---------------------------------------------------------------------------------------------------------------
 # generation: ROUGE and stop rate
 
+
 @torch.no_grad()
-def generate_answers(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int,
-                     label: str = "evaluate", position: int | None = None) -> list[dict]:
+def generate_answers(
+    model,
+    tokenizer,
+    prompts: list[list[dict]],
+    max_new_tokens: int,
+    batch_size: int,
+    label: str = "evaluate",
+    position: int | None = None,
+) -> list[dict]:
     """Greedy answers, left-padded batches; records whether each ended with an end-of-turn token."""
     eos_ids = end_of_turn_ids(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-    encoded_all = [tokenizer(render(tokenizer, m, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
-                   for m in prompts]
+    encoded_all = [
+        tokenizer(render(tokenizer, m, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+        for m in prompts
+    ]
     # batch prompts of similar length together: left padding to a long neighbour costs a full prefill
     order = sorted(range(len(prompts)), key=lambda i: len(encoded_all[i]))
     results: list[dict] = [{}] * len(prompts)
-    for batch_indices in progress(batches(order, batch_size), desc=f"{label}: generate", unit="batch",
-                                  total=-(-len(order) // batch_size), position=position):
+    for batch_indices in progress(
+        batches(order, batch_size),
+        desc=f"{label}: generate",
+        unit="batch",
+        total=-(-len(order) // batch_size),
+        position=position,
+    ):
         encoded = [encoded_all[i] for i in batch_indices]
         width = max(len(e) for e in encoded)
         ids = torch.tensor([[pad_id] * (width - len(e)) + e for e in encoded], device=model.device)
         mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=model.device)
-        output = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
-                                eos_token_id=eos_ids, pad_token_id=pad_id)[:, width:].tolist()
+        output = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            eos_token_id=eos_ids,
+            pad_token_id=pad_id,
+        )[:, width:].tolist()
         for index, tokens in zip(batch_indices, output):
             stop_at = next((i for i, t in enumerate(tokens) if t in eos_ids), None)
             answer = tokens if stop_at is None else tokens[:stop_at]
-            results[index] = {"answer": tokenizer.decode(answer, skip_special_tokens=True).strip(),
-                              "stopped": stop_at is not None, "new_tokens": len(answer)}
+            results[index] = {
+                "answer": tokenizer.decode(answer, skip_special_tokens=True).strip(),
+                "stopped": stop_at is not None,
+                "new_tokens": len(answer),
+            }
     return results
 
 
@@ -198,9 +253,18 @@ def rouge_scores(predictions: list[str], references: list[str]) -> list[dict]:
     return [{k: v.fmeasure for k, v in scorer.score(ref, pred).items()} for pred, ref in zip(predictions, references)]
 
 
-def evaluate_model(model, tokenizer, test_rows: list[dict], questions: list[dict], *, max_length: int,
-                   max_new_tokens: int, batch_size: int, label: str = "evaluate",
-                   position: int | None = None) -> tuple[dict, list[dict]]:
+def evaluate_model(
+    model,
+    tokenizer,
+    test_rows: list[dict],
+    questions: list[dict],
+    *,
+    max_length: int,
+    max_new_tokens: int,
+    batch_size: int,
+    label: str = "evaluate",
+    position: int | None = None,
+) -> tuple[dict, list[dict]]:
     """All metrics for one model; returns (summary, per-item rows: test conversations, then questions).
 
     The per-item rows carry what compare_models needs (log-probability and tokens, ROUGE, stopped, chosen options).
@@ -222,19 +286,26 @@ def evaluate_model(model, tokenizer, test_rows: list[dict], questions: list[dict
     summary["critical_questions_accuracy"] = mc["accuracy"]
     summary["critical_questions_accuracy_calibrated"] = mc["accuracy_calibrated"]
     new_tokens = sum(g["new_tokens"] for g in generations)
-    print(f"evaluate: {model.device.type}, batch {batch_size}: perplexity {scored - started:.1f} s; generation "
-          f"{new_tokens} tokens in {generated - scored:.1f} s ({new_tokens / max(generated - scored, 1e-9):.0f} "
-          f"tokens/s); {len(questions)} questions x options scored in {time.perf_counter() - generated:.1f} s",
-          flush=True)
-    examples = [{"id": row["id"], **g, **r, "logprob": lp, "tokens": n}
-                for row, g, r, (lp, n) in zip(test_rows, generations, rouge, ppl["per_conversation"])]
-    examples += [{"id": q["id"], "chosen": q["chosen"], "chosen_calibrated": q["chosen_calibrated"],
-                  "answer_index": q["answer"]} for q in mc["per_question"]]
+    print(
+        f"evaluate: {model.device.type}, batch {batch_size}: perplexity {scored - started:.1f} s; generation "
+        f"{new_tokens} tokens in {generated - scored:.1f} s ({new_tokens / max(generated - scored, 1e-9):.0f} "
+        f"tokens/s); {len(questions)} questions x options scored in {time.perf_counter() - generated:.1f} s",
+        flush=True,
+    )
+    examples = [
+        {"id": row["id"], **g, **r, "logprob": lp, "tokens": n}
+        for row, g, r, (lp, n) in zip(test_rows, generations, rouge, ppl["per_conversation"])
+    ]
+    examples += [
+        {"id": q["id"], "chosen": q["chosen"], "chosen_calibrated": q["chosen_calibrated"], "answer_index": q["answer"]}
+        for q in mc["per_question"]
+    ]
     return summary, examples
 
 
-def _evaluate_path(model_dir: str, test_rows: list[dict], questions: list[dict], threads: int,
-                   options: dict) -> tuple[dict, list[dict]]:
+def _evaluate_path(
+    model_dir: str, test_rows: list[dict], questions: list[dict], threads: int, options: dict
+) -> tuple[dict, list[dict]]:
     from expqa.model import load_for_inference
 
     if threads:
@@ -243,8 +314,9 @@ def _evaluate_path(model_dir: str, test_rows: list[dict], questions: list[dict],
     return evaluate_model(model, tokenizer, test_rows, questions, **options)
 
 
-def evaluate_models(models: dict[str, str | Path], test_rows: list[dict], questions: list[dict], config: EvalConfig,
-                    *, max_length: int) -> dict[str, tuple[dict, list[dict]]]:
+def evaluate_models(
+    models: dict[str, str | Path], test_rows: list[dict], questions: list[dict], config: EvalConfig, *, max_length: int
+) -> dict[str, tuple[dict, list[dict]]]:
     """evaluate_model for each named model directory: one after the other in this process, or with
     eval.num_processes > 1 side by side in that many processes (spawned) of eval.num_threads torch threads each
     (0 = torch's default). max_length: train.max_seq_length, the length the model was trained on.
@@ -255,9 +327,16 @@ def evaluate_models(models: dict[str, str | Path], test_rows: list[dict], questi
     processes = config.num_processes
     options = dict(max_length=max_length, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
     # side by side, each process draws its bars on its own terminal line
-    args = {name: (str(path), test_rows, questions, config.num_threads,
-                   {**options, "label": f"evaluate {name}", "position": index if processes > 1 else None})
-            for index, (name, path) in enumerate(models.items())}
+    args = {
+        name: (
+            str(path),
+            test_rows,
+            questions,
+            config.num_threads,
+            {**options, "label": f"evaluate {name}", "position": index if processes > 1 else None},
+        )
+        for index, (name, path) in enumerate(models.items())
+    }
     if processes <= 1:
         return {name: _evaluate_path(*a) for name, a in args.items()}
     import multiprocessing
@@ -271,6 +350,7 @@ def evaluate_models(models: dict[str, str | Path], test_rows: list[dict], questi
 # ---------------------------------------------------------------------------------------------------------------
 # the report: base vs tuned with intervals and paired tests
 
+
 def taught_question_ids(questions: list[dict], train_ids: list[str]) -> set[str]:
     """Questions with at least one `taught_by` conversation in the train split (weighted copies `id#w2` = `id`)."""
     trained = {row_id.split("#", 1)[0] for row_id in train_ids}
@@ -283,8 +363,14 @@ def compare_models(base: list[dict], tuned: list[dict], taught: set[str], *, sam
     Per metric: base, tuned, delta (tuned - base), 95 % intervals of each and of the delta, a paired test (see
     expqa.significance); critical questions per scoring, all / taught / not taught.
     """
-    from expqa.significance import (bootstrap_indices, compare_per_item, compare_proportions, mean_statistic,
-                                    percentile_interval, pooled_perplexity)
+    from expqa.significance import (
+        bootstrap_indices,
+        compare_per_item,
+        compare_proportions,
+        mean_statistic,
+        percentile_interval,
+        pooled_perplexity,
+    )
 
     conv_b, conv_t = [r for r in base if "logprob" in r], [r for r in tuned if "logprob" in r]
     indices = bootstrap_indices(len(conv_b), samples, seed)
@@ -292,18 +378,21 @@ def compare_models(base: list[dict], tuned: list[dict], taught: set[str], *, sam
     lp_b = np.array([[r["logprob"], r["tokens"]] for r in conv_b])
     lp_t = np.array([[r["logprob"], r["tokens"]] for r in conv_t])
     # the sign test compares each conversation's mean log-probability per assistant token (higher = better)
-    report["perplexity"] = compare_per_item(lp_b, lp_t, pooled_perplexity,
-                                            [t[0] / max(t[1], 1) - b[0] / max(b[1], 1) for b, t in zip(lp_b, lp_t)],
-                                            indices)
+    report["perplexity"] = compare_per_item(
+        lp_b, lp_t, pooled_perplexity, [t[0] / max(t[1], 1) - b[0] / max(b[1], 1) for b, t in zip(lp_b, lp_t)], indices
+    )
     relative = pooled_perplexity(lp_t[indices]) / pooled_perplexity(lp_b[indices]) - 1  # paired bootstrap
     lo, hi = percentile_interval(relative)
-    report["perplexity"].update(assistant_tokens=int(lp_b[:, 1].sum()), relative_delta=report["perplexity"]["tuned"]
-                                / report["perplexity"]["base"] - 1, relative_delta_ci95_lo=lo, relative_delta_ci95_hi=hi)
+    report["perplexity"].update(
+        assistant_tokens=int(lp_b[:, 1].sum()),
+        relative_delta=report["perplexity"]["tuned"] / report["perplexity"]["base"] - 1,
+        relative_delta_ci95_lo=lo,
+        relative_delta_ci95_hi=hi,
+    )
     for key in ("rouge1", "rouge2", "rougeL"):
         values_b, values_t = np.array([r[key] for r in conv_b]), np.array([r[key] for r in conv_t])
         report[key] = compare_per_item(values_b, values_t, mean_statistic, list(values_t - values_b), indices)
-    report["stop_rate"] = compare_proportions([r["stopped"] for r in conv_b], [r["stopped"] for r in conv_t],
-                                              indices)
+    report["stop_rate"] = compare_proportions([r["stopped"] for r in conv_b], [r["stopped"] for r in conv_t], indices)
     q_b, q_t = [r for r in base if "answer_index" in r], [r for r in tuned if "answer_index" in r]
     critical = {"questions": len(q_b), "taught": sum(r["id"] in taught for r in q_b)}
     subsets = {"": lambda r: True, "_taught": lambda r: r["id"] in taught, "_untaught": lambda r: r["id"] not in taught}
@@ -313,9 +402,11 @@ def compare_models(base: list[dict], tuned: list[dict], taught: set[str], *, sam
             if not pairs:
                 continue
             q_indices = bootstrap_indices(len(pairs), samples, seed)
-            critical[scoring + suffix] = compare_proportions([b[field] == b["answer_index"] for b, _ in pairs],
-                                                             [t[field] == t["answer_index"] for _, t in pairs],
-                                                             q_indices)
+            critical[scoring + suffix] = compare_proportions(
+                [b[field] == b["answer_index"] for b, _ in pairs],
+                [t[field] == t["answer_index"] for _, t in pairs],
+                q_indices,
+            )
     report["critical_questions"] = critical
     return report
 
@@ -323,8 +414,10 @@ def compare_models(base: list[dict], tuned: list[dict], taught: set[str], *, sam
 # ---------------------------------------------------------------------------------------------------------------
 # the stage function and its outputs
 
-def evaluate_base_vs_tuned(base: Path, tuned: Path, test: Path, train: Path, config: EvalConfig, *, seed: int,
-                           max_length: int) -> tuple[dict, dict]:
+
+def evaluate_base_vs_tuned(
+    base: Path, tuned: Path, test: Path, train: Path, config: EvalConfig, *, seed: int, max_length: int
+) -> tuple[dict, dict]:
     """Both models on the test split (at most eval.max_examples conversations) and eval.critical_questions, each
     question marked taught when the train split holds one of its conversations; compared with eval.bootstrap_samples
     resamples seeded with base.seed. Returns (report: metrics/eval.json, {"base": rows, "tuned": rows}).
@@ -335,7 +428,7 @@ def evaluate_base_vs_tuned(base: Path, tuned: Path, test: Path, train: Path, con
     test_rows = load_chatml_dataset(test)
     taught = taught_question_ids(questions, [row["id"] for row in load_chatml_dataset(train)])
     if config.max_examples:
-        test_rows = test_rows[:config.max_examples]  # test.jsonl is in hash order: a fixed sample
+        test_rows = test_rows[: config.max_examples]  # test.jsonl is in hash order: a fixed sample
     results = evaluate_models({"base": base, "tuned": tuned}, test_rows, questions, config, max_length=max_length)
     examples = {name: rows for name, (_, rows) in results.items()}
     report = compare_models(examples["base"], examples["tuned"], taught, samples=config.bootstrap_samples, seed=seed)
@@ -350,17 +443,32 @@ def write_eval_outputs(report: dict, examples: dict, *, out: Path, examples_path
         path.parent.mkdir(parents=True, exist_ok=True)
     with open(examples_path, "w", encoding="utf-8") as handle:
         for base_row, tuned_row in zip(examples["base"], examples["tuned"]):
-            handle.write(json.dumps({"id": base_row["id"], "base": base_row, "tuned": tuned_row},
-                                    ensure_ascii=False, sort_keys=True) + "\n")
-    plot.write_text("id,base,tuned\n" + "".join(
-        f"{b['id']},{b['rougeL']:.4f},{t['rougeL']:.4f}\n"
-        for b, t in zip(examples["base"], examples["tuned"]) if "rougeL" in b))
+            handle.write(
+                json.dumps(
+                    {"id": base_row["id"], "base": base_row, "tuned": tuned_row}, ensure_ascii=False, sort_keys=True
+                )
+                + "\n"
+            )
+    plot.write_text(
+        "id,base,tuned\n"
+        + "".join(
+            f"{b['id']},{b['rougeL']:.4f},{t['rougeL']:.4f}\n"
+            for b, t in zip(examples["base"], examples["tuned"])
+            if "rougeL" in b
+        )
+    )
 
 
 def eval_summary(report: dict) -> str:
     """One line: each headline metric base -> tuned with its paired test's p-value."""
     critical = report["critical_questions"]
-    return "evaluate: " + ", ".join(f"{k} {v['base']:.3f} -> {v['tuned']:.3f} (p {v['p_value']:.3g})" for k, v in (
-        ("perplexity", report["perplexity"]), ("rougeL", report["rougeL"]), ("stop_rate", report["stop_rate"]),
-        ("critical questions (length_norm)", critical["length_norm"]),
-        ("critical questions (calibrated)", critical["calibrated"])))
+    return "evaluate: " + ", ".join(
+        f"{k} {v['base']:.3f} -> {v['tuned']:.3f} (p {v['p_value']:.3g})"
+        for k, v in (
+            ("perplexity", report["perplexity"]),
+            ("rougeL", report["rougeL"]),
+            ("stop_rate", report["stop_rate"]),
+            ("critical questions (length_norm)", critical["length_norm"]),
+            ("critical questions (calibrated)", critical["calibrated"]),
+        )
+    )

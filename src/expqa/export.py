@@ -10,8 +10,9 @@ Verification reloads every file with transformers' GGUF loader and compares it w
 prompts, teacher-forced over the merged model's own greedy continuation (expqa.merge.compare): max |logit diff|
 within a per-type tolerance, greedy tokens equal except at near-ties, the same architecture numbers. The tokenizer
 (token ids of probe texts, chat template rendering) is read back from the first file only: every file gets the same
-tokenizer metadata from the same code, and rebuilding a 49k-token BPE tokenizer from GGUF takes seconds per file. transformers un-permutes q/k with the exact inverse of
-llama.cpp's permutation, so the round trip proves the permutation is that one, not that llama.cpp computes the same
+tokenizer metadata from the same code, and rebuilding a 49k-token BPE tokenizer from GGUF takes seconds per file.
+transformers un-permutes q/k with the exact inverse of llama.cpp's permutation, so the round trip proves the
+permutation is that one, not that llama.cpp computes the same
 logits: tests/test_export.py checks that with a llama.cpp runtime wheel (xllamacpp).
 """
 
@@ -30,8 +31,14 @@ import torch
 from expqa.config import ExportConfig
 from expqa.dataset import end_of_turn_ids, render
 from expqa.files import atomic_dir, split_wall_clock, write_json
-from expqa.merge import (VERIFY_NEW_TOKENS, VERIFY_PROMPTS, compare, encode_prompts, reference_continuations,
-                         sequence_logits)
+from expqa.merge import (
+    VERIFY_NEW_TOKENS,
+    VERIFY_PROMPTS,
+    compare,
+    encode_prompts,
+    reference_continuations,
+    sequence_logits,
+)
 from expqa.ollama import adds_bos, modelfile
 from expqa.progress import progress
 
@@ -52,11 +59,16 @@ LOGIT_TOLERANCE = {"f32": 1e-3, "f16": 0.1, "bf16": 0.5, "q8_0": 3.0}
 # SmolLM2-135M; a wrong tensor layout flips at margins of several logits.
 NEAR_TIE = 0.5
 # the Split regex of Llama 3's tokenizer.json (tiktoken's cl100k pattern); llama.cpp calls it "llama-bpe"
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 # text whose tokens differ between pre-tokenizers (digit runs, contractions, whitespace runs, non-Latin, emoji)
-TOKENIZER_PROBE = ("Is 12345 > 3.14? I've been 'told' it's 2x faster...\n\n\t  \n   CUPED: θ = cov(Y, X)/var(X); "
-                   "p=0.049 我想在apple工作 🦙🦙 naïve café ------======= """)
+TOKENIZER_PROBE = (
+    "Is 12345 > 3.14? I've been 'told' it's 2x faster...\n\n\t  \n   CUPED: θ = cov(Y, X)/var(X); "
+    "p=0.049 我想在apple工作 🦙🦙 naïve café ------======= "
+    ""
+)
 
 
 class ExportError(RuntimeError):
@@ -70,6 +82,7 @@ class ExportError(RuntimeError):
 # ---------------------------------------------------------------------------------------------------------------
 # architecture and tokenizer metadata
 
+
 def rope_parameters(config) -> dict:
     return dict(getattr(config, "rope_parameters", None) or {})
 
@@ -80,8 +93,10 @@ def head_dim(config) -> int:
 
 def check_exportable(config, tokenizer) -> None:
     if config.model_type != "llama":
-        raise ExportError(f"model_type {config.model_type!r}: the exporter writes Llama-architecture models only "
-                          "(LlamaForCausalLM: SmolLM2, Llama 3.x)")
+        raise ExportError(
+            f"model_type {config.model_type!r}: the exporter writes Llama-architecture models only "
+            "(LlamaForCausalLM: SmolLM2, Llama 3.x)"
+        )
     rope_type = rope_parameters(config).get("rope_type", "default")
     if rope_type not in ("default", "linear", "llama3"):
         raise ExportError(f"rope_type {rope_type!r} is not supported by the exporter (default, linear, llama3)")
@@ -98,18 +113,26 @@ def pre_tokenizer_name(tokenizer_json: dict) -> str:
     """
     model, decoder = tokenizer_json.get("model") or {}, tokenizer_json.get("decoder") or {}
     if model.get("type") != "BPE" or model.get("byte_fallback") or decoder.get("type") != "ByteLevel":
-        raise ExportError("the exporter writes byte-level BPE tokenizers (GPT-2 / Llama 3 style) only; this one is "
-                          f"{model.get('type')} with a {decoder.get('type')} decoder")
+        raise ExportError(
+            "the exporter writes byte-level BPE tokenizers (GPT-2 / Llama 3 style) only; this one is "
+            f"{model.get('type')} with a {decoder.get('type')} decoder"
+        )
     pre = tokenizer_json.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
     kinds = [step.get("type") for step in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True) and not steps[0].get("add_prefix_space"):
         return "gpt-2"
-    if kinds == ["Split", "ByteLevel"] and steps[0].get("pattern", {}).get("Regex") == LLAMA3_SPLIT \
-            and steps[0].get("behavior") == "Isolated" and not steps[1].get("use_regex", True):
+    if (
+        kinds == ["Split", "ByteLevel"]
+        and steps[0].get("pattern", {}).get("Regex") == LLAMA3_SPLIT
+        and steps[0].get("behavior") == "Isolated"
+        and not steps[1].get("use_regex", True)
+    ):
         return "llama-bpe"
-    raise ExportError(f"pre-tokenizer {json.dumps(pre)[:200]} is not one the exporter knows (GPT-2's byte-level "
-                      "regex, Llama 3's split); llama.cpp would split text differently from training")
+    raise ExportError(
+        f"pre-tokenizer {json.dumps(pre)[:200]} is not one the exporter knows (GPT-2's byte-level "
+        "regex, Llama 3's split); llama.cpp would split text differently from training"
+    )
 
 
 def token_list(tokenizer, vocab_size: int) -> tuple[list[str], list[int]]:
@@ -172,11 +195,15 @@ def add_metadata(writer: gguf.GGUFWriter, config, tokenizer, model_dir: Path, gg
 # ---------------------------------------------------------------------------------------------------------------
 # tensors
 
+
 def permute_qk(weight: np.ndarray, n_head: int) -> np.ndarray:
     """Rows of a q/k projection from HF's rotate-half rope layout to llama.cpp's adjacent pairs (the permutation of
     llama.cpp's converter; transformers' GGUF loader applies its inverse)."""
-    return weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:]).swapaxes(1, 2) \
+    return (
+        weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:])
+        .swapaxes(1, 2)
         .reshape(weight.shape)
+    )
 
 
 def llama3_rope_factors(config) -> np.ndarray:
@@ -197,8 +224,9 @@ def tensor_plan(model_dir: Path, config, weight_type: gguf.GGMLQuantizationType)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     plan = []
     if rope_parameters(config).get("rope_type") == "llama3":
-        plan.append((gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", None, None,
-                     (head_dim(config) // 2,), Q.F32))
+        plan.append(
+            (gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", None, None, (head_dim(config) // 2,), Q.F32)
+        )
     for path in sorted(model_dir.glob("*.safetensors")):
         with safe_open(path, "pt") as handle:
             for hf_name in handle.keys():
@@ -258,15 +286,29 @@ def write_gguf(model_dir: str | Path, out_path: str | Path, gguf_type: str, name
 # ---------------------------------------------------------------------------------------------------------------
 # verification
 
-CONFIG_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-               "vocab_size", "max_position_embeddings", "tie_word_embeddings")
+CONFIG_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "vocab_size",
+    "max_position_embeddings",
+    "tie_word_embeddings",
+)
 
 
 def probe_conversations() -> list[list[dict]]:
     user = {"role": "user", "content": "What is a p-value?"}
-    return [[user], [{"role": "system", "content": "You are a careful statistician."}, user],
-            [user, {"role": "assistant", "content": "The probability of data at least this extreme under H0."},
-             {"role": "user", "content": "And a 95% CI?"}]]
+    return [
+        [user],
+        [{"role": "system", "content": "You are a careful statistician."}, user],
+        [
+            user,
+            {"role": "assistant", "content": "The probability of data at least this extreme under H0."},
+            {"role": "user", "content": "And a 95% CI?"},
+        ],
+    ]
 
 
 def tokenizer_matches(path: Path, tokenizer) -> dict:
@@ -275,19 +317,26 @@ def tokenizer_matches(path: Path, tokenizer) -> dict:
 
     loaded = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     texts = [TOKENIZER_PROBE] + [render(tokenizer, c, add_generation_prompt=True) for c in probe_conversations()]
-    ids = all(loaded(t, add_special_tokens=False)["input_ids"] == tokenizer(t, add_special_tokens=False)["input_ids"]
-              for t in texts)
-    template = all(render(loaded, c, add_generation_prompt=g) == render(tokenizer, c, add_generation_prompt=g)
-                   for c in probe_conversations() for g in (False, True))
+    ids = all(
+        loaded(t, add_special_tokens=False)["input_ids"] == tokenizer(t, add_special_tokens=False)["input_ids"]
+        for t in texts
+    )
+    template = all(
+        render(loaded, c, add_generation_prompt=g) == render(tokenizer, c, add_generation_prompt=g)
+        for c in probe_conversations()
+        for g in (False, True)
+    )
     return {"token_ids_equal": ids, "chat_template_equal": template}
 
 
 def architecture_matches(loaded, config) -> bool:
     """transformers' reading of the GGUF metadata gives the merged model's numbers."""
-    return bool(all(getattr(loaded, k) == getattr(config, k) for k in CONFIG_KEYS)
-                and head_dim(loaded) == head_dim(config)
-                and np.isclose(loaded.rms_norm_eps, config.rms_norm_eps, rtol=1e-6)
-                and rope_parameters(loaded).get("rope_theta") == rope_parameters(config).get("rope_theta", 10000.0))
+    return bool(
+        all(getattr(loaded, k) == getattr(config, k) for k in CONFIG_KEYS)
+        and head_dim(loaded) == head_dim(config)
+        and np.isclose(loaded.rms_norm_eps, config.rms_norm_eps, rtol=1e-6)
+        and rope_parameters(loaded).get("rope_theta") == rope_parameters(config).get("rope_theta", 10000.0)
+    )
 
 
 @contextlib.contextmanager
@@ -311,12 +360,20 @@ def quick_gguf_loading():
         gguf.get_tensor_name_map, gguf.GGUFReader = name_map, reader
 
 
-def verify_gguf(path: Path, config, sequences: list[torch.Tensor], prompt_lengths: list[int],
-                reference: list[torch.Tensor], tolerance: float, device: str) -> dict:
+def verify_gguf(
+    path: Path,
+    config,
+    sequences: list[torch.Tensor],
+    prompt_lengths: list[int],
+    reference: list[torch.Tensor],
+    tolerance: float,
+    device: str,
+) -> dict:
     from transformers import AutoModelForCausalLM, GgufConfig
 
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32,
-                                                 quantization_config=GgufConfig(dequantize=True)).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
+    ).eval()
     architecture_equal = architecture_matches(model.config, config)
     if rope_parameters(model.config).get("rope_type") != rope_parameters(config).get("rope_type"):
         # transformers' GGUF reader drops Llama 3 rope scaling (llama.cpp reads it from rope_freqs): same weights,
@@ -333,6 +390,7 @@ def verify_gguf(path: Path, config, sequences: list[torch.Tensor], prompt_length
 
 # ---------------------------------------------------------------------------------------------------------------
 # the stage function
+
 
 def export_gguf(model_dir: str | Path, out_dir: str | Path, config: ExportConfig) -> dict:
     """Write models/gguf/<name>-<type>.gguf for each of export.types plus an Ollama Modelfile (FROM the
@@ -363,19 +421,32 @@ def export_gguf(model_dir: str | Path, out_dir: str | Path, config: ExportConfig
             with quick_gguf_loading():
                 if "tokenizer" not in report:
                     report["tokenizer"] = tokenizer_matches(path, tokenizer)
-                result = verify_gguf(path, model_config, sequences, [p.shape[1] for p in prompts], reference,
-                                     LOGIT_TOLERANCE[gguf_type], device)
-            report["types"][gguf_type] = {"file": path.name, "bytes": path.stat().st_size,
-                                          "write_seconds": round(written - start, 1),
-                                          "verify_seconds": round(time.perf_counter() - written, 1), **result}
+                result = verify_gguf(
+                    path,
+                    model_config,
+                    sequences,
+                    [p.shape[1] for p in prompts],
+                    reference,
+                    LOGIT_TOLERANCE[gguf_type],
+                    device,
+                )
+            report["types"][gguf_type] = {
+                "file": path.name,
+                "bytes": path.stat().st_size,
+                "write_seconds": round(written - start, 1),
+                "verify_seconds": round(time.perf_counter() - written, 1),
+                **result,
+            }
         (tmp / "Modelfile").write_text(modelfile(tokenizer, f"{config.name}-{config.ollama_type}.gguf"))
         report["passed"] = all(r["passed"] for r in report["types"].values()) and all(report["tokenizer"].values())
         report["seconds"] = round(time.perf_counter() - started, 1)
         if not report["passed"]:
-            failed = [t for t, r in report["types"].items() if not r["passed"]] + \
-                [k for k, ok in report["tokenizer"].items() if not ok]
-            raise ExportError(f"GGUF export does not match the merged model for {', '.join(failed)}; "
-                              f"{out_dir} not written", report)
+            failed = [t for t, r in report["types"].items() if not r["passed"]] + [
+                k for k, ok in report["tokenizer"].items() if not ok
+            ]
+            raise ExportError(
+                f"GGUF export does not match the merged model for {', '.join(failed)}; {out_dir} not written", report
+            )
     return report
 
 
@@ -389,7 +460,10 @@ def write_export_report(report: dict, path: Path, timings: Path) -> None:
 
 def export_summary(report: dict, out_dir: Path) -> list[str]:
     """One line per GGUF file (size, logit difference, greedy agreement), then the Modelfile and the total time."""
-    lines = [f"export: {out_dir / r['file']} {r['bytes'] / 2**20:.0f} MiB, max |logit diff| "
-             f"{r['max_abs_logit_diff']:.3g} (tolerance {r['tolerance']}), greedy equal: {r['greedy_equal']} "
-             f"({r['greedy_flips']} near-tie flips in {r['greedy_steps']} steps)" for r in report["types"].values()]
+    lines = [
+        f"export: {out_dir / r['file']} {r['bytes'] / 2**20:.0f} MiB, max |logit diff| "
+        f"{r['max_abs_logit_diff']:.3g} (tolerance {r['tolerance']}), greedy equal: {r['greedy_equal']} "
+        f"({r['greedy_flips']} near-tie flips in {r['greedy_steps']} steps)"
+        for r in report["types"].values()
+    ]
     return lines + [f"export: {out_dir / 'Modelfile'} (Ollama), {report['seconds']:.0f} s"]

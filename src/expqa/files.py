@@ -35,8 +35,9 @@ def atomic_dir(out_dir: Path, *, carry_over: Callable[[str], bool] | None = None
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
-        raise NotADirectoryError(f"output path {out_dir} exists and is not a directory: remove it, or choose "
-                                 "another output path")
+        raise NotADirectoryError(
+            f"output path {out_dir} exists and is not a directory: remove it, or choose another output path"
+        )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work_dir = _make_work_dir(out_dir)
     try:

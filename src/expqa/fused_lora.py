@@ -117,7 +117,7 @@ class LoRAGroupFunction(torch.autograd.Function):
                 if base.bias is not None:
                     y += base.bias.to(dtype)
                 rank = lora_b.shape[1]
-                y.addmm_(h[:, start:start + rank], lora_b.to(dtype).t(), alpha=scale)
+                y.addmm_(h[:, start : start + rank], lora_b.to(dtype).t(), alpha=scale)
                 start += rank
                 outputs.append(y.view(*x.shape[:-1], y.shape[-1]))
         ctx.bases, ctx.scales, ctx.dtype, ctx.x_dtype, ctx.x_shape = bases, scales, dtype, x.dtype, x.shape
@@ -136,12 +136,12 @@ class LoRAGroupFunction(torch.autograd.Function):
             grad_h = torch.cat([(gy @ b).mul_(scale) for gy, b, scale in zip(gys, bs, ctx.scales)], dim=1)
             grad_bs, start = [], 0
             for gy, b, scale, lora_b in zip(gys, bs, ctx.scales, lora_bs):
-                grad_bs.append((gy.t() @ h[:, start:start + b.shape[1]]).mul_(scale).to(lora_b.dtype))
+                grad_bs.append((gy.t() @ h[:, start : start + b.shape[1]]).mul_(scale).to(lora_b.dtype))
                 start += b.shape[1]
             grad_a = grad_h.t() @ x2  # all A gradients in one matmul: one read of x
             grad_as, start = [], 0
             for lora_a in lora_as:
-                grad_as.append(grad_a[start:start + lora_a.shape[0]].to(lora_a.dtype))
+                grad_as.append(grad_a[start : start + lora_a.shape[0]].to(lora_a.dtype))
                 start += lora_a.shape[0]
             grad_x = None
             if ctx.needs_input_grad[0]:
@@ -164,8 +164,13 @@ def compute_dtype(module, x: torch.Tensor) -> torch.dtype:
 def single_adapter(layer) -> str | None:
     """The name of the one plain adapter this LoRA layer runs, or None when PEFT's own forward must run it."""
     adapters = layer.active_adapters
-    if (layer.disable_adapters or layer.merged or len(adapters) != 1 or adapters[0] not in layer.lora_A
-            or adapters[0] in getattr(layer, "lora_variant", {})):
+    if (
+        layer.disable_adapters
+        or layer.merged
+        or len(adapters) != 1
+        or adapters[0] not in layer.lora_A
+        or adapters[0] in getattr(layer, "lora_variant", {})
+    ):
         return None
     return adapters[0]
 
@@ -199,9 +204,13 @@ class ProjectionGroup:
         if None in names or any(dropout_p(m, n) > 0 for m, n in zip(self.members, names)):
             return None
         outputs = LoRAGroupFunction.apply(
-            x, [m.get_base_layer() for m in self.members], [m.scaling[n] for m, n in zip(self.members, names)],
-            dtype, *[m.lora_A[n].weight for m, n in zip(self.members, names)],
-            *[m.lora_B[n].weight for m, n in zip(self.members, names)])
+            x,
+            [m.get_base_layer() for m in self.members],
+            [m.scaling[n] for m, n in zip(self.members, names)],
+            dtype,
+            *[m.lora_A[n].weight for m, n in zip(self.members, names)],
+            *[m.lora_B[n].weight for m, n in zip(self.members, names)],
+        )
         self.pending_input = x
         self.pending = {id(m): y for m, y in zip(self.members, outputs) if m is not layer}
         return outputs[self.members.index(layer)]
@@ -216,8 +225,15 @@ def fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     group = getattr(self, "_expqa_group", None)
     y = group.output(self, x, dtype) if group is not None else None
     if y is None:
-        y = LoRALinearFunction.apply(x, self.lora_A[name].weight, self.lora_B[name].weight, self.get_base_layer(),
-                                     self.scaling[name], dropout_p(self, name), dtype)
+        y = LoRALinearFunction.apply(
+            x,
+            self.lora_A[name].weight,
+            self.lora_B[name].weight,
+            self.get_base_layer(),
+            self.scaling[name],
+            dropout_p(self, name),
+            dtype,
+        )
     return y if torch.is_autocast_enabled(x.device.type) else y.to(x.dtype)
 
 

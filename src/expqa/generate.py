@@ -39,16 +39,25 @@ A: <a clear answer of two or three sentences, using the abstract's own terms>
 
 Title: {title}
 Abstract: {abstract}"""
-DROP_REASONS = ("unparseable", "not_a_question", "answer_too_short", "repetitive", "copies_abstract",
-                "duplicate_question", "ungrounded")
+DROP_REASONS = (
+    "unparseable",
+    "not_a_question",
+    "answer_too_short",
+    "repetitive",
+    "copies_abstract",
+    "duplicate_question",
+    "ungrounded",
+)
 WORD_RE = re.compile(r"[a-z0-9]+(?:[-'][a-z0-9]+)*")
 # Words that carry no content: an answer made of them is not grounded in anything.
-STOPWORDS = frozenset("""a about above after again against all also an and any are as at be because been before being
+STOPWORDS = frozenset(
+    """a about above after again against all also an and any are as at be because been before being
 between both but by can could did do does doing down during each few for from further had has have having he her here
 hers him his how i if in into is it its itself just more most much must no nor not of off on once only or other our out
 over own same she should so some such than that the their theirs them then there these they this those through to too
 under until up very was we were what when where which while who whom why will with would you your paper abstract
-authors question answer""".split())
+authors question answer""".split()
+)
 PAIR_RE = re.compile(r"^\s*(?:\d+[.)]\s*)?(?:\*\*)?(Q|A|Question|Answer)\s*\d*\s*[:.](?:\*\*)?\s*(.*)$", re.IGNORECASE)
 # Labels a small teacher repeats inside a field ("Q: Q: What ...", "A: Abstract: ..." is left alone: not a label).
 LABEL_RE = re.compile(r"^(?:(?:\*\*)?(?:Q|A|Question|Answer)\s*\d*\s*[:.](?:\*\*)?\s*)+", re.IGNORECASE)
@@ -68,13 +77,18 @@ class Paper:
 
 # --- reading and selecting papers --------------------------------------------------------------------------------
 
+
 def read_papers(path: Path) -> list[Paper]:
     """Papers of a metadata file; a missing or mistyped field is a DataError naming file, line and key."""
     papers = []
     for line, row in iter_jsonl(path):
         if not isinstance(row, dict):
-            raise DataError(path, line, "expected a JSON object (one paper per line)",
-                            "write one object per line with id, title, authors, abstract, categories")
+            raise DataError(
+                path,
+                line,
+                "expected a JSON object (one paper per line)",
+                "write one object per line with id, title, authors, abstract, categories",
+            )
         papers.append(_paper(row, path, line))
     return papers
 
@@ -82,15 +96,24 @@ def read_papers(path: Path) -> list[Paper]:
 def _paper(row: dict, path: Path, line: int) -> Paper:
     for key in ("id", "title", "authors", "abstract", "categories"):
         if not isinstance(row.get(key), (str, list)) or not row[key]:
-            raise DataError(path, line, f"'{key}' is missing or empty",
-                            "use the arXiv metadata snapshot's fields: id, title, authors, abstract, categories "
-                            "(a space-separated string or a list)")
+            raise DataError(
+                path,
+                line,
+                f"'{key}' is missing or empty",
+                "use the arXiv metadata snapshot's fields: id, title, authors, abstract, categories "
+                "(a space-separated string or a list)",
+            )
     # The snapshot writes categories as one space-separated string and authors as one string.
     categories = row["categories"].split() if isinstance(row["categories"], str) else row["categories"]
     authors = row["authors"] if isinstance(row["authors"], str) else ", ".join(row["authors"])
-    return Paper(arxiv_id=str(row["id"]), title=" ".join(row["title"].split()), authors=" ".join(authors.split()),
-                 abstract=" ".join(row["abstract"].split()), categories=tuple(categories),
-                 license=row.get("license"))
+    return Paper(
+        arxiv_id=str(row["id"]),
+        title=" ".join(row["title"].split()),
+        authors=" ".join(authors.split()),
+        abstract=" ".join(row["abstract"].split()),
+        categories=tuple(categories),
+        license=row.get("license"),
+    )
 
 
 def select_papers(papers: list[Paper], *, categories: list[str], keywords: list[str], max_papers: int) -> list[Paper]:
@@ -98,13 +121,17 @@ def select_papers(papers: list[Paper], *, categories: list[str], keywords: list[
     order, at most `max_papers` (0: all). An empty list does not filter."""
     wanted = set(categories)
     lowered = [keyword.lower() for keyword in keywords]
-    selected = [paper for paper in papers
-                if (not wanted or wanted.intersection(paper.categories))
-                and (not lowered or any(k in f"{paper.title} {paper.abstract}".lower() for k in lowered))]
+    selected = [
+        paper
+        for paper in papers
+        if (not wanted or wanted.intersection(paper.categories))
+        and (not lowered or any(k in f"{paper.title} {paper.abstract}".lower() for k in lowered))
+    ]
     return selected[:max_papers] if max_papers else selected
 
 
 # --- prompts and parsing -------------------------------------------------------------------------------------------
+
 
 def build_prompt(paper: Paper, pairs: int) -> list[dict[str, str]]:
     """The chat the teacher answers: one user turn with the instructions, title and abstract."""
@@ -153,8 +180,8 @@ def distinct_share(answer: str) -> float:
 def copies_abstract(answer: str, paper: Paper, run: int) -> bool:
     """Whether the answer repeats `run` consecutive words of the abstract (a pasted abstract is not an answer)."""
     source, words = WORD_RE.findall(paper.abstract.lower()), WORD_RE.findall(answer.lower())
-    runs = {tuple(source[i:i + run]) for i in range(len(source) - run + 1)}
-    return any(tuple(words[i:i + run]) in runs for i in range(len(words) - run + 1))
+    runs = {tuple(source[i : i + run]) for i in range(len(source) - run + 1)}
+    return any(tuple(words[i : i + run]) in runs for i in range(len(words) - run + 1))
 
 
 def grounding(answer: str, paper: Paper) -> float:
@@ -165,6 +192,7 @@ def grounding(answer: str, paper: Paper) -> float:
 
 
 # --- checks ----------------------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Checks:
@@ -177,14 +205,15 @@ class Checks:
     min_grounding: float
 
 
-def check_pairs(paper: Paper, text: str, checks: Checks, seen_questions: set[str],
-                drops: dict[str, int]) -> list[tuple[str, str, float]]:
+def check_pairs(
+    paper: Paper, text: str, checks: Checks, seen_questions: set[str], drops: dict[str, int]
+) -> list[tuple[str, str, float]]:
     """The pairs of one teacher output that pass every check, with their grounding; counts each drop by reason.
 
     Only the first `pairs_per_paper` pairs count; fewer parsed pairs are `unparseable` drops, so that
     kept + drops = papers x pairs_per_paper.
     """
-    parsed = parse_pairs(text)[:checks.pairs_per_paper]
+    parsed = parse_pairs(text)[: checks.pairs_per_paper]
     drops["unparseable"] += checks.pairs_per_paper - len(parsed)
     kept = []
     for question, answer in parsed:
@@ -210,6 +239,7 @@ def check_pairs(paper: Paper, text: str, checks: Checks, seen_questions: set[str
 
 # --- the teacher -------------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Teacher:
     """Where the teacher's weights are, what to call it in provenance, and the hash of its weights."""
@@ -232,12 +262,16 @@ def resolve_teacher(model: str, base_dir: Path) -> Teacher:
 
         path = Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
     if not path.is_dir():
-        raise FileNotFoundError(f"teacher model folder {path} not found; run the base stage (`dvc repro base`) or "
-                                "set generate.model to a local model folder or a hub id")
+        raise FileNotFoundError(
+            f"teacher model folder {path} not found; run the base stage (`dvc repro base`) or "
+            "set generate.model to a local model folder or a hub id"
+        )
     weights = sorted(path.glob("*.safetensors"))
     if not weights:
-        raise FileNotFoundError(f"{path}: no *.safetensors weights; generate.model must be a Hugging Face model "
-                                "folder (config.json, tokenizer, safetensors weights) or a hub id")
+        raise FileNotFoundError(
+            f"{path}: no *.safetensors weights; generate.model must be a Hugging Face model "
+            "folder (config.json, tokenizer, safetensors weights) or a hub id"
+        )
     digest = hashlib.sha256()
     for file in weights:
         digest.update(f"{file.name}:{_sha256(file)}\n".encode())
@@ -261,6 +295,7 @@ def _model_name(path: Path) -> str:
 
 # --- the stage -------------------------------------------------------------------------------------------------------
 
+
 def generate_qa(papers: Path, out: Path, config: GenerateConfig, *, base_dir: Path) -> dict:
     """Write the kept conversations to `out` (JSON lines) and return the counts for metrics/generate.json.
 
@@ -272,37 +307,59 @@ def generate_qa(papers: Path, out: Path, config: GenerateConfig, *, base_dir: Pa
     if problems:
         raise ConfigError(problems)
     all_papers = read_papers(Path(papers))
-    selected = select_papers(all_papers, categories=config.categories, keywords=config.keywords,
-                             max_papers=config.max_papers)
-    counts: dict[str, Any] = {"enabled": config.enabled, "papers_read": len(all_papers),
-                              "papers_selected": len(selected), "prompt_version": PROMPT_VERSION}
+    selected = select_papers(
+        all_papers, categories=config.categories, keywords=config.keywords, max_papers=config.max_papers
+    )
+    counts: dict[str, Any] = {
+        "enabled": config.enabled,
+        "papers_read": len(all_papers),
+        "papers_selected": len(selected),
+        "prompt_version": PROMPT_VERSION,
+    }
     rows: list[dict] = []
     if config.enabled and selected:
         teacher = resolve_teacher(config.model, Path(base_dir))
-        checks = Checks(config.pairs_per_paper, config.min_answer_words, config.min_distinct_share,
-                        config.max_copied_words, config.min_grounding)
+        checks = Checks(
+            config.pairs_per_paper,
+            config.min_answer_words,
+            config.min_distinct_share,
+            config.max_copied_words,
+            config.min_grounding,
+        )
         rows, drops = _generate_rows(teacher, selected, checks, config.max_new_tokens, config.batch_size)
-        counts.update(teacher=teacher.name, teacher_weights_sha256=teacher.weights_sha256,
-                      pairs_requested=config.pairs_per_paper * len(selected), pairs_kept=len(rows), dropped=drops,
-                      papers_with_pairs=len({row["metadata"]["arxiv_id"] for row in rows}))
+        counts.update(
+            teacher=teacher.name,
+            teacher_weights_sha256=teacher.weights_sha256,
+            pairs_requested=config.pairs_per_paper * len(selected),
+            pairs_kept=len(rows),
+            dropped=drops,
+            papers_with_pairs=len({row["metadata"]["arxiv_id"] for row in rows}),
+        )
     _write_jsonl(Path(out), rows)
     return counts
 
 
-def _generate_rows(teacher: Teacher, papers: list[Paper], checks: Checks, max_new_tokens: int,
-                   batch_size: int) -> tuple[list[dict], dict[str, int]]:
+def _generate_rows(
+    teacher: Teacher, papers: list[Paper], checks: Checks, max_new_tokens: int, batch_size: int
+) -> tuple[list[dict], dict[str, int]]:
     from expqa.evaluate import generate_answers
     from expqa.model import load_for_inference
 
     model, tokenizer = load_for_inference(teacher.path)
-    outputs = generate_answers(model, tokenizer, [build_prompt(paper, checks.pairs_per_paper) for paper in papers],
-                               max_new_tokens=max_new_tokens, batch_size=batch_size)
+    outputs = generate_answers(
+        model,
+        tokenizer,
+        [build_prompt(paper, checks.pairs_per_paper) for paper in papers],
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+    )
     drops = dict.fromkeys(DROP_REASONS, 0)
     seen_questions: set[str] = set()
     rows = []
     for paper, output in zip(papers, outputs):
         for number, (question, answer, score) in enumerate(
-                check_pairs(paper, output["answer"], checks, seen_questions, drops), start=1):
+            check_pairs(paper, output["answer"], checks, seen_questions, drops), start=1
+        ):
             rows.append(_row(paper, number, question, answer, score, teacher))
     return rows, drops
 
@@ -325,7 +382,7 @@ def _row(paper: Paper, number: int, question: str, answer: str, score: float, te
             "decoding": "greedy",
             "grounding": round(score, 4),
             "attribution": f"Question and answer written by {teacher.name} from the title and abstract of "
-                           f"arXiv:{paper.arxiv_id} ({paper.title}, by {paper.authors}); not reviewed by a person.",
+            f"arXiv:{paper.arxiv_id} ({paper.title}, by {paper.authors}); not reviewed by a person.",
         },
     }
 

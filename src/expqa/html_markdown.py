@@ -32,8 +32,27 @@ from html.parser import HTMLParser
 
 VOID_TAGS = frozenset({"br", "hr", "img", "input", "meta", "link", "wbr", "col", "area", "source"})
 BLOCK_TAGS = frozenset(
-    {"p", "div", "pre", "ul", "ol", "blockquote", "hr", "table", "dl", "dt", "dd", "details",
-     "summary", "h1", "h2", "h3", "h4", "h5", "h6"}
+    {
+        "p",
+        "div",
+        "pre",
+        "ul",
+        "ol",
+        "blockquote",
+        "hr",
+        "table",
+        "dl",
+        "dt",
+        "dd",
+        "details",
+        "summary",
+        "h1",
+        "h2",
+        "h3",
+        "h4",
+        "h5",
+        "h6",
+    }
 )
 # Dollar-delimited TeX: display math first so `$$x$$` is not read as two inline spans.
 # `\$` is a literal dollar on MathJax-enabled sites, so it never opens or closes math.
@@ -170,7 +189,7 @@ def _code_language(pre: _Node) -> str:
         for css_class in node.attrs.get("class", "").split():
             for prefix in ("lang-", "language-"):
                 if css_class.startswith(prefix) and css_class != "lang-none":
-                    return css_class[len(prefix):]
+                    return css_class[len(prefix) :]
     return ""
 
 
@@ -196,7 +215,7 @@ def _render_list(node: _Node) -> str:
         marker = f"{start + len(items)}. " if ordered else "- "
         body = _join_blocks(_render_blocks(child), tight=True)
         indented = _prefix_lines(body, " " * len(marker), "")
-        items.append(marker + indented[len(marker):] if body else marker.rstrip())
+        items.append(marker + indented[len(marker) :] if body else marker.rstrip())
     return "\n".join(items)
 
 
@@ -271,7 +290,7 @@ def _map_outside_math(text: str, transform: Callable[[str], str]) -> str:
     pieces: list[str] = []
     position = 0
     for match in MATH_RE.finditer(text):
-        pieces.append(transform(text[position:match.start()]))
+        pieces.append(transform(text[position : match.start()]))
         pieces.append(match.group())
         position = match.end()
     pieces.append(transform(text[position:]))
@@ -284,7 +303,7 @@ def _wrap_emphasis(inner: str, marker: str) -> str:
     if not core:
         return inner
     lead = inner[: len(inner) - len(inner.lstrip())]
-    trail = inner[len(inner.rstrip()):]
+    trail = inner[len(inner.rstrip()) :]
     return f"{lead}{marker}{core}{marker}{trail}"
 
 

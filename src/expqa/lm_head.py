@@ -24,8 +24,13 @@ import types
 import torch
 
 CHUNK_TOKENS = 1024  # label positions projected onto the vocabulary at once (1024 x 49k x 4 bytes = 200 MB)
-_SCALING_ATTRIBUTES = ("final_logit_softcapping", "logit_scale", "output_multiplier", "lm_head_multiplier",
-                       "logits_scaling")
+_SCALING_ATTRIBUTES = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "output_multiplier",
+    "lm_head_multiplier",
+    "logits_scaling",
+)
 
 
 class LabelLogProbs(torch.autograd.Function):
@@ -62,8 +67,9 @@ class LabelLogProbs(torch.autograd.Function):
         if probs is None or grad_log_probs is None:
             return None, None, None, None
         w = weight.float()
-        grad_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) \
-            if ctx.needs_input_grad[0] else None
+        grad_hidden = (
+            torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if ctx.needs_input_grad[0] else None
+        )
         grad_weight = torch.zeros_like(w) if ctx.needs_input_grad[1] else None
         for start in range(0, hidden.shape[0], ctx.chunk):
             rows = slice(start, start + ctx.chunk)
@@ -75,14 +81,19 @@ class LabelLogProbs(torch.autograd.Function):
                 torch.mm(g, w, out=grad_hidden[rows])
             if grad_weight is not None:
                 grad_weight.addmm_(g.t(), hidden[rows].float())
-        return (None if grad_hidden is None else grad_hidden.to(hidden.dtype),
-                None if grad_weight is None else grad_weight.to(weight.dtype), None, None)
+        return (
+            None if grad_hidden is None else grad_hidden.to(hidden.dtype),
+            None if grad_weight is None else grad_weight.to(weight.dtype),
+            None,
+            None,
+        )
 
 
 def label_log_probs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int = CHUNK_TOKENS):
     """Per-position (log_probs, entropy, is_top1, mask) of next-token `labels` (already shifted), zero where -100."""
     mask = labels != -100
     log_probs, entropy, top1 = LabelLogProbs.apply(hidden[mask], weight, labels[mask], chunk)
+
     def scatter(x):
         return x.new_zeros(mask.shape).masked_scatter(mask, x)
 
@@ -93,8 +104,11 @@ def supports(model) -> bool:
     """A plain causal LM head: no bias, no logit scaling or soft-capping."""
     config = model.config.get_text_config()
     head = model.get_output_embeddings()
-    return head is not None and getattr(head, "bias", None) is None and all(
-        getattr(config, name, None) in (None, 1.0) for name in _SCALING_ATTRIBUTES)
+    return (
+        head is not None
+        and getattr(head, "bias", None) is None
+        and all(getattr(config, name, None) in (None, 1.0) for name in _SCALING_ATTRIBUTES)
+    )
 
 
 def add_label_lm_head(model, chunk: int = CHUNK_TOKENS) -> bool:
@@ -111,10 +125,15 @@ def add_label_lm_head(model, chunk: int = CHUNK_TOKENS) -> bool:
 
     @functools.wraps(type(model).forward)  # generate() validates kwargs against this signature
     def forward(self, *args, fused_lm_head=False, labels=None, num_items_in_batch=None, **kwargs):
-        if not fused_lm_head or labels is None or kwargs.get("shift_labels") is not None \
-                or kwargs.get("output_router_logits"):
-            return trl_forward(*args, fused_lm_head=fused_lm_head, labels=labels,
-                               num_items_in_batch=num_items_in_batch, **kwargs)
+        if (
+            not fused_lm_head
+            or labels is None
+            or kwargs.get("shift_labels") is not None
+            or kwargs.get("output_router_logits")
+        ):
+            return trl_forward(
+                *args, fused_lm_head=fused_lm_head, labels=labels, num_items_in_batch=num_items_in_batch, **kwargs
+            )
         kwargs["use_cache"] = False
         hidden = self.base_model(*args, **kwargs).last_hidden_state[:, :-1]
         labels = labels[:, 1:].to(hidden.device)

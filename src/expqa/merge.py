@@ -35,31 +35,53 @@ VERIFY_NEW_TOKENS = 24
 
 
 def encode_prompts(tokenizer, prompts: list[str]) -> list[torch.Tensor]:
-    return [tokenizer(render(tokenizer, [{"role": "user", "content": p}], add_generation_prompt=True),
-                      add_special_tokens=False, return_tensors="pt")["input_ids"] for p in prompts]
+    return [
+        tokenizer(
+            render(tokenizer, [{"role": "user", "content": p}], add_generation_prompt=True),
+            add_special_tokens=False,
+            return_tensors="pt",
+        )["input_ids"]
+        for p in prompts
+    ]
 
 
 @torch.no_grad()
-def reference_continuations(model, prompts_ids: list[torch.Tensor], eos_ids: list[int],
-                            desc: str = "greedy continuations") -> list[torch.Tensor]:
+def reference_continuations(
+    model, prompts_ids: list[torch.Tensor], eos_ids: list[int], desc: str = "greedy continuations"
+) -> list[torch.Tensor]:
     """Prompt + greedy continuation of each prompt (the sequences both models are then scored on)."""
     sequences = []
     for ids in progress(prompts_ids, desc=desc, unit="prompt"):
         ids = ids.to(model.device)
-        sequences.append(model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                        max_new_tokens=VERIFY_NEW_TOKENS, eos_token_id=eos_ids,
-                                        pad_token_id=eos_ids[0])[0].cpu())
+        sequences.append(
+            model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=VERIFY_NEW_TOKENS,
+                eos_token_id=eos_ids,
+                pad_token_id=eos_ids[0],
+            )[0].cpu()
+        )
     return sequences
 
 
 @torch.no_grad()
 def sequence_logits(model, sequences: list[torch.Tensor], desc: str = "logits") -> list[torch.Tensor]:
-    return [model(input_ids=seq.unsqueeze(0).to(model.device)).logits[0].float().cpu()
-            for seq in progress(sequences, desc=desc, unit="prompt")]
+    return [
+        model(input_ids=seq.unsqueeze(0).to(model.device)).logits[0].float().cpu()
+        for seq in progress(sequences, desc=desc, unit="prompt")
+    ]
 
 
-def compare(reference: list[torch.Tensor], merged: list[torch.Tensor], sequences: list[torch.Tensor],
-            prompt_lengths: list[int], tolerance: float, near_tie: float | None = None) -> dict:
+def compare(
+    reference: list[torch.Tensor],
+    merged: list[torch.Tensor],
+    sequences: list[torch.Tensor],
+    prompt_lengths: list[int],
+    tolerance: float,
+    near_tie: float | None = None,
+) -> dict:
     """Logit differences and greedy agreement over each prompt + its reference continuation; a greedy flip is
     accepted where the reference's own token led the other model's choice by at most near_tie (default: the
     tolerance)."""
@@ -75,10 +97,16 @@ def compare(reference: list[torch.Tensor], merged: list[torch.Tensor], sequences
             if chosen != int(seq[pos + 1]):
                 flips += 1
                 near_ties += (ref[pos, seq[pos + 1]] - ref[pos, chosen]).item() <= near_tie
-    return {"max_abs_logit_diff": max_diff, "mean_abs_logit_diff": mean_diff, "tolerance": tolerance,
-            "greedy_equal": flips == 0, "greedy_steps": steps, "greedy_flips": flips,
-            "greedy_flips_at_near_ties": near_ties,
-            "passed": max_diff <= tolerance and flips == near_ties}
+    return {
+        "max_abs_logit_diff": max_diff,
+        "mean_abs_logit_diff": mean_diff,
+        "tolerance": tolerance,
+        "greedy_equal": flips == 0,
+        "greedy_steps": steps,
+        "greedy_flips": flips,
+        "greedy_flips_at_near_ties": near_ties,
+        "passed": max_diff <= tolerance and flips == near_ties,
+    }
 
 
 def stored_dtype(model_dir: Path) -> torch.dtype:
@@ -101,8 +129,11 @@ def merge_device(base_dir: Path) -> torch.device:
     free, _ = torch.cuda.mem_get_info()
     needed = params * 4 * 1.6  # float32 weights + the bf16 copy being saved + activations of a short prompt
     if needed > free:
-        print(f"merge: the float32 base needs ~{needed / 2**30:.1f} GiB, the GPU has {free / 2**30:.1f} GiB free: "
-              "merging on the CPU (slower, same result)", flush=True)
+        print(
+            f"merge: the float32 base needs ~{needed / 2**30:.1f} GiB, the GPU has {free / 2**30:.1f} GiB free: "
+            "merging on the CPU (slower, same result)",
+            flush=True,
+        )
         return torch.device("cpu")
     return torch.device("cuda", 0)
 
@@ -112,24 +143,41 @@ def write_model_card(out_dir: Path, base_dir: Path, adapter_dir: Path, report: d
     training = json.loads((adapter_dir / "training_config.json").read_text())
     metrics = training.get("metrics", {})
     lines = [
-        f"# expqa fine-tune of {base_info['name']}", "",
+        f"# expqa fine-tune of {base_info['name']}",
+        "",
         "LoRA fine-tune for experimentation and statistics Q&A (A/B tests, power, sequential testing, variance "
         "reduction, causal inference), merged into the base weights. Built by `dvc repro` from the expqa "
-        "repository; `dvc.lock` pins every input below.", "",
-        "## Base model", f"- name: `{base_info['name']}`", f"- source: `{base_info['source']}`",
-        *([f"- `{name}` sha256: `{digest}`" for name, digest in base_info["weights_sha256"].items()]
-          if "weights_sha256" in base_info else ["- weights: not hashed (a folder not written by the base stage)"]),
+        "repository; `dvc.lock` pins every input below.",
+        "",
+        "## Base model",
+        f"- name: `{base_info['name']}`",
+        f"- source: `{base_info['source']}`",
+        *(
+            [f"- `{name}` sha256: `{digest}`" for name, digest in base_info["weights_sha256"].items()]
+            if "weights_sha256" in base_info
+            else ["- weights: not hashed (a folder not written by the base stage)"]
+        ),
         "",
         "## Training data (sha256)",
-        *[f"- {split}.jsonl: `{digest}`" for split, digest in training["data_sha256"].items()], "",
-        "## Parameters", "```json", json.dumps(training["config"], indent=2, sort_keys=True), "```", "",
+        *[f"- {split}.jsonl: `{digest}`" for split, digest in training["data_sha256"].items()],
+        "",
+        "## Parameters",
+        "```json",
+        json.dumps(training["config"], indent=2, sort_keys=True),
+        "```",
+        "",
         "## Metrics",
         f"- val loss before training: {metrics.get('eval_loss_before_training', 'n/a')}",
         f"- val loss after training: {metrics.get('eval_loss', 'n/a')}",
         f"- merge check: max |logit diff| {report['max_abs_logit_diff']:.2e} (tolerance "
         f"{report['tolerance']:.0e}), greedy continuations equal: {report['greedy_equal']}",
-        "- held-out evaluation (perplexity, ROUGE, critical questions, stop rate): `metrics/eval.json`", "",
-        "## Use", "```bash", "expqa ask \"What is CUPED?\"", "```", "",
+        "- held-out evaluation (perplexity, ROUGE, critical questions, stop rate): `metrics/eval.json`",
+        "",
+        "## Use",
+        "```bash",
+        'expqa ask "What is CUPED?"',
+        "```",
+        "",
     ]
     (out_dir / "README.md").write_text("\n".join(lines))
 
@@ -155,8 +203,7 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
 
     merged = unmerged.merge_and_unload().to(saved_dtype)
     merged.generation_config.eos_token_id = eos_ids
-    merged.generation_config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None \
-        else eos_ids[0]
+    merged.generation_config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     with atomic_dir(out_dir) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
@@ -164,8 +211,13 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
         if device.type == "cuda":
             torch.cuda.empty_cache()
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, **load).eval()
-        report = compare(reference, sequence_logits(reloaded, sequences, desc="merge: merged, logits"), sequences,
-                         [len(p[0]) for p in prompts], LOGIT_TOLERANCE[saved_dtype])
+        report = compare(
+            reference,
+            sequence_logits(reloaded, sequences, desc="merge: merged, logits"),
+            sequences,
+            [len(p[0]) for p in prompts],
+            LOGIT_TOLERANCE[saved_dtype],
+        )
         del reloaded
         report.update(prompts=len(prompts), saved_dtype=str(saved_dtype).replace("torch.", ""), device=device.type)
         if not report["passed"]:
@@ -177,5 +229,4 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
 def merge_summary(report: dict, out: Path) -> str:
     """One line: where the merged model is and how closely it matches base + adapter. (The report itself is written
     with expqa.files.write_json.)"""
-    return (f"merge: {out} (max |logit diff| {report['max_abs_logit_diff']:.2e}, "
-            f"greedy equal: {report['greedy_equal']})")
+    return f"merge: {out} (max |logit diff| {report['max_abs_logit_diff']:.2e}, greedy equal: {report['greedy_equal']})"

@@ -48,12 +48,17 @@ def disable_bnb_cpu_repack(model) -> int:
 
 def check_target_modules(model, targets: list[str]) -> None:
     """Every LoRA target must name linear layers of this model; say which names exist otherwise."""
-    linear_names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
-                    if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Linear4bit"}
+    linear_names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Linear4bit"
+    }
     missing = [t for t in targets if t not in linear_names]
     if missing:
-        raise ValueError(f"lora.target_modules: {', '.join(missing)} not found in this model; its linear "
-                         f"layers are: {', '.join(sorted(linear_names))}")
+        raise ValueError(
+            f"lora.target_modules: {', '.join(missing)} not found in this model; its linear "
+            f"layers are: {', '.join(sorted(linear_names))}"
+        )
 
 
 def quantization_config(quant: QuantizationConfig):
@@ -62,14 +67,26 @@ def quantization_config(quant: QuantizationConfig):
     compute = DTYPES[quant.bnb_4bit_compute_dtype]
     if compute is torch.bfloat16 and not use_bf16(True):
         compute = torch.float32 if not torch.cuda.is_available() else torch.float16
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant.bnb_4bit_quant_type,
-                              bnb_4bit_use_double_quant=quant.bnb_4bit_use_double_quant,
-                              bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=compute)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=quant.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=compute,
+        bnb_4bit_quant_storage=compute,
+    )
 
 
-def load_for_training(base_dir: str | Path, quant: QuantizationConfig, lora: LoRAConfig, *, bf16: bool,
-                      gradient_checkpointing: bool, attn_implementation: str = "sdpa", fused_lora: bool = False,
-                      grouped_lora: bool = False):
+def load_for_training(
+    base_dir: str | Path,
+    quant: QuantizationConfig,
+    lora: LoRAConfig,
+    *,
+    bf16: bool,
+    gradient_checkpointing: bool,
+    attn_implementation: str = "sdpa",
+    fused_lora: bool = False,
+    grouped_lora: bool = False,
+):
     """The frozen base (4-bit or full precision) with fresh LoRA adapters; returns (peft_model, tokenizer).
 
     gradient_checkpointing: enabled on every decoder layer (expqa.checkpointing.apply then picks the layers).
@@ -85,8 +102,7 @@ def load_for_training(base_dir: str | Path, quant: QuantizationConfig, lora: LoR
         from expqa.attention import register
 
         register()
-    kwargs = dict(dtype=dtype, attn_implementation=attn_implementation, use_safetensors=True,
-                  trust_remote_code=False)
+    kwargs = dict(dtype=dtype, attn_implementation=attn_implementation, use_safetensors=True, trust_remote_code=False)
     if quant.load_in_4bit:
         kwargs["quantization_config"] = quantization_config(quant)
     if cuda:
@@ -99,8 +115,11 @@ def load_for_training(base_dir: str | Path, quant: QuantizationConfig, lora: LoR
     if quant.load_in_4bit:
         disable_bnb_cpu_repack(model)
     if quant.load_in_4bit and dtype is torch.float32:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
     else:
         # bf16 4-bit skips prepare_model_for_kbit_training's upcast of norms and embeddings to float32: those
         # weights are bf16 values already, RMSNorm computes in float32 inside, and an fp32 residual stream doubles
@@ -111,8 +130,14 @@ def load_for_training(base_dir: str | Path, quant: QuantizationConfig, lora: LoR
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
     model.config.use_cache = False
-    peft_config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                             target_modules=list(lora.target_modules), bias="none", task_type="CAUSAL_LM")
+    peft_config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
     model = get_peft_model(model, peft_config)
     if fused_lora:
         from expqa.fused_lora import patch_lora_layers
@@ -131,9 +156,9 @@ def load_for_inference(model_dir: str | Path, adapter_dir: str | Path | None = N
     cuda = torch.cuda.is_available()
     if dtype is None:
         dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, use_safetensors=True,
-                                                 trust_remote_code=False,
-                                                 device_map={"": 0} if cuda else None)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=dtype, use_safetensors=True, trust_remote_code=False, device_map={"": 0} if cuda else None
+    )
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir or model_dir)
     if adapter_dir is not None:
         from peft import PeftModel

@@ -30,7 +30,7 @@ def _split(text: str, *marks: str) -> list[str]:
 def _strip(text: str, part: str, *, prefix: bool) -> str:
     if not (text.startswith(part) if prefix else text.endswith(part)):
         raise TemplateError(f"{text!r} does not {'start' if prefix else 'end'} with {part!r}")
-    return text[len(part):] if prefix else text[:len(text) - len(part)]
+    return text[len(part) :] if prefix else text[: len(text) - len(part)]
 
 
 def adds_bos(tokenizer) -> bool:
@@ -41,8 +41,12 @@ def adds_bos(tokenizer) -> bool:
 def turn_segments(tokenizer) -> dict[str, str]:
     """The literal text around each message, read off the chat template's renderings of placeholder messages."""
     s, u, a, v = MARKS.values()
-    msg = [{"role": "system", "content": s}, {"role": "user", "content": u}, {"role": "assistant", "content": a},
-           {"role": "user", "content": v}]
+    msg = [
+        {"role": "system", "content": s},
+        {"role": "user", "content": u},
+        {"role": "assistant", "content": a},
+        {"role": "user", "content": v},
+    ]
     full = _split(render(tokenizer, msg, add_generation_prompt=True), s, u, a, v)
     lone = _split(render(tokenizer, msg[1:2]), u)
     lone_gen = _split(render(tokenizer, msg[1:2], add_generation_prompt=True), u)
@@ -68,18 +72,27 @@ def compose(seg: dict[str, str], messages: list[dict]) -> str:
 
 def go_template(seg: dict[str, str]) -> str:
     """Ollama TEMPLATE: no whitespace-trimming `{{-`, so every newline of the chat template is kept as is."""
-    turns = "{{ else if ".join(f'eq .Role "{role}" }}}}{seg[role + "_open"]}{{{{ .Content }}}}{seg[role + "_close"]}'
-                               for role in ("system", "user", "assistant"))
-    return (f'{{{{ if or (not .Messages) (ne (index .Messages 0).Role "system") }}}}{seg["default_system"]}'
-            f"{{{{ end }}}}{{{{ range .Messages }}}}{{{{ if {turns}{{{{ end }}}}{{{{ end }}}}{seg['gen']}")
+    turns = "{{ else if ".join(
+        f'eq .Role "{role}" }}}}{seg[role + "_open"]}{{{{ .Content }}}}{seg[role + "_close"]}'
+        for role in ("system", "user", "assistant")
+    )
+    return (
+        f'{{{{ if or (not .Messages) (ne (index .Messages 0).Role "system") }}}}{seg["default_system"]}'
+        f"{{{{ end }}}}{{{{ range .Messages }}}}{{{{ if {turns}{{{{ end }}}}{{{{ end }}}}{seg['gen']}"
+    )
 
 
 def checked_template(tokenizer) -> str:
     seg = turn_segments(tokenizer)
-    probes = [[{"role": "user", "content": "What is a p-value?"}],
-              [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Define power."}],
-              [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
-               {"role": "user", "content": "What is CUPED?"}]]
+    probes = [
+        [{"role": "user", "content": "What is a p-value?"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Define power."}],
+        [
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "What is CUPED?"},
+        ],
+    ]
     for messages in probes:
         if compose(seg, messages) != render(tokenizer, messages, add_generation_prompt=True):
             raise TemplateError(f"the chat template renders {messages} differently from a per-message template")

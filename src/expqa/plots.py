@@ -28,8 +28,13 @@ EVAL_CHART_ID = "eval-base-vs-tuned"
 DVC_COLORS = ["#945dd6", "#13adc7", "#f46837", "#48bb78", "#4299e1", "#ed8936", "#f56565"]  # dvc_render's
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
 # a browser that can reach nothing: the page must draw from what it carries
-OFFLINE_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--proxy-server=127.0.0.1:9",
-                 "--host-resolver-rules=MAP * ~NOTFOUND")
+OFFLINE_FLAGS = (
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--proxy-server=127.0.0.1:9",
+    "--host-resolver-rules=MAP * ~NOTFOUND",
+)
 # DVC fills these in a template: the inlined libraries must not contain them
 DVC_PLACEHOLDERS = ("{plot_divs}", "{scripts}", "{refresh_tag}")
 
@@ -82,9 +87,15 @@ def base_vs_tuned(metrics: dict, prefix: str = "") -> list[dict]:
         name = f"{prefix}{key}"
         if isinstance(value.get("base"), (int, float)) and isinstance(value.get("tuned"), (int, float)):
             for model in ("base", "tuned"):
-                rows.append({"metric": name, "model": model, "value": value[model],
-                             "lo": value.get(f"{model}_ci95_lo", value[model]),
-                             "hi": value.get(f"{model}_ci95_hi", value[model])})
+                rows.append(
+                    {
+                        "metric": name,
+                        "model": model,
+                        "value": value[model],
+                        "lo": value.get(f"{model}_ci95_lo", value[model]),
+                        "hi": value.get(f"{model}_ci95_hi", value[model]),
+                    }
+                )
         rows += base_vs_tuned(value, prefix=f"{name}.")
     return rows
 
@@ -107,23 +118,46 @@ def eval_rows(revisions: list[str]) -> list[dict]:
 def eval_spec(rows: list[dict]) -> dict:
     """Bars (base, tuned) with 95 % intervals, one small chart per metric (own y scale: perplexity vs ROUGE)."""
     # revisions coloured as in DVC's charts, next to each other under "base" and under "tuned"
-    encoding = {"x": {"field": "model", "type": "nominal", "title": None, "axis": {"labelAngle": 0}},
-                "xOffset": {"field": "rev", "type": "nominal", "sort": None},
-                "color": {"field": "rev", "type": "nominal", "sort": None, "scale": {"range": DVC_COLORS}}}
-    tooltip = [{"field": "rev"}, {"field": "metric"}, {"field": "model"},
-               *({"field": f, "type": "quantitative", "format": ".4g"} for f in ("value", "lo", "hi"))]
+    encoding = {
+        "x": {"field": "model", "type": "nominal", "title": None, "axis": {"labelAngle": 0}},
+        "xOffset": {"field": "rev", "type": "nominal", "sort": None},
+        "color": {"field": "rev", "type": "nominal", "sort": None, "scale": {"range": DVC_COLORS}},
+    }
+    tooltip = [
+        {"field": "rev"},
+        {"field": "metric"},
+        {"field": "model"},
+        *({"field": f, "type": "quantitative", "format": ".4g"} for f in ("value", "lo", "hi")),
+    ]
     return {
         "$schema": "https://vega.github.io/schema/vega-lite/v5.json",
         "title": "Evaluation: base vs tuned (bars: value, lines: 95 % interval)",
         "data": {"values": rows},
         "facet": {"field": "metric", "type": "nominal", "title": None, "sort": None},
         "columns": 6,
-        "spec": {"width": 90, "height": 90, "layer": [
-            {"mark": "bar", "encoding": {**encoding, "y": {"field": "value", "type": "quantitative", "title": None},
-                                         "tooltip": tooltip}},
-            {"mark": {"type": "rule", "color": "black"},
-             "encoding": {**encoding, "color": {"value": "black"}, "y": {"field": "lo", "type": "quantitative"},
-                          "y2": {"field": "hi"}}}]},
+        "spec": {
+            "width": 90,
+            "height": 90,
+            "layer": [
+                {
+                    "mark": "bar",
+                    "encoding": {
+                        **encoding,
+                        "y": {"field": "value", "type": "quantitative", "title": None},
+                        "tooltip": tooltip,
+                    },
+                },
+                {
+                    "mark": {"type": "rule", "color": "black"},
+                    "encoding": {
+                        **encoding,
+                        "color": {"value": "black"},
+                        "y": {"field": "lo", "type": "quantitative"},
+                        "y2": {"field": "hi"},
+                    },
+                },
+            ],
+        },
         "resolve": {"scale": {"y": "independent"}},
     }
 
@@ -132,13 +166,17 @@ def javascript_bundle() -> str:
     try:
         import vl_convert
     except ImportError:
-        raise SystemExit("error: expqa plots needs vl-convert-python: pip install -e '.[plots]' (make install does)")
+        raise SystemExit(
+            "error: expqa plots needs vl-convert-python: pip install -e '.[plots]' (make install does)"
+        ) from None
 
     bundle = vl_convert.javascript_bundle(vl_version=VEGA_LITE_VERSION)
     # DVC would replace a placeholder inside the code, and "</script" would end the <script> element early
     if any(text in bundle for text in (*DVC_PLACEHOLDERS, "</script")):
-        raise RuntimeError(f"the Vega bundle of vl-convert-python contains one of {DVC_PLACEHOLDERS} or </script; "
-                           "pin another vl-convert-python version in pyproject.toml")
+        raise RuntimeError(
+            f"the Vega bundle of vl-convert-python contains one of {DVC_PLACEHOLDERS} or </script; "
+            "pin another vl-convert-python version in pyproject.toml"
+        )
     # in a function, so that its top-level names cannot clash with DVC's `var spec` in the chart scripts
     return f"(function () {{\n{bundle}\n}})();"
 
@@ -150,9 +188,14 @@ def page_template(title: str, rows: list[dict]) -> str:
     if rows:
         spec = json.dumps(eval_spec(rows)).replace("</", "<\\/")  # a metric name cannot close the <script>
         eval_chart = f'<div id="{EVAL_CHART_ID}"></div>\n<script>vegaEmbed("#{EVAL_CHART_ID}", {spec});</script>'
-    return PAGE.format(title=title, bundle=javascript_bundle(), eval_chart=eval_chart,
-                       vega=vl_convert.get_vega_version(),
-                       vega_lite=VEGA_LITE_VERSION, vega_embed=vl_convert.get_vega_embed_version())
+    return PAGE.format(
+        title=title,
+        bundle=javascript_bundle(),
+        eval_chart=eval_chart,
+        vega=vl_convert.get_vega_version(),
+        vega_lite=VEGA_LITE_VERSION,
+        vega_embed=vl_convert.get_vega_embed_version(),
+    )
 
 
 def write_page(revs: list[str], out: Path) -> Path:
@@ -165,8 +208,9 @@ def write_page(revs: list[str], out: Path) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         template = Path(tmp) / "template.html"
         template.write_text(page_template(" vs ".join(revisions), rows), encoding="utf-8")
-        subprocess.run([sys.executable, "-m", "dvc", *command, "--html-template", str(template), "-o", str(out)],
-                       check=True)
+        subprocess.run(
+            [sys.executable, "-m", "dvc", *command, "--html-template", str(template), "-o", str(out)], check=True
+        )
     return out / "index.html"
 
 
@@ -179,8 +223,12 @@ def open_offline(page: Path, *flags: str) -> str:
     browser = find_browser()
     if browser is None:
         raise SystemExit("error: this needs chromium (Debian/Ubuntu: apt-get install -y chromium)")
-    done = subprocess.run([browser, *OFFLINE_FLAGS, "--virtual-time-budget=10000", *flags, page.resolve().as_uri()],
-                          check=True, capture_output=True, text=True)
+    done = subprocess.run(
+        [browser, *OFFLINE_FLAGS, "--virtual-time-budget=10000", *flags, page.resolve().as_uri()],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return done.stdout
 
 
@@ -193,8 +241,11 @@ def screenshot(page: Path, png: Path, width: int = 1400, height: int = 1200) -> 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="expqa plots", description=__doc__.split("\n\n")[0])
-    parser.add_argument("revisions", nargs="*", help="commits, branches, tags or `dvc exp` names to compare "
-                        "(one: vs the workspace; none: the workspace alone)")
+    parser.add_argument(
+        "revisions",
+        nargs="*",
+        help="commits, branches, tags or `dvc exp` names to compare (one: vs the workspace; none: the workspace alone)",
+    )
     parser.add_argument("-o", "--out", type=Path, default=Path("dvc_plots"), help="folder for index.html")
     parser.add_argument("--screenshot", type=Path, metavar="PNG", help="also write a PNG of the page (chromium)")
     args = parser.parse_args(argv)

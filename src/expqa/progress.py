@@ -24,13 +24,16 @@ def enabled() -> bool:
     if forced in ("0", "1"):
         return forced == "1"
     if forced:
-        raise ValueError(f"{ENV_VAR}={forced!r}: use 1 (progress bars always), 0 (never) or leave it unset "
-                         "(bars when stderr is a terminal)")
+        raise ValueError(
+            f"{ENV_VAR}={forced!r}: use 1 (progress bars always), 0 (never) or leave it unset "
+            "(bars when stderr is a terminal)"
+        )
     return sys.stderr.isatty()
 
 
-def progress(iterable: Iterable[T], *, desc: str, total: int | None = None, unit: str = "it",
-             position: int | None = None) -> Iterable[T]:
+def progress(
+    iterable: Iterable[T], *, desc: str, total: int | None = None, unit: str = "it", position: int | None = None
+) -> Iterable[T]:
     """`iterable` wrapped in a tqdm bar (count, rate, ETA) when bars are enabled, else `iterable` itself.
 
     total: for iterables without len() (generators); position: the line of this bar when several processes draw
@@ -44,5 +47,6 @@ def progress(iterable: Iterable[T], *, desc: str, total: int | None = None, unit
 def byte_progress(total: int | None, *, desc: str) -> tqdm:
     """A bar advanced by hand with `.update(bytes)`, for a stream whose row count is unknown until it is read
     (total None: no ETA, bytes and rate only). A disabled tqdm when bars are off: update() does nothing."""
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, dynamic_ncols=True,
-                disable=not enabled())
+    return tqdm(
+        total=total, desc=desc, unit="B", unit_scale=True, unit_divisor=1024, dynamic_ncols=True, disable=not enabled()
+    )

@@ -56,6 +56,7 @@ class ChatRequest:
 # ---------------------------------------------------------------------------------------------------------------
 # request parsing: everything a client can get wrong is a RequestError here, before the model is touched
 
+
 def _number(body: dict, key: str, default: float, low: float, high: float) -> float:
     value = body.get(key)
     if value is None:
@@ -67,12 +68,14 @@ def _number(body: dict, key: str, default: float, low: float, high: float) -> fl
 
 def _content(message: dict, i: int) -> str:
     content = message.get("content")
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
-                                         and isinstance(p.get("text"), str) for p in content):
+    if isinstance(content, list) and all(
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+    ):
         return "".join(p["text"] for p in content)
     if not isinstance(content, str):
-        raise RequestError(400, f"messages[{i}].content must be a string (or a list of text parts)",
-                           f"messages[{i}].content")
+        raise RequestError(
+            400, f"messages[{i}].content must be a string (or a list of text parts)", f"messages[{i}].content"
+        )
     return content
 
 
@@ -84,8 +87,9 @@ def parse_chat_request(raw: bytes, model_id: str, max_tokens_limit: int) -> Chat
     if not isinstance(body, dict):
         raise RequestError(400, "the request body must be a JSON object")
     if body.get("model") not in (None, model_id):
-        raise RequestError(404, f"model {body['model']!r} does not exist; this server has {model_id!r}", "model",
-                           "model_not_found")
+        raise RequestError(
+            404, f"model {body['model']!r} does not exist; this server has {model_id!r}", "model", "model_not_found"
+        )
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RequestError(400, "messages must be a non-empty list of {role, content} objects", "messages")
@@ -93,17 +97,20 @@ def parse_chat_request(raw: bytes, model_id: str, max_tokens_limit: int) -> Chat
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or message.get("role") not in ROLES:
             role = message.get("role") if isinstance(message, dict) else message
-            raise RequestError(400, f"messages[{i}].role is {role!r}; allowed: {', '.join(ROLES)}",
-                               f"messages[{i}].role")
+            raise RequestError(
+                400, f"messages[{i}].role is {role!r}; allowed: {', '.join(ROLES)}", f"messages[{i}].role"
+            )
         parsed.append({"role": message["role"], "content": _content(message, i)})
     if body.get("n") not in (None, 1):
         raise RequestError(400, "only n=1 is supported", "n")
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = body.get(key)
-    if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int)
-                                   or not 1 <= max_tokens <= max_tokens_limit):
-        raise RequestError(400, f"{key} must be an integer from 1 to {max_tokens_limit} (this server's limit), "
-                           f"got {max_tokens!r}", key)
+    if max_tokens is not None and (
+        isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= max_tokens_limit
+    ):
+        raise RequestError(
+            400, f"{key} must be an integer from 1 to {max_tokens_limit} (this server's limit), got {max_tokens!r}", key
+        )
     stop = body.get("stop") or []
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
@@ -112,13 +119,21 @@ def parse_chat_request(raw: bytes, model_id: str, max_tokens_limit: int) -> Chat
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise RequestError(400, f"seed must be an integer, got {seed!r}", "seed")
     options = body.get("stream_options") or {}
-    return ChatRequest(messages=parsed, max_tokens=max_tokens, temperature=_number(body, "temperature", 1.0, 0, 2),
-                       top_p=_number(body, "top_p", 1.0, 0, 1), stop=stop, stream=body.get("stream") is True,
-                       include_usage=isinstance(options, dict) and options.get("include_usage") is True, seed=seed)
+    return ChatRequest(
+        messages=parsed,
+        max_tokens=max_tokens,
+        temperature=_number(body, "temperature", 1.0, 0, 2),
+        top_p=_number(body, "top_p", 1.0, 0, 1),
+        stop=stop,
+        stream=body.get("stream") is True,
+        include_usage=isinstance(options, dict) and options.get("include_usage") is True,
+        seed=seed,
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # generation
+
 
 class StopText:
     """Cuts streamed text at the first stop string, holding back a tail that may be the start of one."""
@@ -130,10 +145,10 @@ class StopText:
         self.pending += text
         hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
         if hits:
-            out, self.pending, self.stopped = self.pending[:min(hits)], "", True
+            out, self.pending, self.stopped = self.pending[: min(hits)], "", True
             return out
         hold = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
-        out, self.pending = self.pending[:len(self.pending) - hold], self.pending[len(self.pending) - hold:]
+        out, self.pending = self.pending[: len(self.pending) - hold], self.pending[len(self.pending) - hold :]
         return out
 
     def flush(self) -> str:
@@ -159,14 +174,22 @@ class Engine:
         ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         room = self.context_window - len(ids)
         if room < 1:
-            raise RequestError(400, f"the prompt has {len(ids)} tokens; the model's context window is "
-                               f"{self.context_window} tokens", "messages", "context_length_exceeded")
+            raise RequestError(
+                400,
+                f"the prompt has {len(ids)} tokens; the model's context window is {self.context_window} tokens",
+                "messages",
+                "context_length_exceeded",
+            )
         if request.max_tokens is None:
             request.max_tokens = min(self.default_max_tokens, room)
         elif request.max_tokens > room:
-            raise RequestError(400, f"the prompt has {len(ids)} tokens and max_tokens is {request.max_tokens}, more "
-                               f"than the model's context window of {self.context_window} tokens", "max_tokens",
-                               "context_length_exceeded")
+            raise RequestError(
+                400,
+                f"the prompt has {len(ids)} tokens and max_tokens is {request.max_tokens}, more "
+                f"than the model's context window of {self.context_window} tokens",
+                "max_tokens",
+                "context_length_exceeded",
+            )
         return ids
 
     def stream(self, request: ChatRequest, ids: list[int], cancel: threading.Event, result: dict):
@@ -180,8 +203,11 @@ class Engine:
 
         if request.seed is not None:
             torch.manual_seed(request.seed)
-        sampling = {"do_sample": True, "temperature": request.temperature, "top_p": request.top_p} \
-            if request.temperature > 0 else {"do_sample": False}
+        sampling = (
+            {"do_sample": True, "temperature": request.temperature, "top_p": request.top_p}
+            if request.temperature > 0
+            else {"do_sample": False}
+        )
         input_ids = torch.tensor([ids], device=self.model.device)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         output: dict = {}
@@ -190,9 +216,15 @@ class Engine:
             try:
                 with torch.no_grad():
                     output["ids"] = self.model.generate(
-                        input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
-                        max_new_tokens=request.max_tokens, eos_token_id=self.eos_ids, pad_token_id=self.eos_ids[0],
-                        stopping_criteria=StoppingCriteriaList([Cancelled()]), **sampling)
+                        input_ids=input_ids,
+                        attention_mask=torch.ones_like(input_ids),
+                        streamer=streamer,
+                        max_new_tokens=request.max_tokens,
+                        eos_token_id=self.eos_ids,
+                        pad_token_id=self.eos_ids[0],
+                        stopping_criteria=StoppingCriteriaList([Cancelled()]),
+                        **sampling,
+                    )
             except Exception as exc:  # reported to the client as a 500, the server stays up
                 output["error"] = exc
                 streamer.end()
@@ -213,7 +245,7 @@ class Engine:
             worker.join()
         if "error" in output:
             raise RequestError(500, f"generation failed: {output['error']}")
-        new = output["ids"][0, len(ids):].tolist()
+        new = output["ids"][0, len(ids) :].tolist()
         ended = bool(new) and new[-1] in self.eos_ids
         result["completion_tokens"] = len(new)
         result["finish_reason"] = "stop" if ended or stop.stopped or len(new) < request.max_tokens else "length"
@@ -221,6 +253,7 @@ class Engine:
 
 # ---------------------------------------------------------------------------------------------------------------
 # HTTP
+
 
 class Handler(BaseHTTPRequestHandler):
     server: ChatServer
@@ -240,8 +273,15 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         engine = self.server.engine
         if self.path.rstrip("/") == "/v1/models":
-            self.send_json(200, {"object": "list", "data": [{"id": engine.model_id, "object": "model",
-                                                               "created": self.server.started, "owned_by": "expqa"}]})
+            self.send_json(
+                200,
+                {
+                    "object": "list",
+                    "data": [
+                        {"id": engine.model_id, "object": "model", "created": self.server.started, "owned_by": "expqa"}
+                    ],
+                },
+            )
         elif self.path.rstrip("/") == "/health":
             self.send_json(200, {"status": "ok"})
         else:
@@ -256,8 +296,9 @@ class Handler(BaseHTTPRequestHandler):
                 raise RequestError(411, "a Content-Length header is required")
             if int(length) > MAX_BODY_BYTES:
                 raise RequestError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes")
-            request = parse_chat_request(self.rfile.read(int(length)), self.server.engine.model_id,
-                                         self.server.engine.max_tokens_limit)
+            request = parse_chat_request(
+                self.rfile.read(int(length)), self.server.engine.model_id, self.server.engine.max_tokens_limit
+            )
             self.complete(request)
         except RequestError as exc:
             self.send_json(exc.status, exc.body())
@@ -274,11 +315,23 @@ class Handler(BaseHTTPRequestHandler):
             pieces = engine.stream(request, ids, cancel, result)
             if not request.stream:
                 text = "".join(pieces)
-                usage = {"prompt_tokens": len(ids), "completion_tokens": result["completion_tokens"],
-                         "total_tokens": len(ids) + result["completion_tokens"]}
+                usage = {
+                    "prompt_tokens": len(ids),
+                    "completion_tokens": result["completion_tokens"],
+                    "total_tokens": len(ids) + result["completion_tokens"],
+                }
                 message = {"role": "assistant", "content": text}
-                self.send_json(200, {**head, "object": "chat.completion", "usage": usage, "choices": [
-                    {"index": 0, "message": message, "finish_reason": result["finish_reason"], "logprobs": None}]})
+                self.send_json(
+                    200,
+                    {
+                        **head,
+                        "object": "chat.completion",
+                        "usage": usage,
+                        "choices": [
+                            {"index": 0, "message": message, "finish_reason": result["finish_reason"], "logprobs": None}
+                        ],
+                    },
+                )
                 return
             first = next(pieces, "")  # errors before the first token still get a JSON status
             self.send_response(200)
@@ -295,8 +348,11 @@ class Handler(BaseHTTPRequestHandler):
                     return
                 self.send_chunk(head, {}, result["finish_reason"])
                 if request.include_usage:
-                    usage = {"prompt_tokens": len(ids), "completion_tokens": result["completion_tokens"],
-                             "total_tokens": len(ids) + result["completion_tokens"]}
+                    usage = {
+                        "prompt_tokens": len(ids),
+                        "completion_tokens": result["completion_tokens"],
+                        "total_tokens": len(ids) + result["completion_tokens"],
+                    }
                     self.send_event({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage})
                 self.wfile.write(b"data: [DONE]\n\n")
             except (BrokenPipeError, ConnectionResetError):
@@ -304,8 +360,13 @@ class Handler(BaseHTTPRequestHandler):
                 pieces.close()
 
     def send_chunk(self, head: dict, delta: dict, finish_reason: str | None = None) -> None:
-        self.send_event({**head, "object": "chat.completion.chunk",
-                         "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]})
+        self.send_event(
+            {
+                **head,
+                "object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+            }
+        )
 
     def send_event(self, payload: dict) -> None:
         self.wfile.write(f"data: {json.dumps(payload)}\n\n".encode())
@@ -323,11 +384,13 @@ class ChatServer(ThreadingHTTPServer):
 # ---------------------------------------------------------------------------------------------------------------
 # command line
 
+
 def main(argv: list[str] | None = None) -> int:
     from expqa.ask import missing_model_message
 
-    parser = argparse.ArgumentParser(prog="expqa serve", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="expqa serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", type=Path, default=Path("models/merged"), help="merged model directory")
     parser.add_argument("--adapter", type=Path, help="serve models/base + this adapter instead of the merged model")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (no authentication: keep it local)")
@@ -347,8 +410,11 @@ def main(argv: list[str] | None = None) -> int:
     server = ChatServer(Engine(model, tokenizer, args.model_id, args.max_tokens), args.host, args.port, args.verbose)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {args.host} without authentication", file=sys.stderr)
-    print(f"serving {args.adapter or model_dir} as {args.model_id!r} on http://{args.host}:{server.server_port}/v1 "
-          "(Ctrl-C stops)", flush=True)
+    print(
+        f"serving {args.adapter or model_dir} as {args.model_id!r} on http://{args.host}:{server.server_port}/v1 "
+        "(Ctrl-C stops)",
+        flush=True,
+    )
     try:
         server.serve_forever()
     except KeyboardInterrupt:

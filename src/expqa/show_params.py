@@ -24,8 +24,7 @@ import yaml
 from expqa import config
 
 # params.yaml's sections in Params' order (the cpu: profile is shown as marks on the keys it overrides)
-SECTIONS = [(name, cls) for name, cls in typing.get_type_hints(config.Params).items()
-            if dataclasses.is_dataclass(cls)]
+SECTIONS = [(name, cls) for name, cls in typing.get_type_hints(config.Params).items() if dataclasses.is_dataclass(cls)]
 HELP_INDENT = " " * 8
 WIDTH = 110
 
@@ -41,7 +40,7 @@ def yaml_value(value) -> str:
 def describe(params: config.Params | None, profile: str | None) -> str:
     """The listing: with params, each key's resolved value under `profile` (cpu overrides marked *)."""
     lines = []
-    overrides = (params.cpu if params is not None and profile == "cpu" else {})
+    overrides = params.cpu if params is not None and profile == "cpu" else {}
     resolved = dataclasses.replace(params, profile=profile).resolve() if params is not None else None
     for section, cls in SECTIONS:
         lines.append(f"{section}:")
@@ -62,15 +61,19 @@ def describe(params: config.Params | None, profile: str | None) -> str:
 
 
 def profile_line(path: Path, params: config.Params, profile: str, chosen: str, by_flag: bool) -> str:
-    how = {"auto": f"auto: {'a CUDA GPU' if profile == 'gpu' else 'no CUDA GPU'} on this machine",
-           "cpu": "--profile cpu" if by_flag else "profile: cpu",
-           "gpu": "--profile gpu" if by_flag else "profile: gpu"}[chosen]
+    how = {
+        "auto": f"auto: {'a CUDA GPU' if profile == 'gpu' else 'no CUDA GPU'} on this machine",
+        "cpu": "--profile cpu" if by_flag else "profile: cpu",
+        "gpu": "--profile gpu" if by_flag else "profile: gpu",
+    }[chosen]
     if profile == "gpu":
         return f"# {path}, profile gpu ({how}): the sections as written; the cpu: section is not applied\n"
     if not params.cpu:
         return f"# {path}, profile cpu ({how}): {path} has no cpu: section, so the sections apply as written\n"
-    return (f"# {path}, profile cpu ({how}): keys marked * come from its cpu: section,\n"
-            "# which replaces the value written in their own section\n")
+    return (
+        f"# {path}, profile cpu ({how}): keys marked * come from its cpu: section,\n"
+        "# which replaces the value written in their own section\n"
+    )
 
 
 def print_resolved(folder: Path) -> int:
@@ -78,13 +81,21 @@ def print_resolved(folder: Path) -> int:
     files = [folder / f"{stage}.json" for stage in config.STAGE_SECTIONS]
     absent = [str(path) for path in files if not path.exists()]
     if absent:
-        print(f"error: {', '.join(absent)} not found; run `dvc repro params` (the params stage writes them)",
-              file=sys.stderr)
+        print(
+            f"error: {', '.join(absent)} not found; run `dvc repro params` (the params stage writes them)",
+            file=sys.stderr,
+        )
         return 2
     for path in files:
         record = json.loads(path.read_text())
-        print(f"# {path}: stage {record.pop('stage')}" + (f", profile {record.pop('profile')}" if "profile" in record
-                                                           else " (no section of it differs between profiles)"))
+        print(
+            f"# {path}: stage {record.pop('stage')}"
+            + (
+                f", profile {record.pop('profile')}"
+                if "profile" in record
+                else " (no section of it differs between profiles)"
+            )
+        )
         print(yaml.safe_dump(record, sort_keys=False, width=WIDTH).rstrip() + "\n")
     return 0
 
@@ -92,21 +103,30 @@ def print_resolved(folder: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     from expqa.cli import find_project
 
-    parser = argparse.ArgumentParser(prog="expqa params", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="expqa params", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--params", type=Path, help="params file (default: params.yaml of this checkout)")
-    parser.add_argument("--profile", choices=config.PROFILES,
-                        help="which values to show (default: params.yaml's profile; auto = this machine's)")
-    parser.add_argument("--resolved", action="store_true",
-                        help="print what each stage ran with: metrics/params/<stage>.json next to the params file")
+    parser.add_argument(
+        "--profile",
+        choices=config.PROFILES,
+        help="which values to show (default: params.yaml's profile; auto = this machine's)",
+    )
+    parser.add_argument(
+        "--resolved",
+        action="store_true",
+        help="print what each stage ran with: metrics/params/<stage>.json next to the params file",
+    )
     args = parser.parse_args(argv)
     path = args.params
     if path is None:
         try:
             path = Path(os.path.relpath(find_project() / "params.yaml"))
         except SystemExit:  # outside a checkout: the meanings are still worth showing
-            print("# no params.yaml here (not inside an expqa checkout): keys and meanings only; cd into the "
-                  "checkout or pass --params FILE for values\n")
+            print(
+                "# no params.yaml here (not inside an expqa checkout): keys and meanings only; cd into the "
+                "checkout or pass --params FILE for values\n"
+            )
             print(describe(None, None), end="")
             return 0
     if args.resolved:

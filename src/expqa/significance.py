@@ -36,15 +36,18 @@ def binomial_two_sided_p(k: int, n: int) -> float:
     if n == 0:
         return 1.0
     tail = sum(math.comb(n, i) for i in range(min(k, n - k) + 1))
-    return min(1.0, 2 * tail / 2 ** n)
+    return min(1.0, 2 * tail / 2**n)
 
 
 def mcnemar_exact(base_correct: Sequence[bool], tuned_correct: Sequence[bool]) -> dict:
     """Exact McNemar test: among items where exactly one model is right, is 'tuned only' vs 'base only' 50/50?"""
     base_only = sum(1 for b, t in zip(base_correct, tuned_correct) if b and not t)
     tuned_only = sum(1 for b, t in zip(base_correct, tuned_correct) if t and not b)
-    return {"base_only": base_only, "tuned_only": tuned_only,
-            "p_value": binomial_two_sided_p(tuned_only, base_only + tuned_only)}
+    return {
+        "base_only": base_only,
+        "tuned_only": tuned_only,
+        "p_value": binomial_two_sided_p(tuned_only, base_only + tuned_only),
+    }
 
 
 def sign_test(differences: Sequence[float]) -> dict:
@@ -66,9 +69,18 @@ def percentile_interval(values: np.ndarray) -> tuple[float, float]:
 
 
 def _block(base: float, tuned: float, base_ci, tuned_ci, delta_ci, test: dict) -> dict:
-    return {"base": base, "base_ci95_lo": base_ci[0], "base_ci95_hi": base_ci[1],
-            "tuned": tuned, "tuned_ci95_lo": tuned_ci[0], "tuned_ci95_hi": tuned_ci[1],
-            "delta": tuned - base, "delta_ci95_lo": delta_ci[0], "delta_ci95_hi": delta_ci[1], **test}
+    return {
+        "base": base,
+        "base_ci95_lo": base_ci[0],
+        "base_ci95_hi": base_ci[1],
+        "tuned": tuned,
+        "tuned_ci95_lo": tuned_ci[0],
+        "tuned_ci95_hi": tuned_ci[1],
+        "delta": tuned - base,
+        "delta_ci95_lo": delta_ci[0],
+        "delta_ci95_hi": delta_ci[1],
+        **test,
+    }
 
 
 def compare_proportions(base_hits: Sequence[bool], tuned_hits: Sequence[bool], indices: np.ndarray) -> dict:
@@ -76,13 +88,26 @@ def compare_proportions(base_hits: Sequence[bool], tuned_hits: Sequence[bool], i
     base, tuned = np.asarray(base_hits, dtype=float), np.asarray(tuned_hits, dtype=float)
     n = len(base)
     deltas = tuned[indices].mean(axis=1) - base[indices].mean(axis=1)
-    return {"n": n, **_block(float(base.mean()), float(tuned.mean()), wilson_interval(int(base.sum()), n),
-                             wilson_interval(int(tuned.sum()), n), percentile_interval(deltas),
-                             mcnemar_exact(base_hits, tuned_hits))}
+    return {
+        "n": n,
+        **_block(
+            float(base.mean()),
+            float(tuned.mean()),
+            wilson_interval(int(base.sum()), n),
+            wilson_interval(int(tuned.sum()), n),
+            percentile_interval(deltas),
+            mcnemar_exact(base_hits, tuned_hits),
+        ),
+    }
 
 
-def compare_per_item(base_items: np.ndarray, tuned_items: np.ndarray, statistic: Callable[[np.ndarray], np.ndarray],
-                     differences: Sequence[float], indices: np.ndarray) -> dict:
+def compare_per_item(
+    base_items: np.ndarray,
+    tuned_items: np.ndarray,
+    statistic: Callable[[np.ndarray], np.ndarray],
+    differences: Sequence[float],
+    indices: np.ndarray,
+) -> dict:
     """A statistic of per-item values (mean ROUGE, pooled perplexity): bootstrap intervals, exact sign test.
 
     statistic maps resampled items (samples, n, ...) to one value per resample; differences (per item, > 0 where
@@ -90,9 +115,17 @@ def compare_per_item(base_items: np.ndarray, tuned_items: np.ndarray, statistic:
     """
     base_all, tuned_all = statistic(base_items[None]), statistic(tuned_items[None])
     base_boot, tuned_boot = statistic(base_items[indices]), statistic(tuned_items[indices])
-    return {"n": len(base_items), **_block(float(base_all[0]), float(tuned_all[0]), percentile_interval(base_boot),
-                                           percentile_interval(tuned_boot),
-                                           percentile_interval(tuned_boot - base_boot), sign_test(differences))}
+    return {
+        "n": len(base_items),
+        **_block(
+            float(base_all[0]),
+            float(tuned_all[0]),
+            percentile_interval(base_boot),
+            percentile_interval(tuned_boot),
+            percentile_interval(tuned_boot - base_boot),
+            sign_test(differences),
+        ),
+    }
 
 
 def mean_statistic(items: np.ndarray) -> np.ndarray:

@@ -35,9 +35,9 @@ FORMAT_HINTS = {
     "chatml": 'expected {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}',
     "openai": 'expected {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}]}',
     "sharegpt": 'messages[i] is conversations[i] ("human" -> user, "gpt" -> assistant); expected {"conversations": '
-                '[{"from": "human", "value": "..."}, {"from": "gpt", "value": "..."}]}',
-    "alpaca": 'messages are [system,] user (instruction + input), assistant (output); expected '
-              '{"instruction": "...", "input": "", "output": "..."}',
+    '[{"from": "human", "value": "..."}, {"from": "gpt", "value": "..."}]}',
+    "alpaca": "messages are [system,] user (instruction + input), assistant (output); expected "
+    '{"instruction": "...", "input": "", "output": "..."}',
 }
 
 
@@ -83,8 +83,9 @@ def _convert_record(source: UserSource, format: str, location: int, raw: str, re
     if isinstance(record, ValueError):  # a JSONL line that is not JSON
         return SourceRecord(location, raw, None, str(record), hint_for(str(record)))
     try:
-        row = convert(record, format, source.name, {"file": source.path.name, source.unit: location,
-                                                      "format": source.format})
+        row = convert(
+            record, format, source.name, {"file": source.path.name, source.unit: location, "format": source.format}
+        )
     except ValueError as err:
         return SourceRecord(location, raw, None, str(err), FORMAT_HINTS[format])
     return SourceRecord(location, raw, row, hint=FORMAT_HINTS[format])
@@ -111,8 +112,10 @@ def convert(record: object, format: str, name: str, origin: dict[str, Any]) -> d
     if isinstance(record_id, (str, int)) and not isinstance(record_id, bool) and str(record_id).strip():
         row["id"] = str(record_id) if format == "chatml" else f"{name}:{record_id}"
     elif record_id is not None:
-        raise ValueError(f"'id' is {record_id!r} ({json_type_name(record_id)}); expected a non-empty string or "
-                         "number, or leave 'id' out to get a content-hash id")
+        raise ValueError(
+            f"'id' is {record_id!r} ({json_type_name(record_id)}); expected a non-empty string or "
+            "number, or leave 'id' out to get a content-hash id"
+        )
     own_source = extra.pop("source", None)
     row["origin"] = {**origin, **({"source": own_source} if own_source not in (None, name) else {})}
     if format == "chatml":
@@ -169,8 +172,9 @@ def _list_of_objects(value: object, key: str, fields: tuple[str, str]) -> list[d
         raise ValueError(f"'{key}' is empty; a conversation needs a user and an assistant turn")
     for index, item in enumerate(value):
         if not isinstance(item, dict):
-            raise ValueError(f"{key}[{index}] is {json_type_name(item)}, expected an object with "
-                             f"'{fields[0]}' and '{fields[1]}'")
+            raise ValueError(
+                f"{key}[{index}] is {json_type_name(item)}, expected an object with '{fields[0]}' and '{fields[1]}'"
+            )
         for field in fields:
             if field not in item:
                 raise ValueError(f"{key}[{index}] has no '{field}'")
@@ -211,8 +215,12 @@ def _iter_json_list(path: Path) -> Iterator[tuple[int, str, object]]:
     try:
         text = path.read_bytes().decode("utf-8").lstrip("\ufeff")
     except UnicodeDecodeError as err:
-        raise DataError(path, 1, f"not valid UTF-8 (byte offset {err.start})",
-                        "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+        raise DataError(
+            path,
+            1,
+            f"not valid UTF-8 (byte offset {err.start})",
+            "re-encode the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)",
+        ) from None
     decoder = json.JSONDecoder()
     position, line = _skip_space(text, text.index("[") + 1), 1
     counted_to = 0
@@ -229,8 +237,12 @@ def _iter_json_list(path: Path) -> Iterator[tuple[int, str, object]]:
         try:
             _, end = decoder.raw_decode(text, position)
         except json.JSONDecodeError as err:
-            raise DataError(path, err.lineno, f"invalid JSON in the list: {err.msg} at column {err.colno}",
-                            "check quotes, escapes and the commas between elements") from None
+            raise DataError(
+                path,
+                err.lineno,
+                f"invalid JSON in the list: {err.msg} at column {err.colno}",
+                "check quotes, escapes and the commas between elements",
+            ) from None
         element = text[position:end]
         try:  # parsed again by the JSONL rules, which also refuse NUL, lone surrogates and deep nesting
             record = parse_json_line(element.encode("utf-8", "surrogatepass"))
@@ -243,8 +255,9 @@ def _iter_json_list(path: Path) -> Iterator[tuple[int, str, object]]:
         elif text.startswith("]", position):
             return _check_end(path, text, position + 1, line_at)
         else:
-            raise DataError(path, line_at(position), "expected ',' or ']' after a list element",
-                            "check the commas between elements")
+            raise DataError(
+                path, line_at(position), "expected ',' or ']' after a list element", "check the commas between elements"
+            )
 
 
 def _skip_space(text: str, position: int) -> int:
@@ -256,8 +269,12 @@ def _skip_space(text: str, position: int) -> int:
 def _check_end(path: Path, text: str, position: int, line_at) -> None:
     position = _skip_space(text, position)
     if position < len(text):
-        raise DataError(path, line_at(position), "text after the end of the JSON list",
-                        "a file holds one JSON list, or one JSON object per line (JSONL)")
+        raise DataError(
+            path,
+            line_at(position),
+            "text after the end of the JSON list",
+            "a file holds one JSON list, or one JSON object per line (JSONL)",
+        )
 
 
 # --- Hugging Face datasets on disk ------------------------------------------------------------
@@ -277,12 +294,20 @@ def detect_hf_format(folder: Path) -> str:
     """Which record shape an hf_disk folder holds, from its column names (dataset_info.json)."""
     if (folder / "dataset_dict.json").is_file():
         splits = json.loads((folder / "dataset_dict.json").read_text(encoding="utf-8")).get("splits", [])
-        raise DataError(folder, 1, f"a DatasetDict with splits {', '.join(splits)}, not one Dataset",
-                        f"save one split, e.g. dataset_dict['{splits[0] if splits else 'train'}'].save_to_disk(...)")
+        raise DataError(
+            folder,
+            1,
+            f"a DatasetDict with splits {', '.join(splits)}, not one Dataset",
+            f"save one split, e.g. dataset_dict['{splits[0] if splits else 'train'}'].save_to_disk(...)",
+        )
     info_file = folder / "dataset_info.json"
     if not info_file.is_file():
-        raise DataError(folder, 1, "no dataset_info.json: not a folder written by datasets.Dataset.save_to_disk",
-                        "save it with dataset.save_to_disk(folder), or convert it to JSONL and use another format")
+        raise DataError(
+            folder,
+            1,
+            "no dataset_info.json: not a folder written by datasets.Dataset.save_to_disk",
+            "save it with dataset.save_to_disk(folder), or convert it to JSONL and use another format",
+        )
     columns = set(json.loads(info_file.read_text(encoding="utf-8")).get("features") or {})
     if "conversations" in columns:
         return "sharegpt"
@@ -290,9 +315,12 @@ def detect_hf_format(folder: Path) -> str:
         return "openai"
     if {"instruction", "output"} <= columns:
         return "alpaca"
-    raise DataError(folder, 1, f"cannot tell the record shape from its columns ({', '.join(sorted(columns))})",
-                    "give it a 'messages' (openai), 'conversations' (sharegpt) or 'instruction' + 'output' "
-                    "(alpaca) column")
+    raise DataError(
+        folder,
+        1,
+        f"cannot tell the record shape from its columns ({', '.join(sorted(columns))})",
+        "give it a 'messages' (openai), 'conversations' (sharegpt) or 'instruction' + 'output' (alpaca) column",
+    )
 
 
 def source_sha256(path: Path) -> str:

@@ -50,26 +50,33 @@ def get_dataset_stats(data_dir: str | Path, tokenizer, max_seq_lengths: list[int
             tokens += length  # tokens and the assistant share count every row: what training sees
             assistant_tokens += assistant
         total_tokens += tokens
-        stats["splits"][split] = {"conversations": len(measured), "rows": len(rows), "tokens": tokens,
-                                  "by_source": dict(sorted(per_source.items()))}
+        stats["splits"][split] = {
+            "conversations": len(measured),
+            "rows": len(rows),
+            "tokens": tokens,
+            "by_source": dict(sorted(per_source.items())),
+        }
         for source, count in per_source.items():
             stats["sources"].setdefault(source, {s: 0 for s in SPLITS})[split] = count
         all_lengths.extend(length for length, _ in measured.values())
     all_lengths.sort()
-    stats["token_length"] = {name: percentile(all_lengths, q) for name, q in
-                             (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))}
+    stats["token_length"] = {
+        name: percentile(all_lengths, q) for name, q in (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))
+    }
     stats["assistant_token_share"] = round(assistant_tokens / total_tokens, 4) if total_tokens else 0.0
     truncated = {str(n): sum(x > n for x in all_lengths) for n in sorted(set(max_seq_lengths))}
     stats["truncated"] = truncated  # conversations longer than max_seq_length, per length
-    stats["truncated_share"] = {n: round(count / len(all_lengths), 4) if all_lengths else 0.0
-                                for n, count in truncated.items()}
+    stats["truncated_share"] = {
+        n: round(count / len(all_lengths), 4) if all_lengths else 0.0 for n, count in truncated.items()
+    }
     bins = Counter(length // bin_width * bin_width for length in all_lengths)
     stats["histogram"] = [{"tokens": start, "conversations": bins[start]} for start in sorted(bins)]
     return stats
 
 
-def write_dataset_stats(data_dir: Path, tokenizer_dir: Path, max_seq_lengths: list[int], out: Path,
-                        histogram: Path) -> dict:
+def write_dataset_stats(
+    data_dir: Path, tokenizer_dir: Path, max_seq_lengths: list[int], out: Path, histogram: Path
+) -> dict:
     """The stage: `get_dataset_stats` with the tokenizer and chat template in `tokenizer_dir` (the base model),
     written to `out` (JSON) and the histogram to `histogram` (CSV: tokens,conversations, one row per bin).
 
@@ -82,8 +89,9 @@ def write_dataset_stats(data_dir: Path, tokenizer_dir: Path, max_seq_lengths: li
     write_json(Path(out), stats)
     histogram = Path(histogram)
     histogram.parent.mkdir(parents=True, exist_ok=True)
-    histogram.write_text("tokens,conversations\n" + "".join(
-        f"{row['tokens']},{row['conversations']}\n" for row in bins))
+    histogram.write_text(
+        "tokens,conversations\n" + "".join(f"{row['tokens']},{row['conversations']}\n" for row in bins)
+    )
     return stats
 
 

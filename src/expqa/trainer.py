@@ -30,23 +30,39 @@ from transformers.integrations import DVCLiveCallback
 from expqa import checkpointing
 from expqa.config import LoRAConfig, Params, QuantizationConfig, TrainingConfig
 from expqa.dataset import build_sft_dataset
-from expqa.distributed import (agree_across_processes, enable_fsdp_on_cpu, fsdp_summary, fsdp_trainer_args,
-                                full_adapter_state_dict, is_main_process, relaunched, set_fsdp_mixed_precision,
-                                unwrap_adapter_file, world_size)
+from expqa.distributed import (
+    agree_across_processes,
+    enable_fsdp_on_cpu,
+    fsdp_summary,
+    fsdp_trainer_args,
+    full_adapter_state_dict,
+    is_main_process,
+    relaunched,
+    set_fsdp_mixed_precision,
+    unwrap_adapter_file,
+    world_size,
+)
 from expqa.files import atomic_dir, is_wall_clock, sha256_file
 from expqa.model import load_for_training, use_bf16
 
 log = logging.getLogger("expqa.train")
 FINGERPRINT_FILE = "expqa_fingerprint.json"
-CHECKPOINT_FILES = ("trainer_state.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt",
-                    FINGERPRINT_FILE)
+CHECKPOINT_FILES = ("trainer_state.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt", FINGERPRINT_FILE)
 # under FSDP the Trainer writes the optimizer state and the (adapter-only) model state in Accelerate's FSDP names
-FSDP_CHECKPOINT_FILES = ("trainer_state.json", "adapter_model.safetensors", "optimizer.bin", "pytorch_model_fsdp.bin",
-                         "scheduler.pt", FINGERPRINT_FILE)
-OOM_ADVICE = ("CUDA ran out of memory. Try, in this order: a smaller train.micro_batch (raise "
-              "train.gradient_accumulation_steps to keep the effective batch), a shorter train.max_seq_length, "
-              "train.gradient_checkpointing: offload (the least GPU memory), fewer lora.target_modules (e.g. "
-              "[q_proj, v_proj]).")
+FSDP_CHECKPOINT_FILES = (
+    "trainer_state.json",
+    "adapter_model.safetensors",
+    "optimizer.bin",
+    "pytorch_model_fsdp.bin",
+    "scheduler.pt",
+    FINGERPRINT_FILE,
+)
+OOM_ADVICE = (
+    "CUDA ran out of memory. Try, in this order: a smaller train.micro_batch (raise "
+    "train.gradient_accumulation_steps to keep the effective batch), a shorter train.max_seq_length, "
+    "train.gradient_checkpointing: offload (the least GPU memory), fewer lora.target_modules (e.g. "
+    "[q_proj, v_proj])."
+)
 
 
 class TrainingError(RuntimeError):
@@ -59,6 +75,7 @@ class TrainingInterrupted(TrainingError):
 
 # ---------------------------------------------------------------------------------------------------------------
 # callbacks
+
 
 class DVCLiveMetrics(DVCLiveCallback):
     """transformers' dvclive integration without dumping every TrainingArguments field into a params file
@@ -98,12 +115,16 @@ class StopOnSignal(TrainerCallback):
             abort_now(signum)
         self.received = signum
         if is_main_process():
-            print(f"\nreceived signal {signum}: saving a checkpoint at the next logged step (train.logging_steps; "
-                  "Ctrl-C again to abort at once)", flush=True)
+            print(
+                f"\nreceived signal {signum}: saving a checkpoint at the next logged step (train.logging_steps; "
+                "Ctrl-C again to abort at once)",
+                flush=True,
+            )
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.received is not None and (state.global_step % args.logging_steps == 0
-                                          or state.global_step >= state.max_steps):
+        if self.received is not None and (
+            state.global_step % args.logging_steps == 0 or state.global_step >= state.max_steps
+        ):
             control.should_save = True
             control.should_training_stop = True
 
@@ -123,8 +144,12 @@ def abort_now(signum: int) -> None:
     lost: a checkpoint is complete only once its fingerprint file is written, so a half-written one is skipped."""
     sys.stdout.flush()
     if is_main_process():
-        print(f"\ntrain: aborted by a second signal ({signal.Signals(signum).name}); the next run resumes from the "
-              "last complete checkpoint", file=sys.stderr, flush=True)
+        print(
+            f"\ntrain: aborted by a second signal ({signal.Signals(signum).name}); the next run resumes from the "
+            "last complete checkpoint",
+            file=sys.stderr,
+            flush=True,
+        )
     # 130, the shell's code for Ctrl-C, whichever signal came second (a worker of relaunch(): 0, and the launching
     # stage returns 130)
     os._exit(0 if relaunched() else 128 + signal.SIGINT)
@@ -180,8 +205,9 @@ def make_sft_trainer_class():
             step = self.state.global_step + 1
             value = loss.detach().float()
             this = torch.stack([torch.where(torch.isfinite(value), 0.0, float(step)), value])
-            self._first_bad = this if self._first_bad is None else \
-                torch.where(self._first_bad[0] > 0, self._first_bad, this)
+            self._first_bad = (
+                this if self._first_bad is None else torch.where(self._first_bad[0] > 0, self._first_bad, this)
+            )
             args = self.args
             if step % args.logging_steps == 0 or step % args.save_steps == 0 or step >= self.state.max_steps:
                 self.raise_if_diverged()
@@ -192,15 +218,18 @@ def make_sft_trainer_class():
                 return
             step, value = self._first_bad.tolist()
             if step > 0:
-                raise TrainingError(f"loss is {value} at optimizer step {int(step)}: training diverged. Lower "
-                                    "train.learning_rate, keep train.max_grad_norm small (0.3), or check the data "
-                                    "of this step; the last checkpoint is kept")
+                raise TrainingError(
+                    f"loss is {value} at optimizer step {int(step)}: training diverged. Lower "
+                    "train.learning_rate, keep train.max_grad_norm small (0.3), or check the data "
+                    "of this step; the last checkpoint is kept"
+                )
 
     return GuardedSFTTrainer
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # checkpoints
+
 
 def checkpoint_is_complete(folder: Path, fingerprint: dict) -> tuple[bool, str]:
     fsdp = fingerprint.get("config", {}).get("train", {}).get("distributed") == "fsdp"
@@ -224,8 +253,11 @@ def checkpoint_is_complete(folder: Path, fingerprint: dict) -> tuple[bool, str]:
 def find_resumable_checkpoint(checkpoint_dir: Path, fingerprint: dict, remove_foreign: bool = True) -> Path | None:
     """Newest complete checkpoint of this run; warns about and skips broken ones; clears foreign ones (when
     remove_foreign: only one process of a distributed run may delete)."""
-    folders = sorted((p for p in checkpoint_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-                     key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    folders = sorted(
+        (p for p in checkpoint_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+        key=lambda p: int(p.name.split("-")[-1]),
+        reverse=True,
+    )
     for folder in folders:
         ok, why = checkpoint_is_complete(folder, fingerprint)
         if ok:
@@ -255,6 +287,7 @@ def tokens_logged_at_checkpoint(checkpoint: Path) -> int:
 # ---------------------------------------------------------------------------------------------------------------
 # metrics: what DVC tracks is what a person compares, and the same for a resumed run as for one that never stopped
 
+
 def is_compared(key: str) -> bool:
     """False for wall-clock figures (runtime, throughput) and FLOP counts: they go to logs/train_run.json."""
     return not is_wall_clock(key)
@@ -281,8 +314,11 @@ def write_training_metrics(folder: Path, log_history: list[dict], train_loss: fl
     shutil.rmtree(folder, ignore_errors=True)
     live = Live(dir=str(folder), dvcyaml=False, save_dvc_exp=False, report=None)
     for entry in log_history:
-        values = {key: value for key, value in entry.items()
-                  if key not in ("step", "epoch") and is_compared(key) and isinstance(value, (int, float))}
+        values = {
+            key: value
+            for key, value in entry.items()
+            if key not in ("step", "epoch") and is_compared(key) and isinstance(value, (int, float))
+        }
         if not values:
             continue
         if "train_loss" in values:
@@ -300,12 +336,24 @@ def write_training_metrics(folder: Path, log_history: list[dict], train_loss: fl
 # ---------------------------------------------------------------------------------------------------------------
 # the trainer
 
+
 class QLoRATrainer:
     """Fine-tune `base_model` on `data_dir`/{train,val}.jsonl and save a LoRA adapter."""
 
-    def __init__(self, config: TrainingConfig, *, lora: LoRAConfig, quantization: QuantizationConfig, seed: int,
-                 base_model: str | Path, data_dir: str | Path, checkpoint_dir: str | Path,
-                 metrics_dir: str | Path | None, log_dir: str | Path | None, profile: str | None = None):
+    def __init__(
+        self,
+        config: TrainingConfig,
+        *,
+        lora: LoRAConfig,
+        quantization: QuantizationConfig,
+        seed: int,
+        base_model: str | Path,
+        data_dir: str | Path,
+        checkpoint_dir: str | Path,
+        metrics_dir: str | Path | None,
+        log_dir: str | Path | None,
+        profile: str | None = None,
+    ):
         """Every setting is given (params.yaml is the one place a default lives: QLoRATrainer.from_params, or the
         dataclasses' defaults, which equal it). ``profile``: the hardware profile the params were resolved for,
         recorded with the adapter."""
@@ -318,16 +366,28 @@ class QLoRATrainer:
         self.trainer = None
 
     @classmethod
-    def from_params(cls, params: Params, **paths) -> "QLoRATrainer":
+    def from_params(cls, params: Params, **paths) -> QLoRATrainer:
         """From resolved params (Params.resolve(), or the train stage's metrics/params/train.json)."""
-        return cls(params.train, lora=params.lora, quantization=params.quantization, seed=params.base.seed,
-                   profile=params.profile, **paths)
+        return cls(
+            params.train,
+            lora=params.lora,
+            quantization=params.quantization,
+            seed=params.base.seed,
+            profile=params.profile,
+            **paths,
+        )
 
     # -- setup ----------------------------------------------------------------------------------------------------
     def resolved_config(self) -> dict:
-        return {"train": dataclasses.asdict(self.config), "lora": dataclasses.asdict(self.lora),
-                "quantization": dataclasses.asdict(self.quantization), "seed": self.seed, "profile": self.profile,
-                "device": "cuda" if torch.cuda.is_available() else "cpu", "world_size": world_size()}
+        return {
+            "train": dataclasses.asdict(self.config),
+            "lora": dataclasses.asdict(self.lora),
+            "quantization": dataclasses.asdict(self.quantization),
+            "seed": self.seed,
+            "profile": self.profile,
+            "device": "cuda" if torch.cuda.is_available() else "cpu",
+            "world_size": world_size(),
+        }
 
     @functools.cached_property
     def _input_hashes(self) -> dict:
@@ -364,27 +424,47 @@ class QLoRATrainer:
         if self.log_dir:  # transformers 5 reads the TensorBoard folder from the environment only
             os.environ["TENSORBOARD_LOGGING_DIR"] = str(self.log_dir / "tensorboard")
         config = SFTConfig(
-            output_dir=str(self.checkpoint_dir), seed=self.seed, data_seed=self.seed,
-            per_device_train_batch_size=batch, per_device_eval_batch_size=batch,
-            packing=packed, packing_strategy="bfd",
-            gradient_accumulation_steps=c.gradient_accumulation_steps, learning_rate=c.learning_rate,
-            lr_scheduler_type=c.lr_scheduler_type, warmup_steps=c.warmup_ratio,  # float < 1 = ratio
-            num_train_epochs=c.num_train_epochs, max_steps=c.max_steps, optim=c.optim,
-            weight_decay=c.weight_decay, max_grad_norm=c.max_grad_norm,
+            output_dir=str(self.checkpoint_dir),
+            seed=self.seed,
+            data_seed=self.seed,
+            per_device_train_batch_size=batch,
+            per_device_eval_batch_size=batch,
+            packing=packed,
+            packing_strategy="bfd",
+            gradient_accumulation_steps=c.gradient_accumulation_steps,
+            learning_rate=c.learning_rate,
+            lr_scheduler_type=c.lr_scheduler_type,
+            warmup_steps=c.warmup_ratio,  # float < 1 = ratio
+            num_train_epochs=c.num_train_epochs,
+            max_steps=c.max_steps,
+            optim=c.optim,
+            weight_decay=c.weight_decay,
+            max_grad_norm=c.max_grad_norm,
             # build_sft_dataset already truncated each conversation to train.max_seq_length; with packing this is
             # the size of a pack
             max_length=c.tokens_per_micro_batch if packed else None,
             gradient_checkpointing=False,  # already enabled on the model (non-reentrant) by load_for_training; under
             # FSDP, FSDP's own (fsdp_config) instead
-            bf16=use_bf16(c.bf16), use_cpu=not torch.cuda.is_available(),
-            logging_steps=c.logging_steps, logging_first_step=True,
+            bf16=use_bf16(c.bf16),
+            use_cpu=not torch.cuda.is_available(),
+            logging_steps=c.logging_steps,
+            logging_first_step=True,
             logging_nan_inf_filter=False,  # its per-step isnan() waits for the GPU; a non-finite loss stops us anyway
-            eval_strategy="steps" if has_eval else "no", eval_steps=c.eval_steps, eval_on_start=has_eval,
-            save_strategy="steps", save_steps=c.save_steps, save_total_limit=c.save_total_limit,
+            eval_strategy="steps" if has_eval else "no",
+            eval_steps=c.eval_steps,
+            eval_on_start=has_eval,
+            save_strategy="steps",
+            save_steps=c.save_steps,
+            save_total_limit=c.save_total_limit,
             report_to=report_to,
-            padding_free=c.padding_free, use_liger_kernel=c.use_liger_kernel,
+            padding_free=c.padding_free,
+            use_liger_kernel=c.use_liger_kernel,
             ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient every step
-            dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=False, **fsdp)
+            dataloader_num_workers=0,
+            remove_unused_columns=False,
+            disable_tqdm=False,
+            **fsdp,
+        )
         set_fsdp_mixed_precision(config, config.bf16)
         return config
 
@@ -396,32 +476,53 @@ class QLoRATrainer:
             import importlib.util
 
             if importlib.util.find_spec("liger_kernel") is None:
-                raise TrainingError("train.use_liger_kernel is true but liger-kernel is not installed: "
-                                    "pip install -e '.[gpu]' (CUDA only), or -S train.use_liger_kernel=false")
+                raise TrainingError(
+                    "train.use_liger_kernel is true but liger-kernel is not installed: "
+                    "pip install -e '.[gpu]' (CUDA only), or -S train.use_liger_kernel=false"
+                )
 
         if self.config.num_threads:
             torch.set_num_threads(self.config.num_threads)
         set_seed(self.seed)
         c = self.config
         model, tokenizer = load_for_training(
-            self.base_model, self.quantization, self.lora, bf16=c.bf16,
-            gradient_checkpointing=c.gradient_checkpointing != "off", attn_implementation=c.attn_implementation,
-            fused_lora=c.fused_lora, grouped_lora=c.grouped_lora)
+            self.base_model,
+            self.quantization,
+            self.lora,
+            bf16=c.bf16,
+            gradient_checkpointing=c.gradient_checkpointing != "off",
+            attn_implementation=c.attn_implementation,
+            fused_lora=c.fused_lora,
+            grouped_lora=c.grouped_lora,
+        )
         self.tokenizer = tokenizer
         # after loading: `auto` measures what the weights left free
-        tokens = checkpointing.longest_micro_batch(c.tokens_per_micro_batch, c.per_device_train_batch_size,
-                                                   c.max_seq_length)
+        tokens = checkpointing.longest_micro_batch(
+            c.tokens_per_micro_batch, c.per_device_train_batch_size, c.max_seq_length
+        )
         self.checkpointing = checkpointing.configure(
-            model, c.gradient_checkpointing, tokens, liger=c.use_liger_kernel, fused_lora=c.fused_lora,
-            lora_rank=self.lora.r, lora_targets=len(self.lora.target_modules), lora_dropout=self.lora.dropout)
+            model,
+            c.gradient_checkpointing,
+            tokens,
+            liger=c.use_liger_kernel,
+            fused_lora=c.fused_lora,
+            lora_rank=self.lora.r,
+            lora_targets=len(self.lora.target_modules),
+            lora_dropout=self.lora.dropout,
+        )
         if self.checkpointing.mode == "offload" and world_size() > 1:
-            raise TrainingError(f"train.gradient_checkpointing offload runs in one process ({world_size()} here): a "
-                                "reentrant checkpoint does not mix with DDP/FSDP's gradient hooks; use full, or "
-                                "train.num_processes: 1")
+            raise TrainingError(
+                f"train.gradient_checkpointing offload runs in one process ({world_size()} here): a "
+                "reentrant checkpoint does not mix with DDP/FSDP's gradient hooks; use full, or "
+                "train.num_processes: 1"
+            )
         train_data = build_sft_dataset(self.data_dir / "train.jsonl", tokenizer, self.config.max_seq_length)
         val_path = self.data_dir / "val.jsonl"
-        val_data = build_sft_dataset(val_path, tokenizer, self.config.max_seq_length) \
-            if val_path.exists() and val_path.stat().st_size else None
+        val_data = (
+            build_sft_dataset(val_path, tokenizer, self.config.max_seq_length)
+            if val_path.exists() and val_path.stat().st_size
+            else None
+        )
         self.stop_on_signal = StopOnSignal()
         callbacks = [self.stop_on_signal, LogLastStep(), WriteFingerprint(self.fingerprint())]
         if self.metrics_dir is not None and is_main_process():
@@ -432,8 +533,13 @@ class QLoRATrainer:
             live.summary.update({k: v for k, v in self.checkpointing.metrics().items() if v is not None})
             callbacks.append(DVCLiveMetrics(live=live, log_model=False))
         self.trainer = make_sft_trainer_class()(
-            model=model, args=self._sft_config(val_data is not None, model), train_dataset=train_data,
-            eval_dataset=val_data, processing_class=tokenizer, callbacks=callbacks)
+            model=model,
+            args=self._sft_config(val_data is not None, model),
+            train_dataset=train_data,
+            eval_dataset=val_data,
+            processing_class=tokenizer,
+            callbacks=callbacks,
+        )
         if self.config.lm_head_loss == "expqa":  # after SFTTrainer, which patched the base model with its own head
             from expqa.lm_head import add_label_lm_head
 
@@ -460,8 +566,10 @@ class QLoRATrainer:
         except torch.cuda.OutOfMemoryError as exc:
             raise TrainingError(OOM_ADVICE) from exc
         if self.stop_on_signal.received is not None:
-            raise TrainingInterrupted(f"stopped at step {trainer.state.global_step}; checkpoint saved in "
-                                      f"{self.checkpoint_dir}. Run the stage again to resume.")
+            raise TrainingInterrupted(
+                f"stopped at step {trainer.state.global_step}; checkpoint saved in "
+                f"{self.checkpoint_dir}. Run the stage again to resume."
+            )
         metrics = dict(result.metrics)
         metrics["train_loss"] = mean_train_loss(trainer.state.log_history)
         if trainer.is_fsdp_enabled and is_main_process():
@@ -477,8 +585,9 @@ class QLoRATrainer:
         if before:  # eval_on_start: the base model's val loss (LoRA B starts at zero)
             metrics["eval_loss_before_training"] = before[0]
         if trainer.eval_dataset is not None:
-            final = [e for e in trainer.state.log_history
-                     if "eval_loss" in e and e.get("step") == trainer.state.global_step]
+            final = [
+                e for e in trainer.state.log_history if "eval_loss" in e and e.get("step") == trainer.state.global_step
+            ]
             metrics.update({"eval_loss": final[-1]["eval_loss"]} if final else self.evaluate())
         self.metrics = metrics
         if is_main_process():
@@ -526,10 +635,17 @@ class QLoRATrainer:
             # wall-clock figures (runtime, tokens/s), the step a run resumed from (logs/train_run.json) and the
             # checkpointing `auto` chose (it depends on the card's free memory, not on the maths; in metrics/) are
             # left out: the adapter folder stays byte-identical when a run is reproduced or resumed
-            metrics = {k: v for k, v in getattr(self, "metrics", {}).items() if is_compared(k)
-                       and k != "resumed_from_step" and not k.startswith("gradient_checkpointing")}
-            record = {**self.fingerprint(), "base_model": str(self.base_model), "metrics": metrics,
-                      "versions": library_versions()}
+            metrics = {
+                k: v
+                for k, v in getattr(self, "metrics", {}).items()
+                if is_compared(k) and k != "resumed_from_step" and not k.startswith("gradient_checkpointing")
+            }
+            record = {
+                **self.fingerprint(),
+                "base_model": str(self.base_model),
+                "metrics": metrics,
+                "versions": library_versions(),
+            }
             (tmp / "training_config.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
@@ -541,8 +657,10 @@ def code_fingerprint(package: Path = Path(__file__).parent) -> dict:
     for path in sorted(package.rglob("*.py")):
         digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     versions = library_versions()
-    return {"expqa_sha256": digest.hexdigest(),
-            **{name: versions[name] for name in ("torch", "transformers", "peft", "trl")}}
+    return {
+        "expqa_sha256": digest.hexdigest(),
+        **{name: versions[name] for name in ("torch", "transformers", "peft", "trl")},
+    }
 
 
 def library_versions() -> dict:
@@ -550,6 +668,12 @@ def library_versions() -> dict:
     import transformers
     import trl
 
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-            "trl": trl.__version__, "cuda": torch.version.cuda, "device": torch.cuda.get_device_name(0)
-            if torch.cuda.is_available() else "cpu", "threads": torch.get_num_threads()}
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "trl": trl.__version__,
+        "cuda": torch.version.cuda,
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "threads": torch.get_num_threads(),
+    }

@@ -18,22 +18,34 @@ from expqa.config import ConfigError, Params, load_stage_params
 STAGES = ("params", "base", "collect", "generate", "combine", "stats", "train", "merge", "evaluate", "export")
 
 
-def stage_main(name: str, doc: str, arguments: Callable[[argparse.ArgumentParser], None],
-               run: Callable[[argparse.Namespace, Params | None], int | None],
-               errors: tuple[type[BaseException], ...] = (), uses_params: bool = True) -> Callable[..., int]:
+def stage_main(
+    name: str,
+    doc: str,
+    arguments: Callable[[argparse.ArgumentParser], None],
+    run: Callable[[argparse.Namespace, Params | None], int | None],
+    errors: tuple[type[BaseException], ...] = (),
+    uses_params: bool = True,
+) -> Callable[..., int]:
     """The `main(argv=None) -> int` of stage ``name``; ``errors`` are the exceptions that mean bad input."""
 
     def main(argv: list[str] | None = None) -> int:
-        parser = argparse.ArgumentParser(prog=f"expqa {name}", description=doc,
-                                         formatter_class=argparse.RawDescriptionHelpFormatter)
+        parser = argparse.ArgumentParser(
+            prog=f"expqa {name}", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+        )
         arguments(parser)
         if uses_params:
-            parser.add_argument("--params", type=Path, required=True,
-                                help=f"this stage's params: metrics/params/{name}.json (written by the params stage) "
-                                     "or a whole params.yaml (its profile resolved on this machine)")
-            parser.add_argument("--config", type=Path,
-                                help="with a whole params.yaml: a partial override file (YAML or JSON), e.g. "
-                                     "lora: {r: 32}")
+            parser.add_argument(
+                "--params",
+                type=Path,
+                required=True,
+                help=f"this stage's params: metrics/params/{name}.json (written by the params stage) "
+                "or a whole params.yaml (its profile resolved on this machine)",
+            )
+            parser.add_argument(
+                "--config",
+                type=Path,
+                help="with a whole params.yaml: a partial override file (YAML or JSON), e.g. lora: {r: 32}",
+            )
         args = parser.parse_args(argv)
         args.argv = sys.argv[1:] if argv is None else list(argv)  # train re-runs itself with them under torchrun
         try:
@@ -53,12 +65,17 @@ def check_profile(params: Params, stage: str) -> None:
     import torch
 
     if params.profile == "gpu" and not torch.cuda.is_available():
-        raise ConfigError(f"{stage}: the params run with the gpu profile (metrics/params/{stage}.json), but there is "
-                          "no CUDA GPU here. The params stage resolved profile auto on a GPU machine: re-resolve with "
-                          "`dvc repro -f -s params` then `dvc repro`, or set profile: cpu")
+        raise ConfigError(
+            f"{stage}: the params run with the gpu profile (metrics/params/{stage}.json), but there is "
+            "no CUDA GPU here. The params stage resolved profile auto on a GPU machine: re-resolve with "
+            "`dvc repro -f -s params` then `dvc repro`, or set profile: cpu"
+        )
     if params.profile == "cpu" and torch.cuda.is_available():
-        print(f"{stage}: note: the cpu profile runs although this machine has a CUDA GPU (profile auto was resolved "
-              "elsewhere, or profile: cpu); `dvc repro -f -s params` re-resolves auto", file=sys.stderr)
+        print(
+            f"{stage}: note: the cpu profile runs although this machine has a CUDA GPU (profile auto was resolved "
+            "elsewhere, or profile: cpu); `dvc repro -f -s params` re-resolves auto",
+            file=sys.stderr,
+        )
 
 
 def require(path: Path, stage: str) -> None:

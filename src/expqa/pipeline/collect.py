@@ -19,8 +19,12 @@ def arguments(parser):
     parser.add_argument("--list-tags", type=Path, metavar="DUMP", help="print DUMP's tag counts; writes nothing")
     parser.add_argument("--contains", default="", help="with --list-tags: only tags containing this text")
     parser.add_argument("--top", type=int, default=0, help="with --list-tags: at most this many tags (0: all)")
-    parser.add_argument("--scratch", type=Path, default=Path("."),
-                        help="with --list-tags: folder for the temporary index (default: the current folder)")
+    parser.add_argument(
+        "--scratch",
+        type=Path,
+        default=Path("."),
+        help="with --list-tags: folder for the temporary index (default: the current folder)",
+    )
 
 
 def run(args, params):
@@ -41,8 +45,10 @@ def run(args, params):
     for warning in counts["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
     if not counts["warnings"] and 0 in per_tag.values():
-        print(f"collect: tags without questions are not warned about in a dump of {counts['questions_seen']:,} "
-              "questions (too small to tell)")
+        print(
+            f"collect: tags without questions are not warned about in a dump of {counts['questions_seen']:,} "
+            "questions (too small to tell)"
+        )
     return 0
 
 

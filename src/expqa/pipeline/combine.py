@@ -17,15 +17,16 @@ def arguments(parser):
 
 
 def run(args, params):
-    manifest = combine_datasets(args.inputs, args.out, params.data, seed=params.base.seed,
-                                sources_dir=args.sources)
+    manifest = combine_datasets(args.inputs, args.out, params.data, seed=params.base.seed, sources_dir=args.sources)
     totals = manifest["totals"]
     print("combine: " + ", ".join(f"{k} {v}" for k, v in sorted(totals.items()) if isinstance(v, int)))
     for source in params.data.sources:  # what became of each of your rows: nothing is dropped without a count
         c = manifest["sources"][source.name]
-        print(f"  {source.name} ({source.format}, {args.sources / source.file}): read {c['read']}, kept {c['kept']}, "
-              f"invalid {c['invalid']}, duplicates {c['duplicates_exact'] + c['duplicates_normalised']}, "
-              f"train rows {c['train_rows']}")
+        print(
+            f"  {source.name} ({source.format}, {args.sources / source.file}): read {c['read']}, kept {c['kept']}, "
+            f"invalid {c['invalid']}, duplicates {c['duplicates_exact'] + c['duplicates_normalised']}, "
+            f"train rows {c['train_rows']}"
+        )
 
 
 main = stage_main("combine", __doc__, arguments, run, errors=(DataError, EmptySplitError, OSError))

@@ -22,8 +22,15 @@ def arguments(parser):
 
 def run(args, params):
     require(args.tuned, "merge")
-    report, examples = evaluate_base_vs_tuned(args.base, args.tuned, args.test, args.train, params.eval,
-                                              seed=params.base.seed, max_length=params.train.max_seq_length)
+    report, examples = evaluate_base_vs_tuned(
+        args.base,
+        args.tuned,
+        args.test,
+        args.train,
+        params.eval,
+        seed=params.base.seed,
+        max_length=params.train.max_seq_length,
+    )
     write_eval_outputs(report, examples, out=args.out, examples_path=args.examples, plot=args.plot)
     print(eval_summary(report))
 

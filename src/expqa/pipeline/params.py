@@ -23,9 +23,14 @@ def arguments(parser):
 
 def run(args, _):
     params = load_params(args.params, sources_dir=args.sources)
-    missing = [f"{args.params}: {key} {path} does not exist" for key, path in (
-        ("collect.posts", params.collect.posts), ("eval.critical_questions", params.eval.critical_questions))
-        if not Path(path).is_file()]
+    missing = [
+        f"{args.params}: {key} {path} does not exist"
+        for key, path in (
+            ("collect.posts", params.collect.posts),
+            ("eval.critical_questions", params.eval.critical_questions),
+        )
+        if not Path(path).is_file()
+    ]
     if missing:
         raise ConfigError(missing)
     check_model_source(params.model.name, params.model.revision)

@@ -18,15 +18,23 @@ def arguments(parser):
     parser.add_argument("--out", type=Path, required=True, help="adapter folder (models/adapter)")
     parser.add_argument("--checkpoints", type=Path, required=True, help="resumable checkpoints (models/checkpoints)")
     parser.add_argument("--metrics", type=Path, required=True, help="dvclive folder (metrics/train)")
-    parser.add_argument("--logs", type=Path, required=True,
-                        help="training.log, TensorBoard events and wall-clock figures (logs/train)")
+    parser.add_argument(
+        "--logs", type=Path, required=True, help="training.log, TensorBoard events and wall-clock figures (logs/train)"
+    )
 
 
 def run(args, params):
     require(args.base, "base")
     check_profile(params, "train")
-    from expqa.distributed import (die_with_parent, inside_launch, is_main_process, needs_launch, relaunch,
-                                   relaunched, wanted_processes)
+    from expqa.distributed import (
+        die_with_parent,
+        inside_launch,
+        is_main_process,
+        needs_launch,
+        relaunch,
+        relaunched,
+        wanted_processes,
+    )
 
     processes = wanted_processes(params.train.num_processes)
     if needs_launch(processes, params.train.distributed):  # never inside a launch (torchrun, accelerate, clusters)
@@ -36,9 +44,14 @@ def run(args, params):
     from expqa.trainer import QLoRATrainer, TrainingError, TrainingInterrupted
 
     try:
-        trainer = QLoRATrainer.from_params(params, base_model=args.base, data_dir=args.data,
-                                           checkpoint_dir=args.checkpoints, metrics_dir=args.metrics,
-                                           log_dir=args.logs)
+        trainer = QLoRATrainer.from_params(
+            params,
+            base_model=args.base,
+            data_dir=args.data,
+            checkpoint_dir=args.checkpoints,
+            metrics_dir=args.metrics,
+            log_dir=args.logs,
+        )
         metrics = trainer.train()
         trainer.save_model(args.out)
     except TrainingInterrupted as exc:

@@ -1,8 +1,6 @@
-"""dvc.yaml's `base` stage; the stage itself is expqa.pipeline.base (also `expqa base`, with --help)."""
-
-import sys
+"""dvc.yaml's `base` stage: expqa.pipeline.base (also `expqa base`; --help lists its arguments)."""
 
 from expqa.pipeline.base import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

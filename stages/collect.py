@@ -1,8 +1,6 @@
-"""dvc.yaml's `collect` stage; the stage itself is expqa.pipeline.collect (also `expqa collect`, with --help)."""
-
-import sys
+"""dvc.yaml's `collect` stage: expqa.pipeline.collect (also `expqa collect`; --help lists its arguments)."""
 
 from expqa.pipeline.collect import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -1,8 +1,6 @@
-"""dvc.yaml's `combine` stage; the stage itself is expqa.pipeline.combine (also `expqa combine`, with --help)."""
-
-import sys
+"""dvc.yaml's `combine` stage: expqa.pipeline.combine (also `expqa combine`; --help lists its arguments)."""
 
 from expqa.pipeline.combine import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

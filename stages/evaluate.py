@@ -1,8 +1,6 @@
-"""dvc.yaml's `evaluate` stage; the stage itself is expqa.pipeline.evaluate (also `expqa evaluate`, with --help)."""
-
-import sys
+"""dvc.yaml's `evaluate` stage: expqa.pipeline.evaluate (also `expqa evaluate`; --help lists its arguments)."""
 
 from expqa.pipeline.evaluate import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

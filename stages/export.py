@@ -1,8 +1,6 @@
-"""dvc.yaml's `export` stage; the stage itself is expqa.pipeline.export (also `expqa export`, with --help)."""
-
-import sys
+"""dvc.yaml's `export` stage: expqa.pipeline.export (also `expqa export`; --help lists its arguments)."""
 
 from expqa.pipeline.export import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

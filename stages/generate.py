@@ -1,8 +1,6 @@
-"""dvc.yaml's `generate` stage; the stage itself is expqa.pipeline.generate (also `expqa generate`, with --help)."""
-
-import sys
+"""dvc.yaml's `generate` stage: expqa.pipeline.generate (also `expqa generate`; --help lists its arguments)."""
 
 from expqa.pipeline.generate import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

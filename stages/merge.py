@@ -1,8 +1,6 @@
-"""dvc.yaml's `merge` stage; the stage itself is expqa.pipeline.merge (also `expqa merge`, with --help)."""
-
-import sys
+"""dvc.yaml's `merge` stage: expqa.pipeline.merge (also `expqa merge`; --help lists its arguments)."""
 
 from expqa.pipeline.merge import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

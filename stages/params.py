@@ -1,8 +1,6 @@
-"""dvc.yaml's `params` stage; the stage itself is expqa.pipeline.params (also `expqa params`, with --help)."""
-
-import sys
+"""dvc.yaml's `params` stage: expqa.pipeline.params (`expqa params --resolved` shows what it wrote)."""
 
 from expqa.pipeline.params import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -1,8 +1,6 @@
-"""dvc.yaml's `stats` stage; the stage itself is expqa.pipeline.stats (also `expqa stats`, with --help)."""
-
-import sys
+"""dvc.yaml's `stats` stage: expqa.pipeline.stats (also `expqa stats`; --help lists its arguments)."""
 
 from expqa.pipeline.stats import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -1,8 +1,6 @@
-"""dvc.yaml's `train` stage; the stage itself is expqa.pipeline.train (also `expqa train`, with --help)."""
-
-import sys
+"""dvc.yaml's `train` stage: expqa.pipeline.train (also `expqa train`; --help lists its arguments)."""
 
 from expqa.pipeline.train import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

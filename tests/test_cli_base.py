@@ -56,7 +56,7 @@ def test_bad_params_value_is_a_one_line_error_without_traceback(copy_repo):
             "c",
             "--metrics",
             "m",
-            "--logs",
+            "--log-folder",
             "l",
         ],
     ):  # a stage by hand

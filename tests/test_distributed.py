@@ -1,6 +1,7 @@
 """Several processes on CPU (gloo): DDP and FSDP2 with the same global batch learn what 1 process learns, an external
 launch is not relaunched, two torchrun agents joined like two machines train together, only rank 0 writes."""
 
+import argparse
 import json
 import os
 import signal
@@ -59,7 +60,7 @@ def stage_args(run_dir, base, data):
         str(run_dir / "ckpt"),
         "--metrics",
         str(run_dir / "metrics"),
-        "--logs",
+        "--log-folder",
         str(run_dir / "logs"),
     ]
 
@@ -196,7 +197,7 @@ def test_two_machines_joined_by_torchrun_static_rendezvous(tiny_base, data, one_
                     "ckpt",
                     "--metrics",
                     "metrics",
-                    "--logs",
+                    "--log-folder",
                     "logs",
                 ],
                 cwd=node,
@@ -386,3 +387,18 @@ def test_fsdp_arguments_bf16_compute_fp32_reduction_and_layer_checkpointing(tiny
     policy = plugin.mixed_precision_policy
     assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32)
     assert "FULL_STATE_DICT" in str(plugin.state_dict_type) and not plugin.cpu_ram_efficient_loading
+
+
+def test_torchrun_passes_every_train_stage_option_to_the_workers():
+    """torchrun's own parser matches abbreviations anywhere in its command line: a stage option that begins one of its
+    options (`--logs` of `--logs-specs`) stops the launch with "ambiguous option"."""
+    from torch.distributed.run import get_args_parser
+
+    from expqa.pipeline import train
+
+    parser = argparse.ArgumentParser()
+    train.arguments(parser)
+    options = [action.option_strings[0] for action in parser._actions if action.option_strings[0] != "-h"]
+    args = [item for option in [*options, "--params", "--config"] for item in (option, "x")]
+    parsed = get_args_parser().parse_args(distributed.torchrun_command("expqa.pipeline.train", args, 2)[3:])
+    assert (parsed.module, parsed.training_script, parsed.training_script_args) == (True, "expqa.pipeline.train", args)

@@ -1,13 +1,9 @@
 """Stage `base`: materialise the base model named by params `model` into a folder (HF layout + base_info.json)."""
 
-from pathlib import Path
-
 from expqa.base_model import BaseModelError, materialize_base
 from expqa.pipeline import stage_main
 
-
-def arguments(parser):
-    parser.add_argument("--out", type=Path, required=True, help="output folder (models/base)")
+PATHS = {}
 
 
 def run(args, params):
@@ -15,4 +11,4 @@ def run(args, params):
     print(f"base: {info['name']} ({info['source']}) -> {args.out}")
 
 
-main = stage_main("base", __doc__, arguments, run, errors=(BaseModelError,))
+main = stage_main("base", __doc__, run, paths=PATHS, errors=(BaseModelError,))

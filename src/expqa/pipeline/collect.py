@@ -52,4 +52,4 @@ def run(args, params):
     return 0
 
 
-main = stage_main("collect", __doc__, arguments, run, errors=(DumpError, OSError))
+main = stage_main("collect", __doc__, run, arguments=arguments, errors=(DumpError, OSError))

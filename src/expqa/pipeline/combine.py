@@ -29,4 +29,4 @@ def run(args, params):
         )
 
 
-main = stage_main("combine", __doc__, arguments, run, errors=(DataError, EmptySplitError, OSError))
+main = stage_main("combine", __doc__, run, arguments=arguments, errors=(DataError, EmptySplitError, OSError))

@@ -6,17 +6,16 @@ architecture per type (write and verify times go to --timings). A mismatch fails
 """
 
 import sys
-from pathlib import Path
 
 from expqa.export import ExportError, export_gguf, export_summary, write_export_report
 from expqa.pipeline import require, stage_main
 
-
-def arguments(parser):
-    parser.add_argument("--model", type=Path, required=True, help="merged model folder (models/merged)")
-    parser.add_argument("--out", type=Path, required=True, help="output folder (models/gguf)")
-    parser.add_argument("--report", type=Path, required=True, help="verification report (JSON)")
-    parser.add_argument("--timings", type=Path, required=True, help="write/verify seconds (JSON, untracked)")
+PATHS = {
+    "--model": "merged model folder (models/merged)",
+    "--out": "output folder (models/gguf)",
+    "--report": "verification report (JSON)",
+    "--timings": "write/verify seconds (JSON, untracked)",
+}
 
 
 def run(args, params):
@@ -32,4 +31,4 @@ def run(args, params):
     print("\n".join(export_summary(report, args.out)))
 
 
-main = stage_main("export", __doc__, arguments, run, errors=(OSError,))
+main = stage_main("export", __doc__, run, paths=PATHS, errors=(OSError,))

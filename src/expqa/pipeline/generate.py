@@ -38,4 +38,4 @@ def run(args, params):
     print("generate: dropped " + ", ".join(f"{reason} {n}" for reason, n in counts.get("dropped", {}).items()))
 
 
-main = stage_main("generate", __doc__, arguments, run, errors=(DataError, OSError))
+main = stage_main("generate", __doc__, run, arguments=arguments, errors=(DataError, OSError))

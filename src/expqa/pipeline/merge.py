@@ -3,18 +3,16 @@
 Writes --report: max |logit difference| against base + adapter and whether greedy outputs agree.
 """
 
-from pathlib import Path
-
 from expqa.files import write_json
 from expqa.merge import merge_adapter, merge_summary
 from expqa.pipeline import require, stage_main
 
-
-def arguments(parser):
-    parser.add_argument("--base", type=Path, required=True, help="base model folder (models/base)")
-    parser.add_argument("--adapter", type=Path, required=True, help="the train stage's adapter (models/adapter)")
-    parser.add_argument("--out", type=Path, required=True, help="merged model folder (models/merged)")
-    parser.add_argument("--report", type=Path, required=True, help="verification report (JSON)")
+PATHS = {
+    "--base": "base model folder (models/base)",
+    "--adapter": "the train stage's adapter (models/adapter)",
+    "--out": "merged model folder (models/merged)",
+    "--report": "verification report (JSON)",
+}
 
 
 def run(args, params):
@@ -25,4 +23,4 @@ def run(args, params):
     print(merge_summary(report, args.out))
 
 
-main = stage_main("merge", __doc__, arguments, run, errors=(RuntimeError, OSError), uses_params=False)
+main = stage_main("merge", __doc__, run, paths=PATHS, errors=(RuntimeError, OSError), uses_params=False)

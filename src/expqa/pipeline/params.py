@@ -14,11 +14,11 @@ from expqa.config import STAGE_SECTIONS, ConfigError, load_params
 from expqa.files import write_json
 from expqa.pipeline import stage_main
 
-
-def arguments(parser):
-    parser.add_argument("--params", type=Path, required=True, help="the params file (params.yaml)")
-    parser.add_argument("--sources", type=Path, required=True, help="folder of the data.sources files")
-    parser.add_argument("--out", type=Path, required=True, help="folder for <stage>.json (metrics/params)")
+PATHS = {
+    "--params": "the params file (params.yaml)",
+    "--sources": "folder of the data.sources files",
+    "--out": "folder for <stage>.json (metrics/params)",
+}
 
 
 def run(args, _):
@@ -41,4 +41,4 @@ def run(args, _):
     print(f"params: {args.params} checked, {how}; {len(STAGE_SECTIONS)} stage files in {args.out}")
 
 
-main = stage_main("params", __doc__, arguments, run, errors=(BaseModelError,), uses_params=False)
+main = stage_main("params", __doc__, run, paths=PATHS, errors=(BaseModelError,), uses_params=False)

@@ -19,7 +19,10 @@ def arguments(parser):
     parser.add_argument("--checkpoints", type=Path, required=True, help="resumable checkpoints (models/checkpoints)")
     parser.add_argument("--metrics", type=Path, required=True, help="dvclive folder (metrics/train)")
     parser.add_argument(
-        "--logs", type=Path, required=True, help="training.log, TensorBoard events and wall-clock figures (logs/train)"
+        "--log-folder",
+        type=Path,
+        required=True,
+        help="training.log, TensorBoard events and wall-clock figures (logs/train)",
     )
 
 
@@ -50,7 +53,7 @@ def run(args, params):
             data_dir=args.data,
             checkpoint_dir=args.checkpoints,
             metrics_dir=args.metrics,
-            log_dir=args.logs,
+            log_dir=args.log_folder,
         )
         metrics = trainer.train()
         trainer.save_model(args.out)
@@ -66,7 +69,7 @@ def run(args, params):
         print("train: " + json.dumps(summary))
 
 
-main = stage_main("train", __doc__, arguments, run, errors=(ValueError, OSError))
+main = stage_main("train", __doc__, run, arguments=arguments, errors=(ValueError, OSError))
 
 if __name__ == "__main__":  # torchrun runs the workers as `python -m expqa.pipeline.train ...`
     sys.exit(main())

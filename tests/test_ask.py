@@ -74,3 +74,20 @@ def test_no_question_at_all_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as info:
         ask.main([])
     assert info.value.code == 2 and "give a question" in capsys.readouterr().err
+
+
+def test_ask_answers_with_tiny_model_and_explains_missing_models(
+    tiny_base, embedded_tokenizer, capsys, tmp_path, monkeypatch
+):
+    from transformers import AutoModelForCausalLM
+
+    from expqa import ask
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    text = ask.answer(model, embedded_tokenizer, "What is CUPED?", max_new_tokens=5, temperature=0.0)
+    again = ask.answer(model, embedded_tokenizer, "What is CUPED?", max_new_tokens=5, temperature=0.0)
+    assert isinstance(text, str) and text == again
+    monkeypatch.chdir(tmp_path)
+    assert ask.main(["What is CUPED?"]) == 2
+    assert "models/merged does not exist yet: build it with `dvc repro merge`" in capsys.readouterr().err
+    assert ask.main(["What is CUPED?", "--model", str(tiny_base), "--max-new-tokens", "3"]) == 0

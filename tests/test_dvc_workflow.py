@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -143,7 +144,7 @@ def configure(repo: Path, tiny_base: Path) -> None:
     # max_seq_length 128, not 64: at 64 every assistant token of the first test conversations is truncated away and
     # the evaluate stage dies in perplexity() with ZeroDivisionError (reported; 128 keeps some in each).
     # one process each: the workflow is what these tests check; 2-process training and evaluation have their own
-    # tests (test_distributed.py, test_merge_evaluate.py), and a process start costs seconds per stage here
+    # tests (test_distributed.py, test_evaluate.py), and a process start costs seconds per stage here
     params["cpu"]["train"].update(
         max_steps=2,
         micro_batch="2 conversations",
@@ -241,6 +242,19 @@ def test_repro_runs_every_stage_and_leaves_the_pipeline_up_to_date(project):
     train = json.loads((project.repo / "metrics/train/metrics.json").read_text())
     assert {"loss", "eval_loss_before_training"} <= set(train["train"]) | set(train), train
     assert not (project.repo / "metrics/train/params.yaml").exists()  # dvclive dumps no TrainingArguments
+    # the profile that ran, in the metrics (`dvc metrics show`, `exp show`) and in the params each stage read
+    assert train["profile"] == evaluation["profile"] == "cpu"
+    assert json.loads((project.repo / "metrics/params/train.json").read_text())["profile"] == "cpu"
+    assert json.loads((project.repo / "models/adapter/training_config.json").read_text())["config"]["profile"] == "cpu"
+    shown = dvc(project, "metrics", "show", "--json").stdout
+    assert re.search(r'"profile":\s*"cpu"', shown), shown
+
+
+def resolved_params(lock: dict, stage: str) -> str | None:
+    """The md5 of the params file a stage read (metrics/params/<stage>.json, written by the params stage)."""
+    return next(
+        (dep["md5"] for dep in lock["stages"][stage]["deps"] if dep["path"].startswith("metrics/params/")), None
+    )
 
 
 def test_data_stages_reproduce_the_committed_lock_byte_for_byte(project):
@@ -252,7 +266,7 @@ def test_data_stages_reproduce_the_committed_lock_byte_for_byte(project):
     shipped = project.shipped_lock
     here = yaml.safe_load((project.repo / "dvc.lock").read_text())
     for stage, paths in DATA_OUTS.items():
-        assert here["stages"][stage].get("params") == shipped["stages"][stage].get("params"), stage
+        assert resolved_params(here, stage) == resolved_params(shipped, stage), stage
         for path in paths:
             mine, theirs = lock_outs(here)[path], lock_outs(shipped)[path]
             assert (mine["md5"], mine["size"], mine.get("nfiles")) == (

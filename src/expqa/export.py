@@ -452,7 +452,7 @@ def export_gguf(model_dir: str | Path, out_dir: str | Path, config: ExportConfig
 
 def write_export_report(report: dict, path: Path, timings: Path) -> None:
     """The report without its write/verify seconds to path (metrics/export.json, DVC-tracked: the same bytes for a
-    reproduced run), the seconds to timings (logs/, untracked)."""
+    reproduced run), the seconds to timings (logs/: cached by DVC, not compared)."""
     tracked, clock = split_wall_clock(report)
     write_json(path, tracked)
     write_json(timings, clock)

@@ -1,5 +1,5 @@
 """Small file helpers shared by the stages: content hashes, all-or-nothing directory outputs, and reports split into
-what DVC tracks (the same whenever a run is reproduced) and wall-clock figures (logs/, untracked)."""
+what DVC tracks (the same whenever a run is reproduced) and wall-clock figures (logs/: cached by DVC, not compared)."""
 
 from __future__ import annotations
 

@@ -271,7 +271,7 @@ def find_resumable_checkpoint(checkpoint_dir: Path, fingerprint: dict, remove_fo
 
 
 def _warn(message: str, on_console: bool) -> None:
-    """Log to logs/training.log and, from one process only, print it: why a run did not resume is news."""
+    """Log to logs/train/training.log and, from one process only, print it: why a run did not resume is news."""
     log.warning(message)
     if on_console:
         print(f"train: {message}", file=sys.stderr, flush=True)
@@ -289,7 +289,7 @@ def tokens_logged_at_checkpoint(checkpoint: Path) -> int:
 
 
 def is_compared(key: str) -> bool:
-    """False for wall-clock figures (runtime, throughput) and FLOP counts: they go to logs/train_run.json."""
+    """False for wall-clock figures (runtime, throughput) and FLOP counts: they go to logs/train/train_run.json."""
     return not is_wall_clock(key)
 
 
@@ -596,10 +596,12 @@ class QLoRATrainer:
 
     def _write_metrics(self) -> None:
         """metrics/train (DVC-tracked: curves and values that are the same whenever the run is reproduced) and
-        logs/train_run.json (untracked: wall time, throughput, the step a run resumed from)."""
+        logs/train/train_run.json (not compared: wall time, throughput, the step a run resumed from)."""
         metrics = self.metrics
         if self.metrics_dir is not None:
             summary = {k: v for k, v in self.checkpointing.metrics().items() if v is not None}
+            if self.profile is not None:  # `dvc metrics diff` / `exp show` tell a cpu run from a gpu run
+                summary["profile"] = self.profile
             if "eval_loss_before_training" in metrics:
                 summary["eval_loss_before_training"] = metrics["eval_loss_before_training"]
             write_training_metrics(self.metrics_dir, self.trainer.state.log_history, metrics["train_loss"], summary)
@@ -632,7 +634,7 @@ class QLoRATrainer:
                 adapter_config["target_modules"] = sorted(adapter_config["target_modules"])
             config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
             self.tokenizer.save_pretrained(tmp)
-            # wall-clock figures (runtime, tokens/s), the step a run resumed from (logs/train_run.json) and the
+            # wall-clock figures (runtime, tokens/s), the step a run resumed from (logs/train/train_run.json) and the
             # checkpointing `auto` chose (it depends on the card's free memory, not on the maths; in metrics/) are
             # left out: the adapter folder stays byte-identical when a run is reproduced or resumed
             metrics = {

@@ -3,7 +3,7 @@
 from expqa.base_model import BaseModelError, materialize_base
 from expqa.pipeline import stage_main
 
-PATHS = {}
+PATHS = {"--out": "output folder (models/base)"}
 
 
 def run(args, params):

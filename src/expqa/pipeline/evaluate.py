@@ -29,6 +29,8 @@ def run(args, params):
         seed=params.base.seed,
         max_length=params.train.max_seq_length,
     )
+    if params.profile is not None:  # `dvc metrics diff` / `exp show` tell a cpu run from a gpu run
+        report = {**report, "profile": params.profile}
     write_eval_outputs(report, examples, out=args.out, examples_path=args.examples, plot=args.plot)
     print(eval_summary(report))
 

@@ -1,0 +1,88 @@
+"""expqa.pipeline: the params stage (checks, profile resolution, one file per stage) and the stages' one-line
+errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from expqa.config import STAGE_SECTIONS
+
+PARAMS_STAGE = ["stages/params.py", "--params", "params.yaml", "--sources", "data/raw/sources", "--out", "resolved"]
+
+
+def test_bad_params_value_is_a_one_line_error_without_traceback(copy_repo):
+    repo = copy_repo()
+    params = repo / "params.yaml"
+    params.write_text(params.read_text().replace("  r: 16", "  r: 0"))
+    line = next(i for i, text in enumerate(params.read_text().splitlines(), 1) if "  r: 0" in text)
+    expected = f"error: params.yaml:{line}: lora.r is 0; must be a positive integer (typical: 8, 16, 32, 64)"
+    for command in (
+        [sys.executable, *PARAMS_STAGE],  # what dvc repro runs first
+        [
+            sys.executable,
+            "-m",
+            "expqa.cli",
+            "train",
+            "--params",
+            "params.yaml",
+            "--base",
+            "b",
+            "--data",
+            "d",
+            "--out",
+            "o",
+            "--checkpoints",
+            "c",
+            "--metrics",
+            "m",
+            "--log-folder",
+            "l",
+        ],
+    ):  # a stage by hand
+        result = subprocess.run(command, cwd=repo, capture_output=True, text=True)
+        assert (result.returncode, result.stderr.strip()) == (2, expected), result.stderr
+    assert not (repo / "resolved").exists()
+
+
+@pytest.mark.parametrize(
+    "old,new,expected",
+    [
+        (
+            "name: HuggingFaceTB/SmolLM2-135M-Instruct",
+            "name: ./no-such-model",
+            "error: model.name './no-such-model' is neither a local directory nor a hub id like 'org/model'",
+        ),
+        (
+            "posts: data/raw/stackexchange_sample/Posts.xml",
+            "posts: data/raw/site.7z",
+            "error: params.yaml: collect.posts data/raw/site.7z does not exist",
+        ),
+    ],
+)
+def test_params_stage_checks_what_params_name_before_any_stage_runs(copy_repo, old, new, expected):
+    """A bad `dvc exp run -S model.name=...` used to fail in the base stage, after DVC had deleted models/base."""
+    repo = copy_repo()
+    params = repo / "params.yaml"
+    params.write_text(params.read_text().replace(old, new, 1))
+    result = subprocess.run([sys.executable, *PARAMS_STAGE], cwd=repo, capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.startswith(expected), result.stderr
+    assert not (repo / "resolved").exists()
+
+
+def test_params_stage_writes_each_stage_its_resolved_sections(copy_repo):
+    repo = copy_repo()
+    result = subprocess.run(
+        [sys.executable, *PARAMS_STAGE],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "params: params.yaml checked, profile auto -> cpu; 8 stage files in resolved\n"
+    train = json.loads((repo / "resolved" / "train.json").read_text())
+    assert (train["stage"], train["profile"], train["train"]["micro_batch"]) == ("train", "cpu", "2 conversations")
+    assert sorted(p.stem for p in (repo / "resolved").iterdir()) == sorted(STAGE_SECTIONS)

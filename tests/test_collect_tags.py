@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import runpy
 import zipfile
 from pathlib import Path
 
@@ -18,10 +17,11 @@ from expqa.collect import (
     list_tags,
 )
 from expqa.config import CollectConfig, load_params
+from expqa.pipeline.collect import main as collect_stage
 from test_collect import SAMPLE_POSTS, answer, make_site_7z, question, write_posts
 
 REPO = Path(__file__).resolve().parents[1]
-STAGE = runpy.run_path(str(REPO / "stages" / "collect.py"), run_name="expqa_stage")["main"]
+STAGE = collect_stage
 
 
 def shipped_config(**overrides) -> CollectConfig:

@@ -6,7 +6,6 @@ import dataclasses
 import json
 import random
 import re
-import runpy
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from expqa.combine import (
     train_copies,
 )
 from expqa.config import MAX_WEIGHT, ConfigError, DataConfig
+from expqa.pipeline.combine import main as combine_stage
 
 WEIGHTS = {"cross_validated": 2.0, "arxiv_synthetic": 1.0}
 DATA = DataConfig(weights=WEIGHTS, test_fraction=0.10, val_fraction=0.05, on_invalid="error", sources=[])
@@ -220,7 +220,7 @@ def test_a_directory_as_input_is_named_as_such(tmp_path: Path) -> None:
 
 
 def test_stage_reports_an_empty_split_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    stage = runpy.run_path(str(REPO / "stages" / "combine.py"))
+    stage = {"main": combine_stage}
     path = write_jsonl(tmp_path / "in.jsonl", [])
     assert (
         stage["main"](

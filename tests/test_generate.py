@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import runpy
 from pathlib import Path
 
 import pytest
@@ -26,10 +25,11 @@ from expqa.generate import (
     read_papers,
     select_papers,
 )
+from expqa.pipeline.generate import main as generate_stage
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_PAPERS = REPO / "data" / "raw" / "arxiv_papers_sample.jsonl"
-STAGE = runpy.run_path(str(REPO / "stages" / "generate.py"), run_name="expqa_stage")["main"]
+STAGE = generate_stage
 PAPER = Paper(
     arxiv_id="1512.04922",
     title="Always Valid Inference: Bringing Sequential Analysis to A/B Testing",

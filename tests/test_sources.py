@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import runpy
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ from conftest import REPO
 from expqa.chatml import DataError, content_id
 from expqa.combine import combine_datasets
 from expqa.config import ConfigError, DataConfig, SourceConfig, load_params
+from expqa.pipeline.combine import main as combine_stage
 
 BUILT_IN = {"cross_validated": 1.0, "arxiv_synthetic": 1.0}
 BUILT_IN_ROW = {
@@ -435,7 +435,7 @@ def test_stage_puts_a_weight_2_source_twice_in_train(tmp_path: Path, capsys: pyt
         "data:\n  test_fraction: 0.0\n  val_fraction: 0.0\n  sources:\n" + GOOD_ENTRY.replace("1.0", "2.0")
     )
     built_in = write_jsonl(tmp_path / "built_in.jsonl", [BUILT_IN_ROW])
-    stage = runpy.run_path(str(REPO / "stages" / "combine.py"))
+    stage = {"main": combine_stage}
     assert (
         stage["main"](
             [

@@ -1,9 +1,10 @@
 """The pipeline stages as library functions: `dvc repro` runs them through stages/<name>.py, `expqa <name>` directly.
 
-Each stage module has a docstring (its --help), `PATHS` (its path options, all required: dvc.yaml gives them)
-and/or `arguments(parser)` for other options, `run(args, params) -> int | None` and `main = stage_main(...)`.
-stage_main adds `--params` (the stage's resolved params, metrics/params/<stage>.json, or a whole params.yaml to run
-by hand), loads it, and turns the expected failures into one `error: ...` line and exit status 2.
+Each stage module has a docstring (its --help: what each path option is), `PATHS` (the names of its path options,
+all required: dvc.yaml gives them) and/or `arguments(parser)` for other options, `run(args, params) -> int | None`
+and `main = stage_main(...)`. stage_main adds `--params` (the stage's resolved params, metrics/params/<stage>.json,
+or a whole params.yaml to run by hand), loads it, and turns the expected failures into one `error: ...` line and
+exit status 2.
 """
 
 from __future__ import annotations
@@ -23,20 +24,20 @@ def stage_main(
     doc: str,
     run: Callable[[argparse.Namespace, Params | None], int | None],
     *,
-    paths: dict[str, str] | None = None,
+    paths: str = "",
     arguments: Callable[[argparse.ArgumentParser], None] | None = None,
     errors: tuple[type[BaseException], ...] = (),
     uses_params: bool = True,
 ) -> Callable[..., int]:
-    """The `main(argv=None) -> int` of stage ``name``: ``paths`` maps each of its path options (all required) to
-    its help, ``arguments`` adds any other options; ``errors`` are the exceptions that mean bad input."""
+    """The `main(argv=None) -> int` of stage ``name``: ``paths`` names its path options (all required), ``arguments``
+    adds any other options; ``errors`` are the exceptions that mean bad input."""
 
     def main(argv: list[str] | None = None) -> int:
         parser = argparse.ArgumentParser(
             prog=f"expqa {name}", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
         )
-        for option, text in (paths or {}).items():
-            parser.add_argument(option, type=Path, required=True, help=text)
+        for option in paths.split():  # what each one is: the module docstring, printed above
+            parser.add_argument(option, type=Path, required=True)
         if arguments is not None:
             arguments(parser)
         if uses_params:

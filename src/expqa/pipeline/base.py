@@ -1,9 +1,12 @@
-"""Stage `base`: materialise the base model named by params `model` into a folder (HF layout + base_info.json)."""
+"""Stage `base`: materialise the base model named by params `model` into a folder (HF layout + base_info.json).
+
+Writes --out: the model folder.
+"""
 
 from expqa.base_model import BaseModelError, materialize_base
 from expqa.pipeline import stage_main
 
-PATHS = {"--out": "output folder (models/base)"}
+PATHS = "--out"  # required path options: dvc.yaml gives them
 
 
 def run(args, params):

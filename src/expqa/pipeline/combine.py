@@ -1,6 +1,7 @@
 """Stage `combine`: validate, deduplicate, weight and split the ChatML inputs into train/val/test.
 
 Params: data (weights, fractions, on_invalid, sources) and base.seed; data.sources files are read from --sources.
+Writes --out: train/val/test JSONL, quarantine.jsonl, manifest.json.
 """
 
 from pathlib import Path
@@ -12,8 +13,6 @@ from expqa.pipeline import stage_main
 
 def arguments(parser):
     parser.add_argument("inputs", nargs="+", type=Path, help="ChatML JSONL files")
-    parser.add_argument("--out", type=Path, required=True, help="output folder (data/processed)")
-    parser.add_argument("--sources", type=Path, required=True, help="folder of the data.sources files")
 
 
 def run(args, params):
@@ -29,4 +28,6 @@ def run(args, params):
         )
 
 
-main = stage_main("combine", __doc__, run, arguments=arguments, errors=(DataError, EmptySplitError, OSError))
+main = stage_main(
+    "combine", __doc__, run, paths="--out --sources", arguments=arguments, errors=(DataError, EmptySplitError, OSError)
+)

@@ -2,20 +2,15 @@
 
 Params: eval, base.seed (bootstrap) and train.max_seq_length. --train: the split that trained the model, for the
 taught / not taught split of the critical questions.
+
+Reads --base and --tuned (model folders), --test and --train (splits); writes --out (the report, JSON),
+--examples (both models' answers, JSONL) and --plot (ROUGE-L per test question, CSV).
 """
 
 from expqa.evaluate import eval_summary, evaluate_base_vs_tuned, write_eval_outputs
 from expqa.pipeline import require, stage_main
 
-PATHS = {
-    "--base": "base model folder",
-    "--tuned": "fine-tuned (merged) model folder",
-    "--test": "test split (ChatML JSONL)",
-    "--train": "train split (ChatML JSONL)",
-    "--out": "the report (JSON)",
-    "--examples": "per-question answers of both models (JSONL)",
-    "--plot": "ROUGE-L per test question (CSV)",
-}
+PATHS = "--base --tuned --test --train --out --examples --plot"  # required path options: dvc.yaml gives them
 
 
 def run(args, params):

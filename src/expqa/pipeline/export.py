@@ -3,6 +3,9 @@ Modelfile, each file verified against the merged model.
 
 Writes --report: size, max |logit diff| and agreement of greedy continuations, token ids, chat template and
 architecture per type (write and verify times go to --timings). A mismatch fails the stage and leaves --out as it was.
+
+Reads --model (the merged model); writes --out (GGUF files + Modelfile), --report (JSON, DVC-tracked) and
+--timings (write/verify seconds, JSON, not compared).
 """
 
 import sys
@@ -10,12 +13,7 @@ import sys
 from expqa.export import ExportError, export_gguf, export_summary, write_export_report
 from expqa.pipeline import require, stage_main
 
-PATHS = {
-    "--model": "merged model folder (models/merged)",
-    "--out": "output folder (models/gguf)",
-    "--report": "verification report (JSON)",
-    "--timings": "write/verify seconds (JSON, untracked)",
-}
+PATHS = "--model --out --report --timings"  # required path options: dvc.yaml gives them
 
 
 def run(args, params):

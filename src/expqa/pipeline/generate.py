@@ -1,24 +1,19 @@
 """Stage `generate`: synthetic, grounded Q&A from arXiv papers' metadata -> ChatML JSONL (params: generate).
 
 Off by default (generate.enabled: false writes an empty output); `make generate-qa` runs it with the teacher.
+
+Reads --papers (arXiv metadata, JSON lines) and --base (the teacher when generate.model is base); writes --out
+(ChatML JSONL) and --report (counts, JSON).
 """
 
 import time
-from pathlib import Path
 
 from expqa.chatml import DataError
 from expqa.files import write_json
 from expqa.generate import generate_qa
 from expqa.pipeline import stage_main
 
-
-def arguments(parser):
-    parser.add_argument("--papers", type=Path, required=True, help="arXiv metadata, JSON lines (the snapshot's format)")
-    parser.add_argument(
-        "--base", type=Path, required=True, help="the base stage's model (the teacher when generate.model is 'base')"
-    )
-    parser.add_argument("--out", type=Path, required=True, help="output ChatML JSONL")
-    parser.add_argument("--report", type=Path, required=True, help="the counts (JSON)")
+PATHS = "--papers --base --out --report"  # required path options: dvc.yaml gives them
 
 
 def run(args, params):
@@ -38,4 +33,4 @@ def run(args, params):
     print("generate: dropped " + ", ".join(f"{reason} {n}" for reason, n in counts.get("dropped", {}).items()))
 
 
-main = stage_main("generate", __doc__, run, arguments=arguments, errors=(DataError, OSError))
+main = stage_main("generate", __doc__, run, paths=PATHS, errors=(DataError, OSError))

@@ -1,18 +1,15 @@
 """Stage `merge`: fold the adapter into the base weights (float32, never 4-bit), verified.
 
 Writes --report: max |logit difference| against base + adapter and whether greedy outputs agree.
+
+Reads --base and --adapter; writes --out (the merged model) and --report (JSON).
 """
 
 from expqa.files import write_json
 from expqa.merge import merge_adapter, merge_summary
 from expqa.pipeline import require, stage_main
 
-PATHS = {
-    "--base": "base model folder (models/base)",
-    "--adapter": "the train stage's adapter (models/adapter)",
-    "--out": "merged model folder (models/merged)",
-    "--report": "verification report (JSON)",
-}
+PATHS = "--base --adapter --out --report"  # required path options: dvc.yaml gives them
 
 
 def run(args, params):

@@ -5,6 +5,8 @@ here, the cpu overrides merged in under the cpu profile). Every other stage depe
 (`dvc exp run -S ...`) stops the pipeline here, before DVC deletes any stage's outputs, and dvc.lock records which
 profile built each output. Also checked here: the files params name (collect.posts, eval.critical_questions,
 data.sources in --sources) and that model.name can be obtained.
+
+Reads --params (params.yaml) and --sources (the data.sources folder); writes --out/<stage>.json.
 """
 
 from pathlib import Path
@@ -14,11 +16,7 @@ from expqa.config import STAGE_SECTIONS, ConfigError, load_params
 from expqa.files import write_json
 from expqa.pipeline import stage_main
 
-PATHS = {
-    "--params": "the params file (params.yaml)",
-    "--sources": "folder of the data.sources files",
-    "--out": "folder for <stage>.json (metrics/params)",
-}
+PATHS = "--params --sources --out"  # required path options: dvc.yaml gives them
 
 
 def run(args, _):

@@ -2,17 +2,15 @@
 
 Lengths use the base model's tokenizer and chat template; truncation is counted at train.max_seq_length of the
 profile that runs.
+
+Reads --data (the combine stage's folder) and --base (tokenizer, chat template); writes --out
+(statistics, JSON) and --histogram (token lengths, CSV).
 """
 
 from expqa.pipeline import require, stage_main
 from expqa.stats import summary_line, write_dataset_stats
 
-PATHS = {
-    "--data": "the combine stage's folder (data/processed)",
-    "--base": "base model folder: tokenizer and chat template",
-    "--out": "statistics (JSON)",
-    "--histogram": "token-length histogram (CSV)",
-}
+PATHS = "--data --base --out --histogram"  # required path options: dvc.yaml gives them
 
 
 def run(args, params):

@@ -3,27 +3,17 @@
 Params: base.seed, quantization, lora, train (as the profile resolved them). Checkpoints land in --checkpoints
 (git-ignored, left alone by DVC): a killed run resumes from the last complete one. Several processes (train.
 num_processes, the cpu profile's 2, or FSDP): the stage re-runs itself as torchrun workers.
+
+Reads --base (model folder) and --data (the combine stage's splits); writes --out (the adapter), --metrics
+(dvclive), --log-folder (training.log, TensorBoard, wall-clock figures) and --checkpoints.
 """
 
 import json
 import sys
-from pathlib import Path
 
 from expqa.pipeline import check_profile, require, stage_main
 
-
-def arguments(parser):
-    parser.add_argument("--base", type=Path, required=True, help="base model folder (models/base)")
-    parser.add_argument("--data", type=Path, required=True, help="the combine stage's folder (data/processed)")
-    parser.add_argument("--out", type=Path, required=True, help="adapter folder (models/adapter)")
-    parser.add_argument("--checkpoints", type=Path, required=True, help="resumable checkpoints (models/checkpoints)")
-    parser.add_argument("--metrics", type=Path, required=True, help="dvclive folder (metrics/train)")
-    parser.add_argument(
-        "--log-folder",
-        type=Path,
-        required=True,
-        help="training.log, TensorBoard events and wall-clock figures (logs/train)",
-    )
+PATHS = "--base --data --out --checkpoints --metrics --log-folder"  # required path options: dvc.yaml gives them
 
 
 def run(args, params):
@@ -69,7 +59,7 @@ def run(args, params):
         print("train: " + json.dumps(summary))
 
 
-main = stage_main("train", __doc__, run, arguments=arguments, errors=(ValueError, OSError))
+main = stage_main("train", __doc__, run, paths=PATHS, errors=(ValueError, OSError))
 
 if __name__ == "__main__":  # torchrun runs the workers as `python -m expqa.pipeline.train ...`
     sys.exit(main())

@@ -2,4 +2,5 @@
 
 from expqa.pipeline.params import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # spawned worker processes (evaluate's) import this file again
+    raise SystemExit(main())

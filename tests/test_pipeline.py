@@ -86,3 +86,19 @@ def test_params_stage_writes_each_stage_its_resolved_sections(copy_repo):
     train = json.loads((repo / "resolved" / "train.json").read_text())
     assert (train["stage"], train["profile"], train["train"]["micro_batch"]) == ("train", "cpu", "2 conversations")
     assert sorted(p.stem for p in (repo / "resolved").iterdir()) == sorted(STAGE_SECTIONS)
+
+
+def test_stage_scripts_run_only_as_the_main_module():
+    """evaluate's spawned worker processes import the stage script again: an unguarded `main()` there started a second
+    evaluation in each worker and broke the process pool (BrokenProcessPool in `dvc repro`)."""
+    import ast
+
+    from conftest import REPO
+
+    for script in sorted((REPO / "stages").glob("*.py")):
+        body = ast.parse(script.read_text()).body
+        calls = [
+            node for node in body if isinstance(node, ast.Raise) or isinstance(getattr(node, "value", None), ast.Call)
+        ]
+        guards = [node for node in body if isinstance(node, ast.If) and "__name__" in ast.unparse(node.test)]
+        assert not calls and len(guards) == 1, f"{script.name}: call main() under `if __name__ == '__main__':`"

@@ -1,7 +1,6 @@
 """Several processes on CPU (gloo): DDP and FSDP2 with the same global batch learn what 1 process learns, an external
 launch is not relaunched, two torchrun agents joined like two machines train together, only rank 0 writes."""
 
-import argparse
 import json
 import os
 import signal
@@ -293,13 +292,13 @@ def test_the_stage_launches_only_outside_a_launch(clean_env, processes, mode, ex
 
 
 def test_several_machines_use_torchruns_rendezvous_variables(clean_env):
-    assert "--standalone" in distributed.torchrun_command("s.py", [], 2)
+    assert "--standalone" in distributed.torchrun_command("pkg.stage", [], 2)
     assert distributed.needs_launch(1, "ddp") is False
     clean_env.setenv("PET_NNODES", "2")
     clean_env.setenv("PET_RDZV_ENDPOINT", "node0:29500")
     assert distributed.needs_launch(1, "ddp") is True  # one process here, more on the other machines
-    cmd = distributed.torchrun_command("s.py", ["--x"], 8)
-    assert "--standalone" not in cmd and cmd[-3:] == ["--nproc_per_node=8", "s.py", "--x"]
+    cmd = distributed.torchrun_command("pkg.stage", ["--x"], 8)
+    assert "--standalone" not in cmd and cmd[-4:] == ["--nproc_per_node=8", "-m", "pkg.stage", "--x"]
 
 
 class FakeLauncher:
@@ -396,9 +395,6 @@ def test_torchrun_passes_every_train_stage_option_to_the_workers():
 
     from expqa.pipeline import train
 
-    parser = argparse.ArgumentParser()
-    train.arguments(parser)
-    options = [action.option_strings[0] for action in parser._actions if action.option_strings[0] != "-h"]
-    args = [item for option in [*options, "--params", "--config"] for item in (option, "x")]
+    args = [item for option in [*train.PATHS.split(), "--params", "--config"] for item in (option, "x")]
     parsed = get_args_parser().parse_args(distributed.torchrun_command("expqa.pipeline.train", args, 2)[3:])
     assert (parsed.module, parsed.training_script, parsed.training_script_args) == (True, "expqa.pipeline.train", args)

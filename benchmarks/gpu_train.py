@@ -82,6 +82,7 @@ VARIANTS = {
     "params_gcfull": dict(gradient_checkpointing="full"),  # the memory-lean one-key switch
     "params_gcsel": dict(gradient_checkpointing="selective"),
     "params_nogc": dict(gradient_checkpointing="off"),
+    "params_nofp8": dict(fp8_matmul="off"),  # the base matmuls in bf16 (the default before FP8, 2026-11-29)
     "params_nogroup": dict(grouped_lora=False),  # the fused LoRA function per projection (2026-11)
     "params_gcfull_tok8k": dict(gradient_checkpointing="full", micro_batch="8192 tokens"),  # leaner still
     "params_offload": dict(gradient_checkpointing="offload"),  # full, layer inputs in host memory
@@ -131,6 +132,15 @@ SUITES["issue21-lean"] = [
     (B3, "params_tok32k", 50),
     (B3, "params_tok24k", 45),
     (B8, "params_offload", 90),
+]
+# FP8 base matmuls (train.fp8_matmul, auto = on on an H200) against bf16, with the lean setting and 8B
+SUITES["issue21-fp8"] = [
+    (B3, "params", 45),
+    (B3, "params_nofp8", 45),
+    (B3, "params_offload", 45),
+    (B8, "params", 75),
+    (B8, "params_nofp8", 75),
+    (B3, "params_tok24k", 45),
 ]
 # the same in two calls
 SUITES["issue21-3b"] = [row for row in SUITES["issue21"] if row[0] == B3]
@@ -298,6 +308,7 @@ def run_project(name: str, arch: str, base: Path, data: Path) -> dict:
         "tokens_per_micro_batch": c.tokens_per_micro_batch,
         "fused_lora": c.fused_lora,
         "grouped_lora": c.grouped_lora,
+        "fp8_matmul": runner.fp8["fp8_matmul"],
         "optim": c.optim,
         "grad_accum": c.gradient_accumulation_steps,
         "padding_free": c.padding_free,
@@ -575,7 +586,8 @@ def shape_of(r: dict) -> str:
     )
     if r.get("gradient_checkpointing_requested") == "auto":
         gc = f"auto -> {gc}"
-    return f"{batch} x {r['grad_accum']}, {lora} LoRA, dropout {r['lora_dropout']}, {r['optim']}, GC {gc}"
+    fp8 = ", FP8 base matmuls" if r.get("fp8_matmul") == "on" else ""
+    return f"{batch} x {r['grad_accum']}, {lora} LoRA, dropout {r['lora_dropout']}, {r['optim']}, GC {gc}{fp8}"
 
 
 def ratio(value, reference) -> str:
@@ -624,7 +636,8 @@ def write_tables(out_dir: Path, stamp: str, results: list[dict], notes: list[str
         f"({steps_text}); "
         "x Unsloth / x plain: ratio to the `unsloth` / plain row of the same architecture in this call. MFU: "
         "(4 + 2 x checkpointed layers / layers) x N FLOPs per token (N: parameters incl. embeddings; 3.21e9 and "
-        "8.03e9) / 790 TFLOP/s bf16 dense (measured on the card). Peak memory: torch.cuda.max_memory_allocated "
+        "8.03e9) / 790 TFLOP/s bf16 dense (measured on the card; rows with FP8 base matmuls are counted against the same "
+        "bf16 figure). Peak memory: torch.cuda.max_memory_allocated "
         "/ max_memory_reserved, one process per row. loss: last logged training loss of random weights on each "
         "recipe's own batches, not comparable across rows (packed = unpacked loss is tested on CPU).",
     ]

@@ -85,6 +85,7 @@ def test_train_merge_evaluate_on_cuda(bf16_base, processed_dir, tmp_path, embedd
     assert lora_b and all(p.device.type == "cuda" for p in lora_b) and any(p.abs().sum() > 0 for p in lora_b)
     assert metrics["global_step"] == 8 and metrics["eval_loss"] < metrics["eval_loss_before_training"]
     assert metrics["real_tokens_per_second"] > 0
+    assert metrics["fp8_matmul"] == ("on" if torch.cuda.get_device_capability() >= (9, 0) else "off")  # auto
     trainer.save_model(tmp_path / "adapter")
     del trainer, model
     torch.cuda.empty_cache()
@@ -109,3 +110,24 @@ def test_train_merge_evaluate_on_cuda(bf16_base, processed_dir, tmp_path, embedd
     )
     assert summary["perplexity"] > 1 and 0 <= summary["critical_questions_accuracy"] <= 1
     assert len([e for e in examples if "rougeL" in e]) == len(rows)
+
+
+@pytest.mark.parametrize("cols", [64, 1000, 3072, 14336])
+def test_fp8_row_kernel_equals_the_torch_path(cols):
+    """The Triton quantisation kernel gives the torch path's scales and e4m3 bytes, and a CUDA FP8 matmul is the
+    CPU one up to accumulation order."""
+    from expqa import fp8
+
+    generator = torch.Generator(device="cuda").manual_seed(cols)
+    x = torch.randn(513, cols, device="cuda", generator=generator) * torch.logspace(-4, 4, 513, device="cuda")[:, None]
+    x[7] = 0.0
+    x = x.to(torch.bfloat16)
+    values, scales = fp8.quantize_rows(x)
+    values_ref, scales_ref = fp8._quantize_rows_torch(x)
+    assert torch.equal(scales, scales_ref)
+    assert torch.equal(values.view(torch.uint8), values_ref.view(torch.uint8))
+    if cols % 16 == 0:
+        weight = torch.randn(256, cols, device="cuda", generator=generator).to(torch.bfloat16) / cols**0.5
+        on_gpu = fp8.linear(values, scales, weight).float().cpu()
+        on_cpu = fp8.linear(values_ref.cpu(), scales_ref.cpu(), weight.cpu()).float()
+        assert float((on_gpu - on_cpu).norm() / on_cpu.norm()) < 1e-2

@@ -27,6 +27,7 @@ LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pr
 EMBEDDED_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 ATTENTION_KERNELS = ("sdpa", "eager", "expqa_varlen")
 CHECKPOINTING_MODES = ("auto", "off", "selective", "full", "offload")  # expqa.checkpointing.MODES
+FP8_MODES = ("auto", "on", "off")  # train.fp8_matmul, resolved by expqa.fp8.resolve
 GGUF_EXPORT_TYPES = ("f32", "f16", "bf16", "q8_0")
 LM_HEAD_LOSSES = ("trl", "expqa")
 MAX_WEIGHT = 1000.0  # train copies are stored in 16 bits, and more is surely a typo
@@ -376,6 +377,13 @@ class TrainingConfig:
         "gradient) when lora.dropout is 0.",
         True,
     )
+    fp8_matmul: str | bool = _help(
+        "With fused_lora: the frozen base weights' matmuls (forward and input gradient) in FP8 e4m3 with per-row "
+        "scales (src/expqa/fp8.py); the LoRA path, attention, norms and loss stay bf16. auto = on where FP8 tensor "
+        "cores run them at twice the bf16 rate (CUDA compute capability >= 9.0, bf16), off elsewhere; on | off. "
+        "YAML reads on/off as true/false: both work.",
+        "auto",
+    )
     num_processes: int = _help(
         "Training processes (DDP): 1 = single process, 0 = one per visible GPU. The "
         "effective batch is micro-batch x accumulation x processes.",
@@ -400,6 +408,8 @@ class TrainingConfig:
     def __post_init__(self):
         if isinstance(self.gradient_checkpointing, bool):  # YAML's off/false, and true (the old boolean key)
             self.gradient_checkpointing = "full" if self.gradient_checkpointing else "off"
+        if isinstance(self.fp8_matmul, bool):  # YAML's on/off
+            self.fp8_matmul = "on" if self.fp8_matmul else "off"
 
     def micro_batch_size(self) -> tuple[int, str] | None:
         """micro_batch as (count, unit), or None when it is not '<positive int> tokens|conversations'."""
@@ -427,6 +437,13 @@ class TrainingConfig:
             errors.append(
                 f"train.gradient_checkpointing is {self.gradient_checkpointing!r}; allowed: "
                 f"{', '.join(CHECKPOINTING_MODES)} (YAML's false means off, true means full)"
+            )
+        if self.fp8_matmul not in FP8_MODES:
+            errors.append(f"train.fp8_matmul is {self.fp8_matmul!r}; allowed: {', '.join(FP8_MODES)}")
+        elif self.fp8_matmul == "on" and not self.fused_lora:
+            errors.append(
+                "train.fp8_matmul is on but train.fused_lora is false: the FP8 matmuls live in the fused LoRA "
+                "function; set fused_lora: true or fp8_matmul: off"
             )
         for key in (
             "gradient_accumulation_steps",

@@ -27,6 +27,8 @@ import types
 
 import torch
 
+from expqa import fp8 as fp8_ops
+
 
 def dense_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """The frozen base weight (out, in) in `dtype`; 4-bit weights are dequantised (a transient copy)."""
@@ -48,12 +50,12 @@ def dropout_with_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Te
 
 class LoRALinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, lora_A, lora_B, base, scale, p, dtype):
+    def forward(ctx, x, lora_A, lora_B, base, scale, p, dtype, fp8=False):
         ctx.device_type = x.device.type
         with torch.autocast(ctx.device_type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
             weight, a, b = dense_weight(base, dtype), lora_A.to(dtype), lora_B.to(dtype)
-            y = x2 @ weight.t()
+            y = fp8_ops.linear(*fp8_ops.quantize_rows(x2), weight) if fp8 else x2 @ weight.t()
             if base.bias is not None:
                 y += base.bias.to(dtype)
             del weight
@@ -66,6 +68,7 @@ class LoRALinearFunction(torch.autograd.Function):
                 h = x2 @ a.t()
             y.addmm_(h, b.t(), alpha=scale)
         ctx.base, ctx.scale, ctx.p, ctx.dtype, ctx.x_dtype, ctx.x_shape = base, scale, p, dtype, x.dtype, x.shape
+        ctx.fp8 = fp8
         ctx.save_for_backward(x, mask, h, lora_A, lora_B)
         return y.view(*x.shape[:-1], y.shape[-1])
 
@@ -85,34 +88,38 @@ class LoRALinearFunction(torch.autograd.Function):
             grad_a = grad_h.t() @ (x2 if mask is None else torch.ops.aten.native_dropout_backward(x2, mask, keep_scale))
             grad_x = None
             if ctx.needs_input_grad[0]:
-                grad_x = gy @ dense_weight(ctx.base, dtype)
+                weight = dense_weight(ctx.base, dtype)
+                grad_x = fp8_ops.input_grad(gy, weight) if ctx.fp8 else gy @ weight
+                del weight
                 if mask is None:
                     grad_x.addmm_(grad_h, a)
                 else:
                     grad_x += torch.ops.aten.native_dropout_backward(grad_h @ a, mask, keep_scale)
                 grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
-        return grad_x, grad_a.to(lora_A.dtype), grad_b.to(lora_B.dtype), None, None, None, None
+        return grad_x, grad_a.to(lora_A.dtype), grad_b.to(lora_B.dtype), None, None, None, None, None
 
 
 class LoRAGroupFunction(torch.autograd.Function):
     """y_i = x W_i^T + scale_i (x A_i^T) B_i^T for sibling projections i of one input x, dropout 0.
 
-    Arguments after `dtype`: the adapters' A weights, then their B weights, in `bases` order; returns one output per
-    projection. Saved for backward: x (once), the concatenated rank activations h and the adapter weights.
+    Arguments after `fp8`: the adapters' A weights, then their B weights, in `bases` order; returns one output per
+    projection. Saved for backward: x (once), the concatenated rank activations h and the adapter weights. With fp8
+    the base matmuls run in FP8 (expqa.fp8), x quantised once for all of them.
     """
 
     @staticmethod
-    def forward(ctx, x, bases, scales, dtype, *adapters):
+    def forward(ctx, x, bases, scales, dtype, fp8, *adapters):
         count = len(bases)
         lora_as, lora_bs = adapters[:count], adapters[count:]
         ctx.device_type = x.device.type
         with torch.autocast(ctx.device_type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
             h = x2 @ torch.cat([a.to(dtype) for a in lora_as]).t()  # (tokens, sum of ranks): one read of x
+            x_q = fp8_ops.quantize_rows(x2) if fp8 else None
             outputs, start = [], 0
             for base, lora_b, scale in zip(bases, lora_bs, scales):
                 weight = dense_weight(base, dtype)
-                y = x2 @ weight.t()
+                y = fp8_ops.linear(*x_q, weight) if fp8 else x2 @ weight.t()
                 del weight
                 if base.bias is not None:
                     y += base.bias.to(dtype)
@@ -121,6 +128,7 @@ class LoRAGroupFunction(torch.autograd.Function):
                 start += rank
                 outputs.append(y.view(*x.shape[:-1], y.shape[-1]))
         ctx.bases, ctx.scales, ctx.dtype, ctx.x_dtype, ctx.x_shape = bases, scales, dtype, x.dtype, x.shape
+        ctx.fp8 = fp8
         ctx.save_for_backward(x, h, *adapters)
         return tuple(outputs)
 
@@ -147,11 +155,16 @@ class LoRAGroupFunction(torch.autograd.Function):
             if ctx.needs_input_grad[0]:
                 for gy, base in zip(gys, ctx.bases):  # base matmuls accumulate in place into one buffer
                     weight = dense_weight(base, dtype)
-                    grad_x = gy @ weight if grad_x is None else grad_x.addmm_(gy, weight)
+                    if ctx.fp8:  # a scaled FP8 matmul cannot accumulate into its output: one add per sibling
+                        part = fp8_ops.input_grad(gy, weight)
+                        grad_x = part if grad_x is None else grad_x.add_(part)
+                        del part
+                    else:
+                        grad_x = gy @ weight if grad_x is None else grad_x.addmm_(gy, weight)
                     del weight
                 grad_x.addmm_(grad_h, torch.cat([a.to(dtype) for a in lora_as]))
                 grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
-        return (grad_x, None, None, None, *grad_as, *grad_bs)
+        return (grad_x, None, None, None, None, *grad_as, *grad_bs)
 
 
 def compute_dtype(module, x: torch.Tensor) -> torch.dtype:
@@ -208,6 +221,7 @@ class ProjectionGroup:
             [m.get_base_layer() for m in self.members],
             [m.scaling[n] for m, n in zip(self.members, names)],
             dtype,
+            all(m._expqa_fp8 for m in self.members),
             *[m.lora_A[n].weight for m, n in zip(self.members, names)],
             *[m.lora_B[n].weight for m, n in zip(self.members, names)],
         )
@@ -233,6 +247,7 @@ def fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             self.scaling[name],
             dropout_p(self, name),
             dtype,
+            self._expqa_fp8,
         )
     return y if torch.is_autocast_enabled(x.device.type) else y.to(x.dtype)
 
@@ -241,10 +256,11 @@ def fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 PROJECTION_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
-def patch_lora_layers(model, grouped: bool = False) -> int:
+def patch_lora_layers(model, grouped: bool = False, fp8: bool = False) -> int:
     """Give every plain LoRA layer (nn.Linear or bnb Linear4bit base, frozen) the fused forward; returns how many.
 
     grouped: also make sibling projections that share an input one ProjectionGroup each (PROJECTION_GROUPS).
+    fp8: the base matmuls of layers whose dimensions allow it run in FP8 (expqa.fp8; the caller decides where).
     """
     from peft.tuners.lora import LoraLayer
 
@@ -256,6 +272,7 @@ def patch_lora_layers(model, grouped: bool = False) -> int:
         if base.weight.requires_grad or not (isinstance(base, torch.nn.Linear) or type(base).__name__ == "Linear4bit"):
             continue
         module._peft_forward = module.forward
+        module._expqa_fp8 = fp8 and fp8_ops.eligible(base.in_features, base.out_features)
         module.forward = types.MethodType(fused_forward, module)
         patched += 1
     if grouped:

@@ -86,12 +86,15 @@ def load_for_training(
     attn_implementation: str = "sdpa",
     fused_lora: bool = False,
     grouped_lora: bool = False,
+    fp8_matmul: str = "off",
 ):
     """The frozen base (4-bit or full precision) with fresh LoRA adapters; returns (peft_model, tokenizer).
 
     gradient_checkpointing: enabled on every decoder layer (expqa.checkpointing.apply then picks the layers).
     fused_lora: LoRA layers run expqa.fused_lora's single autograd function instead of PEFT's forward;
     grouped_lora: with it, q/k/v and gate/up run as one function each.
+    fp8_matmul: auto | on | off: with fused_lora, the base matmuls in FP8 (expqa.fp8); the model's
+    `expqa_fp8` attribute says what ran and why.
     """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -142,7 +145,14 @@ def load_for_training(
     if fused_lora:
         from expqa.fused_lora import patch_lora_layers
 
-        patch_lora_layers(model, grouped=grouped_lora)
+        from expqa import fp8
+
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+        use_fp8, why = fp8.resolve(fp8_matmul, device, dtype)
+        patch_lora_layers(model, grouped=grouped_lora, fp8=use_fp8)
+        model.expqa_fp8 = (use_fp8, why)
+    else:
+        model.expqa_fp8 = (False, "train.fused_lora: false")
     return model, tokenizer
 
 

@@ -494,8 +494,14 @@ class QLoRATrainer:
             attn_implementation=c.attn_implementation,
             fused_lora=c.fused_lora,
             grouped_lora=c.grouped_lora,
+            fp8_matmul=c.fp8_matmul,
         )
         self.tokenizer = tokenizer
+        use_fp8, why = model.expqa_fp8
+        self.fp8 = {"fp8_matmul": "on" if use_fp8 else "off", "fp8_matmul_requested": c.fp8_matmul}
+        if is_main_process():
+            print(f"train: fp8 matmuls of the frozen base {self.fp8['fp8_matmul']} ({why})", flush=True)
+        log.info("fp8 matmuls of the frozen base %s (%s)", self.fp8["fp8_matmul"], why)
         # after loading: `auto` measures what the weights left free
         tokens = checkpointing.longest_micro_batch(
             c.tokens_per_micro_batch, c.per_device_train_batch_size, c.max_seq_length
@@ -530,7 +536,7 @@ class QLoRATrainer:
 
             live = Live(dir=str(self.metrics_dir), dvcyaml=False, save_dvc_exp=False, report=None)
             # which checkpointing ran, in metrics/train
-            live.summary.update({k: v for k, v in self.checkpointing.metrics().items() if v is not None})
+            live.summary.update({k: v for k, v in self.run_choices().items() if v is not None})
             callbacks.append(DVCLiveMetrics(live=live, log_model=False))
         self.trainer = make_sft_trainer_class()(
             model=model,
@@ -579,7 +585,7 @@ class QLoRATrainer:
             torch.distributed.all_reduce(tokens)
         metrics["real_tokens_per_second"] = float(tokens) / max(metrics.get("train_runtime", 0), 1e-9)
         metrics["global_step"] = trainer.state.global_step
-        metrics.update(self.checkpointing.metrics())
+        metrics.update(self.run_choices())
         metrics["resumed_from_step"] = int(resume.name.split("-")[-1]) if resume else 0
         before = [e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e and e.get("step") == 0]
         if before:  # eval_on_start: the base model's val loss (LoRA B starts at zero)
@@ -594,12 +600,16 @@ class QLoRATrainer:
             self._write_metrics()
         return metrics
 
+    def run_choices(self) -> dict:
+        """What `auto` settings chose on this machine: gradient checkpointing and FP8 matmuls (metrics/train)."""
+        return {**self.checkpointing.metrics(), **self.fp8}
+
     def _write_metrics(self) -> None:
         """metrics/train (DVC-tracked: curves and values that are the same whenever the run is reproduced) and
         logs/train/train_run.json (not compared: wall time, throughput, the step a run resumed from)."""
         metrics = self.metrics
         if self.metrics_dir is not None:
-            summary = {k: v for k, v in self.checkpointing.metrics().items() if v is not None}
+            summary = {k: v for k, v in self.run_choices().items() if v is not None}
             if self.profile is not None:  # `dvc metrics diff` / `exp show` tell a cpu run from a gpu run
                 summary["profile"] = self.profile
             if "eval_loss_before_training" in metrics:

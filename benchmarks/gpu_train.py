@@ -142,6 +142,23 @@ SUITES["issue21-fp8"] = [
     (B8, "params_nofp8", 75),
     (B3, "params_tok24k", 45),
 ]
+# the final tables of round two, with FP8 (one call per architecture: a call may run 600 s)
+SUITES["issue21-final-3b"] = [
+    (B3, "params", 45),
+    (B3, "unsloth", 150),
+    (B3, "params_nofp8", 45),
+    (B3, "plain", 45),
+    (B3, "params_offload", 45),
+    (B3, "params_gcfull", 40),
+    (B3, "params_tok24k", 45),
+]
+SUITES["issue21-final-8b"] = [
+    (B8, "params", 75),
+    (B8, "unsloth", 180),
+    (B8, "params_nofp8", 75),
+    (B8, "plain", 80),
+    (B8, "params_offload", 90),
+]
 # the same in two calls
 SUITES["issue21-3b"] = [row for row in SUITES["issue21"] if row[0] == B3]
 SUITES["issue21-8b"] = [row for row in SUITES["issue21"] if row[0] == B8]

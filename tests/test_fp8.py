@@ -1,7 +1,8 @@
 """FP8 base matmuls (expqa.fp8): per-row e4m3 quantisation within its rounding bound, matmuls close to exact, the
 fused LoRA layers close to their bf16 results (outputs, adapter gradients), the embedded model's loss on real
-conversations nearly unchanged, and `train.fp8_matmul` resolved and validated. torch runs the same scaled FP8
-matmul on CPU, so all of it is checked here; tests/test_gpu.py compares the CUDA kernel with the torch path."""
+conversations nearly unchanged, and `train.fp8_matmul` resolved and validated. Off CUDA the FP8 product is computed
+in float32 on the e4m3 values (exact products), so the maths is checked here; tests/test_gpu.py compares the Triton
+kernel and CUDA's scaled matmul with this path."""
 
 import json
 
@@ -86,8 +87,8 @@ def test_fused_lora_in_fp8_is_close_to_bf16(tiny_base, grouped, monkeypatch):
     assert model.expqa_fp8 == (True, "train.fp8_matmul: on") and reference.expqa_fp8[0] is False
     assert sum(getattr(m, "_expqa_fp8", False) for m in model.modules()) == 14  # 2 layers x 7 projections
     calls = []
-    scaled_mm = torch._scaled_mm
-    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: calls.append(a[0].shape) or scaled_mm(*a, **k))
+    matmul_rows = fp8.matmul_rows
+    monkeypatch.setattr(fp8, "matmul_rows", lambda *a: calls.append(a[0].shape) or matmul_rows(*a))
     loss, grads = loss_and_grads(model, ids)
     # every base matmul ran in FP8: 14 forward, 14 input gradients less layer 0's q/k/v (their input, the frozen
     # embeddings, needs no gradient)
@@ -112,7 +113,7 @@ def test_fp8_on_a_layer_whose_size_does_not_allow_it_stays_in_bf16(tiny_base):
 @pytest.mark.slow
 def test_embedded_model_loss_on_real_conversations_barely_moves(embedded_base, embedded_tokenizer):
     """Real weights and real data: the eval-style loss of SmolLM2 on training conversations with FP8 base matmuls
-    is within 1 % of bf16's (measured: ~0.1-0.3 %)."""
+    is within 1 % of bf16's (measured 2026-11-29: 3.8480 bf16, 3.8647 FP8: +0.43 %; fp32 3.8485)."""
     from conftest import REPO
 
     rows = [json.loads(line) for line in (REPO / "data" / "raw" / "cross_validated.jsonl").open()][:4]

@@ -12,7 +12,8 @@ most 1/16 of its value (relative), the same order as the NF4 grid the weights al
 on outputs, gradients and the loss of the embedded model (tests/test_fp8.py).
 
 A Triton kernel quantises a row in one read of it on CUDA (torch ops would take four passes over a 16k-token
-activation); elsewhere the same arithmetic runs as torch ops (tests compare the two on a GPU).
+activation); elsewhere the same arithmetic runs as torch ops, and the matmul in float32 on the e4m3 values (tests
+compare the kernel with the torch ops, and CUDA's matmul with the float32 one, on a GPU).
 """
 
 from __future__ import annotations
@@ -73,24 +74,40 @@ def _kernel():
             return None
 
         @triton.jit
-        def quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, n_cols, x_stride, q_stride, BLOCK: tl.constexpr):
+        def quantize_rows_kernel(x_ptr, q_ptr, scale_ptr, n_cols, x_stride, q_stride, BLOCK: tl.constexpr,
+                                 ONE_BLOCK: tl.constexpr):  # fmt: skip
             row = tl.program_id(0).to(tl.int64)
             x_row, q_row = x_ptr + row * x_stride, q_ptr + row * q_stride
-            amax = tl.zeros([BLOCK], dtype=tl.float32)
-            for start in range(0, n_cols, BLOCK):  # pass 1: the row's amax (a row is at most a few 10 KB: L2)
-                offsets = start + tl.arange(0, BLOCK)
-                x = tl.load(x_row + offsets, mask=offsets < n_cols, other=0.0).to(tl.float32)
-                amax = tl.maximum(amax, tl.abs(x))
-            scale = tl.maximum(tl.max(amax, axis=0), 1e-12) / 448.0
-            for start in range(0, n_cols, BLOCK):  # pass 2: scale and round to e4m3 (nearest even, as torch)
-                offsets = start + tl.arange(0, BLOCK)
+            if ONE_BLOCK:  # the whole row in registers: one read
+                offsets = tl.arange(0, BLOCK)
                 mask = offsets < n_cols
                 x = tl.load(x_row + offsets, mask=mask, other=0.0).to(tl.float32)
-                tl.store(q_row + offsets, (x / scale).to(q_ptr.dtype.element_ty), mask=mask)
+                scale = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12) / 448.0
+                tl.store(q_row + offsets, tl.math.div_rn(x, scale).to(q_ptr.dtype.element_ty), mask=mask)
+            else:  # longer rows: amax first, then a second read (from L2) to scale and round
+                amax = tl.zeros([BLOCK], dtype=tl.float32)
+                for start in range(0, n_cols, BLOCK):
+                    offsets = start + tl.arange(0, BLOCK)
+                    x = tl.load(x_row + offsets, mask=offsets < n_cols, other=0.0).to(tl.float32)
+                    amax = tl.maximum(amax, tl.abs(x))
+                scale = tl.maximum(tl.max(amax, axis=0), 1e-12) / 448.0
+                for start in range(0, n_cols, BLOCK):
+                    offsets = start + tl.arange(0, BLOCK)
+                    mask = offsets < n_cols
+                    x = tl.load(x_row + offsets, mask=mask, other=0.0).to(tl.float32)
+                    # IEEE division (Triton's default fp32 `/` is approximate) and round-to-nearest-even, as torch
+                    tl.store(q_row + offsets, tl.math.div_rn(x, scale).to(q_ptr.dtype.element_ty), mask=mask)
             tl.store(scale_ptr + row, scale)
 
         _triton_kernel = quantize_rows_kernel
     return _triton_kernel or None
+
+
+ROW_BLOCK = 8192  # longest row the kernel keeps in registers (the 3B's 8192-wide MLP rows: one read)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,13 +122,23 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     values = torch.empty((rows, cols), dtype=E4M3, device=x.device)
     scales = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
     if rows:
-        kernel[(rows,)](x, values, scales, cols, x.stride(0), values.stride(0), BLOCK=1024, num_warps=4)
+        block = min(max(next_power_of_2(cols), 128), ROW_BLOCK)
+        kernel[(rows,)](
+            x, values, scales, cols, x.stride(0), values.stride(0), BLOCK=block, ONE_BLOCK=cols <= block,
+            num_warps=max(1, min(16, block // 512)),
+        )  # fmt: skip
     return values, scales
 
 
 def matmul_rows(a: torch.Tensor, a_scale: torch.Tensor, b_rows: torch.Tensor, b_scale: torch.Tensor, out_dtype):
-    """a (M, K) e4m3 times b_rows (N, K) e4m3 transposed -> (M, N) in out_dtype; scales (M, 1) and (N, 1)."""
-    return torch._scaled_mm(a, b_rows.t(), scale_a=a_scale, scale_b=b_scale.view(1, -1), out_dtype=out_dtype)
+    """a (M, K) e4m3 times b_rows (N, K) e4m3 transposed -> (M, N) in out_dtype; scales (M, 1) and (N, 1).
+
+    CUDA: one row-wise scaled FP8 GEMM (fp32 accumulation). Elsewhere the same product in float32 (e4m3 values and
+    their products are exact there): torch's CPU FP8 matmul takes only per-tensor scales in some versions.
+    """
+    if a.is_cuda:
+        return torch._scaled_mm(a, b_rows.t(), scale_a=a_scale, scale_b=b_scale.view(1, -1), out_dtype=out_dtype)
+    return ((a.float() @ b_rows.float().t()) * a_scale * b_scale.view(1, -1)).to(out_dtype)
 
 
 def linear(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

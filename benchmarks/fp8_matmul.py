@@ -43,6 +43,26 @@ def timed(fn, repeat: int) -> float:
     return statistics.median(times)
 
 
+def measure(name: str, k: int, n: int, tokens: int, repeat: int) -> dict:
+    """One projection shape (in k, out n): bf16 and FP8 timings of its forward and input-gradient matmuls."""
+    x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16)
+    g = torch.randn(tokens, n, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
+    xq, xs = fp8.quantize_rows(x)
+    wq, ws = fp8.quantize_rows(w)
+    row = {"projection": name, "in": k, "out": n, "tokens": tokens, "per_layer": COUNT[name]}
+    row["fwd_bf16_ms"] = timed(lambda: x @ w.t(), repeat)
+    row["fwd_fp8_ms"] = timed(lambda: fp8.linear(*fp8.quantize_rows(x), w), repeat)
+    row["grad_bf16_ms"] = timed(lambda: g @ w, repeat)
+    row["grad_fp8_ms"] = timed(lambda: fp8.input_grad(g, w), repeat)
+    row["fwd_fp8_gemm_only_ms"] = timed(lambda: fp8.matmul_rows(xq, xs, wq, ws, torch.bfloat16), repeat)
+    row["quantize_x_ms"] = timed(lambda: fp8.quantize_rows(x), repeat)
+    flops = 2 * tokens * k * n
+    row["bf16_tflops"] = flops / row["fwd_bf16_ms"] / 1e9
+    row["fp8_gemm_tflops"] = flops / row["fwd_fp8_gemm_only_ms"] / 1e9
+    return row
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", choices=sorted(SHAPES), default="llama-3.2-3b")
@@ -50,24 +70,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    rows = []
-    for name, (k, n) in SHAPES[args.arch].items():
-        x = torch.randn(args.tokens, k, device="cuda", dtype=torch.bfloat16)
-        g = torch.randn(args.tokens, n, device="cuda", dtype=torch.bfloat16)
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k**0.5
-        flops = 2 * args.tokens * k * n
-        row = {"projection": name, "in": k, "out": n, "tokens": args.tokens, "per_layer": COUNT[name]}
-        row["fwd_bf16_ms"] = timed(lambda: x @ w.t(), args.repeat)
-        row["fwd_fp8_ms"] = timed(lambda: fp8.linear(*fp8.quantize_rows(x), w), args.repeat)
-        row["grad_bf16_ms"] = timed(lambda: g @ w, args.repeat)
-        row["grad_fp8_ms"] = timed(lambda: fp8.input_grad(g, w), args.repeat)
-        xq, xs = fp8.quantize_rows(x)
-        wq, ws = fp8.quantize_rows(w)
-        row["fwd_fp8_gemm_only_ms"] = timed(lambda: fp8.matmul_rows(xq, xs, wq, ws, torch.bfloat16), args.repeat)
-        row["quantize_x_ms"] = timed(lambda: fp8.quantize_rows(x), args.repeat)
-        row["bf16_tflops"] = flops / row["fwd_bf16_ms"] / 1e9
-        row["fp8_gemm_tflops"] = flops / row["fwd_fp8_gemm_only_ms"] / 1e9
-        rows.append(row)
+    rows = [measure(name, k, n, args.tokens, args.repeat) for name, (k, n) in SHAPES[args.arch].items()]
     total = {
         key: sum(r[key] * r["per_layer"] for r in rows)
         for key in ("fwd_bf16_ms", "fwd_fp8_ms", "grad_bf16_ms", "grad_fp8_ms")
@@ -83,8 +86,10 @@ def main() -> int:
             f"{r['bf16_tflops']:.0f} | {r['fp8_gemm_tflops']:.0f} |"
         )
     speedup = (total["fwd_bf16_ms"] + total["grad_bf16_ms"]) / (total["fwd_fp8_ms"] + total["grad_fp8_ms"])
-    print(f"per layer (all 7 projections, forward + input gradient): bf16 {total['fwd_bf16_ms'] + total['grad_bf16_ms']:.2f}"
-          f" ms, fp8 {total['fwd_fp8_ms'] + total['grad_fp8_ms']:.2f} ms: {speedup:.2f}x")  # fmt: skip
+    bf16_ms, fp8_ms = total["fwd_bf16_ms"] + total["grad_bf16_ms"], total["fwd_fp8_ms"] + total["grad_fp8_ms"]
+    print(
+        f"per layer (7 projections, forward + input gradient): bf16 {bf16_ms:.2f} ms, fp8 {fp8_ms:.2f} ms: {speedup:.2f}x"
+    )
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"device": torch.cuda.get_device_name(), "rows": rows, "per_layer_ms": total},

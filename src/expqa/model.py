@@ -143,9 +143,8 @@ def load_for_training(
     )
     model = get_peft_model(model, peft_config)
     if fused_lora:
-        from expqa.fused_lora import patch_lora_layers
-
         from expqa import fp8
+        from expqa.fused_lora import patch_lora_layers
 
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
         use_fp8, why = fp8.resolve(fp8_matmul, device, dtype)

@@ -654,7 +654,8 @@ def write_tables(out_dir: Path, stamp: str, results: list[dict], notes: list[str
         "x Unsloth / x plain: ratio to the `unsloth` / plain row of the same architecture in this call. MFU: "
         "(4 + 2 x checkpointed layers / layers) x N FLOPs per token (N: parameters incl. embeddings; 3.21e9 and "
         "8.03e9) / 790 TFLOP/s bf16 dense (measured on the card; rows with FP8 base matmuls are counted against "
-        "the same bf16 figure). Peak memory: torch.cuda.max_memory_allocated / max_memory_reserved, one process per row. loss: last logged training loss of random weights on each "
+        "the same bf16 figure). Peak memory: torch.cuda.max_memory_allocated / max_memory_reserved, one process per "
+        "row. loss: last logged training loss of random weights on each "
         "recipe's own batches, not comparable across rows (packed = unpacked loss is tested on CPU).",
     ]
     if probes:

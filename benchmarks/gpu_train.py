@@ -156,8 +156,8 @@ SUITES["issue21-final-8b"] = [
     (B8, "params", 75),
     (B8, "unsloth", 180),
     (B8, "params_nofp8", 75),
-    (B8, "plain", 80),
     (B8, "params_offload", 90),
+    (B8, "plain", 80),
 ]
 # the same in two calls
 SUITES["issue21-3b"] = [row for row in SUITES["issue21"] if row[0] == B3]

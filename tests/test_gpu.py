@@ -128,6 +128,7 @@ def test_fp8_row_kernel_equals_the_torch_path(cols):
     assert torch.equal(values.view(torch.uint8), values_ref.view(torch.uint8))
     if cols % 16 == 0:
         weight = torch.randn(256, cols, device="cuda", generator=generator).to(torch.bfloat16) / cols**0.5
-        on_gpu = fp8.linear(values, scales, weight).float().cpu()
-        on_cpu = fp8.linear(values_ref.cpu(), scales_ref.cpu(), weight.cpu()).float()
+        w_q, w_scale = fp8.quantize_rows(weight)
+        on_gpu = fp8.linear(values, scales, w_q, w_scale, torch.bfloat16).float().cpu()
+        on_cpu = fp8.linear(values_ref.cpu(), scales_ref.cpu(), w_q.cpu(), w_scale.cpu(), torch.bfloat16).float()
         assert float((on_gpu - on_cpu).norm() / on_cpu.norm()) < 1e-2

@@ -414,3 +414,28 @@ def test_token_budget_below_max_seq_length_is_a_config_error():
         "needs train.padding_free: true"
         in TrainingConfig(micro_batch="4096 tokens", padding_free=False, attn_implementation="sdpa").validate()[0]
     )
+
+
+@pytest.mark.slow
+def test_fp8_matmuls_train_close_to_the_compute_dtype(tiny_base, processed_dir, tmp_path):
+    """train.fp8_matmul: on through the Trainer: recorded in the metrics, the weight cache taken when `auto`
+    checkpointing measured room for it (the same values as quantising per use: tests/test_fp8.py), and losses
+    within a few percent of the run without FP8."""
+    runs = {}
+    for mode, checkpointing in (("off", "off"), ("on", "auto"), ("on", "off")):
+        trainer = make_trainer(
+            tiny_base,
+            processed_dir,
+            tmp_path / f"{mode}-{checkpointing}",
+            fp8_matmul=mode,
+            gradient_checkpointing=checkpointing,
+        )
+        metrics = trainer.train()
+        runs[mode, checkpointing] = (metrics, [e["loss"] for e in trainer.trainer.state.log_history if "loss" in e])
+    assert runs["off", "off"][0]["fp8_matmul"] == "off" and not runs["off", "off"][0]["fp8_weight_cache"]
+    assert runs["on", "auto"][0]["fp8_matmul"] == "on" and runs["on", "auto"][0]["fp8_weight_cache"]
+    assert not runs["on", "off"][0]["fp8_weight_cache"]  # checkpointing set by hand: nothing measured
+    assert runs["on", "auto"][1] == runs["on", "off"][1]  # cached or not: the same numbers
+    assert runs["on", "off"][1] == pytest.approx(runs["off", "off"][1], rel=0.03)
+    metrics = json.loads((tmp_path / "on-auto" / "metrics" / "metrics.json").read_text())
+    assert metrics["fp8_matmul"] == "on" and metrics["fp8_matmul_requested"] == "on"

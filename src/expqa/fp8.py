@@ -141,14 +141,13 @@ def matmul_rows(a: torch.Tensor, a_scale: torch.Tensor, b_rows: torch.Tensor, b_
     return ((a.float() @ b_rows.float().t()) * a_scale * b_scale.view(1, -1)).to(out_dtype)
 
 
-def linear(x_q: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x W^T for a quantised x (from quantize_rows) and a dense weight (out, in) in the compute dtype."""
-    w_q, w_scale = quantize_rows(weight)  # per output row of W
-    return matmul_rows(x_q, x_scale, w_q, w_scale, weight.dtype)
+def linear(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, out_dtype):
+    """x W^T from the quantised rows of x and of W (out, in) (quantize_rows of each)."""
+    return matmul_rows(x_q, x_scale, w_q, w_scale, out_dtype)
 
 
-def input_grad(grad_y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """g W (the gradient of x W^T with respect to x) with g and W in FP8; W (out, in) dense, g (tokens, out)."""
+def input_grad(grad_y: torch.Tensor, wt_q: torch.Tensor, wt_scale: torch.Tensor) -> torch.Tensor:
+    """g W (the gradient of x W^T with respect to x), g (tokens, out) dense, W given as the quantised rows of W^T
+    (per input column of W: quantize_rows(W.t().contiguous()))."""
     g_q, g_scale = quantize_rows(grad_y)
-    wt_q, wt_scale = quantize_rows(weight.t().contiguous())  # per input column of W: rows of W^T
     return matmul_rows(g_q, g_scale, wt_q, wt_scale, grad_y.dtype)

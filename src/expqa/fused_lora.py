@@ -43,6 +43,40 @@ def dense_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     return weight.to(dtype)
 
 
+def fp8_weight(base: torch.nn.Module, dtype: torch.dtype, transposed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen weight as quantised rows for an FP8 matmul: of W (forward) or of W^T (x's gradient). From the
+    cache when cache_fp8_weights made one (the same values: quantisation is deterministic), else dequantised now."""
+    cache = getattr(base, "_expqa_fp8_cache", None)
+    if cache is not None:
+        return cache[transposed]
+    weight = dense_weight(base, dtype)
+    return fp8_ops.quantize_rows(weight.t().contiguous() if transposed else weight)
+
+
+def fp8_layers(model) -> list:
+    """The base layers whose matmuls run in FP8 (patch_lora_layers with fp8=True)."""
+    return [m.get_base_layer() for m in model.modules() if getattr(m, "_expqa_fp8", False)]
+
+
+def fp8_cache_bytes(model) -> int:
+    """What cache_fp8_weights would hold: one byte per weight for each orientation, plus the scales."""
+    return sum(2 * b.in_features * b.out_features + 4 * (b.in_features + b.out_features) for b in fp8_layers(model))
+
+
+def cache_fp8_weights(model, dtype: torch.dtype) -> int:
+    """Quantise every FP8 layer's frozen weight once, both orientations, instead of dequantising the 4-bit weight and
+    quantising it again in every forward and backward (the trainer does this only when memory is plentiful: ~2 bytes
+    per base weight). Returns the bytes held."""
+    held = 0
+    for base in fp8_layers(model):
+        base._expqa_fp8_cache = None
+        weight = dense_weight(base, dtype)
+        base._expqa_fp8_cache = (fp8_ops.quantize_rows(weight), fp8_ops.quantize_rows(weight.t().contiguous()))
+        del weight
+        held += sum(t.numel() * t.element_size() for pair in base._expqa_fp8_cache for t in pair)
+    return held
+
+
 def dropout_with_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(dropout(x), keep mask); one fused kernel. A function of its own so tests can fix the mask."""
     return torch.native_dropout(x, p, True)
@@ -54,11 +88,15 @@ class LoRALinearFunction(torch.autograd.Function):
         ctx.device_type = x.device.type
         with torch.autocast(ctx.device_type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            weight, a, b = dense_weight(base, dtype), lora_A.to(dtype), lora_B.to(dtype)
-            y = fp8_ops.linear(*fp8_ops.quantize_rows(x2), weight) if fp8 else x2 @ weight.t()
+            a, b = lora_A.to(dtype), lora_B.to(dtype)
+            if fp8:
+                y = fp8_ops.linear(*fp8_ops.quantize_rows(x2), *fp8_weight(base, dtype, False), dtype)
+            else:
+                weight = dense_weight(base, dtype)
+                y = x2 @ weight.t()
+                del weight
             if base.bias is not None:
                 y += base.bias.to(dtype)
-            del weight
             mask = None
             if p > 0:
                 dropped, mask = dropout_with_mask(x2, p)
@@ -88,9 +126,10 @@ class LoRALinearFunction(torch.autograd.Function):
             grad_a = grad_h.t() @ (x2 if mask is None else torch.ops.aten.native_dropout_backward(x2, mask, keep_scale))
             grad_x = None
             if ctx.needs_input_grad[0]:
-                weight = dense_weight(ctx.base, dtype)
-                grad_x = fp8_ops.input_grad(gy, weight) if ctx.fp8 else gy @ weight
-                del weight
+                if ctx.fp8:
+                    grad_x = fp8_ops.input_grad(gy, *fp8_weight(ctx.base, dtype, True))
+                else:
+                    grad_x = gy @ dense_weight(ctx.base, dtype)
                 if mask is None:
                     grad_x.addmm_(grad_h, a)
                 else:
@@ -118,9 +157,12 @@ class LoRAGroupFunction(torch.autograd.Function):
             x_q = fp8_ops.quantize_rows(x2) if fp8 else None
             outputs, start = [], 0
             for base, lora_b, scale in zip(bases, lora_bs, scales):
-                weight = dense_weight(base, dtype)
-                y = fp8_ops.linear(*x_q, weight) if fp8 else x2 @ weight.t()
-                del weight
+                if fp8:
+                    y = fp8_ops.linear(*x_q, *fp8_weight(base, dtype, False), dtype)
+                else:
+                    weight = dense_weight(base, dtype)
+                    y = x2 @ weight.t()
+                    del weight
                 if base.bias is not None:
                     y += base.bias.to(dtype)
                 rank = lora_b.shape[1]
@@ -154,14 +196,17 @@ class LoRAGroupFunction(torch.autograd.Function):
             grad_x = None
             if ctx.needs_input_grad[0]:
                 for gy, base in zip(gys, ctx.bases):  # base matmuls accumulate in place into one buffer
-                    weight = dense_weight(base, dtype)
-                    if ctx.fp8:  # a scaled FP8 matmul cannot accumulate into its output: one add per sibling
-                        part = fp8_ops.input_grad(gy, weight)
+                    if ctx.fp8 and (grad_x is None or base.out_features >= base.in_features):
+                        # a scaled FP8 matmul cannot accumulate into its output: a sibling adds its part. For narrow
+                        # ones (k/v: 1024 of 3072) the bf16 matmul accumulating in place is faster than FP8 + the
+                        # add (benchmarks/fp8_matmul.py on an H200), so they stay bf16
+                        part = fp8_ops.input_grad(gy, *fp8_weight(base, dtype, True))
                         grad_x = part if grad_x is None else grad_x.add_(part)
                         del part
                     else:
+                        weight = dense_weight(base, dtype)
                         grad_x = gy @ weight if grad_x is None else grad_x.addmm_(gy, weight)
-                    del weight
+                        del weight
                 grad_x.addmm_(grad_h, torch.cat([a.to(dtype) for a in lora_as]))
                 grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
         return (grad_x, None, None, None, None, *grad_as, *grad_bs)

@@ -153,10 +153,12 @@ SUITES["issue21-final-3b"] = [
     (B3, "params_tok24k", 45),
 ]
 SUITES["issue21-final-8b"] = [
+    (B3, "params_offload", 45),  # after `auto` left FP8 off under offload
     (B8, "params", 75),
-    (B8, "unsloth", 180),
     (B8, "params_nofp8", 75),
+    (B3, "params", 45),
     (B8, "params_offload", 90),
+    (B8, "unsloth", 180),
     (B8, "plain", 80),
 ]
 # the same in two calls

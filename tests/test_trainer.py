@@ -439,3 +439,19 @@ def test_fp8_matmuls_train_close_to_the_compute_dtype(tiny_base, processed_dir, 
     assert runs["on", "off"][1] == pytest.approx(runs["off", "off"][1], rel=0.03)
     metrics = json.loads((tmp_path / "on-auto" / "metrics" / "metrics.json").read_text())
     assert metrics["fp8_matmul"] == "on" and metrics["fp8_matmul_requested"] == "on"
+
+
+@pytest.mark.slow
+def test_fp8_auto_stays_off_with_the_lean_setting(tiny_base, processed_dir, tmp_path, monkeypatch):
+    """Checkpointing offload puts memory first: `auto` (here made to find FP8 hardware) turns FP8 off again."""
+    import expqa.fp8
+
+    monkeypatch.setattr(expqa.fp8, "supported", lambda device, dtype: (True, "test: as if on a Hopper GPU"))
+    trainer = make_trainer(tiny_base, processed_dir, tmp_path, fp8_matmul="auto", gradient_checkpointing="offload")
+    trainer.setup()
+    model = trainer.trainer.model
+    assert trainer.run_choices()["fp8_matmul"] == "off" and not trainer.run_choices()["fp8_weight_cache"]
+    assert not any(getattr(m, "_expqa_fp8", False) for m in model.modules())
+    trainer = make_trainer(tiny_base, processed_dir, tmp_path / "auto", fp8_matmul="auto", gradient_checkpointing="off")
+    trainer.setup()
+    assert trainer.run_choices()["fp8_matmul"] == "on"

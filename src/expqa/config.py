@@ -380,7 +380,9 @@ class TrainingConfig:
     fp8_matmul: str | bool = _help(
         "With fused_lora: the frozen base weights' matmuls (forward and input gradient) in FP8 e4m3 with per-row "
         "scales (src/expqa/fp8.py); the LoRA path, attention, norms and loss stay bf16. auto = on where FP8 tensor "
-        "cores run them at twice the bf16 rate (CUDA compute capability >= 9.0, bf16), off elsewhere; on | off. "
+        "cores run them at twice the bf16 rate (CUDA compute capability >= 9.0, bf16) unless gradient checkpointing is "
+        "offload (memory first), off elsewhere; on | off. With no checkpointing and room measured for it, the base "
+        "weights are quantised once (~2 bytes per weight) instead of per step. "
         "YAML reads on/off as true/false: both work.",
         "auto",
     )

@@ -63,6 +63,15 @@ def fp8_cache_bytes(model) -> int:
     return sum(2 * b.in_features * b.out_features + 4 * (b.in_features + b.out_features) for b in fp8_layers(model))
 
 
+def disable_fp8(model) -> int:
+    """Back to the compute dtype for every FP8 layer (and its weight cache); returns how many layers."""
+    layers = [m for m in model.modules() if getattr(m, "_expqa_fp8", False)]
+    for layer in layers:
+        layer._expqa_fp8 = False
+        layer.get_base_layer()._expqa_fp8_cache = None
+    return len(layers)
+
+
 def cache_fp8_weights(model, dtype: torch.dtype) -> int:
     """Quantise every FP8 layer's frozen weight once, both orientations, instead of dequantising the 4-bit weight and
     quantising it again in every forward and backward (the trainer does this only when memory is plentiful: ~2 bytes

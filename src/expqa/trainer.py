@@ -673,12 +673,15 @@ class QLoRATrainer:
             config_path.write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
             self.tokenizer.save_pretrained(tmp)
             # wall-clock figures (runtime, tokens/s), the step a run resumed from (logs/train/train_run.json) and the
-            # checkpointing `auto` chose (it depends on the card's free memory, not on the maths; in metrics/) are
-            # left out: the adapter folder stays byte-identical when a run is reproduced or resumed
+            # checkpointing `auto` chose and the FP8 weight cache (they depend on the card's free memory, not on the
+            # maths; in metrics/) are left out: the adapter folder stays byte-identical when a run is reproduced or
+            # resumed
             metrics = {
                 k: v
                 for k, v in getattr(self, "metrics", {}).items()
-                if is_compared(k) and k != "resumed_from_step" and not k.startswith("gradient_checkpointing")
+                if is_compared(k)
+                and k != "resumed_from_step"
+                and not k.startswith(("gradient_checkpointing", "fp8_weight_cache"))
             }
             record = {
                 **self.fingerprint(),

@@ -29,3 +29,18 @@ def test_stage_subcommands_work_outside_a_checkout(tmp_path):
     assert result.returncode == 0 and "expqa merge" in result.stdout
     result = expqa("merge", "--base", "b", "--adapter", "a", "--out", "o", "--report", "r.json", cwd=tmp_path)
     assert (result.returncode, result.stderr) == (2, "error: b does not exist; build it with `dvc repro base`\n")
+
+
+def test_output_cut_short_by_the_reader_is_not_a_traceback():
+    """`expqa params | head -3`: the reader closes the pipe early; expqa stops quietly (no BrokenPipeError trace)."""
+    from conftest import REPO
+
+    reader = subprocess.Popen(["head", "-3"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    writer = subprocess.run(
+        [sys.executable, "-m", "expqa.cli", "params"], cwd=REPO, stdout=reader.stdin, stderr=subprocess.PIPE, text=True
+    )
+    reader.stdin.close()
+    assert len(reader.stdout.read().splitlines()) == 3
+    reader.wait()
+    assert "Traceback" not in writer.stderr and "BrokenPipeError" not in writer.stderr, writer.stderr
+    assert writer.returncode in (0, 1)

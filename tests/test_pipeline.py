@@ -102,3 +102,67 @@ def test_stage_scripts_run_only_as_the_main_module():
         ]
         guards = [node for node in body if isinstance(node, ast.If) and "__name__" in ast.unparse(node.test)]
         assert not calls and len(guards) == 1, f"{script.name}: call main() under `if __name__ == '__main__':`"
+
+
+# Modules a stage imports that cannot change what it writes, so that editing them does not re-run the pipeline.
+GLUE = {
+    "src/expqa/pipeline/__init__.py": "argument parsing and the one-line error",
+    "src/expqa/config.py": "parses the stage's resolved params file, which is itself a dependency",
+    "src/expqa/files.py": "atomic writes: where the bytes go, not what they are",
+    "src/expqa/progress.py": "progress bars on stderr",
+    "src/expqa/__init__.py": "the package's version and the warning filter",
+    "src/expqa/noise.py": "silences library warnings",
+}
+TRAINING_PATHS = ("src/expqa/attention.py", "src/expqa/fused_lora.py", "src/expqa/fp8.py")  # load_for_training's
+NOT_USED = {
+    "generate": {
+        *TRAINING_PATHS,
+        "src/expqa/sources.py",  # combine's user-source readers; generate uses its text normalisation only
+        "src/expqa/significance.py",  # evaluate's intervals; generate uses its batched generation only
+    },
+    "evaluate": set(TRAINING_PATHS),
+}
+
+
+def imported_modules(path, src):
+    """expqa modules a file imports (at the top or inside functions), as files under src."""
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "expqa":
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names if alias.name.split(".")[0] == "expqa")
+    files = set()
+    for name in names:
+        for candidate in (src / f"{name.replace('.', '/')}.py", src / name.replace(".", "/") / "__init__.py"):
+            if candidate.exists():
+                files.add(candidate)
+    return files
+
+
+def test_every_stage_depends_on_the_code_it_runs():
+    """dvc.yaml's deps of each stage hold every expqa module its entry module reaches through imports, except the
+    glue listed above: a change to, say, fp8.py must re-run train (it was missing once)."""
+    import yaml
+
+    from conftest import REPO
+
+    src = REPO / "src"
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    problems = []
+    for name, stage in stages.items():
+        entry = src / "expqa" / "pipeline" / f"{stage['cmd'].split()[1].split('/')[-1]}"
+        seen, todo = set(), [entry]
+        while todo:
+            path = todo.pop()
+            if path not in seen:
+                seen.add(path)
+                todo.extend(imported_modules(path, src))
+        needed = {p.relative_to(REPO).as_posix() for p in seen} - set(GLUE) - NOT_USED.get(name, set())
+        missing = sorted(needed - set(stage["deps"]))
+        if missing:
+            problems.append(f"{name}: {', '.join(missing)}")
+    assert not problems, "dvc.yaml deps miss modules the stage imports: " + "; ".join(problems)

@@ -133,15 +133,6 @@ SUITES["issue21-lean"] = [
     (B3, "params_tok24k", 45),
     (B8, "params_offload", 90),
 ]
-# FP8 base matmuls (train.fp8_matmul, auto = on on an H200) against bf16, with the lean setting and 8B
-SUITES["issue21-fp8"] = [
-    (B3, "params", 45),
-    (B3, "params_nofp8", 45),
-    (B3, "params_offload", 45),
-    (B8, "params", 75),
-    (B8, "params_nofp8", 75),
-    (B3, "params_tok24k", 45),
-]
 # the final tables of round two, with FP8 (one call per architecture: a call may run 600 s)
 SUITES["issue21-final-3b"] = [
     (B3, "params", 45),

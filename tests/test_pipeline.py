@@ -88,6 +88,102 @@ def test_params_stage_writes_each_stage_its_resolved_sections(copy_repo):
     assert sorted(p.stem for p in (repo / "resolved").iterdir()) == sorted(STAGE_SECTIONS)
 
 
+def run_params_stage(repo, monkeypatch, gpus: int, cores: int = 2) -> tuple[int, str]:
+    """The params stage in this process on a machine with `gpus` CUDA GPUs and `cores` CPU cores; (status, stderr)."""
+    import torch
+
+    from expqa.pipeline import params as params_stage
+
+    monkeypatch.chdir(repo)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cores)))
+    return params_stage.main(PARAMS_STAGE[1:])
+
+
+def resolved_files(repo) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((repo / "resolved").iterdir())}
+
+
+def test_the_params_stage_runs_on_every_repro_and_re_resolves_auto_for_this_machine(copy_repo, monkeypatch, capsys):
+    """A lock made on a CPU, cloned onto a GPU host: `dvc repro` runs the params stage again (always_changed), which
+    resolves the gpu profile there; back on a CPU, the cpu profile's files come back byte for byte. Stages whose
+    sections the profile does not touch keep the same bytes, so DVC re-runs only what the machine changes."""
+    import yaml
+
+    from conftest import REPO
+
+    assert yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["params"]["always_changed"] is True
+    repo = copy_repo()
+    assert run_params_stage(repo, monkeypatch, gpus=0) == 0
+    on_cpu = resolved_files(repo)
+    assert json.loads(on_cpu["train.json"])["profile"] == "cpu"
+    assert run_params_stage(repo, monkeypatch, gpus=1) == 0
+    on_gpu = resolved_files(repo)
+    train = json.loads(on_gpu["train.json"])
+    assert (train["profile"], train["train"]["micro_batch"]) == ("gpu", "16384 tokens")
+    changed = {name for name in on_cpu if on_cpu[name] != on_gpu[name]}
+    assert changed == {"train.json", "evaluate.json", "stats.json"}  # the sections the cpu: overrides touch
+    assert run_params_stage(repo, monkeypatch, gpus=0) == 0
+    assert resolved_files(repo) == on_cpu
+    out = capsys.readouterr().out
+    assert "profile auto -> gpu;" in out and out.count("profile auto -> cpu;") == 2
+
+
+def test_the_model_source_is_checked_only_when_the_base_stage_will_run_again(copy_repo, monkeypatch):
+    """Every `dvc repro` runs the params stage: a hub model.name must not need the network each time."""
+    from expqa.pipeline import params as params_stage
+
+    asked = []
+    monkeypatch.setattr(params_stage, "check_model_source", lambda name, revision: asked.append(name))
+    repo = copy_repo()
+    for _ in range(2):
+        assert run_params_stage(repo, monkeypatch, gpus=0) == 0
+    assert asked == ["HuggingFaceTB/SmolLM2-135M-Instruct"]
+    (repo / "params.yaml").write_text((repo / "params.yaml").read_text().replace("revision: main", "revision: v2"))
+    assert run_params_stage(repo, monkeypatch, gpus=0) == 0
+    assert len(asked) == 2
+
+
+@pytest.mark.parametrize(
+    "gpus,cores,edit,key,expected",
+    [
+        (1, 16, ("  num_processes: 0 ", "  num_processes: 2 "), "  num_processes: 2 ",
+         "train.num_processes is 2, but this machine has 1 CUDA GPU for the gpu profile; set 0 (one process per GPU)"),
+        (0, 1, None, "    num_processes: 2 ",
+         "cpu.train.num_processes is 2, but this machine has 1 CPU core for the cpu profile; set a count up to that"),
+    ],
+)  # fmt: skip
+def test_params_never_ask_for_more_processes_than_this_machine_has_devices(
+    copy_repo, monkeypatch, capsys, gpus, cores, edit, key, expected
+):
+    """The CPU profile's 2 processes on a 1-GPU host crashed with `CUDA error: invalid device ordinal` inside torchrun;
+    now the params stage stops first, at the line of params.yaml that asks for them."""
+    repo = copy_repo()
+    params = repo / "params.yaml"
+    if edit:
+        params.write_text(params.read_text().replace(*edit, 1))
+    line = next(i for i, text in enumerate(params.read_text().splitlines(), 1) if text.startswith(key))
+    assert run_params_stage(repo, monkeypatch, gpus=gpus, cores=cores) == 2
+    assert capsys.readouterr().err.startswith(f"error: params.yaml:{line}: {expected}")
+    assert not (repo / "resolved").exists()
+
+
+def test_the_cpu_profile_runs_on_the_cpu_even_where_a_gpu_is(monkeypatch):
+    """Its settings (2 gloo processes, fp32 weights) are the CPU's, and it is how a CPU-made lock is reproduced."""
+    from expqa.config import ConfigError, Params
+    from expqa.pipeline import check_profile
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    check_profile(Params(profile="cpu"), "train")
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == ""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="train: the params run with the gpu profile .* no CUDA GPU here"):
+        check_profile(Params(profile="gpu"), "train")
+
+
 def test_stage_scripts_run_only_as_the_main_module():
     """evaluate's spawned worker processes import the stage script again: an unguarded `main()` there started a second
     evaluation in each worker and broke the process pool (BrokenProcessPool in `dvc repro`)."""

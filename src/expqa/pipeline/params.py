@@ -9,6 +9,7 @@ data.sources in --sources) and that model.name can be obtained.
 Reads --params (params.yaml) and --sources (the data.sources folder); writes --out/<stage>.json.
 """
 
+import sys
 from pathlib import Path
 
 from expqa.base_model import BaseModelError, check_model_source
@@ -39,4 +40,9 @@ def run(args, _):
     print(f"params: {args.params} checked, {how}; {len(STAGE_SECTIONS)} stage files in {args.out}")
 
 
-main = stage_main("params", __doc__, run, paths=PATHS, errors=(BaseModelError,), uses_params=False)
+main = stage_main(
+    "params", __doc__, run, paths=PATHS, output_folders="--out", errors=(BaseModelError,), uses_params=False
+)
+
+if __name__ == "__main__":  # `python -m expqa.pipeline.params ...` runs the stage, as `expqa params` does
+    sys.exit(main())

@@ -292,6 +292,22 @@ def test_output_that_is_a_directory_is_named_before_importing(tmp_path: Path) ->
     assert list(tmp_path.iterdir()) == []  # no scratch or temp file left behind
 
 
+def test_stage_checks_every_output_path_before_writing_any(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--report naming a folder used to fail only after --out had been replaced by the new import."""
+    from expqa.pipeline.collect import main as collect_stage
+
+    out = tmp_path / "pairs.jsonl"
+    out.write_text("the previous import\n")
+    report = tmp_path / "reports"
+    report.mkdir()
+    argv = ["--posts", str(SAMPLE_POSTS), "--out", str(out), "--report", str(report)]
+    assert collect_stage([*argv, "--params", str(REPO / "params.yaml")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: --report {report} is a directory; give the path of a file to write (nothing was written)\n"
+    )
+    assert out.read_text() == "the previous import\n" and sorted(tmp_path.iterdir()) == [out, report]
+
+
 def test_inconsistent_length_limits_are_rejected(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"collect.min_answer_chars \(100\) > collect.max_answer_chars \(10\)"):
         run(tmp_path, [], min_answer_chars=100, max_answer_chars=10)

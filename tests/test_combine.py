@@ -239,6 +239,37 @@ def test_stage_reports_an_empty_split_in_one_line(tmp_path: Path, capsys: pytest
     assert capsys.readouterr().err.startswith("error: no conversation kept")
 
 
+def test_an_input_that_adds_no_row_next_to_others_is_a_warning_naming_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An empty or all-invalid input among several used to pass silently (its rows only missing from the counts):
+    now one warning line each, and the run still writes every output, quarantined rows included."""
+    good = write_jsonl(tmp_path / "good.jsonl", distinct_questions(5))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    blank = tmp_path / "blank.jsonl"
+    blank.write_bytes(b"\n  \n")
+    bad = write_jsonl(tmp_path / "bad.jsonl", ["{}", "[1]"])
+    out = tmp_path / "out"
+    with caplog.at_level("WARNING", logger="expqa.combine"):
+        manifest = run([good, empty, blank, bad], out, on_invalid="skip", **NO_HOLDOUT)
+    assert [record.getMessage() for record in caplog.records] == [
+        f"{empty}: empty (0 bytes), so no rows from it; a warning, not an error, since other inputs have rows and an "
+        "empty one can be on purpose (generate's output while generate.enabled is false); if it should have rows, "
+        "rebuild it",
+        f"{blank}: empty (only blank lines), so no rows from it; a warning, not an error, since other inputs have "
+        "rows and an empty one can be on purpose (generate's output while generate.enabled is false); if it should "
+        "have rows, rebuild it",
+        f"{bad}: all 2 row(s) invalid, so no rows from it; quarantined in {out / 'quarantine.jsonl'} (first: line 1: "
+        "missing 'messages' (a list of {role, content} objects)); fix the file, or set data.on_invalid: error to stop "
+        "at the first bad row",
+    ]
+    assert manifest["totals"]["kept"] == 5 and len(read_jsonl(out / "quarantine.jsonl")) == 2
+    stage_args = [str(good), str(empty), "--out", str(out), "--sources", str(tmp_path)]
+    assert combine_stage([*stage_args, "--params", str(REPO / "params.yaml")]) == 0
+    assert capsys.readouterr().err == f"warning: {caplog.records[0].getMessage()}\n"
+
+
 def test_quarantine_is_written_empty_when_every_row_is_valid(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "in.jsonl", distinct_questions(5))
     run([path], tmp_path / "out", on_invalid="skip")

@@ -8,6 +8,7 @@ import yaml
 from conftest import REPO
 from expqa import config as cfg
 from expqa.config import ConfigError, load_params
+from expqa.pipeline.combine import main as combine_stage
 
 
 def write(tmp_path, text, name="params.yaml"):
@@ -267,6 +268,84 @@ def test_missing_and_unparsable_files(tmp_path):
         load_params(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="cannot parse"):
         load_params(write(tmp_path, "lora: [r: 1\n"))
+
+
+# PyYAML looks up to 1,024 characters ahead for a key at every bracket: one bracket a line keeps these tests fast
+DEEP_YAML_FLOW = "lora:\n  r:\n" + "   [\n" * 100_000 + "   ]\n" * 100_000
+TOO_DEEP = "; a params file nests a few levels (section: key: value, cpu: section: key: value): check that this is the "
+
+
+@pytest.mark.parametrize(
+    "name, text, where",
+    [
+        ("my.json", "[" * 100_000 + "]" * 100_000, ":1: nested deeper than 64 levels (at column 65)"),
+        ("my.yaml", DEEP_YAML_FLOW, ":65: nested deeper than 64 levels (at column 4)"),
+        ("my.yaml", "".join("  " * level + f"k{level}:\n" for level in range(200)), ":65: nested deeper than 64 "),
+        (
+            "my.json",
+            '{"lora": {"r": ' + "[" * 100 + "]" * 100 + "}}",
+            ":1: nested deeper than 64 levels (at column 78)",
+        ),
+    ],
+    ids=["json-100000", "yaml-flow-100000", "yaml-block-200", "json-100"],
+)
+def test_override_file_nested_too_deep_is_one_line_naming_it(tmp_path, name, text, where):
+    """A RecursionError traceback before; 100 levels parsed but would reach every recursive walk of the params.
+    Now one line at the file, line and column where it gets too deep."""
+    path = write(tmp_path, text, name)
+    with pytest.raises(ConfigError) as caught:
+        load_params(REPO / "params.yaml", path)
+    assert str(caught.value).startswith(f"{path}{where}") and str(caught.value).endswith(f"{TOO_DEEP}file you meant")
+
+
+def test_stage_reports_a_config_file_nested_too_deep_in_one_line(tmp_path, capsys):
+    """YAML printed a 2,999-line traceback."""
+    path = write(tmp_path, DEEP_YAML_FLOW, "my.yaml")
+    argv = ["in.jsonl", "--out", str(tmp_path / "out"), "--sources", str(tmp_path)]
+    assert combine_stage([*argv, "--params", str(REPO / "params.yaml"), "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {path}:65: nested deeper than 64 levels (at column 4){TOO_DEEP}file you meant\n"
+
+
+@pytest.mark.parametrize("written, value", [("NaN", "nan"), ("Infinity", "inf"), ("-Infinity", "-inf")])
+def test_non_finite_number_in_a_json_override_is_reported_at_the_json_file(tmp_path, written, value):
+    """JSON files had no key lines, so this pointed at params.yaml's line of the key."""
+    path = write(tmp_path, f'{{"train": {{\n  "warmup_ratio": 0.1,\n  "learning_rate": {written}}}}}\n', "my.json")
+    with pytest.raises(ConfigError) as caught:
+        load_params(REPO / "params.yaml", path)
+    assert str(caught.value) == f"{path}:3: train.learning_rate is {value}; expected a finite number"
+
+
+@pytest.mark.parametrize(
+    "name, text, expected",
+    [
+        (
+            "my.yaml",
+            "lora:\n  r: [1, 2\n  alpha: 3\n",
+            ":3: cannot parse YAML: expected ',' or ']', but got ':' at column 8 (while parsing a flow sequence that "
+            "starts at line 2, column 6); check the indentation, quotes and brackets there",
+        ),
+        (
+            "my.yaml",
+            "lora:\n  r: 1\n alpha: 3\n",
+            ":3: cannot parse YAML: expected <block end>, but found '<block mapping start>' at column 2 (while parsing "
+            "a block mapping that starts at line 1, column 1); check the indentation, quotes and brackets there",
+        ),
+        (
+            "my.json",
+            '{"lora": {\n  "r": 3,\n}}',
+            ":3: cannot parse JSON: Expecting property name enclosed in double quotes at column 1; check the quotes, "
+            "commas and brackets there",
+        ),
+    ],
+    ids=["yaml-flow", "yaml-indent", "json"],
+)
+def test_unparsable_override_file_is_one_line_with_its_line_and_column(tmp_path, name, text, expected):
+    """PyYAML's message is 8 lines with '<unicode string>' for the file."""
+    path = write(tmp_path, text, name)
+    with pytest.raises(ConfigError) as caught:
+        load_params(REPO / "params.yaml", path)
+    assert str(caught.value) == f"{path}{expected}"
 
 
 def test_every_field_has_help():

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from conftest import REPO
-from expqa.files import atomic_dir, is_wall_clock, split_wall_clock
+from expqa.files import atomic_dir, is_wall_clock, output_path_problems, split_wall_clock
 
 
 def test_split_wall_clock_moves_timings_at_every_depth():
@@ -130,3 +130,19 @@ def test_atomic_dir_refuses_a_file_at_the_output_path_before_the_work(tmp_path):
         with atomic_dir(tmp_path / "out"):
             raise AssertionError("the block must not run")
     assert (tmp_path / "out").read_text() == "a file"
+
+
+def test_output_path_problems_names_each_option_that_cannot_be_written(tmp_path):
+    """What stage_main checks before a stage writes anything: every problem at once, by option."""
+    folder, file = tmp_path / "folder", tmp_path / "file.json"
+    folder.mkdir()
+    file.write_text("{}")
+    files = {"--report": folder, "--plot": file / "plot.csv", "--timings": None, "--examples": tmp_path / "new.jsonl"}
+    folders = {"--out": file, "--log-folder": tmp_path / "new" / "logs", "--metrics": tmp_path / "new.jsonl"}
+    assert output_path_problems(files, folders) == [
+        f"--report {folder} is a directory; give the path of a file to write",
+        f"--plot {file / 'plot.csv'}: {file} is a file, not a folder; give a path in a folder",
+        f"--out {file} is a file; give the path of a folder to write",
+        f"--metrics and --examples are the same path {tmp_path / 'new.jsonl'}; give each output its own",
+    ]
+    assert output_path_problems({"--out": file, "--report": tmp_path / "r.json"}, {"--data": folder}) == []

@@ -200,6 +200,68 @@ def test_stage_scripts_run_only_as_the_main_module():
         assert not calls and len(guards) == 1, f"{script.name}: call main() under `if __name__ == '__main__':`"
 
 
+def test_every_stage_module_runs_with_python_dash_m():
+    """`python -m expqa.pipeline.<stage>` imported the module and exited 0 without running anything (only train had
+    the `__main__` block, which torchrun needs)."""
+    import ast
+
+    from conftest import REPO
+    from expqa.pipeline import STAGES
+
+    for stage in STAGES:
+        body = ast.parse((REPO / "src" / "expqa" / "pipeline" / f"{stage}.py").read_text()).body
+        guards = [node for node in body if isinstance(node, ast.If) and "__name__" in ast.unparse(node.test)]
+        assert [ast.unparse(node) for node in guards] == ["if __name__ == '__main__':\n    sys.exit(main())"], stage
+    help_ = subprocess.run([sys.executable, "-m", "expqa.pipeline.params", "--help"], capture_output=True, text=True)
+    assert help_.returncode == 0 and help_.stdout.startswith("usage: expqa params "), help_.stderr
+    missing = subprocess.run(
+        [sys.executable, "-m", "expqa.pipeline.params", "--params", "p.yaml"], capture_output=True, text=True
+    )
+    assert missing.returncode == 2, missing.stderr
+    assert "expqa params: error: the following arguments are required: --sources, --out" in missing.stderr
+
+
+@pytest.mark.parametrize(
+    "stage, argv, expected",
+    [
+        ("merge", "--base b --adapter a --out o --report {dir}", "--report {dir} is a directory"),
+        (
+            "evaluate",
+            "--base b --tuned t --test t.jsonl --train r.jsonl --out o.json --examples e.jsonl --plot {dir} "
+            "--params params.yaml",
+            "--plot {dir} is a directory",
+        ),
+        (
+            "export",
+            "--model m --out {file} --report r.json --timings t.json --params params.yaml",
+            "--out {file} is a file; give the path of a folder",
+        ),
+        (
+            "stats",
+            "--data d --base b --out {file}/s.json --histogram h.csv --params params.yaml",
+            "--out {file}/s.json: {file} is a file, not a folder",
+        ),
+    ],
+    ids=["merge", "evaluate", "export", "stats"],
+)
+def test_stages_check_their_output_paths_before_running(tmp_path, monkeypatch, capsys, stage, argv, expected):
+    """The same check as collect's (stage_main's output_files/output_folders): a report path that is a folder
+    failed only once the stage's main output had been written (merge, evaluate, export), or after hours of work."""
+    import importlib
+
+    from conftest import REPO
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("")
+    paths = {"dir": str(tmp_path / "folder"), "file": str(tmp_path / "file")}
+    main = importlib.import_module(f"expqa.pipeline.{stage}").main
+    assert main([arg.format(**paths) for arg in argv.split()]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {expected.format(**paths)}") and err.endswith("(nothing was written)\n"), err
+
+
 # Modules a stage imports that cannot change what it writes, so that editing them does not re-run the pipeline.
 GLUE = {
     "src/expqa/pipeline/__init__.py": "argument parsing and the one-line error",

@@ -333,6 +333,50 @@ def test_json_list_syntax_error_names_its_line(tmp_path: Path) -> None:
         combine(tmp_path, entry(path, "alpaca", "howto"))
 
 
+@pytest.mark.parametrize("levels", [1_000, 100_000])
+def test_json_list_element_nested_past_the_recursion_limit_is_an_invalid_record(tmp_path: Path, levels: int) -> None:
+    """json recurses per level: such an element raised RecursionError; now it is an invalid record at its line, with
+    the JSONL rows' message and limit, and the elements after it (brackets and quotes in strings too) still read."""
+    deep = "[" * levels + "]" * levels
+    path = tmp_path / "howto.json"
+    path.write_text(
+        '[\n  {"instruction": "Q?", "output": "A."},\n  {"instruction": "Deep?", "output": "A.", "x": '
+        + deep
+        + '},\n  {"instruction": "Brackets ] } [ { \\" in text?", "output": "A."}\n]\n'
+    )
+    with pytest.raises(DataError) as caught:
+        combine(tmp_path, entry(path, "alpaca", "howto"))
+    assert str(caught.value).startswith(f"{path}:3: invalid JSON: nested deeper than 64 levels\n  hint: flatten")
+    result = combine(tmp_path, entry(path, "alpaca", "howto"), on_invalid="skip")
+    (record,) = result["quarantine"]
+    assert (record["line"], record["raw"]) == (3, '{"instruction": "Deep?", "output": "A.", "x": ' + deep + "}")
+    assert record["reason"] == "invalid JSON: nested deeper than 64 levels"
+    kept = sorted(row["messages"][0]["content"] for row in result["rows"])
+    assert kept == ['Brackets ] } [ { " in text?', "Q?"]
+
+
+def test_json_list_element_nested_past_the_recursion_limit_that_never_closes_names_its_line(tmp_path: Path) -> None:
+    path = tmp_path / "howto.json"
+    path.write_text('[\n  {"instruction": "Q?", "output": "A."},\n  {"x": ' + "[" * 100_000 + "\n")
+    with pytest.raises(DataError) as caught:
+        combine(tmp_path, entry(path, "alpaca", "howto"), on_invalid="skip")
+    assert str(caught.value).startswith(
+        f"{path}:3: invalid JSON in the list: an element nested deeper than 64 levels never closes"
+    )
+
+
+def test_a_source_without_records_is_a_warning_naming_it(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "faq.jsonl"
+    path.write_bytes(b"")
+    with caplog.at_level("WARNING", logger="expqa.combine"):
+        result = combine(tmp_path, entry(path, "sharegpt", "faq"))
+    assert [record.getMessage() for record in caplog.records] == [
+        f"{path}: no records, so no rows from source faq; a warning, not an error, since other inputs have rows; add "
+        "its records, or remove its data.sources entry"
+    ]
+    assert result["manifest"]["sources"]["faq"]["read"] == 0
+
+
 def test_json_list_is_read_as_jsonl_for_a_jsonl_format(tmp_path: Path) -> None:
     path = tmp_path / "chat.json"
     path.write_text(json.dumps([{"messages": turns(("user", "Q?"), ("assistant", "A."))}]))
@@ -407,6 +451,37 @@ def test_config_error_is_located(tmp_path: Path, entry: str, message: str) -> No
     with pytest.raises(ConfigError) as caught:
         load_with_sources(tmp_path, entry)
     assert f"{tmp_path / 'override.yaml'}{message}" in str(caught.value)
+
+
+def test_a_folder_where_the_format_reads_a_file_is_a_located_error(tmp_path: Path, capsys) -> None:
+    """It was a bare `[Errno 21] Is a directory` from the combine stage; now the entry's line says what to do, from
+    the params stage (load_params with the sources folder) and from the combine stage run by hand."""
+    sources = tmp_path / "sources"
+    (sources / "faq_dir").mkdir(parents=True)
+    override = tmp_path / "override.yaml"
+    override.write_text("data:\n  sources:\n" + GOOD_ENTRY.replace("faq.jsonl", "faq_dir"))
+    expected = (
+        f"{override}:3: data.sources[0].file 'faq_dir' is a folder in {sources}/, but format sharegpt reads one "
+        "file; give the file (JSONL, or a JSON list for sharegpt/alpaca), or set format: hf_disk for a folder "
+        "written by datasets' save_to_disk"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_params(REPO / "params.yaml", override, sources_dir=sources)
+    assert str(caught.value) == expected
+    built_in = write_jsonl(tmp_path / "built_in.jsonl", [BUILT_IN_ROW])
+    argv = [str(built_in), "--out", str(tmp_path / "out"), "--sources", str(sources)]
+    assert combine_stage([*argv, "--params", str(REPO / "params.yaml"), "--config", str(override)]) == 2
+    assert capsys.readouterr().err == f"error: {expected}\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_file_where_hf_disk_reads_a_folder_is_a_located_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_with_sources(tmp_path, GOOD_ENTRY.replace("sharegpt", "hf_disk"))
+    assert str(caught.value).startswith(
+        f"{tmp_path / 'override.yaml'}:3: data.sources[0].file 'faq.jsonl' is a file in {tmp_path / 'sources'}/, "
+        "but format hf_disk reads a folder written by datasets' save_to_disk"
+    )
 
 
 def test_config_reports_every_source_problem_together(tmp_path: Path) -> None:

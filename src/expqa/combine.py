@@ -177,13 +177,16 @@ class Where(NamedTuple):
 class Scanner:
     """Reads inputs once, keeping counts, dedup sets and ``KeptRows``; quarantines bad rows."""
 
-    def __init__(self, weights: Mapping[str, float], seed: int, on_invalid: str, quarantine: IO[str]) -> None:
+    def __init__(
+        self, weights: Mapping[str, float], seed: int, on_invalid: str, quarantine: IO[str], quarantine_name: str
+    ) -> None:
         self.weights = weights
         self.sources = sorted(weights)
         self._source_index = {source: index for index, source in enumerate(self.sources)}
         self.seed = seed
         self.on_invalid = on_invalid
         self.quarantine = quarantine
+        self.quarantine_name = quarantine_name  # where quarantine.jsonl ends up, for warnings
         self.stats: dict[str, Counter[str]] = {source: Counter() for source in self.sources}
         self.kept = KeptRows()
         self._seen_exact: set[int] = set()
@@ -191,21 +194,31 @@ class Scanner:
         self._seen_ids: set[int] = set()
         self.empty_inputs: list[str] = []  # inputs without a single row, named in errors
         self.first_invalid = ""  # "path:line: reason" of the first quarantined row, for the same
+        self.invalid_rows = 0  # quarantined so far, to tell an input whose every row was invalid
+        self.file_first_invalid = ""  # the same as first_invalid, within the input being scanned
+        # Inputs that add no row (one-line warnings, logged when others did add rows): empty, or every row invalid;
+        # paths as given, as in DataError (these go to the log, not into outputs).
+        self.inputs_without_rows: list[str] = []
 
     def scan_file(self, file_index: int, path: Path) -> None:
-        rows = 0
+        rows, invalid_before = 0, self._start_input()
         for raw in iter_raw_lines(path):
             rows += 1
             self._scan_line(file_index, path, raw)
         if rows == 0:
-            self.empty_inputs.append(
-                f"{display_path(path)} ({'0 bytes' if path.stat().st_size == 0 else 'only blank lines'})"
+            empty = "0 bytes" if path.stat().st_size == 0 else "only blank lines"
+            self.empty_inputs.append(f"{display_path(path)} ({empty})")
+            self.inputs_without_rows.append(
+                f"{path}: empty ({empty}), so no rows from it; a warning, not an error, since other "
+                "inputs have rows and an empty one can be on purpose (generate's output while generate.enabled is "
+                "false); if it should have rows, rebuild it"
             )
+        self._note_all_invalid(path, rows, invalid_before)
 
     def scan_source(self, file_index: int, source: UserSource, converted: IO[bytes]) -> None:
         """Convert a ``data.sources`` entry record by record into ``converted`` (ChatML JSONL, read back by
         offset like any input) and scan each row as a row of an input file; errors name the source's records."""
-        rows = 0
+        rows, invalid_before = 0, self._start_input()
         for record in iter_source_records(source):
             rows += 1
             where = Where(source.path, record.location, source.unit, record.raw, record.hint)
@@ -217,6 +230,25 @@ class Scanner:
             self._scan_row(file_index, offset, where, record.row)
         if rows == 0:
             self.empty_inputs.append(f"{display_path(source.path)} (no records)")
+            self.inputs_without_rows.append(
+                f"{source.path}: no records, so no rows from source {source.name}; a warning, not an "
+                "error, since other inputs have rows; add its records, or remove its data.sources entry"
+            )
+        self._note_all_invalid(source.path, rows, invalid_before)
+
+    def _start_input(self) -> int:
+        self.file_first_invalid = ""
+        return self.invalid_rows
+
+    def _note_all_invalid(self, path: Path, rows: int, invalid_before: int) -> None:
+        """With on_invalid skip an input whose every row is invalid adds nothing, yet each row only counts as
+        quarantined: say so for the file (with on_invalid error its first row already stopped the run)."""
+        if rows and self.invalid_rows - invalid_before == rows:
+            self.inputs_without_rows.append(
+                f"{path}: all {rows} row(s) invalid, so no rows from it; quarantined in "
+                f"{self.quarantine_name} (first: {self.file_first_invalid}); fix the file, or set data.on_invalid: "
+                "error to stop at the first bad row"
+            )
 
     def forget_seen(self) -> None:
         """Free the dedup sets (the largest memory) once every input is scanned."""
@@ -292,8 +324,10 @@ class Scanner:
             raise DataError(where.path, where.location, reason, hint or hint_for(reason), where.unit)
         self.stats.setdefault(source, Counter())
         self._count(source, "invalid")
+        self.invalid_rows += 1
         location = f":{where.location}" if where.unit == "line" else f": {where.unit} {where.location}"
         self.first_invalid = self.first_invalid or f"{display_path(where.path)}{location}: {reason}"
+        self.file_first_invalid = self.file_first_invalid or f"{where.unit} {where.location}: {reason}"
         record = {"path": display_path(where.path), where.unit: where.location, "reason": reason, "raw": where.raw}
         self.quarantine.write(json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n")
 
@@ -543,6 +577,7 @@ def combine_datasets(
     always a DataError. Each ``data.sources`` entry is converted to ChatML rows named
     after it and weighted by its own weight; its rows are then checked like those of ``inputs``.
     ConfigError when ``data`` is invalid (DataConfig.validate) or a ``data.sources`` file is not in ``sources_dir``.
+    An input that adds no row while others do (empty, or every row quarantined) is a logged warning naming it.
     """
     inputs = [Path(path) for path in inputs]
     out_dir = Path(out_dir)
@@ -563,7 +598,9 @@ def combine_datasets(
         ]
     # files in out_dir that combine does not write (e.g. the .gitignore DVC writes there) survive the swap
     with atomic_dir(out_dir, carry_over=lambda name: name not in OUTPUT_FILES and name != MANIFEST_FILE) as work_dir:
-        manifest = _combine_into(inputs, work_dir, params, sources)
+        manifest, without_rows = _combine_into(inputs, work_dir, params, sources, str(out_dir / QUARANTINE_FILE))
+    for message in without_rows:  # once the outputs are in place; if nothing was kept, EmptySplitError names them
+        logger.warning(message)
     return manifest
 
 
@@ -583,14 +620,15 @@ def _user_sources(data: DataConfig, sources_dir: Path | None) -> list[UserSource
 
 
 def _combine_into(
-    inputs: list[Path], work_dir: Path, params: dict[str, Any], sources: Sequence[UserSource]
-) -> dict[str, Any]:
+    inputs: list[Path], work_dir: Path, params: dict[str, Any], sources: Sequence[UserSource], quarantine_name: str
+) -> tuple[dict[str, Any], list[str]]:
+    """The manifest, and a warning for each input that adds no row (see Scanner.inputs_without_rows)."""
     weights, seed = params["weights"], params["seed"]
     converted_dir = work_dir / ".converted"  # ChatML rows of the sources, read back like inputs; removed below
     converted_dir.mkdir()
     converted = [converted_dir / f"{index}.jsonl" for index in range(len(sources))]
     with open(work_dir / QUARANTINE_FILE, "w", encoding="utf-8", newline="\n") as quarantine:
-        scanner = Scanner(weights, seed, params["on_invalid"], quarantine)
+        scanner = Scanner(weights, seed, params["on_invalid"], quarantine, quarantine_name)
         for file_index, path in enumerate(inputs):
             scanner.scan_file(file_index, path)
         for index, source in enumerate(sources):
@@ -617,7 +655,7 @@ def _combine_into(
     )
     manifest_text = json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
     (work_dir / MANIFEST_FILE).write_text(manifest_text, encoding="utf-8", newline="\n")
-    return manifest
+    return manifest, scanner.inputs_without_rows
 
 
 def _check_inputs(inputs: list[Path]) -> None:

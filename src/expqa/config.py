@@ -31,6 +31,8 @@ FP8_MODES = ("auto", "on", "off")  # train.fp8_matmul, resolved by expqa.fp8.res
 GGUF_EXPORT_TYPES = ("f32", "f16", "bf16", "q8_0")
 LM_HEAD_LOSSES = ("trl", "expqa")
 MAX_WEIGHT = 1000.0  # train copies are stored in 16 bits, and more is surely a typo
+# params files nest a few levels; deeper is not a params file, and the parsers would recurse past Python's limit
+MAX_CONFIG_NESTING = 64
 SOURCE_FORMATS = ("chatml", "sharegpt", "alpaca", "openai", "hf_disk")  # expqa.sources.FORMATS
 SEED_END = 2**32  # numpy's seeds (set by transformers' set_seed) are 32-bit
 PROFILES = ("auto", "gpu", "cpu")
@@ -267,12 +269,27 @@ class DataConfig:
         return errors
 
     def check_source_files(self, sources_dir: Path) -> list[str]:
-        """Problems with data.sources files that are not in ``sources_dir`` (the folder dvc.yaml passes)."""
-        return [
-            f"data.sources[{index}].file {source.file!r} not found in {sources_dir}/; put it there or fix the name"
-            for index, source in enumerate(self.sources)
-            if source is not None and not (sources_dir / source.file).exists()
-        ]
+        """Problems with data.sources files in ``sources_dir`` (the folder dvc.yaml passes): missing, or a folder
+        where the format reads a file (or a file where hf_disk reads a folder), which would fail only when read."""
+        problems = []
+        for index, source in enumerate(self.sources):
+            if source is None:
+                continue
+            path, key = sources_dir / source.file, f"data.sources[{index}].file"
+            if not path.exists():
+                problems.append(f"{key} {source.file!r} not found in {sources_dir}/; put it there or fix the name")
+            elif path.is_dir() and source.format in SOURCE_FORMATS and source.format != "hf_disk":
+                problems.append(
+                    f"{key} {source.file!r} is a folder in {sources_dir}/, but format {source.format} reads one "
+                    "file; give the file (JSONL, or a JSON list for sharegpt/alpaca), or set format: hf_disk for "
+                    "a folder written by datasets' save_to_disk"
+                )
+            elif not path.is_dir() and source.format == "hf_disk":
+                problems.append(
+                    f"{key} {source.file!r} is a file in {sources_dir}/, but format hf_disk reads a folder written "
+                    "by datasets' save_to_disk; give that folder, or set the format of the file's records"
+                )
+        return problems
 
 
 @dataclass
@@ -878,19 +895,97 @@ def _build_item(cls: type, value: Any, key: str, where: typing.Callable[[str], s
     return None if len(errors) > problems else cls(**kwargs)
 
 
-def read_config_file(path: str | Path) -> tuple[dict, dict[str, int]]:
-    """Read a YAML or JSON config file; return its mapping and the line of every key."""
+def read_config_file(path: str | Path) -> tuple[dict, dict[str, str]]:
+    """Read a YAML or JSON config file; return its mapping and where each dotted key is ("file:line")."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: file not found")
     if path.is_dir():
         raise ConfigError(f"{path}: is a directory; give a YAML or JSON file")
     text = _read_utf8(path)
+    is_json = path.suffix == ".json"
     try:
-        raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: cannot parse: {exc}") from None
-    return raw or {}, ({} if path.suffix == ".json" else _key_lines(text, str(path)))
+        raw = json.loads(text) if is_json else yaml.safe_load(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"{path}:{exc.lineno}: cannot parse JSON: {exc.msg} at column {exc.colno}; "
+            "check the quotes, commas and brackets there"
+        ) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(_yaml_error(path, exc)) from None
+    except RecursionError:  # the parsers recurse once per level: report it like a file that did parse
+        raise ConfigError(_too_deep(path, text)) from None
+    if _depth_exceeds(raw, MAX_CONFIG_NESTING):  # checked before anything recursive walks it (merge, checks)
+        raise ConfigError(_too_deep(path, text))
+    lines = _key_lines(text, str(path))
+    if is_json:  # a key the YAML reading of the JSON text missed is still reported against this file
+        lines = {**dict.fromkeys(_dotted_keys(raw, ""), str(path)), **lines}
+    return raw or {}, lines
+
+
+def _yaml_error(path: Path, exc: yaml.YAMLError) -> str:
+    """PyYAML's several-line message as one line: file:line, the problem and its column, what it was inside."""
+    mark = getattr(exc, "problem_mark", None)
+    if mark is None:
+        return f"{path}: cannot parse YAML: {' '.join(str(exc).split())}"
+    problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+    context, start = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    inside = ""
+    if context and start:  # e.g. "while parsing a flow sequence": where the unclosed thing began
+        inside = f" ({context} that starts at line {start.line + 1}, column {start.column + 1})"
+    return (
+        f"{path}:{mark.line + 1}: cannot parse YAML: {problem} at column {mark.column + 1}{inside}; "
+        "check the indentation, quotes and brackets there"
+    )
+
+
+def _depth_exceeds(value: Any, limit: int) -> bool:
+    """Whether containers nest deeper than ``limit`` in ``value``; iterative, and stops at the limit, so a YAML
+    alias that refers to itself (an endless nesting) is caught too."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            if depth > limit:
+                return True
+            stack.extend((item, depth + 1) for item in (node.values() if isinstance(node, dict) else node))
+    return False
+
+
+def _too_deep(path: Path, text: str) -> str:
+    """The message for a file nested deeper than MAX_CONFIG_NESTING, at the line where it gets too deep."""
+    where, depth = f"{path}: nested deeper than {MAX_CONFIG_NESTING} levels", 0
+    try:
+        for event in yaml.parse(text):  # events come one at a time: no recursion however deep (JSON is YAML here)
+            if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+                depth += 1
+                if depth > MAX_CONFIG_NESTING:
+                    mark = event.start_mark
+                    where = f"{path}:{mark.line + 1}: nested deeper than {MAX_CONFIG_NESTING} levels (at column "
+                    where += f"{mark.column + 1})"
+                    break
+            elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+                depth -= 1
+    except yaml.YAMLError:
+        pass  # JSON that YAML does not read (e.g. tabs): the file is still named
+    return (
+        f"{where}; a params file nests a few levels (section: key: value, cpu: section: key: value): "
+        "check that this is the file you meant"
+    )
+
+
+def _dotted_keys(value: Any, prefix: str) -> list[str]:
+    """Every dotted key of a parsed file as params_from_dict names it (data.sources[0].file)."""
+    keys = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            dotted = f"{prefix}{key}"
+            keys += [dotted, *_dotted_keys(item, dotted + ".")]
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            dotted = f"{prefix.removesuffix('.')}[{index}]"
+            keys += [dotted, *_dotted_keys(item, dotted + ".")]
+    return keys
 
 
 def _read_utf8(path: Path) -> str:
@@ -924,13 +1019,16 @@ def load_params(
     return params_from_dict(raw, source, lines, sources_dir)
 
 
-def load_stage_params(path: str | Path, stage: str, override: str | Path | None = None) -> Params:
+def load_stage_params(
+    path: str | Path, stage: str, override: str | Path | None = None, sources_dir: str | Path | None = None
+) -> Params:
     """The params ``stage`` runs with: its file from the params stage (metrics/params/<stage>.json, already
     resolved), or a whole params file (params.yaml, with an optional partial ``override`` file merged in: checked
-    and resolved here, for running a stage by hand). Sections the stage does not read are None."""
+    and resolved here, for running a stage by hand). Sections the stage does not read are None. With
+    ``sources_dir`` the data.sources files are checked too (see load_params), each problem at its entry's line."""
     raw, lines = read_config_file(path)
     if not (isinstance(raw, dict) and "stage" in raw):
-        return load_params(path, override).resolve()
+        return load_params(path, override, sources_dir).resolve()
     if override is not None:
         raise ConfigError(
             f"{override}: --config applies to a whole params file; {path} is the params stage's "
@@ -942,7 +1040,7 @@ def load_stage_params(path: str | Path, stage: str, override: str | Path | None 
             f"metrics/params/{stage}.json (written by the params stage) or params.yaml"
         )
     body = {key: value for key, value in raw.items() if key != "stage"}
-    return params_from_dict(body, str(path), lines, sections=STAGE_SECTIONS[stage])
+    return params_from_dict(body, str(path), lines, sources_dir, sections=STAGE_SECTIONS[stage])
 
 
 def section_help(cls: type) -> dict[str, str]:

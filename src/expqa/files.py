@@ -8,7 +8,7 @@ import json
 import os
 import secrets
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -84,6 +84,30 @@ def _swap_into_place(finished: Path, out_dir: Path) -> None:
         previous.rename(out_dir)
         raise
     shutil.rmtree(previous, ignore_errors=True)
+
+
+def output_path_problems(files: Mapping[str, Path | None], folders: Mapping[str, Path | None]) -> list[str]:
+    """What would stop a stage from writing its outputs, found before it writes any (a failure after the first
+    output is written would leave it replaced and the others stale): a file output that is a folder, a folder output
+    that is a file, a path under a file, two outputs on one path. Keys are the options (--report); None is skipped."""
+    problems: list[str] = []
+    seen: dict[Path, str] = {}
+    for kind, paths in (("file", files), ("folder", folders)):
+        for option, path in paths.items():
+            if path is None:
+                continue
+            path = Path(path)
+            blocker = next((parent for parent in path.parents if parent.exists() and not parent.is_dir()), None)
+            if kind == "file" and path.is_dir():
+                problems.append(f"{option} {path} is a directory; give the path of a file to write")
+            elif kind == "folder" and path.exists() and not path.is_dir():
+                problems.append(f"{option} {path} is a file; give the path of a folder to write")
+            elif blocker is not None:
+                problems.append(f"{option} {path}: {blocker} is a file, not a folder; give a path in a folder")
+            first = seen.setdefault(path.resolve(), option)
+            if first != option:
+                problems.append(f"{option} and {first} are the same path {path}; give each output its own")
+    return problems
 
 
 WALL_CLOCK_WORDS = ("seconds", "runtime", "per_second", "total_flos")

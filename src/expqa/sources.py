@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from expqa.chatml import DataError, hint_for, iter_raw_lines, json_type_name, parse_json_line
+from expqa.chatml import MAX_NESTING, DataError, hint_for, iter_raw_lines, json_type_name, parse_json_line
 
 FORMATS = ("chatml", "sharegpt", "alpaca", "openai", "hf_disk")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
@@ -243,6 +244,17 @@ def _iter_json_list(path: Path) -> Iterator[tuple[int, str, object]]:
                 f"invalid JSON in the list: {err.msg} at column {err.colno}",
                 "check quotes, escapes and the commas between elements",
             ) from None
+        except RecursionError:
+            # json recurses once per level, so an element nested past Python's limit cannot be decoded: find its end
+            # by its brackets, and it becomes an invalid record (nested deeper than MAX_NESTING) like such a JSONL row
+            end = _element_end(text, position)
+            if end is None:
+                raise DataError(
+                    path,
+                    line_at(position),
+                    f"invalid JSON in the list: an element nested deeper than {MAX_NESTING} levels never closes",
+                    "check the element's brackets; a record needs only a few levels of nesting",
+                ) from None
         element = text[position:end]
         try:  # parsed again by the JSONL rules, which also refuse NUL, lone surrogates and deep nesting
             record = parse_json_line(element.encode("utf-8", "surrogatepass"))
@@ -258,6 +270,29 @@ def _iter_json_list(path: Path) -> Iterator[tuple[int, str, object]]:
             raise DataError(
                 path, line_at(position), "expected ',' or ']' after a list element", "check the commas between elements"
             )
+
+
+_BRACKET_OR_QUOTE = re.compile(r'[\[\]{}"]')
+_QUOTE_OR_ESCAPE = re.compile(r'["\\]')
+
+
+def _element_end(text: str, position: int) -> int | None:
+    """Where the JSON value at ``position`` ends, by counting brackets outside strings (no recursion); None when
+    its brackets never close."""
+    depth = 0
+    while match := _BRACKET_OR_QUOTE.search(text, position):
+        position = match.end()
+        if match.group() == '"':  # skip the string: an escaped character is the one after the backslash
+            while (found := _QUOTE_OR_ESCAPE.search(text, position)) and found.group() == "\\":
+                position = found.end() + 1
+            if found is None:
+                return None
+            position = found.end()
+            continue
+        depth += 1 if match.group() in "[{" else -1
+        if depth == 0:
+            return position
+    return None
 
 
 def _skip_space(text: str, position: int) -> int:

@@ -2,9 +2,9 @@
 
 Each stage module has a docstring (its --help: what each path option is), `PATHS` (the names of its path options,
 all required: dvc.yaml gives them) and/or `arguments(parser)` for other options, `run(args, params) -> int | None`
-and `main = stage_main(...)`. stage_main adds `--params` (the stage's resolved params, metrics/params/<stage>.json,
-or a whole params.yaml to run by hand), loads it, and turns the expected failures into one `error: ...` line and
-exit status 2.
+and `main = stage_main(...)`, run by `python -m expqa.pipeline.<name>` too. stage_main adds `--params` (the stage's
+resolved params, metrics/params/<stage>.json, or a whole params.yaml to run by hand), loads it, checks the output
+paths before the stage writes any, and turns the expected failures into one `error: ...` line and exit status 2.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from expqa.config import ConfigError, Params, load_stage_params
+from expqa.files import output_path_problems
 
 STAGES = ("params", "base", "collect", "generate", "combine", "stats", "train", "merge", "evaluate", "export")
 
@@ -26,12 +27,16 @@ def stage_main(
     run: Callable[[argparse.Namespace, Params | None], int | None],
     *,
     paths: str = "",
+    output_files: str = "",
+    output_folders: str = "",
     arguments: Callable[[argparse.ArgumentParser], None] | None = None,
     errors: tuple[type[BaseException], ...] = (),
     uses_params: bool = True,
 ) -> Callable[..., int]:
     """The `main(argv=None) -> int` of stage ``name``: ``paths`` names its path options (all required), ``arguments``
-    adds any other options; ``errors`` are the exceptions that mean bad input."""
+    adds any other options; ``errors`` are the exceptions that mean bad input. ``output_files`` and
+    ``output_folders`` name the options that are outputs (of either kind of option; unset ones are skipped): they
+    are checked before the stage runs, so that a bad one fails before any output is replaced."""
 
     def main(argv: list[str] | None = None) -> int:
         parser = argparse.ArgumentParser(
@@ -57,7 +62,15 @@ def stage_main(
         args = parser.parse_args(argv)
         args.argv = sys.argv[1:] if argv is None else list(argv)  # train re-runs itself with them under torchrun
         try:
-            params = load_stage_params(args.params, name, args.config) if uses_params else None
+            outputs = [
+                {option: getattr(args, option.lstrip("-").replace("-", "_")) for option in options.split()}
+                for options in (output_files, output_folders)
+            ]
+            if problems := output_path_problems(*outputs):
+                raise ConfigError([f"{problem} (nothing was written)" for problem in problems])
+            # --sources (combine's data.sources folder): its files are checked with the params, at their lines
+            sources = getattr(args, "sources", None)
+            params = load_stage_params(args.params, name, args.config, sources) if uses_params else None
             return run(args, params) or 0
         except (ConfigError, *errors) as exc:
             print(f"error: {exc}", file=sys.stderr)

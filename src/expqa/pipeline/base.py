@@ -3,6 +3,8 @@
 Writes --out: the model folder.
 """
 
+import sys
+
 from expqa.base_model import BaseModelError, materialize_base
 from expqa.pipeline import stage_main
 
@@ -14,4 +16,7 @@ def run(args, params):
     print(f"base: {info['name']} ({info['source']}) -> {args.out}")
 
 
-main = stage_main("base", __doc__, run, paths=PATHS, errors=(BaseModelError,))
+main = stage_main("base", __doc__, run, paths=PATHS, output_folders="--out", errors=(BaseModelError,))
+
+if __name__ == "__main__":  # `python -m expqa.pipeline.base ...` runs the stage, as `expqa base` does
+    sys.exit(main())

@@ -52,4 +52,9 @@ def run(args, params):
     return 0
 
 
-main = stage_main("collect", __doc__, run, arguments=arguments, errors=(DumpError, OSError))
+main = stage_main(
+    "collect", __doc__, run, output_files="--out --report", arguments=arguments, errors=(DumpError, OSError)
+)
+
+if __name__ == "__main__":  # `python -m expqa.pipeline.collect ...` runs the stage, as `expqa collect` does
+    sys.exit(main())

@@ -4,10 +4,12 @@ Params: data (weights, fractions, on_invalid, sources) and base.seed; data.sourc
 Writes --out: train/val/test JSONL, quarantine.jsonl, manifest.json.
 """
 
+import logging
+import sys
 from pathlib import Path
 
 from expqa.chatml import DataError
-from expqa.combine import EmptySplitError, combine_datasets
+from expqa.combine import EmptySplitError, combine_datasets, logger
 from expqa.pipeline import stage_main
 
 
@@ -16,7 +18,15 @@ def arguments(parser):
 
 
 def run(args, params):
-    manifest = combine_datasets(args.inputs, args.out, params.data, seed=params.base.seed, sources_dir=args.sources)
+    # combine's warnings (an input that adds no row) as `warning: ...` lines, like collect's
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("warning: %(message)s"))
+    handler.setLevel(logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        manifest = combine_datasets(args.inputs, args.out, params.data, seed=params.base.seed, sources_dir=args.sources)
+    finally:
+        logger.removeHandler(handler)
     totals = manifest["totals"]
     print("combine: " + ", ".join(f"{k} {v}" for k, v in sorted(totals.items()) if isinstance(v, int)))
     for source in params.data.sources:  # what became of each of your rows: nothing is dropped without a count
@@ -29,5 +39,14 @@ def run(args, params):
 
 
 main = stage_main(
-    "combine", __doc__, run, paths="--out --sources", arguments=arguments, errors=(DataError, EmptySplitError, OSError)
+    "combine",
+    __doc__,
+    run,
+    paths="--out --sources",
+    output_folders="--out",
+    arguments=arguments,
+    errors=(DataError, EmptySplitError, OSError),
 )
+
+if __name__ == "__main__":  # `python -m expqa.pipeline.combine ...` runs the stage, as `expqa combine` does
+    sys.exit(main())

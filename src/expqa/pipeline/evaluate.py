@@ -7,6 +7,8 @@ Reads --base and --tuned (model folders), --test and --train (splits); writes --
 --examples (both models' answers, JSONL) and --plot (ROUGE-L per test question, CSV).
 """
 
+import sys
+
 from expqa.evaluate import eval_summary, evaluate_base_vs_tuned, write_eval_outputs
 from expqa.pipeline import check_profile, require, stage_main
 
@@ -31,4 +33,9 @@ def run(args, params):
     print(eval_summary(report))
 
 
-main = stage_main("evaluate", __doc__, run, paths=PATHS, errors=(ValueError, OSError))
+main = stage_main(
+    "evaluate", __doc__, run, paths=PATHS, output_files="--out --examples --plot", errors=(ValueError, OSError)
+)
+
+if __name__ == "__main__":  # `python -m expqa.pipeline.evaluate ...` runs the stage, as `expqa evaluate` does
+    sys.exit(main())

@@ -29,4 +29,15 @@ def run(args, params):
     print("\n".join(export_summary(report, args.out)))
 
 
-main = stage_main("export", __doc__, run, paths=PATHS, errors=(OSError,))
+main = stage_main(
+    "export",
+    __doc__,
+    run,
+    paths=PATHS,
+    output_files="--report --timings",
+    output_folders="--out",
+    errors=(OSError,),
+)
+
+if __name__ == "__main__":  # `python -m expqa.pipeline.export ...` runs the stage, as `expqa export` does
+    sys.exit(main())

@@ -6,6 +6,7 @@ Reads --papers (arXiv metadata, JSON lines) and --base (the teacher when generat
 (ChatML JSONL) and --report (counts, JSON).
 """
 
+import sys
 import time
 
 from expqa.chatml import DataError
@@ -33,4 +34,7 @@ def run(args, params):
     print("generate: dropped " + ", ".join(f"{reason} {n}" for reason, n in counts.get("dropped", {}).items()))
 
 
-main = stage_main("generate", __doc__, run, paths=PATHS, errors=(DataError, OSError))
+main = stage_main("generate", __doc__, run, paths=PATHS, output_files="--out --report", errors=(DataError, OSError))
+
+if __name__ == "__main__":  # `python -m expqa.pipeline.generate ...` runs the stage, as `expqa generate` does
+    sys.exit(main())

@@ -5,6 +5,8 @@ Writes --report: max |logit difference| against base + adapter and whether greed
 Reads --base and --adapter; writes --out (the merged model) and --report (JSON).
 """
 
+import sys
+
 from expqa.files import write_json
 from expqa.merge import merge_adapter, merge_summary
 from expqa.pipeline import require, stage_main
@@ -20,4 +22,16 @@ def run(args, params):
     print(merge_summary(report, args.out))
 
 
-main = stage_main("merge", __doc__, run, paths=PATHS, errors=(RuntimeError, OSError), uses_params=False)
+main = stage_main(
+    "merge",
+    __doc__,
+    run,
+    paths=PATHS,
+    output_files="--report",
+    output_folders="--out",
+    errors=(RuntimeError, OSError),
+    uses_params=False,
+)
+
+if __name__ == "__main__":  # `python -m expqa.pipeline.merge ...` runs the stage, as `expqa merge` does
+    sys.exit(main())

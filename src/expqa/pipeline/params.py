@@ -12,6 +12,7 @@ Reads --params (params.yaml) and --sources (the data.sources folder); writes --o
 """
 
 import json
+import sys
 from pathlib import Path
 
 from expqa.base_model import BaseModelError, check_model_source
@@ -85,4 +86,9 @@ def check_processes(resolved, params_path: Path) -> None:
     )
 
 
-main = stage_main("params", __doc__, run, paths=PATHS, errors=(BaseModelError,), uses_params=False)
+main = stage_main(
+    "params", __doc__, run, paths=PATHS, output_folders="--out", errors=(BaseModelError,), uses_params=False
+)
+
+if __name__ == "__main__":  # `python -m expqa.pipeline.params ...` runs the stage, as `expqa params` does
+    sys.exit(main())

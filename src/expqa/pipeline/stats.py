@@ -7,6 +7,8 @@ Reads --data (the combine stage's folder) and --base (tokenizer, chat template);
 (statistics, JSON) and --histogram (token lengths, CSV).
 """
 
+import sys
+
 from expqa.pipeline import require, stage_main
 from expqa.stats import summary_line, write_dataset_stats
 
@@ -19,4 +21,7 @@ def run(args, params):
     print(summary_line(stats) + f" -> {args.out}")
 
 
-main = stage_main("stats", __doc__, run, paths=PATHS, errors=(OSError, ValueError))
+main = stage_main("stats", __doc__, run, paths=PATHS, output_files="--out --histogram", errors=(OSError, ValueError))
+
+if __name__ == "__main__":  # `python -m expqa.pipeline.stats ...` runs the stage, as `expqa stats` does
+    sys.exit(main())

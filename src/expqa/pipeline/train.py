@@ -67,7 +67,14 @@ def run(args, params):
         print("train: " + json.dumps(summary))
 
 
-main = stage_main("train", __doc__, run, paths=PATHS, errors=(ValueError, OSError))
+main = stage_main(
+    "train",
+    __doc__,
+    run,
+    paths=PATHS,
+    output_folders="--out --checkpoints --metrics --log-folder",
+    errors=(ValueError, OSError),
+)
 
 if __name__ == "__main__":  # torchrun runs the workers as `python -m expqa.pipeline.train ...`
     sys.exit(main())

@@ -49,11 +49,16 @@ lock: install
 	$(PY) benchmarks/wheelhouse.py lock
 
 # wheels of everything the project needs, for an offline machine (see the variables above)
+# what `make wheelhouse` ships at requirements.lock's version even where the target has another version: the packages
+# whose version changes the numbers (transformers 5.17 and 5.24 convert the same GGUF into different tokenizers; the
+# rest is tested at README "Supported versions"'s lowest); the others stay the host's (numpy, pandas, pyarrow, ...:
+# 140 MiB of wheels in all, over what one lent-GPU call can carry)
+MODEL_STACK := transformers tokenizers huggingface-hub safetensors peft trl accelerate bitsandbytes datasets gguf
 wheelhouse:
 	@if [ -z "$(WHEELHOUSE)" ]; then echo "usage: make wheelhouse WHEELHOUSE=<dir> [PYTHON_VERSION=3.12] ..."; exit 2; fi
 	$(MAKE) install WHEELHOUSE=
 	$(PY) benchmarks/wheelhouse.py build --out $(WHEELHOUSE) --python $(PYTHON_VERSION) --extras $(EXTRAS) \
-	  $(if $(HOST_FREEZE),--host-freeze $(HOST_FREEZE)) $(if $(CUDA),--cuda $(CUDA)) \
+	  $(if $(HOST_FREEZE),--host-freeze $(HOST_FREEZE) $(MODEL_STACK:%=--ship-pinned %)) $(if $(CUDA),--cuda $(CUDA)) \
 	  $(if $(HOST_FREEZE),,--torch $(TORCH))
 
 # what `benchmarks/gpu_train.py --suite` carries to a lent GPU (README "Performance (GPU)"): the project's missing
@@ -85,6 +90,27 @@ repro: install
 
 test: install
 	$(PY) -m pytest
+
+# The lowest supported versions of the model stack (requirements-lowest.txt over requirements.lock, torch as `make
+# install` takes it) in a venv of their own, and the tests whose result depends on those versions: the tokenizer the
+# base stage builds, export, merge, training (Trainer, PEFT, TRL's losses, bitsandbytes), evaluation. CI runs it.
+LOWEST_VENV ?= .venv-lowest
+LOWEST_TESTS := tests/test_base_model.py tests/test_export.py tests/test_merge.py tests/test_model.py \
+	tests/test_trainer.py tests/test_fused_lora.py tests/test_fp8.py tests/test_lm_head.py tests/test_dataset.py \
+	tests/test_evaluate.py
+.PHONY: test-lowest
+test-lowest: $(LOWEST_VENV)/.installed
+	$(LOWEST_VENV)/bin/python -m pytest -p no:cacheprovider $(LOWEST_TESTS)
+
+$(LOWEST_VENV)/.installed: pyproject.toml requirements.lock requirements-lowest.txt
+	$(SYS_PY) -m venv --clear $(LOWEST_VENV)
+	@names=$$(sed -n 's/^\([A-Za-z0-9_.-]*\)==.*/\1/p' requirements-lowest.txt | paste -sd'|'); \
+	  grep -viE "^($$names)==" requirements.lock > $(LOWEST_VENV)/constraints.txt; \
+	  grep '==' requirements-lowest.txt >> $(LOWEST_VENV)/constraints.txt
+	$(LOWEST_VENV)/bin/python -m pip install -q -c $(LOWEST_VENV)/constraints.txt $(TORCH)
+	$(LOWEST_VENV)/bin/python -m pip install -q -c $(LOWEST_VENV)/constraints.txt -e ".[dev]"
+	$(LOWEST_VENV)/bin/python -m pip list 2>/dev/null | grep -iE "^($$(sed -n 's/==.*//p' requirements-lowest.txt | paste -sd'|')) "
+	@touch $@
 
 # the quick loop while editing: everything but the tests marked slow (embedded model, training, stage scripts,
 # dvc repro) or gpu; `make test` still runs them all

@@ -335,6 +335,10 @@ def build(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     host = read_pins(Path(args.host_freeze)) if args.host_freeze else {}
+    if args.ship_pinned and not args.no_lock:
+        # these travel at the lock's version whatever version the host has (torch's family stays the host's)
+        pinned = {canonicalize_name(n) for n in args.ship_pinned}
+        host = {n: v for n, v in host.items() if n not in pinned or read_pins(LOCK).get(n) == v}
     # left out on purpose (imported by nothing that runs there): treated as present, so the walk stops at them
     host.update({canonicalize_name(n): "" for n in args.exclude})
     for name in args.shadow:  # shipped although the host has it: this site's copy comes first on sys.path
@@ -452,6 +456,14 @@ def main(argv: list[str] | None = None) -> int:
         help="a root spec instead of expqa[extras] (repeatable), e.g. unsloth==2026.10.9",
     )
     b.add_argument("--no-lock", action="store_true", help="resolve versions here instead of requirements.lock's")
+    b.add_argument(
+        "--ship-pinned",
+        action="append",
+        default=[],
+        metavar="PACKAGE",
+        help="with --host-freeze: ship this package at the lock's version even where the host has another one "
+        "(repeatable; `make wheelhouse` names the model stack, whose versions change the numbers)",
+    )
     b.add_argument(
         "--exclude",
         action="append",

@@ -30,7 +30,8 @@ EMBEDDED_TOKENIZER_JSON_SHA256 = "bf346d64f6f0fbcefb4c1b6928a98241467dff36c6fbae
 def test_embedded_tokenizer_is_the_same_bytes_and_tokens_on_every_supported_version(tmp_path):
     import zipfile
 
-    from expqa.base_model import EMBEDDED_GGUF, embedded_wheel, tokenizer_from_gguf
+    from expqa.base_model import EMBEDDED_GGUF, embedded_wheel
+    from expqa.gguf_tokenizer import tokenizer_from_gguf
     from expqa.files import sha256_file
 
     with zipfile.ZipFile(embedded_wheel()) as archive:

@@ -268,6 +268,9 @@ def test_an_input_that_adds_no_row_next_to_others_is_a_warning_naming_it(
     stage_args = [str(good), str(empty), "--out", str(out), "--sources", str(tmp_path)]
     assert combine_stage([*stage_args, "--params", str(REPO / "params.yaml")]) == 0
     assert capsys.readouterr().err == f"warning: {caplog.records[0].getMessage()}\n"
+    # dvc.yaml names generate's output, empty while generate.enabled is false: no warning on every default run
+    assert combine_stage([*stage_args, "--may-be-empty", str(empty), "--params", str(REPO / "params.yaml")]) == 0
+    assert capsys.readouterr().err == ""
 
 
 def test_quarantine_is_written_empty_when_every_row_is_valid(tmp_path: Path) -> None:

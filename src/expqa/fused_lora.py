@@ -44,13 +44,21 @@ def dense_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
 
 
 def fp8_weight(base: torch.nn.Module, dtype: torch.dtype, transposed: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The frozen weight as quantised rows for an FP8 matmul: of W (forward) or of W^T (x's gradient). From the
-    cache when cache_fp8_weights made one (the same values: quantisation is deterministic), else dequantised now."""
+    """The frozen weight as quantised rows for an FP8 matmul: of W (forward) or of W^T (x's gradient), from the
+    frozen weight in `dtype`, the dtype the forward computes in. With a cache (cache_fp8_weights) both orientations
+    are quantised at the first use in a dtype and kept: the same function on the same values as per use, so the
+    same numbers (a cache filled ahead in the weights' own dtype differed from per use wherever the model computes in
+    another one: float32 weights under bf16 autocast, the CPU profile on an avx512_bf16 CPU)."""
     cache = getattr(base, "_expqa_fp8_cache", None)
-    if cache is not None:
-        return cache[transposed]
-    weight = dense_weight(base, dtype)
-    return fp8_ops.quantize_rows(weight.t().contiguous() if transposed else weight)
+    if cache is None:
+        weight = dense_weight(base, dtype)
+        return fp8_ops.quantize_rows(weight.t().contiguous() if transposed else weight)
+    if cache.get("dtype") != dtype:
+        cache.clear()  # the old dtype's copy first: never two copies at once
+        weight = dense_weight(base, dtype)
+        cache.update(rows=(fp8_ops.quantize_rows(weight), fp8_ops.quantize_rows(weight.t().contiguous())), dtype=dtype)
+        del weight
+    return cache["rows"][transposed]
 
 
 def fp8_layers(model) -> list:
@@ -72,18 +80,13 @@ def disable_fp8(model) -> int:
     return len(layers)
 
 
-def cache_fp8_weights(model, dtype: torch.dtype) -> int:
-    """Quantise every FP8 layer's frozen weight once, both orientations, instead of dequantising the 4-bit weight and
+def cache_fp8_weights(model) -> int:
+    """Keep every FP8 layer's frozen weight quantised, both orientations, instead of dequantising the 4-bit weight and
     quantising it again in every forward and backward (the trainer does this only when memory is plentiful: ~2 bytes
-    per base weight). Returns the bytes held."""
-    held = 0
+    per base weight). Filled at each layer's first use (fp8_weight). Returns the bytes it will hold."""
     for base in fp8_layers(model):
-        base._expqa_fp8_cache = None
-        weight = dense_weight(base, dtype)
-        base._expqa_fp8_cache = (fp8_ops.quantize_rows(weight), fp8_ops.quantize_rows(weight.t().contiguous()))
-        del weight
-        held += sum(t.numel() * t.element_size() for pair in base._expqa_fp8_cache for t in pair)
-    return held
+        base._expqa_fp8_cache = {}
+    return fp8_cache_bytes(model)
 
 
 def dropout_with_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -623,9 +623,9 @@ class QLoRATrainer:
         need_gib = fp8_cache_bytes(model) / 2**30
         if choice.available_gib - choice.estimate_gib < need_gib:
             return False
-        held = cache_fp8_weights(model, model.get_input_embeddings().weight.dtype)  # the dtype the model computes in
+        held = cache_fp8_weights(model)
         if is_main_process():
-            print(f"train: FP8 weight cache {held / 2**30:.1f} GiB (quantised once, not per step)", flush=True)
+            print(f"train: FP8 weight cache {held / 2**30:.1f} GiB (quantised at first use, not per step)", flush=True)
         return True
 
     def run_choices(self) -> dict:

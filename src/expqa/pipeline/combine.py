@@ -15,6 +15,15 @@ from expqa.pipeline import stage_main
 
 def arguments(parser):
     parser.add_argument("inputs", nargs="+", type=Path, help="ChatML JSONL files")
+    parser.add_argument(
+        "--may-be-empty",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="INPUT",
+        help="an input that is empty on purpose (generate's output while generate.enabled is false): no warning "
+        "when it is (repeatable)",
+    )
 
 
 def run(args, params):
@@ -22,6 +31,8 @@ def run(args, params):
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("warning: %(message)s"))
     handler.setLevel(logging.WARNING)
+    expected_empty = tuple(f"{path}: empty (" for path in args.may_be_empty)
+    handler.addFilter(lambda record: not record.getMessage().startswith(expected_empty))
     logger.addHandler(handler)
     try:
         manifest = combine_datasets(args.inputs, args.out, params.data, seed=params.base.seed, sources_dir=args.sources)

@@ -31,8 +31,8 @@ def test_embedded_tokenizer_is_the_same_bytes_and_tokens_on_every_supported_vers
     import zipfile
 
     from expqa.base_model import EMBEDDED_GGUF, embedded_wheel
-    from expqa.gguf_tokenizer import tokenizer_from_gguf
     from expqa.files import sha256_file
+    from expqa.gguf_tokenizer import tokenizer_from_gguf
 
     with zipfile.ZipFile(embedded_wheel()) as archive:
         archive.extract(EMBEDDED_GGUF, tmp_path)

@@ -6,7 +6,7 @@ Python API (`QLoRATrainer(TrainingConfig(), ...)`) and equal params.yaml's value
 Unknown keys, wrong types and invalid values are collected and reported together, each with its dotted key,
 file:line, the bad value and what is allowed.
 
-The hardware profile (`profile: auto | gpu | cpu`) is resolved once, by the `params` stage, which writes each
+The hardware profile (`profile: auto | gpu | cpu`) is resolved by the `params` stage (on every run), which writes each
 stage's sections as they will run to metrics/params/<stage>.json; the stages read those files (STAGE_SECTIONS).
 """
 
@@ -599,8 +599,8 @@ class ExportConfig:
 class Params:
     profile: str = _help(
         "Hardware profile: gpu (the sections as written: the Llama 3.2 3B recipe), cpu (the cpu: "
-        "overrides merged in, for a laptop) or auto (cpu when there is no CUDA GPU). Resolved once, "
-        "by the params stage; the result is in metrics/params/*.json.",
+        "overrides merged in, for a laptop; runs on the CPU) or auto (cpu when there is no CUDA GPU). "
+        "Resolved by the params stage on every `dvc repro`; the result is in metrics/params/*.json.",
         "auto",
     )
     base: BaseConfig = field(default_factory=BaseConfig)

@@ -41,14 +41,18 @@ def remote_argument(argv: list[str]) -> str | None:
     return None
 
 
+def stages_of(path: Path) -> dict:
+    """The `stages` mapping of dvc.yaml or dvc.lock ({} when the file is absent)."""
+    return ((yaml.safe_load(path.read_text()) or {}).get("stages") or {}) if path.is_file() else {}
+
+
 def producing_stages(root: Path, outputs: list[str]) -> list[str]:
     """The dvc.lock stages that write these outputs, in dvc.yaml's order (the pipeline's)."""
-    lock = (yaml.safe_load((root / "dvc.lock").read_text()) or {}).get("stages") or {}
-    order = list((yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages") or {})
+    order = list(stages_of(root / "dvc.yaml"))
     wanted = set(outputs)
     found = [
         stage
-        for stage, entry in lock.items()
+        for stage, entry in stages_of(root / "dvc.lock").items()
         if any(out["path"].rstrip("/") in wanted for out in entry.get("outs") or [])
     ]
     return sorted(found, key=lambda stage: order.index(stage) if stage in order else len(order))
@@ -81,8 +85,8 @@ def explain(root: Path, argv: list[str]) -> list[str] | None:
     if not missing:
         return None
     stages = producing_stages(root, missing)
-    outputs = f"{plural(len(missing), 'output')} of dvc.lock ({', '.join(missing)}; "
-    outputs += f"{'stages' if len(stages) > 1 else 'stage'} {', '.join(stages)})"
+    made_by = f"; {'stages' if len(stages) > 1 else 'stage'} {', '.join(stages)}" if stages else ""
+    outputs = f"{plural(len(missing), 'output')} of dvc.lock ({', '.join(missing)}{made_by})"
     rebuild = f"`dvc repro` (or `make repro`) to rebuild them here ({REBUILD_TIME})"
     if remote is None:
         return [

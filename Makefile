@@ -88,6 +88,19 @@ bench-wheels: install
 repro: install
 	dvc repro
 
+# did this run reproduce the committed one? key metrics vs HEAD's (CHECK_REV=<commit>), within the tolerances of
+# src/expqa/verify.py; exits 1 when one is outside (README "Reproducibility")
+CHECK_REV ?= HEAD
+.PHONY: check-repro pull
+check-repro: install
+	expqa verify --rev $(CHECK_REV)
+
+# dvc pull that says which outputs no remote has, why, and what to run instead (README "Share models and data");
+# PULL_ARGS="-r storage" etc. go to dvc pull
+PULL_ARGS ?=
+pull: install
+	expqa pull $(PULL_ARGS)
+
 test: install
 	$(PY) -m pytest
 

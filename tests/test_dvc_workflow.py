@@ -104,6 +104,10 @@ def git(project: Project, *args: str, cwd: Path | None = None, **kw) -> subproce
     return run(["git", *args], cwd or project.repo, project.env, **kw)
 
 
+def expqa(project: Project, *args: str, cwd: Path | None = None, **kw) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "expqa.cli", *args], cwd or project.repo, project.env, **kw)
+
+
 def commit(project: Project, message: str, cwd: Path | None = None) -> None:
     git(project, "add", "-A", cwd=cwd)
     git(project, "commit", "-q", "--allow-empty", "-m", message, cwd=cwd)
@@ -159,6 +163,15 @@ def configure(repo: Path, tiny_base: Path) -> None:
     params["export"].update(types=["q8_0"], ollama_type="q8_0")  # one GGUF: each is loaded back twice (~10 s)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (repo / SMALL_QUESTIONS).write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+
+
+def cached_outs(repo: Path) -> set[str]:
+    """dvc.yaml's outputs that go to the DVC cache (and so to a remote): all but those with cache: false."""
+    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"].values()
+    outs = [out for stage in stages for out in stage.get("outs", [])]
+    return {out if isinstance(out, str) else next(iter(out)) for out in outs} - {
+        next(iter(out)) for out in outs if isinstance(out, dict) and next(iter(out.values())).get("cache") is False
+    }
 
 
 def lock_outs(lock: dict) -> dict[str, dict]:
@@ -276,6 +289,36 @@ def test_data_stages_reproduce_the_committed_lock_byte_for_byte(project):
             ), f"{path} is not reproduced byte for byte"
 
 
+def test_verify_passes_after_a_rerun_here_and_fails_after_a_real_change(project):
+    """`expqa verify`: a forced re-run of train on this machine reproduces the committed metrics; a larger test
+    split (params, combine and stats re-run) puts the split counts outside their exact tolerance. In a clone sharing
+    the cache, so the shared repository keeps its committed state.
+
+    Not a learning-rate change: the tiny random model's losses stay within 1 % of ln(vocabulary) whatever its 2 steps
+    do (measured: val loss -0.48 % at 250x the learning rate, +0.13 % at 2500x), inside the loss tolerance.
+    """
+    dest = clone(project, project.root / "clone-verify")
+    dvc(project, "cache", "dir", "--local", str(project.repo / ".dvc/cache"), cwd=dest)
+    dvc(project, "checkout", cwd=dest)
+    with timed("dvc repro -f -s train + expqa verify"):
+        dvc(project, "repro", "-f", "-s", "train", cwd=dest)
+        rerun = expqa(project, "verify", cwd=dest, check=False)
+    assert rerun.returncode == 0 and rerun.stdout.splitlines()[-1].startswith("ok: all"), rerun.stdout + rerun.stderr
+
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    params["data"]["test_fraction"] *= 2
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    with timed("dvc repro stats (test_fraction x2) + expqa verify"):
+        dvc(project, "repro", "stats", cwd=dest)
+        changed = expqa(project, "verify", cwd=dest, check=False)
+    assert changed.returncode == 1, changed.stdout + changed.stderr
+    line = next(
+        line for line in changed.stdout.splitlines() if line.startswith("data_stats: splits.test.conversations ")
+    )
+    assert line.endswith(" OUTSIDE"), changed.stdout
+    assert "data_stats: splits.test.conversations" in changed.stdout.splitlines()[-1], changed.stdout
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # sharing: remotes, clones
 
@@ -297,8 +340,9 @@ def test_local_remote_push_then_clone_pull_runs_nothing(project, local_remote):
     assert git(project, "ls-files", "models/checkpoints").stdout == "", "checkpoints are committed to git"
     dest = clone(project, project.root / "clone-local")
     assert "local" in dvc(project, "remote", "list", cwd=dest).stdout  # the remote travels in .dvc/config
-    with timed("dvc pull + status + repro (clone)"):
-        dvc(project, "pull", cwd=dest)
+    with timed("expqa pull + dvc status + repro (clone)"):
+        pulled = expqa(project, "pull", cwd=dest)  # everything is on the remote: plain `dvc pull`, its output
+        assert "fetched" in pulled.stdout and pulled.stderr == "", pulled
         for path in (
             "models/base/model.safetensors",
             "models/adapter/adapter_model.safetensors",
@@ -310,6 +354,55 @@ def test_local_remote_push_then_clone_pull_runs_nothing(project, local_remote):
         ):
             assert (dest / path).is_file(), f"{path} missing after dvc pull"
         assert_nothing_runs(project, dest)
+
+
+def pull_failure(result: subprocess.CompletedProcess) -> tuple[list[str], set[str]]:
+    """expqa pull's lines (stderr) and the outputs its first line names as missing."""
+    assert result.returncode != 0, result.stdout
+    assert "Checkout failed" not in result.stdout + result.stderr, result.stderr  # not DVC's bare error
+    lines = result.stderr.splitlines()
+    named = re.search(r"outputs? of dvc.lock \((.*?); stages? ", lines[0])
+    assert named, lines
+    return lines, set(named.group(1).split(", "))
+
+
+def test_pull_names_outputs_never_pushed_and_what_to_run(project):
+    """A clone whose remote has data/processed and models/base only (the rest were never pushed): `expqa pull`
+    pulls those and says which outputs are missing, why, and to `dvc push` on their machine or `dvc repro` here."""
+    remote = project.root / "partial-remote"
+    # in config.local, removed again: the shared repository's committed config stays as it is
+    dvc(project, "remote", "add", "--local", "partial", str(remote))
+    try:
+        dvc(project, "push", "-r", "partial", "data/processed", "models/base")
+    finally:
+        dvc(project, "remote", "remove", "--local", "partial")
+    dest = clone(project, project.root / "clone-partial")
+    dvc(project, "remote", "add", "--local", "-d", "partial", str(remote), cwd=dest)
+
+    with timed("expqa pull (partial remote)"):
+        lines, missing = pull_failure(expqa(project, "pull", cwd=dest, check=False))
+    # every output the pull could not give is named, and only those (an empty file needs no remote)
+    absent = {out for out in cached_outs(dest) if not (dest / out).exists()}
+    assert missing == absent and {"models/adapter", "models/merged", "models/gguf"} <= missing, lines
+    assert len(lines) == 3, lines
+    assert lines[0].startswith("error: DVC remote 'partial' and the local cache lack "), lines
+    assert lines[0].endswith("train, merge, export)"), lines  # the stages that make them, in pipeline order
+    assert "did not `dvc push`" in lines[1], lines
+    assert "`dvc push` on the machine that made them" in lines[2] and "`dvc repro`" in lines[2], lines
+    assert (dest / "models/base/model.safetensors").is_file() and (dest / "data/processed/train.jsonl").is_file()
+
+
+def test_pull_without_a_remote_says_so(project):
+    dest = clone(project, project.root / "clone-no-remote")
+    # the committed remote, if another test added one (`dvc remote list` wraps long lines: read the config)
+    config = dvc(project, "config", "--list", "--project", cwd=dest).stdout
+    for name in re.findall(r"^remote\.(.+)\.url=", config, flags=re.MULTILINE):
+        dvc(project, "remote", "remove", name, cwd=dest)
+    lines, missing = pull_failure(expqa(project, "pull", cwd=dest, check=False))
+    absent = {out for out in cached_outs(dest) if not (dest / out).exists()}
+    assert missing == absent and {"models/base", "data/processed", "models/adapter"} <= missing, lines
+    assert len(lines) == 3 and lines[0].startswith("error: no default DVC remote is set"), lines
+    assert "`dvc remote add -d" in lines[2] and "`dvc repro`" in lines[2], lines
 
 
 def test_s3_remote_via_moto_keeps_credentials_out_of_git(project):

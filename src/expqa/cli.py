@@ -1,4 +1,4 @@
-"""`expqa` command line: the pipeline stages plus `ask`, `chat`, `serve`, `params` and `plots`.
+"""`expqa` command line: the pipeline stages plus `ask`, `chat`, `serve`, `params`, `plots`, `verify` and `pull`.
 
 Stage subcommands call the same functions `dvc repro` runs (expqa.pipeline.<stage>, through stages/<stage>.py), so
 there is one implementation of each stage, and they work from any folder once expqa is installed.
@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "plots", help="dvc plots (show, or diff of revisions) + base vs tuned, drawn offline", add_help=False
     )
+    sub.add_parser(
+        "verify", help="key metrics of this run vs the committed ones, within stated tolerances", add_help=False
+    )
+    sub.add_parser("pull", help="dvc pull that says which outputs no remote has and what to run", add_help=False)
     return parser
 
 
@@ -103,6 +107,14 @@ def dispatch(argv: list[str] | None = None) -> int:
         from expqa.show_params import main as params_main
 
         return params_main(rest)
+    if command == "verify":
+        from expqa.verify import main as verify_main
+
+        return verify_main(rest)
+    if command == "pull":
+        from expqa.pull import main as pull_main
+
+        return pull_main(rest)
     parser.parse_args(argv)  # prints the usage error for an unknown command
     return 2
 

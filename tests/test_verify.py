@@ -11,7 +11,6 @@ import json
 import math
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,11 +21,18 @@ from conftest import REPO
 from expqa.verify import CANNOT_COMPARE, OK, OUTSIDE, TOLERANCES, Tolerance, expand, label, lookup, verify
 
 FILES = list(dict.fromkeys(metric.file for metric in TOLERANCES))
+
+
+def committed(name: str) -> str:
+    """A file of the project as committed (HEAD), not as a `dvc repro` under way leaves the workspace."""
+    return subprocess.run(["git", "show", f"HEAD:{name}"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+
+
 # every compared metric as (file, concrete key, tolerance), keys expanded against the project's metrics files
 CASES = [
     (metric.file, key, tolerance)
     for metric, tolerance in TOLERANCES.items()
-    for key in expand(metric.key, json.loads((REPO / metric.file).read_text()))
+    for key in expand(metric.key, json.loads(committed(metric.file)))
 ]
 ENV = {
     **os.environ,
@@ -43,7 +49,7 @@ def repo(tmp_path) -> Path:
     """The project's metrics files (plus dvc.yaml and params.yaml, which mark a checkout), committed."""
     for name in [*FILES, "dvc.yaml", "params.yaml"]:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(REPO / name, tmp_path / name)
+        (tmp_path / name).write_text(committed(name))
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "run"]):
         subprocess.run(cmd, cwd=tmp_path, env=ENV, check=True)
     return tmp_path

@@ -11,7 +11,6 @@ import argparse
 import importlib
 import os
 import sys
-from pathlib import Path
 
 STAGES = {
     "base": "materialise models/base from params model.*",
@@ -23,17 +22,6 @@ STAGES = {
     "evaluate": "base vs fine-tuned report (metrics/eval.json)",
     "export": "GGUF files for llama.cpp / Ollama (models/gguf), verified (metrics/export.json)",
 }
-
-
-def find_project(start: Path | None = None) -> Path:
-    """The checkout root: the nearest folder (upwards) with dvc.yaml and params.yaml."""
-    here = (start or Path.cwd()).resolve()
-    for folder in (here, *here.parents):
-        if (folder / "dvc.yaml").exists() and (folder / "params.yaml").exists():
-            return folder
-    raise SystemExit(
-        "error: not inside an expqa checkout (no dvc.yaml + params.yaml here or above); cd into the repository first"
-    )
 
 
 def run_stage(name: str, argv: list[str]) -> int:

@@ -623,7 +623,12 @@ class QLoRATrainer:
         need_gib = fp8_cache_bytes(model) / 2**30
         if choice.available_gib - choice.estimate_gib < need_gib:
             return False
-        held = cache_fp8_weights(model, model.get_input_embeddings().weight.dtype)  # the dtype the model computes in
+        # the dtype the fused layers quantise the weight in per use (fused_lora.compute_dtype): the Trainer's autocast
+        # dtype when it autocasts (bf16, also on avx512_bf16/AMX CPUs, where the weights stay float32), else the
+        # weights' own. Quantised from another dtype, the cache would hold other values (other row scales, double
+        # rounding) and train to other losses than per-use quantisation
+        dtype = torch.bfloat16 if use_bf16(self.config.bf16) else model.get_input_embeddings().weight.dtype
+        held = cache_fp8_weights(model, dtype)
         if is_main_process():
             print(f"train: FP8 weight cache {held / 2**30:.1f} GiB (quantised once, not per step)", flush=True)
         return True

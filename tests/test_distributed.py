@@ -229,8 +229,12 @@ def test_fsdp_qlora_with_fused_lora_matches_one_process_and_resumes(tiny_base, d
     train(reference, tiny_base, data, processes=1, micro_batch=4, **common)
     log = train(fsdp, tiny_base, data, processes=2, micro_batch=2, distributed="fsdp", **common)
     assert "launching 2 processes" in log.stdout and "train: fsdp over 2 processes" in log.stdout
-    assert losses(fsdp) == pytest.approx(losses(reference), rel=1e-4)
-    assert record(fsdp)["metrics"]["eval_loss"] == pytest.approx(record(reference)["metrics"]["eval_loss"], rel=1e-4)
+    # 2 shards vs 1 process: other reduction orders, in bf16 where the CPU has avx512_bf16/AMX (4-bit weights stored
+    # in the compute dtype). On a Sapphire Rapids CPU the val loss after 4 steps differed by 1.04e-4 relative
+    # (benchmarks/results/cpu_suite_2026-12-06_sapphire_rapids_avx512.log): 5e-4, 5 times that; a shard whose
+    # gradient is lost trains on half the batch, which moves the losses from the second step on by far more
+    assert losses(fsdp) == pytest.approx(losses(reference), rel=5e-4)
+    assert record(fsdp)["metrics"]["eval_loss"] == pytest.approx(record(reference)["metrics"]["eval_loss"], rel=5e-4)
     checkpoint = fsdp / "ckpt" / "checkpoint-2"
     assert {"optimizer.bin", "pytorch_model_fsdp.bin", "adapter_model.safetensors"} <= {
         p.name for p in checkpoint.iterdir()
@@ -242,6 +246,8 @@ def test_fsdp_qlora_with_fused_lora_matches_one_process_and_resumes(tiny_base, d
     assert f"train: resuming from {checkpoint}" in log.stdout
     assert json.loads((fsdp / "logs" / "train_run.json").read_text())["resumed_from_step"] == 2
     resumed = load_file(fsdp / "adapter" / "adapter_model.safetensors")
+    # exact on any CPU: both are this machine's 2-process FSDP run (same shards, same gloo reduction order, 1 thread
+    # each); resuming reloads bit-exact state and repeats the uninterrupted run's steps 3-4 kernel for kernel
     assert all(torch.equal(resumed[k], finished[k]) for k in finished)
 
 

@@ -109,6 +109,8 @@ def test_llama3_shaped_export_round_trips(llama3_export, llama3_dir):
     f32, q8 = report["types"]["f32"], report["types"]["q8_0"]
     assert f32["architecture_equal"] and q8["architecture_equal"]
     assert report["tokenizer"] == {"token_ids_equal": True, "chat_template_equal": True}
+    # f32 GGUF: the same fp32 weights (the q/k permutation is a reindexing) in the same model: the same kernels, so the
+    # logits are equal on any CPU (measured diff 0.0) and greedy_equal follows
     assert f32["max_abs_logit_diff"] < 1e-4 and f32["greedy_equal"] and f32["greedy_flips"] == 0
     assert 0 < q8["max_abs_logit_diff"] <= q8["tolerance"]
     assert q8["bytes"] < 0.35 * f32["bytes"]  # 8.5 of 32 bits per weight, plus the vocabulary
@@ -237,6 +239,8 @@ def test_llama_cpp_computes_the_same_next_token_distribution(llama3_export, llam
         # log-probabilities by more than 1 from position 2 on (measured), so 1e-2 separates the two
         for token, logprob in llama_cpp_top(server, prompt[:length]):
             assert logprob == pytest.approx(expected[token].item(), abs=1e-2), (length, token)
+        # implied by the 1e-2 above wherever transformers' top-2 log-probabilities are > 2e-2 apart: measured >= 0.097
+        # at these three lengths, so other CPUs' kernels (llama.cpp's or torch's) cannot flip it
         assert llama_cpp_top(server, prompt[:length])[0][0] == int(expected.argmax())
 
 
@@ -254,12 +258,25 @@ def test_llama_cpp_answers_like_transformers_on_the_embedded_model(embedded_base
     model = AutoModelForCausalLM.from_pretrained(embedded_base, dtype=torch.float32).eval()
     messages = [{"role": "user", "content": "What is a p-value?"}]
     [prompt] = encode_prompts(tokenizer, ["What is a p-value?"])
-    greedy = reference_continuations(model, [prompt], [2])[0][prompt.shape[1] :].tolist()
+    sequence = reference_continuations(model, [prompt], [2])[0]
+    greedy = sequence[prompt.shape[1] :].tolist()
     server = llama_cpp(path)
     chat = server.handle_chat_completions({"messages": messages, "max_tokens": 24, "temperature": 0})
     prompt_ids = tokenizer(render(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)
     assert chat["usage"]["prompt_tokens"] == len(prompt_ids["input_ids"])
-    assert chat["choices"][0]["message"]["content"] == tokenizer.decode(greedy, skip_special_tokens=True)
+    content, expected = chat["choices"][0]["message"]["content"], tokenizer.decode(greedy, skip_special_tokens=True)
+    if content != expected:
+        # llama.cpp runs f16 weights and its own ISA-specific kernels: its log-probabilities are within 0.011 of
+        # transformers' fp32 ones along this answer (measured on AVX2), so it may pick another token only where
+        # transformers' top two are that close. Accepted below a gap of 0.1 (the smallest gap on this answer is 0.16);
+        # a wrong template or tokenizer changes the answer from its first token on, where the gap is 1.9
+        prefixes = [tokenizer.decode(greedy[: i + 1], skip_special_tokens=True) for i in range(len(greedy))]
+        # the first answer token llama.cpp did not continue with (the last one: it went on past transformers' end)
+        first = next((i for i, text in enumerate(prefixes) if not content.startswith(text)), len(greedy) - 1)
+        with torch.no_grad():
+            logits = model(input_ids=sequence.unsqueeze(0)).logits[0, prompt.shape[1] - 1 : -1]
+        gap = float(logits[first].topk(2).values.diff().abs())
+        assert gap < 0.1, (first, gap, content, expected)
     completion = server.handle_completions(
         {"prompt": export.TOKENIZER_PROBE, "n_predict": 1, "temperature": 0, "cache_prompt": False}
     )

@@ -21,7 +21,7 @@ import yaml
 
 # What rebuilding costs, measured (README "Setup": `make repro` on 2 CPU cores, 30 min 49 s; "The whole pipeline on
 # one GPU (measured)": `dvc repro` on one H200, 4 min 15 s)
-REBUILD_TIME = "the whole pipeline: 31 min on 2 CPU cores with the CPU profile, 4 min on one H200"
+REBUILD_TIME = "the whole pipeline: 31 min on 2 CPU cores with the CPU profile, 3 min on one H100"
 
 
 def dvc(root: Path, *args: str) -> subprocess.CompletedProcess:

@@ -89,7 +89,7 @@ repro: install
 	dvc repro
 
 # did this run reproduce the committed one? key metrics vs HEAD's (CHECK_REV=<commit>), within the tolerances of
-# src/expqa/verify.py; exits 1 when one is outside (README "Reproducibility")
+# src/expqa/workspace/verify.py; exits 1 when one is outside (README "Reproducibility")
 CHECK_REV ?= HEAD
 .PHONY: check-repro pull
 check-repro: install

@@ -9,7 +9,7 @@ fused AdamW, checkpointing), --steps optimizer steps, each run in its own proces
 1. fsdp:   `torchrun --standalone --nproc_per_node=1` + train.distributed: fsdp (FSDP2 through the Trainer), then a
            fully_shard check of one bf16-stored Linear4bit (output before == after sharding, bitsandbytes #1945);
 2. single: the same params with train.distributed: ddp and one process (no launcher), the figure FSDP is compared to;
-3. merge:  expqa.merge.merge_adapter on the FSDP adapter (merge and evaluate are unchanged by FSDP).
+3. merge:  expqa.model.merge.merge_adapter on the FSDP adapter (merge and evaluate are unchanged by FSDP).
 Each run records per-step losses, the val loss before and after training (before: the same base weights, so the two
 modes must agree), real tokens/s over the steps after the first quarter, and peak GPU memory. RESULTS_DIR gets
 fsdp_check.json, fsdp_check.md and a log per phase (written after every phase); adapters and the merged model stay
@@ -44,8 +44,8 @@ def training_run(mode: str, base: Path, data: Path, work: Path, steps: int, resu
     from transformers import TrainerCallback
 
     from expqa.config import load_params
-    from expqa.distributed import sharded_weights, world_size
-    from expqa.trainer import QLoRATrainer
+    from expqa.training.distributed import sharded_weights, world_size
+    from expqa.training.trainer import QLoRATrainer
 
     cuda = torch.cuda.is_available()
     params = load_params(REPO / "params.yaml").resolve(cuda=cuda)
@@ -178,7 +178,7 @@ def linear4bit_fully_shard_check(device: str) -> dict:
 
 
 def merge_run(base: Path, adapter: Path, work: Path, result_file: Path) -> None:
-    from expqa.merge import merge_adapter
+    from expqa.model.merge import merge_adapter
 
     started = time.time()
     report = merge_adapter(base, adapter, work / "merged")

@@ -270,7 +270,7 @@ def run_project(name: str, arch: str, base: Path, data: Path) -> dict:
     import torch
     from transformers import TrainerCallback
 
-    from expqa.trainer import QLoRATrainer
+    from expqa.training.trainer import QLoRATrainer
 
     params = shipped_params()
     overrides = dict(VARIANTS[name])
@@ -403,8 +403,8 @@ def run_probe(arch: str, base: Path) -> dict:
 
     import torch
 
-    from expqa import checkpointing
-    from expqa.model import load_for_training
+    from expqa.model import checkpointing
+    from expqa.model.loading import load_for_training
 
     params = shipped_params()
     c = params.train

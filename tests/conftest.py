@@ -21,8 +21,8 @@ def embedded_base(tmp_path_factory) -> Path:
 
     Reuses the repository's models/base when it is there and matches (a `dvc repro` already built it).
     """
-    from expqa.base_model import materialize_base
     from expqa.config import EMBEDDED_MODEL
+    from expqa.model.base import materialize_base
 
     built = REPO / "models" / "base"
     if (built / "base_info.json").exists() and json.loads((built / "base_info.json").read_text())[

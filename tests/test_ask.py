@@ -5,20 +5,20 @@ from __future__ import annotations
 
 import pytest
 
-from expqa import ask
+from expqa.serving import ask
 
 
 def test_several_questions_and_a_file_share_one_model_load(talkative_base, tmp_path, monkeypatch, capsys):
-    import expqa.model
+    import expqa.model.loading
 
     loads = []
-    real_load = expqa.model.load_for_inference
+    real_load = expqa.model.loading.load_for_inference
 
     def counting_load(*args, **kwargs):
         loads.append(args)
         return real_load(*args, **kwargs)
 
-    monkeypatch.setattr(expqa.model, "load_for_inference", counting_load)
+    monkeypatch.setattr(expqa.model.loading, "load_for_inference", counting_load)
     questions_file = tmp_path / "questions.txt"
     questions_file.write_text("# warm-up questions\n\nWhat is a p-value?\n   \n  What is CUPED?  \n")
     assert (
@@ -81,7 +81,7 @@ def test_ask_answers_with_tiny_model_and_explains_missing_models(
 ):
     from transformers import AutoModelForCausalLM
 
-    from expqa import ask
+    from expqa.serving import ask
 
     model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
     text = ask.answer(model, embedded_tokenizer, "What is CUPED?", max_new_tokens=5, temperature=0.0)

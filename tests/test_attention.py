@@ -7,8 +7,8 @@ from transformers import AutoModelForCausalLM
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from conftest import conversation
-from expqa.attention import NAME, cu_seqlens, register
-from expqa.dataset import tokenize_conversation
+from expqa.data.dataset import tokenize_conversation
+from expqa.model.attention import NAME, cu_seqlens, register
 
 
 @pytest.fixture(scope="module")

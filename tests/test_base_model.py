@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from expqa.base_model import BaseModelError, copy_model_files, materialize_base
+from expqa.model.base import BaseModelError, copy_model_files, materialize_base
 
 
 @pytest.mark.slow
@@ -30,9 +30,9 @@ EMBEDDED_TOKENIZER_JSON_SHA256 = "bf346d64f6f0fbcefb4c1b6928a98241467dff36c6fbae
 def test_embedded_tokenizer_is_the_same_bytes_and_tokens_on_every_supported_version(tmp_path):
     import zipfile
 
-    from expqa.base_model import EMBEDDED_GGUF, embedded_wheel
     from expqa.files import sha256_file
-    from expqa.gguf_tokenizer import tokenizer_from_gguf
+    from expqa.model.base import EMBEDDED_GGUF, embedded_wheel
+    from expqa.model.gguf_tokenizer import tokenizer_from_gguf
 
     with zipfile.ZipFile(embedded_wheel()) as archive:
         archive.extract(EMBEDDED_GGUF, tmp_path)

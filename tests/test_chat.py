@@ -10,9 +10,9 @@ import threading
 import pytest
 
 from conftest import REPO
-from expqa.ask import answer
-from expqa.chat import ChatSession, ContextFull, chat_loop, trim_history
-from expqa.serve import Engine
+from expqa.serving.ask import answer
+from expqa.serving.chat import ChatSession, ContextFull, chat_loop, trim_history
+from expqa.serving.serve import Engine
 
 
 def words(messages: list[dict]) -> int:
@@ -39,7 +39,7 @@ def test_trimming_drops_the_oldest_exchanges_and_keeps_the_system_prompt_and_the
 
 
 def test_trimming_with_the_tokenizer_and_a_tiny_context_limit(embedded_tokenizer):
-    from expqa.dataset import render
+    from expqa.data.dataset import render
 
     def tokens(messages):
         return len(
@@ -70,7 +70,7 @@ class RecordingEngine(Engine):
 
 @pytest.fixture(scope="module")
 def engine(talkative_base):
-    from expqa.model import load_for_inference
+    from expqa.model.loading import load_for_inference
 
     model, tokenizer = load_for_inference(talkative_base)
     return RecordingEngine(model, tokenizer, "expqa", max_tokens_limit=64)
@@ -198,7 +198,7 @@ def test_piped_stdin_prints_answers_only(talkative_base, engine):
 
 
 def test_missing_model_is_reported(tmp_path, monkeypatch, capsys):
-    from expqa.chat import main
+    from expqa.serving.chat import main
 
     monkeypatch.chdir(tmp_path)
     assert main([]) == 2

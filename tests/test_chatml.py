@@ -1,4 +1,4 @@
-"""Validation and loading of ChatML JSONL rows (expqa.chatml)."""
+"""Validation and loading of ChatML JSONL rows (expqa.data.chatml)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from expqa.chatml import (
+from expqa.data.chatml import (
     DataError,
     content_id,
     iter_jsonl,
@@ -161,7 +161,7 @@ def test_valid_conversations_pass(messages: list[dict[str, str]]) -> None:
 def test_skip_drops_invalid_rows_and_warns_with_count(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     lines = [json.dumps(VALID), "{oops", row_line([user()]), json.dumps({**VALID, "id": "cv-2"})]
     path = write_lines(tmp_path / "data.jsonl", lines)
-    with caplog.at_level(logging.WARNING, logger="expqa.chatml"):
+    with caplog.at_level(logging.WARNING, logger="expqa.data.chatml"):
         rows = load_chatml_dataset(path, on_invalid="skip")
     assert [row["id"] for row in rows] == ["cv-1", "cv-2"]
     assert "skipped 2 invalid row(s); first: line 2: invalid JSON" in caplog.text

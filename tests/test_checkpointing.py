@@ -4,9 +4,9 @@ recomputes exactly the layers it names, and every mode gives the loss and gradie
 import pytest
 import torch
 
-from expqa import checkpointing as ckpt
 from expqa.config import LoRAConfig, QuantizationConfig
-from expqa.model import load_for_training
+from expqa.model import checkpointing as ckpt
+from expqa.model.loading import load_for_training
 
 GIB = 2**30
 LLAMA_3B = ckpt.Shape(layers=28, hidden=3072, intermediate=8192, q_dim=3072, kv_dim=1024, vocab=128256)

@@ -1,4 +1,5 @@
-"""Tests for the Stack Exchange import (expqa.collect): answer choice, errors (HTML: test_html_markdown.py)."""
+"""Tests for the Stack Exchange import (expqa.data.stackexchange): answer choice, errors (HTML:
+test_html_markdown.py)."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ from pathlib import Path
 import py7zr
 import pytest
 
-from expqa.collect import DumpError, _ChunkPipe, _ReaderGone, collect_stackexchange, parse_tags
 from expqa.config import CollectConfig, ConfigError
-from expqa.html_markdown import html_to_markdown
+from expqa.data.html_markdown import html_to_markdown
+from expqa.data.stackexchange import DumpError, _ChunkPipe, _ReaderGone, collect_stackexchange, parse_tags
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_POSTS = REPO / "data" / "raw" / "stackexchange_sample" / "Posts.xml"

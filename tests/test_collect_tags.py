@@ -9,14 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from expqa.collect import (
+from expqa.config import CollectConfig, load_params
+from expqa.data.stackexchange import (
     MIN_QUESTIONS_FOR_TAG_WARNINGS,
     DumpError,
     collect_stackexchange,
     format_tag_listing,
     list_tags,
 )
-from expqa.config import CollectConfig, load_params
 from expqa.pipeline.collect import main as collect_stage
 from test_collect import SAMPLE_POSTS, answer, make_site_7z, question, write_posts
 

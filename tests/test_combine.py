@@ -11,10 +11,11 @@ from typing import Any
 
 import pytest
 
-import expqa.combine as combine_module
+import expqa.data.combine as combine_module
 from conftest import REPO
-from expqa.chatml import DataError, content_id
-from expqa.combine import (
+from expqa.config import MAX_WEIGHT, ConfigError, DataConfig
+from expqa.data.chatml import DataError, content_id
+from expqa.data.combine import (
     MANIFEST_FILE,
     OUTPUT_FILES,
     SPLITS,
@@ -25,7 +26,6 @@ from expqa.combine import (
     normalise_text,
     train_copies,
 )
-from expqa.config import MAX_WEIGHT, ConfigError, DataConfig
 from expqa.pipeline.combine import main as combine_stage
 
 WEIGHTS = {"cross_validated": 2.0, "arxiv_synthetic": 1.0}
@@ -251,7 +251,7 @@ def test_an_input_that_adds_no_row_next_to_others_is_a_warning_naming_it(
     blank.write_bytes(b"\n  \n")
     bad = write_jsonl(tmp_path / "bad.jsonl", ["{}", "[1]"])
     out = tmp_path / "out"
-    with caplog.at_level("WARNING", logger="expqa.combine"):
+    with caplog.at_level("WARNING", logger="expqa.data.combine"):
         manifest = run([good, empty, blank, bad], out, on_invalid="skip", **NO_HOLDOUT)
     assert [record.getMessage() for record in caplog.records] == [
         f"{empty}: empty (0 bytes), so no rows from it; a warning, not an error, since other inputs have rows and an "

@@ -156,6 +156,6 @@ def test_overlap_check_catches_a_planted_duplicate(questions, user_messages, raw
 
 
 def test_loader_accepts_the_set(questions):
-    from expqa.evaluate import load_questions
+    from expqa.evaluation.evaluate import load_questions
 
     assert [q["id"] for q in load_questions(QUESTIONS)] == [q["id"] for q in questions]

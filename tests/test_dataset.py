@@ -2,7 +2,7 @@
 
 import pytest
 
-from expqa.dataset import IGNORE_INDEX, TemplateError, build_sft_dataset, end_of_turn_ids, tokenize_conversation
+from expqa.data.dataset import IGNORE_INDEX, TemplateError, build_sft_dataset, end_of_turn_ids, tokenize_conversation
 
 # The Llama 3.x template's structure (header tokens, <|eot_id|>, a dated system block), in short.
 LLAMA3_TEMPLATE = (

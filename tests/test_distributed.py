@@ -14,7 +14,7 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import REPO, write_processed
-from expqa import distributed
+from expqa.training import distributed
 
 STAGE = str(REPO / "stages" / "train.py")
 CPU_ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
@@ -131,7 +131,7 @@ def test_fsdp_under_an_external_torchrun_shards_and_matches_one_process(tiny_bas
     node does): the stage trains in the launcher's processes, never launches its own (params ask for 3), and FSDP2
     shards the weights in half, checkpoints every decoder layer, and gives the 1-process losses and a same-layout
     adapter that merge loads."""
-    from expqa.merge import merge_adapter
+    from expqa.model.merge import merge_adapter
 
     run_dir = tmp_path / "fsdp"
     log = train(
@@ -362,7 +362,7 @@ def test_fsdp_arguments_bf16_compute_fp32_reduction_and_layer_checkpointing(tiny
     from transformers import AutoModelForCausalLM
 
     from conftest import tiny_training_config
-    from expqa import trainer as trainer_module
+    from expqa.training import trainer as trainer_module
 
     monkeypatch.setattr(trainer_module, "use_bf16", lambda requested: requested)  # as on a GPU
     _, config = tiny_training_config(distributed="fsdp", gradient_checkpointing=True, bf16=True)

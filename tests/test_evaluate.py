@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from expqa.config import EvalConfig
-from expqa.evaluate import (
+from expqa.evaluation.evaluate import (
     choose_option,
     critical_questions_accuracy,
     eval_summary,
@@ -65,7 +65,7 @@ def test_perplexity_of_a_uniform_model_is_the_vocabulary_size(tiny_base, embedde
 @pytest.mark.slow
 def test_evaluating_in_two_processes_gives_what_one_process_gives(tiny_base):
     from conftest import conversation
-    from expqa.evaluate import evaluate_models
+    from expqa.evaluation.evaluate import evaluate_models
 
     rows = [conversation(i) for i in range(3)]
     questions = [
@@ -109,7 +109,7 @@ QUESTIONS = [
 def test_evaluate_base_vs_tuned_takes_the_first_max_examples_and_marks_taught_questions(
     tiny_base, processed_dir, tmp_path
 ):
-    from expqa.chatml import load_chatml_dataset
+    from expqa.data.chatml import load_chatml_dataset
 
     (tmp_path / "questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
     config = dataclasses.replace(

@@ -16,11 +16,11 @@ import torch
 import yaml
 
 from conftest import REPO, make_tiny_llama
-from expqa import export
 from expqa.config import GGUF_EXPORT_TYPES, ConfigError, ExportConfig, load_params
-from expqa.dataset import render
-from expqa.gguf_tokenizer import LLAMA3_SPLIT
-from expqa.ollama import compose, modelfile, turn_segments
+from expqa.data.dataset import render
+from expqa.model.gguf_tokenizer import LLAMA3_SPLIT
+from expqa.serving import export
+from expqa.serving.ollama import compose, modelfile, turn_segments
 
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 # Llama 3.2's chat template without the tool-calling branches
@@ -165,7 +165,7 @@ def test_other_types_round_trip_on_the_tiny_base(tiny_base, tmp_path, gguf_type,
     )
     assert report["passed"], report
     # building a 49k-token BPE tokenizer takes seconds: the merged model's is built once for every file (the GGUF's
-    # is rebuilt from its metadata: expqa.gguf_tokenizer)
+    # is rebuilt from its metadata: expqa.model.gguf_tokenizer)
     assert built == [None]
 
 
@@ -246,7 +246,7 @@ def test_llama_cpp_answers_like_transformers_on_the_embedded_model(embedded_base
     chat template like transformers and continues greedily with the same tokens."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from expqa.merge import encode_prompts, reference_continuations
+    from expqa.model.merge import encode_prompts, reference_continuations
 
     path = tmp_path / "smol-f16.gguf"
     tokenizer = AutoTokenizer.from_pretrained(embedded_base)
@@ -501,7 +501,7 @@ def test_stage_writes_the_report_and_fails_on_a_mismatch(tiny_base, tmp_path):
 
     (tmp_path / "one.yaml").write_text("export: {types: [q8_0], ollama_type: q8_0, name: other}\n")
     broken = (
-        "import runpy, expqa.export as e; e.LOGIT_TOLERANCE['q8_0'] = 0.0; "
+        "import runpy, expqa.serving.export as e; e.LOGIT_TOLERANCE['q8_0'] = 0.0; "
         f"runpy.run_path({stage[1]!r}, run_name='__main__')"
     )
     done = subprocess.run(

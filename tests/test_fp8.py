@@ -1,4 +1,4 @@
-"""FP8 base matmuls (expqa.fp8): per-row e4m3 quantisation within its rounding bound, matmuls close to exact, the
+"""FP8 base matmuls (expqa.model.fp8): per-row e4m3 quantisation within its rounding bound, matmuls close to exact, the
 fused LoRA layers close to their bf16 results (outputs, adapter gradients), the embedded model's loss on real
 conversations nearly unchanged, and `train.fp8_matmul` resolved and validated. Off CUDA the FP8 product is computed
 in float32 on the e4m3 values (exact products), so the maths is checked here; tests/test_gpu.py compares the Triton
@@ -9,10 +9,10 @@ import json
 import pytest
 import torch
 
-import expqa.fused_lora as fused
-from expqa import fp8
+import expqa.model.fused_lora as fused
 from expqa.config import LoRAConfig, QuantizationConfig, TrainingConfig, load_params
-from expqa.model import load_for_training
+from expqa.model import fp8
+from expqa.model.loading import load_for_training
 from test_fused_lora import lora_model as fused_lora_model
 from test_fused_lora import loss_and_grads as fused_loss_and_grads
 

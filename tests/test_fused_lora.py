@@ -5,9 +5,9 @@ handle."""
 import pytest
 import torch
 
-import expqa.fused_lora as fused
+import expqa.model.fused_lora as fused
 from expqa.config import LoRAConfig, QuantizationConfig
-from expqa.model import load_for_training
+from expqa.model.loading import load_for_training
 
 
 def lora_model(

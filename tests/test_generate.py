@@ -1,4 +1,4 @@
-"""Tests for the synthetic Q&A stage (expqa.generate): parsing, the four checks and their counts, provenance,
+"""Tests for the synthetic Q&A stage (expqa.data.generate): parsing, the four checks and their counts, provenance,
 determinism, the shipped papers sample, and the stage script on a tiny random teacher."""
 
 from __future__ import annotations
@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from expqa import evaluate
-from expqa.chatml import DataError, validate_conversation
-from expqa.combine import combine_datasets
 from expqa.config import ConfigError, DataConfig, GenerateConfig, load_params
-from expqa.generate import (
+from expqa.data.chatml import DataError, validate_conversation
+from expqa.data.combine import combine_datasets
+from expqa.data.generate import (
     DROP_REASONS,
     PROMPT_VERSION,
     Checks,
@@ -25,6 +24,7 @@ from expqa.generate import (
     read_papers,
     select_papers,
 )
+from expqa.evaluation import evaluate
 from expqa.pipeline.generate import main as generate_stage
 
 REPO = Path(__file__).resolve().parents[1]

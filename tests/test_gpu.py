@@ -48,10 +48,10 @@ def bf16_base(tmp_path_factory, embedded_tokenizer) -> Path:
 
 def test_train_merge_evaluate_on_cuda(bf16_base, processed_dir, tmp_path, embedded_tokenizer):
     from expqa.config import load_params
-    from expqa.evaluate import evaluate_model, load_questions
-    from expqa.merge import merge_adapter
-    from expqa.model import load_for_inference
-    from expqa.trainer import QLoRATrainer
+    from expqa.evaluation.evaluate import evaluate_model, load_questions
+    from expqa.model.loading import load_for_inference
+    from expqa.model.merge import merge_adapter
+    from expqa.training.trainer import QLoRATrainer
 
     params = load_params(REPO / "params.yaml").resolve(cuda=True)  # the GPU profile as shipped, shrunk below
     train = dataclasses.replace(
@@ -116,7 +116,7 @@ def test_train_merge_evaluate_on_cuda(bf16_base, processed_dir, tmp_path, embedd
 def test_fp8_row_kernel_equals_the_torch_path(cols):
     """The Triton quantisation kernel gives the torch path's scales and e4m3 bytes, and a CUDA FP8 matmul is the
     CPU one up to accumulation order."""
-    from expqa import fp8
+    from expqa.model import fp8
 
     generator = torch.Generator(device="cuda").manual_seed(cols)
     x = torch.randn(513, cols, device="cuda", generator=generator) * torch.logspace(-4, 4, 513, device="cuda")[:, None]

@@ -1,10 +1,10 @@
-"""Tests for expqa.html_markdown: Stack Exchange post bodies (HTML) to Markdown."""
+"""Tests for expqa.data.html_markdown: Stack Exchange post bodies (HTML) to Markdown."""
 
 from __future__ import annotations
 
 from html import escape
 
-from expqa.html_markdown import html_to_markdown
+from expqa.data.html_markdown import html_to_markdown
 
 
 def test_paragraphs_and_line_breaks() -> None:

@@ -9,8 +9,8 @@ from trl.trainer.utils import add_fused_lm_head
 
 from conftest import tiny_training_config
 from expqa.config import LoRAConfig, QuantizationConfig
-from expqa.lm_head import add_label_lm_head, label_log_probs
-from expqa.model import load_for_training
+from expqa.model.lm_head import add_label_lm_head, label_log_probs
+from expqa.model.loading import load_for_training
 
 
 def test_label_log_probs_match_log_softmax_with_gradients():
@@ -81,7 +81,7 @@ def test_expqa_head_equals_trls_fused_head_on_a_lora_model(tiny_base):
 
 @pytest.mark.parametrize("head", ["trl", "expqa"])
 def test_trainer_installs_the_configured_head(tiny_base, processed_dir, tmp_path, head):
-    from expqa.trainer import QLoRATrainer
+    from expqa.training.trainer import QLoRATrainer
 
     params, train = tiny_training_config(lm_head_loss=head)
     trainer = QLoRATrainer(

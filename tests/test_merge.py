@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from expqa.merge import merge_summary
+from expqa.model.merge import merge_summary
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def test_merged_model_matches_base_plus_adapter(tiny_base, tiny_adapter, tmp_pat
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from expqa.merge import merge_adapter
+    from expqa.model.merge import merge_adapter
 
     report = merge_adapter(tiny_base, tiny_adapter, tmp_path / "merged")
     assert report["passed"] and report["greedy_equal"] and report["max_abs_logit_diff"] <= 1e-3
@@ -59,7 +59,7 @@ def test_merge_onto_a_bf16_base_saves_bf16_and_passes_the_bf16_check(tiny_base, 
     """Llama 3.2 ships in bf16: the merged model is saved in bf16 and checked at the bf16 tolerance."""
     from transformers import AutoModelForCausalLM
 
-    from expqa.merge import merge_adapter
+    from expqa.model.merge import merge_adapter
 
     bf16 = tmp_path / "bf16"
     AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.bfloat16).save_pretrained(bf16)
@@ -76,7 +76,7 @@ def test_merge_onto_a_bf16_base_saves_bf16_and_passes_the_bf16_check(tiny_base, 
 
 
 def test_merge_check_tolerates_greedy_flips_only_at_near_ties():
-    from expqa.merge import compare
+    from expqa.model.merge import compare
 
     sequence = torch.tensor([5, 1, 2])  # prompt [5], reference continuation [1, 2]
     reference = torch.zeros(3, 4)

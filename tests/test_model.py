@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from expqa.config import LLAMA_PROJECTIONS, LoRAConfig, QuantizationConfig
-from expqa.model import check_target_modules, load_for_training
+from expqa.model.loading import check_target_modules, load_for_training
 
 
 def lora_grads(model, batch):
@@ -76,7 +76,7 @@ def test_llama_32_3b_architecture_resolves_targets_and_quantisation(shipped_para
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from expqa.model import quantization_config
+    from expqa.model.loading import quantization_config
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(llama_32_3b_config(layers=2))

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from conftest import REPO
-from expqa import plots
+from expqa.evaluation import plots
 
 NEEDS_CHROMIUM = pytest.mark.skipif(
     plots.find_browser() is None, reason="no chromium: apt-get install -y chromium (Debian/Ubuntu)"

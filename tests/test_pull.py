@@ -2,7 +2,7 @@
 
 import pytest
 
-from expqa.pull import remote_argument
+from expqa.workspace.pull import remote_argument
 
 
 @pytest.mark.parametrize(

@@ -12,15 +12,15 @@ import urllib.request
 
 import pytest
 
-from expqa.ask import answer
-from expqa.serve import ChatRequest, ChatServer, Engine, StopText, main
+from expqa.serving.ask import answer
+from expqa.serving.serve import ChatRequest, ChatServer, Engine, StopText, main
 
 QUESTION = "What is a p-value?"
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_base):
-    from expqa.model import load_for_inference
+    from expqa.model.loading import load_for_inference
 
     model, tokenizer = load_for_inference(tiny_base)
     return Engine(model, tokenizer, "expqa", max_tokens_limit=64)

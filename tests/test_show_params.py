@@ -10,7 +10,7 @@ import pytest
 
 from conftest import REPO
 from expqa import config
-from expqa.show_params import SECTIONS, main
+from expqa.config.show import SECTIONS, main
 
 PARAMS = str(REPO / "params.yaml")
 

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from expqa.evaluate import choose_calibrated, compare_models, taught_question_ids
-from expqa.significance import (
+from expqa.evaluation.evaluate import choose_calibrated, compare_models, taught_question_ids
+from expqa.evaluation.significance import (
     binomial_two_sided_p,
     bootstrap_indices,
     compare_per_item,

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from conftest import REPO
-from expqa.chatml import DataError, content_id
-from expqa.combine import combine_datasets
 from expqa.config import ConfigError, DataConfig, SourceConfig, load_params
+from expqa.data.chatml import DataError, content_id
+from expqa.data.combine import combine_datasets
 from expqa.pipeline.combine import main as combine_stage
 
 BUILT_IN = {"cross_validated": 1.0, "arxiv_synthetic": 1.0}
@@ -374,7 +374,7 @@ def test_json_list_element_nested_past_the_recursion_limit_that_never_closes_nam
 def test_a_source_without_records_is_a_warning_naming_it(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "faq.jsonl"
     path.write_bytes(b"")
-    with caplog.at_level("WARNING", logger="expqa.combine"):
+    with caplog.at_level("WARNING", logger="expqa.data.combine"):
         result = combine(tmp_path, entry(path, "sharegpt", "faq"))
     assert [record.getMessage() for record in caplog.records] == [
         f"{path}: no records, so no rows from source faq; a warning, not an error, since other inputs have rows; add "

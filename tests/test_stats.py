@@ -1,12 +1,12 @@
-"""Dataset statistics (expqa.stats): weighted copies are rows, not conversations; truncation is counted."""
+"""Dataset statistics (expqa.data.stats): weighted copies are rows, not conversations; truncation is counted."""
 
 import json
 
 import pytest
 
-from expqa import stats as stats_module
-from expqa.dataset import IGNORE_INDEX
-from expqa.stats import get_dataset_stats, summary_line, write_dataset_stats
+from expqa.data import stats as stats_module
+from expqa.data.dataset import IGNORE_INDEX
+from expqa.data.stats import get_dataset_stats, summary_line, write_dataset_stats
 
 
 def row(question: str, words: int, source: str = "cross_validated", id: str = "") -> dict:

@@ -15,9 +15,15 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import REPO, make_tiny_llama, tiny_training_config
-from expqa import trainer as trainer_module
 from expqa.config import LoRAConfig
-from expqa.trainer import FINGERPRINT_FILE, QLoRATrainer, StopOnSignal, TrainingError, find_resumable_checkpoint
+from expqa.training import trainer as trainer_module
+from expqa.training.trainer import (
+    FINGERPRINT_FILE,
+    QLoRATrainer,
+    StopOnSignal,
+    TrainingError,
+    find_resumable_checkpoint,
+)
 
 
 def make_trainer(base, data, tmp_path, quantized=False, **overrides):
@@ -384,7 +390,7 @@ def test_liger_requested_without_the_package_is_a_clear_error(tiny_base, process
 def test_token_budget_packs_whole_conversations_into_bounded_micro_batches(tiny_base, processed_dir, tmp_path):
     trainer = make_trainer(tiny_base, processed_dir, tmp_path, **FAST_PATH)
     sft = trainer.setup()
-    from expqa.dataset import build_sft_dataset
+    from expqa.data.dataset import build_sft_dataset
 
     conversations = build_sft_dataset(processed_dir / "train.jsonl", trainer.tokenizer, 128)["input_ids"]
     seen, sizes = [], []
@@ -422,9 +428,9 @@ def test_fp8_matmuls_train_close_to_the_compute_dtype(tiny_base, processed_dir, 
     checkpointing measured room for it (the same values as quantising per use: tests/test_fp8.py), and losses
     within a few percent of the run without FP8. bf16 on every CPU: the path of an avx512_bf16 CPU (float32 weights,
     bf16 autocast), where a cache filled in the weights' dtype once gave other losses than per-use quantisation."""
-    import expqa.model
+    import expqa.model.loading
 
-    monkeypatch.setattr(expqa.model, "cpu_has_bf16", lambda: True)  # emulated (slower) where the CPU lacks it
+    monkeypatch.setattr(expqa.model.loading, "cpu_has_bf16", lambda: True)  # emulated (slower) where the CPU lacks it
     runs = {}
     for mode, checkpointing in (("off", "off"), ("on", "auto"), ("on", "off")):
         trainer = make_trainer(
@@ -448,9 +454,9 @@ def test_fp8_matmuls_train_close_to_the_compute_dtype(tiny_base, processed_dir, 
 @pytest.mark.slow
 def test_fp8_auto_stays_off_with_the_lean_setting(tiny_base, processed_dir, tmp_path, monkeypatch):
     """Checkpointing offload puts memory first: `auto` (here made to find FP8 hardware) turns FP8 off again."""
-    import expqa.fp8
+    import expqa.model.fp8
 
-    monkeypatch.setattr(expqa.fp8, "supported", lambda device, dtype: (True, "test: as if on a Hopper GPU"))
+    monkeypatch.setattr(expqa.model.fp8, "supported", lambda device, dtype: (True, "test: as if on a Hopper GPU"))
     trainer = make_trainer(tiny_base, processed_dir, tmp_path, fp8_matmul="auto", gradient_checkpointing="offload")
     trainer.setup()
     model = trainer.trainer.model

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
-from expqa.verify import CANNOT_COMPARE, OK, OUTSIDE, TOLERANCES, Tolerance, expand, label, lookup, verify
+from expqa.workspace.verify import CANNOT_COMPARE, OK, OUTSIDE, TOLERANCES, Tolerance, expand, label, lookup, verify
 
 FILES = list(dict.fromkeys(metric.file for metric in TOLERANCES))
 

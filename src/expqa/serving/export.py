@@ -7,7 +7,7 @@ redone here, each small: the q/k row permutation into llama.cpp's rope layout, t
 name and Llama 3's rope_freqs tensor.
 
 Verification reloads every file with transformers' GGUF loader and compares it with the merged model on fixed
-prompts, teacher-forced over the merged model's own greedy continuation (expqa.merge.compare): max |logit diff|
+prompts, teacher-forced over the merged model's own greedy continuation (expqa.model.merge.compare): max |logit diff|
 within a per-type tolerance, greedy tokens equal except at near-ties, the same architecture numbers. The tokenizer
 (token ids of probe texts, chat template rendering) is read back from the first file only: every file gets the same
 tokenizer metadata from the same code, and rebuilding a 49k-token BPE tokenizer from GGUF takes seconds per file.
@@ -29,10 +29,10 @@ import numpy as np
 import torch
 
 from expqa.config import ExportConfig
-from expqa.dataset import end_of_turn_ids, render
+from expqa.data.dataset import end_of_turn_ids, render
 from expqa.files import atomic_dir, split_wall_clock, write_json
-from expqa.gguf_tokenizer import LLAMA3_SPLIT, tokenizer_from_gguf
-from expqa.merge import (
+from expqa.model.gguf_tokenizer import LLAMA3_SPLIT, tokenizer_from_gguf
+from expqa.model.merge import (
     VERIFY_NEW_TOKENS,
     VERIFY_PROMPTS,
     compare,
@@ -40,8 +40,8 @@ from expqa.merge import (
     reference_continuations,
     sequence_logits,
 )
-from expqa.ollama import adds_bos, modelfile
 from expqa.progress import progress
+from expqa.serving.ollama import adds_bos, modelfile
 
 Q = gguf.GGMLQuantizationType
 # export.types -> (file type in the header, tensor type of the 2-D weights); norms and rope_freqs stay F32

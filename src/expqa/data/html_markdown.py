@@ -1,4 +1,4 @@
-"""Stack Exchange post bodies (HTML) to Markdown: `html_to_markdown`, used by expqa.collect.
+"""Stack Exchange post bodies (HTML) to Markdown: `html_to_markdown`, used by expqa.data.stackexchange.
 
 Stack Exchange bodies are sanitised, well-formed HTML rendered from Markdown, so a small tree
 builder (the standard library's HTMLParser) plus a recursive renderer is enough. Text is never

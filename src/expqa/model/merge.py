@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from expqa.dataset import end_of_turn_ids, render
+from expqa.data.dataset import end_of_turn_ids, render
 from expqa.files import atomic_dir
 from expqa.progress import progress
 

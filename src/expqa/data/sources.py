@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from expqa.chatml import MAX_NESTING, DataError, hint_for, iter_raw_lines, json_type_name, parse_json_line
+from expqa.data.chatml import MAX_NESTING, DataError, hint_for, iter_raw_lines, json_type_name, parse_json_line
 
 FORMATS = ("chatml", "sharegpt", "alpaca", "openai", "hf_disk")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}

@@ -83,7 +83,7 @@ def build_sft_dataset(path: str | Path, tokenizer, max_length: int):
     """
     from datasets import Dataset
 
-    from expqa.chatml import load_chatml_dataset
+    from expqa.data.chatml import load_chatml_dataset
 
     rows = load_chatml_dataset(path)
     examples = [tokenize_conversation(tokenizer, row["messages"], max_length) for row in rows]

@@ -27,7 +27,7 @@ import types
 
 import torch
 
-from expqa import fp8 as fp8_ops
+from expqa.model import fp8 as fp8_ops
 
 
 def dense_weight(base: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -155,7 +155,7 @@ class LoRAGroupFunction(torch.autograd.Function):
 
     Arguments after `fp8`: the adapters' A weights, then their B weights, in `bases` order; returns one output per
     projection. Saved for backward: x (once), the concatenated rank activations h and the adapter weights. With fp8
-    the base matmuls run in FP8 (expqa.fp8), x quantised once for all of them.
+    the base matmuls run in FP8 (expqa.model.fp8), x quantised once for all of them.
     """
 
     @staticmethod
@@ -317,7 +317,7 @@ def patch_lora_layers(model, grouped: bool = False, fp8: bool = False) -> int:
     """Give every plain LoRA layer (nn.Linear or bnb Linear4bit base, frozen) the fused forward; returns how many.
 
     grouped: also make sibling projections that share an input one ProjectionGroup each (PROJECTION_GROUPS).
-    fp8: the base matmuls of layers whose dimensions allow it run in FP8 (expqa.fp8; the caller decides where).
+    fp8: the base matmuls of layers whose dimensions allow it run in FP8 (expqa.model.fp8; the caller decides where).
     """
     from peft.tuners.lora import LoraLayer
 

@@ -27,10 +27,12 @@ import torch
 from transformers import TrainerCallback
 from transformers.integrations import DVCLiveCallback
 
-from expqa import checkpointing
 from expqa.config import LoRAConfig, Params, QuantizationConfig, TrainingConfig
-from expqa.dataset import build_sft_dataset
-from expqa.distributed import (
+from expqa.data.dataset import build_sft_dataset
+from expqa.files import atomic_dir, is_wall_clock, sha256_file
+from expqa.model import checkpointing
+from expqa.model.loading import load_for_training, use_bf16
+from expqa.training.distributed import (
     agree_across_processes,
     enable_fsdp_on_cpu,
     fsdp_summary,
@@ -42,8 +44,6 @@ from expqa.distributed import (
     unwrap_adapter_file,
     world_size,
 )
-from expqa.files import atomic_dir, is_wall_clock, sha256_file
-from expqa.model import load_for_training, use_bf16
 
 log = logging.getLogger("expqa.train")
 FINGERPRINT_FILE = "expqa_fingerprint.json"
@@ -519,7 +519,7 @@ class QLoRATrainer:
         if c.fp8_matmul == "auto" and self.checkpointing.mode == "offload" and self.fp8["fp8_matmul"] == "on":
             # offload is the memory-first setting: FP8's transient buffers (quantised activations and gradients, a
             # second partial gradient per group) raised its peak by ~30 MiB on the 3B shape; `on` keeps FP8 anyway
-            from expqa.fused_lora import disable_fp8
+            from expqa.model.fused_lora import disable_fp8
 
             disable_fp8(model)
             self.fp8["fp8_matmul"] = "off"
@@ -557,7 +557,7 @@ class QLoRATrainer:
             callbacks=callbacks,
         )
         if self.config.lm_head_loss == "expqa":  # after SFTTrainer, which patched the base model with its own head
-            from expqa.lm_head import add_label_lm_head
+            from expqa.model.lm_head import add_label_lm_head
 
             add_label_lm_head(model.get_base_model())
         return self.trainer
@@ -613,7 +613,7 @@ class QLoRATrainer:
     def _cache_fp8_weights(self, model) -> bool:
         """With FP8 on and no checkpointing chosen, keep the base weights quantised for FP8 (~2 bytes per weight)
         when that fits beside the estimated peak in the memory `auto` measured; same maths, less work per step."""
-        from expqa.fused_lora import cache_fp8_weights, fp8_cache_bytes
+        from expqa.model.fused_lora import cache_fp8_weights, fp8_cache_bytes
 
         choice = self.checkpointing
         if self.fp8["fp8_matmul"] != "on" or choice.mode != "off" or self.config.distributed == "fsdp":
@@ -693,9 +693,10 @@ class QLoRATrainer:
 
 
 @functools.cache
-def code_fingerprint(package: Path = Path(__file__).parent) -> dict:
+def code_fingerprint(package: Path = Path(__file__).parent.parent) -> dict:
     """The training code: a checkpoint written by other code is not resumed (after a fix to the trainer, the final
-    checkpoint of the old run would otherwise be "resumed" into the old adapter without training a step)."""
+    checkpoint of the old run would otherwise be "resumed" into the old adapter without training a step). package:
+    src/expqa, every module of it, subpackages included."""
     digest = hashlib.sha256()
     for path in sorted(package.rglob("*.py")):
         digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")

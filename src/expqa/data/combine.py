@@ -3,7 +3,7 @@
 One call of ``combine_datasets`` does four steps:
 
 1. Scan every input once, in the given order, then every user source (``data.sources``,
-   converted to ChatML rows by expqa.sources into a scratch file that is read back like an
+   converted to ChatML rows by expqa.data.sources into a scratch file that is read back like an
    input): parse and validate each row, check that its source has a weight, drop weight-0
    sources, then drop exact and normalised duplicates (the first occurrence wins). Per kept
    conversation only fixed-size keys are kept (64-bit hashes, file index, byte offset), never
@@ -38,7 +38,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
-from expqa.chatml import (
+from expqa.config import ConfigError, DataConfig
+from expqa.data.chatml import (
     SPLITS,
     DataError,
     RawLine,
@@ -49,9 +50,8 @@ from expqa.chatml import (
     row_id,
     validate_conversation,
 )
-from expqa.config import ConfigError, DataConfig
+from expqa.data.sources import UserSource, iter_source_records, source_sha256
 from expqa.files import atomic_dir, sha256_file
-from expqa.sources import UserSource, iter_source_records, source_sha256
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Each output line pairs one question (title + body) with one answer: the accepted answer when
 the dump has it, else the highest-scoring answer above a threshold. Bodies are converted from
-the dump's HTML to Markdown by `expqa.html_markdown.html_to_markdown`.
+the dump's HTML to Markdown by `expqa.data.html_markdown.html_to_markdown`.
 
 Memory stays bounded on multi-GB dumps: the XML is streamed twice and everything that grows
 with the dump lives in a temporary SQLite database next to the output, never in Python objects.
@@ -38,7 +38,7 @@ import py7zr
 from py7zr.io import Py7zIO, WriterFactory
 
 from expqa.config import CollectConfig, ConfigError
-from expqa.html_markdown import html_to_markdown
+from expqa.data.html_markdown import html_to_markdown
 from expqa.progress import byte_progress
 
 SOURCE = "cross_validated"  # combine's source name (data.weights) for every collected pair

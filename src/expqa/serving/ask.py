@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from expqa.dataset import end_of_turn_ids, render
+from expqa.data.dataset import end_of_turn_ids, render
 
 BUILT_BY = {"models/merged": "dvc repro merge", "models/adapter": "dvc repro train", "models/base": "dvc repro base"}
 
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from transformers import TextStreamer
 
-    from expqa.model import load_for_inference
+    from expqa.model.loading import load_for_inference
 
     model, tokenizer = load_for_inference(model_dir, adapter)
     streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)

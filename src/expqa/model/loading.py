@@ -90,10 +90,10 @@ def load_for_training(
 ):
     """The frozen base (4-bit or full precision) with fresh LoRA adapters; returns (peft_model, tokenizer).
 
-    gradient_checkpointing: enabled on every decoder layer (expqa.checkpointing.apply then picks the layers).
-    fused_lora: LoRA layers run expqa.fused_lora's single autograd function instead of PEFT's forward;
+    gradient_checkpointing: enabled on every decoder layer (expqa.model.checkpointing.apply then picks the layers).
+    fused_lora: LoRA layers run expqa.model.fused_lora's single autograd function instead of PEFT's forward;
     grouped_lora: with it, q/k/v and gate/up run as one function each.
-    fp8_matmul: auto | on | off: with fused_lora, the base matmuls in FP8 (expqa.fp8); the model's
+    fp8_matmul: auto | on | off: with fused_lora, the base matmuls in FP8 (expqa.model.fp8); the model's
     `expqa_fp8` attribute says what ran and why.
     """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -102,7 +102,7 @@ def load_for_training(
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if (cuda and use_bf16(bf16)) else torch.float32
     if attn_implementation == "expqa_varlen":
-        from expqa.attention import register
+        from expqa.model.attention import register
 
         register()
     kwargs = dict(dtype=dtype, attn_implementation=attn_implementation, use_safetensors=True, trust_remote_code=False)
@@ -143,8 +143,8 @@ def load_for_training(
     )
     model = get_peft_model(model, peft_config)
     if fused_lora:
-        from expqa import fp8
-        from expqa.fused_lora import patch_lora_layers
+        from expqa.model import fp8
+        from expqa.model.fused_lora import patch_lora_layers
 
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
         use_fp8, why = fp8.resolve(fp8_matmul, device, dtype)

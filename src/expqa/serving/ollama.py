@@ -8,7 +8,7 @@ of placeholder messages, then checked by rendering probe conversations both ways
 
 from __future__ import annotations
 
-from expqa.dataset import end_of_turn_ids, render
+from expqa.data.dataset import end_of_turn_ids, render
 
 MARKS = {name: f"\ue000{name}\ue000" for name in ("S", "U", "A", "V")}  # private-use characters: never in a template
 

@@ -18,8 +18,8 @@ import sys
 import threading
 from collections.abc import Callable
 
-from expqa.dataset import render
-from expqa.serve import ChatRequest, Engine, RequestError
+from expqa.data.dataset import render
+from expqa.serving.serve import ChatRequest, Engine, RequestError
 
 COMMANDS = "/reset (forget the conversation), /system [text] (show or set the system prompt), /exit (or Ctrl-D)"
 
@@ -188,7 +188,7 @@ def terminal_reader(prompt: str) -> Callable[[], str | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from expqa.ask import add_model_options, chosen_model
+    from expqa.serving.ask import add_model_options, chosen_model
 
     parser = argparse.ArgumentParser(
         prog="expqa chat", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"loading {adapter or model_dir} ...", file=sys.stderr, flush=True)
     import torch
 
-    from expqa.model import load_for_inference
+    from expqa.model.loading import load_for_inference
 
     model, tokenizer = load_for_inference(model_dir, adapter)
     engine = Engine(model, tokenizer, "expqa", max_tokens_limit=args.max_new_tokens)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from expqa.dataset import end_of_turn_ids, render
+from expqa.data.dataset import end_of_turn_ids, render
 
 ROLES = ("system", "user", "assistant")
 MAX_BODY_BYTES = 1 << 20
@@ -386,7 +386,7 @@ class ChatServer(ThreadingHTTPServer):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from expqa.ask import missing_model_message
+    from expqa.serving.ask import missing_model_message
 
     parser = argparse.ArgumentParser(
         prog="expqa serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         if not path.exists():
             print(f"error: {missing_model_message(path)}", file=sys.stderr)
             return 2
-    from expqa.model import load_for_inference
+    from expqa.model.loading import load_for_inference
 
     model, tokenizer = load_for_inference(model_dir, args.adapter)
     server = ChatServer(Engine(model, tokenizer, args.model_id, args.max_tokens), args.host, args.port, args.verbose)

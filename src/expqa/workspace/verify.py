@@ -268,7 +268,7 @@ def verify(root: Path, rev: str = "HEAD", table: dict[Metric, Tolerance] = TOLER
 
 
 def main(argv: list[str] | None = None) -> int:
-    from expqa.project import find_project
+    from expqa.workspace.project import find_project
 
     parser = argparse.ArgumentParser(
         prog="expqa verify", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

@@ -101,7 +101,7 @@ def print_resolved(folder: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from expqa.project import find_project
+    from expqa.workspace.project import find_project
 
     parser = argparse.ArgumentParser(
         prog="expqa params", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from expqa.chatml import SPLITS, content_id, load_chatml_dataset
-from expqa.dataset import IGNORE_INDEX, tokenize_conversation
+from expqa.data.chatml import SPLITS, content_id, load_chatml_dataset
+from expqa.data.dataset import IGNORE_INDEX, tokenize_conversation
 from expqa.files import write_json
 from expqa.progress import progress
 

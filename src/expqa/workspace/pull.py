@@ -116,7 +116,7 @@ def pull(root: Path, argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from expqa.project import find_project
+    from expqa.workspace.project import find_project
 
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in ("-h", "--help"):

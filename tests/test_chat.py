@@ -10,9 +10,8 @@ import threading
 import pytest
 
 from conftest import REPO
-from expqa.serving.ask import answer
 from expqa.serving.chat import ChatSession, ContextFull, chat_loop, trim_history
-from expqa.serving.serve import Engine
+from expqa.serving.inference import Engine, answer
 
 
 def words(messages: list[dict]) -> int:

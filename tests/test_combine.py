@@ -14,7 +14,7 @@ import pytest
 import expqa.data.combine as combine_module
 from conftest import REPO
 from expqa.config import MAX_WEIGHT, ConfigError, DataConfig
-from expqa.data.chatml import DataError, content_id
+from expqa.data.chatml import DataError, content_id, normalise_text
 from expqa.data.combine import (
     MANIFEST_FILE,
     OUTPUT_FILES,
@@ -23,7 +23,6 @@ from expqa.data.combine import (
     EmptySplitError,
     KeptRows,
     combine_datasets,
-    normalise_text,
     train_copies,
 )
 from expqa.pipeline.combine import main as combine_stage

@@ -24,8 +24,8 @@ from expqa.data.generate import (
     read_papers,
     select_papers,
 )
-from expqa.evaluation import evaluate
 from expqa.pipeline.generate import main as generate_stage
+from expqa.serving import inference
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_PAPERS = REPO / "data" / "raw" / "arxiv_papers_sample.jsonl"
@@ -196,7 +196,7 @@ def test_kept_rows_carry_provenance_and_feed_combine(tiny_base: Path, tmp_path: 
     """A teacher that writes good pairs (its generation replaced): rows are valid ChatML with provenance, and
     combine takes them next to the hand-written arXiv rows."""
     answer = {"answer": f"Q: What are always valid p-values?\nA: {GROUNDED}", "stopped": True, "new_tokens": 40}
-    monkeypatch.setattr(evaluate, "generate_answers", lambda model, tokenizer, prompts, **kw: [answer] * len(prompts))
+    monkeypatch.setattr(inference, "generate_answers", lambda model, tokenizer, prompts, **kw: [answer] * len(prompts))
     papers = tmp_path / "papers.jsonl"
     papers.write_text(
         json.dumps(

@@ -278,19 +278,9 @@ GLUE = {
         for package in ("data", "model", "training", "evaluation", "serving", "workspace")
     },
 }
-TRAINING_PATHS = (
-    "src/expqa/model/attention.py",
-    "src/expqa/model/fused_lora.py",
-    "src/expqa/model/fp8.py",
-)  # load_for_training's
-NOT_USED = {
-    "generate": {
-        *TRAINING_PATHS,
-        "src/expqa/data/sources.py",  # combine's user-source readers; generate uses its text normalisation only
-        "src/expqa/evaluation/significance.py",  # evaluate's intervals; generate uses its batched generation only
-    },
-    "evaluate": set(TRAINING_PATHS),
-}
+# load_for_training's
+TRAINING_PATHS = ("src/expqa/model/attention.py", "src/expqa/model/fused_lora.py", "src/expqa/model/fp8.py")
+NOT_USED = {"generate": set(TRAINING_PATHS), "evaluate": set(TRAINING_PATHS)}
 
 
 def imported_modules(path, src):

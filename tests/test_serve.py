@@ -12,8 +12,8 @@ import urllib.request
 
 import pytest
 
-from expqa.serving.ask import answer
-from expqa.serving.serve import ChatRequest, ChatServer, Engine, StopText, main
+from expqa.serving.inference import ChatRequest, Engine, StopText, answer
+from expqa.serving.serve import ChatServer, main
 
 QUESTION = "What is a p-value?"
 

@@ -16,14 +16,11 @@ from safetensors.torch import load_file
 
 from conftest import REPO, make_tiny_llama, tiny_training_config
 from expqa.config import LoRAConfig
-from expqa.training import trainer as trainer_module
-from expqa.training.trainer import (
-    FINGERPRINT_FILE,
-    QLoRATrainer,
-    StopOnSignal,
-    TrainingError,
-    find_resumable_checkpoint,
-)
+from expqa.training import callbacks as callbacks_module
+from expqa.training import resume as resume_module
+from expqa.training.callbacks import StopOnSignal
+from expqa.training.resume import FINGERPRINT_FILE, find_resumable_checkpoint
+from expqa.training.trainer import QLoRATrainer, TrainingError
 
 
 def make_trainer(base, data, tmp_path, quantized=False, **overrides):
@@ -109,11 +106,11 @@ def test_checkpoints_of_other_code_are_not_resumed(tmp_path):
     package = tmp_path / "expqa"
     package.mkdir()
     (package / "trainer.py").write_text("x = 1\n")
-    before = trainer_module.code_fingerprint(package)
-    assert before == trainer_module.code_fingerprint(package)
+    before = resume_module.code_fingerprint(package)
+    assert before == resume_module.code_fingerprint(package)
     (package / "trainer.py").write_text("x = 2\n")
-    trainer_module.code_fingerprint.cache_clear()
-    assert trainer_module.code_fingerprint(package)["expqa_sha256"] != before["expqa_sha256"]
+    resume_module.code_fingerprint.cache_clear()
+    assert resume_module.code_fingerprint(package)["expqa_sha256"] != before["expqa_sha256"]
     assert {"torch", "transformers", "peft", "trl"} <= set(before)
 
 
@@ -158,7 +155,7 @@ def test_second_signal_exits_at_once_with_one_line(monkeypatch, capsys):
     def exit_instead(code):
         raise SystemExit(code)
 
-    monkeypatch.setattr(trainer_module.os, "_exit", exit_instead)  # the real one would end pytest
+    monkeypatch.setattr(callbacks_module.os, "_exit", exit_instead)  # the real one would end pytest
     callback = StopOnSignal()
     callback._handle(signal.SIGINT, None)
     capsys.readouterr()

@@ -12,6 +12,8 @@ start with the user and end with the assistant's answer.
 
 Every problem is reported as ``path:line: reason`` (``DataError``) so that it can be
 fixed in an editor. Lines are counted physically (blank lines count but are skipped).
+``normalise_text`` is a message's text as compared for near-duplicates (combine's
+deduplication and split, generate's repeated questions).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import hashlib
 import json
 import logging
 import re
+import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -182,6 +185,25 @@ def content_id(messages: list[dict[str, Any]]) -> str:
 def row_id(row: dict[str, Any]) -> str:
     """The row's own id, or its content-hash id when it has none (see ``content_id``)."""
     return row["id"] if "id" in row else content_id(row["messages"])
+
+
+# --- normalised text (near-duplicates) --------------------------------------------------------
+
+
+def normalise_text(text: str) -> str:
+    """Text as compared for near-duplicates: NFKC, lowercase, single spaces, no edge punctuation."""
+    # split()/join() collapses Unicode whitespace runs several times faster than re.sub.
+    text = " ".join(unicodedata.normalize("NFKC", text).lower().split())
+    start, end = 0, len(text)
+    while start < end and _is_edge_junk(text[start]):
+        start += 1
+    while end > start and _is_edge_junk(text[end - 1]):
+        end -= 1
+    return text[start:end]
+
+
+def _is_edge_junk(char: str) -> bool:
+    return char == " " or unicodedata.category(char).startswith("P")
 
 
 # --- reading ----------------------------------------------------------------------------------

@@ -30,7 +30,6 @@ import hashlib
 import json
 import logging
 import shutil
-import unicodedata
 from array import array
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -46,6 +45,7 @@ from expqa.data.chatml import (
     canonical_messages,
     hint_for,
     iter_raw_lines,
+    normalise_text,
     parse_json_line,
     row_id,
     validate_conversation,
@@ -76,22 +76,6 @@ class EmptySplitError(ValueError):
 def hash64(text: str) -> int:
     """The first 64 bits of SHA-256(text): a compact key that is the same on every machine."""
     return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big")
-
-
-def normalise_text(text: str) -> str:
-    """Text as compared for near-duplicates: NFKC, lowercase, single spaces, no edge punctuation."""
-    # split()/join() collapses Unicode whitespace runs several times faster than re.sub.
-    text = " ".join(unicodedata.normalize("NFKC", text).lower().split())
-    start, end = 0, len(text)
-    while start < end and _is_edge_junk(text[start]):
-        start += 1
-    while end > start and _is_edge_junk(text[end - 1]):
-        end -= 1
-    return text[start:end]
-
-
-def _is_edge_junk(char: str) -> bool:
-    return char == " " or unicodedata.category(char).startswith("P")
 
 
 class ConversationKeys(NamedTuple):

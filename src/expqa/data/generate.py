@@ -26,8 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from expqa.config import ConfigError, GenerateConfig
-from expqa.data.chatml import DataError, iter_jsonl
-from expqa.data.combine import normalise_text
+from expqa.data.chatml import DataError, iter_jsonl, normalise_text
 
 SOURCE = "arxiv_synthetic"  # combine's source name: weighted and split with the hand-written arXiv rows
 # Changing the prompt text below changes what the teacher writes: bump the version with it (it is in every row).
@@ -342,8 +341,8 @@ def generate_qa(papers: Path, out: Path, config: GenerateConfig, *, base_dir: Pa
 def _generate_rows(
     teacher: Teacher, papers: list[Paper], checks: Checks, max_new_tokens: int, batch_size: int
 ) -> tuple[list[dict], dict[str, int]]:
-    from expqa.evaluation.evaluate import generate_answers
     from expqa.model.loading import load_for_inference
+    from expqa.serving.inference import generate_answers
 
     model, tokenizer = load_for_inference(teacher.path)
     outputs = generate_answers(

@@ -30,14 +30,10 @@ import torch
 
 from expqa.config import EvalConfig
 from expqa.data.chatml import load_chatml_dataset
-from expqa.data.dataset import IGNORE_INDEX, end_of_turn_ids, render, tokenize_conversation
+from expqa.data.dataset import IGNORE_INDEX, render, tokenize_conversation
 from expqa.files import write_json
 from expqa.progress import progress
-
-
-def batches(items: list, size: int):
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
+from expqa.serving.inference import batches, generate_answers
 
 
 def pad_right(sequences: list[list[int]], value: int) -> torch.Tensor:
@@ -194,56 +190,6 @@ def load_questions(path: str | Path) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------------------------
 # generation: ROUGE and stop rate
-
-
-@torch.no_grad()
-def generate_answers(
-    model,
-    tokenizer,
-    prompts: list[list[dict]],
-    max_new_tokens: int,
-    batch_size: int,
-    label: str = "evaluate",
-    position: int | None = None,
-) -> list[dict]:
-    """Greedy answers, left-padded batches; records whether each ended with an end-of-turn token."""
-    eos_ids = end_of_turn_ids(tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-    encoded_all = [
-        tokenizer(render(tokenizer, m, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
-        for m in prompts
-    ]
-    # batch prompts of similar length together: left padding to a long neighbour costs a full prefill
-    order = sorted(range(len(prompts)), key=lambda i: len(encoded_all[i]))
-    results: list[dict] = [{}] * len(prompts)
-    for batch_indices in progress(
-        batches(order, batch_size),
-        desc=f"{label}: generate",
-        unit="batch",
-        total=-(-len(order) // batch_size),
-        position=position,
-    ):
-        encoded = [encoded_all[i] for i in batch_indices]
-        width = max(len(e) for e in encoded)
-        ids = torch.tensor([[pad_id] * (width - len(e)) + e for e in encoded], device=model.device)
-        mask = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded], device=model.device)
-        output = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            do_sample=False,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=eos_ids,
-            pad_token_id=pad_id,
-        )[:, width:].tolist()
-        for index, tokens in zip(batch_indices, output):
-            stop_at = next((i for i, t in enumerate(tokens) if t in eos_ids), None)
-            answer = tokens if stop_at is None else tokens[:stop_at]
-            results[index] = {
-                "answer": tokenizer.decode(answer, skip_special_tokens=True).strip(),
-                "stopped": stop_at is not None,
-                "new_tokens": len(answer),
-            }
-    return results
 
 
 def rouge_scores(predictions: list[str], references: list[str]) -> list[dict]:

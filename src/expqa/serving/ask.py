@@ -8,34 +8,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from expqa.data.dataset import end_of_turn_ids, render
-
-BUILT_BY = {"models/merged": "dvc repro merge", "models/adapter": "dvc repro train", "models/base": "dvc repro base"}
+from expqa.serving.inference import add_model_options, answer, chosen_model
 
 
 class QuestionFileError(ValueError):
     """A --file that cannot be read as questions; the message names the file (and line) and the fix."""
-
-
-def missing_model_message(path: Path) -> str:
-    stage = BUILT_BY.get(path.as_posix(), "dvc repro")
-    return f"{path} does not exist yet: build it with `{stage}` (or `make repro`), or pull it with `dvc pull`"
-
-
-def add_model_options(parser: argparse.ArgumentParser) -> None:
-    """--model / --adapter / --base, shared by `ask` and `chat`."""
-    parser.add_argument("--model", type=Path, default=Path("models/merged"), help="merged model directory")
-    parser.add_argument("--adapter", type=Path, help="use models/base + this adapter instead of the merged model")
-    parser.add_argument("--base", action="store_true", help="answer with the base model (no fine-tuning)")
-
-
-def chosen_model(args: argparse.Namespace) -> tuple[Path, Path | None]:
-    """(model directory, adapter or None) as the options chose them; FileNotFoundError says how to build one."""
-    model_dir = Path("models/base") if (args.base or args.adapter) else args.model
-    for path in [model_dir] + ([args.adapter] if args.adapter else []):
-        if not path.exists():
-            raise FileNotFoundError(missing_model_message(path))
-    return model_dir, args.adapter
 
 
 def read_questions(path: Path) -> list[str]:
@@ -59,26 +36,6 @@ def read_questions(path: Path) -> list[str]:
     if not questions:
         raise QuestionFileError(f"{path}: no questions (every line is blank or a # comment)")
     return questions
-
-
-def answer(model, tokenizer, question: str, *, max_new_tokens: int, temperature: float, stream=None) -> str:
-    import torch
-
-    prompt = render(tokenizer, [{"role": "user", "content": question}], add_generation_prompt=True)
-    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(model.device)
-    eos_ids = end_of_turn_ids(tokenizer)
-    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-    with torch.no_grad():
-        output = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new_tokens,
-            eos_token_id=eos_ids,
-            pad_token_id=eos_ids[0],
-            streamer=stream,
-            **sampling,
-        )
-    return tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,8 +7,8 @@
 Answers stream token by token. The conversation is kept and sent with every question; when it no longer fits the
 context window (minus room for the answer) the oldest exchanges are dropped, and the chat says so. Commands:
 /reset forgets the conversation, /system <text> sets the system prompt (/system alone shows it), /exit or Ctrl-D
-quits; Ctrl-C stops the answer being written, not the chat. Generation is serve.py's engine (the same prompt, end of
-turn and stop handling as `expqa serve`).
+quits; Ctrl-C stops the answer being written, not the chat. Generation is serving/inference.py's Engine (the same
+prompt, end of turn and stop handling as `expqa serve`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable
 
 from expqa.data.dataset import render
-from expqa.serving.serve import ChatRequest, Engine, RequestError
+from expqa.serving.inference import ChatRequest, Engine, RequestError, add_model_options, chosen_model
 
 COMMANDS = "/reset (forget the conversation), /system [text] (show or set the system prompt), /exit (or Ctrl-D)"
 
@@ -188,8 +188,6 @@ def terminal_reader(prompt: str) -> Callable[[], str | None]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from expqa.serving.ask import add_model_options, chosen_model
-
     parser = argparse.ArgumentParser(
         prog="expqa chat", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -19,38 +19,13 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from expqa.data.dataset import end_of_turn_ids, render
+from expqa.serving.inference import ChatRequest, Engine, RequestError, missing_model_message
 
 ROLES = ("system", "user", "assistant")
 MAX_BODY_BYTES = 1 << 20
-
-
-class RequestError(Exception):
-    """A request the server refuses: HTTP status, message, offending parameter, OpenAI error code."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.param, self.code = status, param, code
-
-    def body(self) -> dict:
-        kind = "invalid_request_error" if self.status < 500 else "server_error"
-        return {"error": {"message": str(self), "type": kind, "param": self.param, "code": self.code}}
-
-
-@dataclass
-class ChatRequest:
-    messages: list[dict]
-    max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    stream: bool = False
-    include_usage: bool = False
-    seed: int | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -129,126 +104,6 @@ def parse_chat_request(raw: bytes, model_id: str, max_tokens_limit: int) -> Chat
         include_usage=isinstance(options, dict) and options.get("include_usage") is True,
         seed=seed,
     )
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# generation
-
-
-class StopText:
-    """Cuts streamed text at the first stop string, holding back a tail that may be the start of one."""
-
-    def __init__(self, stops: list[str]):
-        self.stops, self.pending, self.stopped = stops, "", False
-
-    def feed(self, text: str) -> str:
-        self.pending += text
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.pending, self.stopped = self.pending[: min(hits)], "", True
-            return out
-        hold = max((k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])), default=0)
-        out, self.pending = self.pending[: len(self.pending) - hold], self.pending[len(self.pending) - hold :]
-        return out
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
-
-
-class Engine:
-    """One model, one generation at a time (a lock), the model's chat template and end-of-turn tokens."""
-
-    def __init__(self, model, tokenizer, model_id: str, max_tokens_limit: int = 2048, default_max_tokens: int = 512):
-        self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
-        self.max_tokens_limit, self.default_max_tokens = max_tokens_limit, default_max_tokens
-        self.context_window = model.config.max_position_embeddings
-        self.eos_ids = end_of_turn_ids(tokenizer)
-        self.lock = threading.Lock()
-
-    def prompt_ids(self, request: ChatRequest) -> list[int]:
-        try:
-            prompt = render(self.tokenizer, request.messages, add_generation_prompt=True)
-        except Exception as exc:  # the template's own checks, e.g. roles that must alternate
-            raise RequestError(400, f"the chat template rejects these messages: {exc}", "messages") from None
-        ids = self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        room = self.context_window - len(ids)
-        if room < 1:
-            raise RequestError(
-                400,
-                f"the prompt has {len(ids)} tokens; the model's context window is {self.context_window} tokens",
-                "messages",
-                "context_length_exceeded",
-            )
-        if request.max_tokens is None:
-            request.max_tokens = min(self.default_max_tokens, room)
-        elif request.max_tokens > room:
-            raise RequestError(
-                400,
-                f"the prompt has {len(ids)} tokens and max_tokens is {request.max_tokens}, more "
-                f"than the model's context window of {self.context_window} tokens",
-                "max_tokens",
-                "context_length_exceeded",
-            )
-        return ids
-
-    def stream(self, request: ChatRequest, ids: list[int], cancel: threading.Event, result: dict):
-        """Yield text pieces; fill result with finish_reason and completion_tokens. Caller holds self.lock."""
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
-
-        class Cancelled(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
-
-        if request.seed is not None:
-            torch.manual_seed(request.seed)
-        sampling = (
-            {"do_sample": True, "temperature": request.temperature, "top_p": request.top_p}
-            if request.temperature > 0
-            else {"do_sample": False}
-        )
-        input_ids = torch.tensor([ids], device=self.model.device)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        output: dict = {}
-
-        def run() -> None:
-            try:
-                with torch.no_grad():
-                    output["ids"] = self.model.generate(
-                        input_ids=input_ids,
-                        attention_mask=torch.ones_like(input_ids),
-                        streamer=streamer,
-                        max_new_tokens=request.max_tokens,
-                        eos_token_id=self.eos_ids,
-                        pad_token_id=self.eos_ids[0],
-                        stopping_criteria=StoppingCriteriaList([Cancelled()]),
-                        **sampling,
-                    )
-            except Exception as exc:  # reported to the client as a 500, the server stays up
-                output["error"] = exc
-                streamer.end()
-
-        worker = threading.Thread(target=run, daemon=True)
-        worker.start()
-        stop = StopText(request.stop)
-        try:
-            for piece in streamer:
-                if not stop.stopped and (text := stop.feed(piece)):
-                    yield text
-                if stop.stopped:
-                    cancel.set()
-            if not stop.stopped and (text := stop.flush()):
-                yield text
-        finally:
-            cancel.set()  # no-op when generation is over; stops it when the consumer quit early
-            worker.join()
-        if "error" in output:
-            raise RequestError(500, f"generation failed: {output['error']}")
-        new = output["ids"][0, len(ids) :].tolist()
-        ended = bool(new) and new[-1] in self.eos_ids
-        result["completion_tokens"] = len(new)
-        result["finish_reason"] = "stop" if ended or stop.stopped or len(new) < request.max_tokens else "length"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -386,8 +241,6 @@ class ChatServer(ThreadingHTTPServer):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from expqa.serving.ask import missing_model_message
-
     parser = argparse.ArgumentParser(
         prog="expqa serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

@@ -7,31 +7,28 @@
 
 Same code path on CUDA and CPU. Checkpoints go to `checkpoint_dir` (a folder DVC leaves alone): a killed
 `dvc repro` resumes from the last complete checkpoint whose fingerprint (resolved params + data + base weights)
-matches this run; anything else there is cleared, so an experiment with other params never resumes a stranger.
+matches this run; anything else there is cleared, so an experiment with other params never resumes a stranger
+(training/resume.py). The callbacks the Trainer runs are training/callbacks.py's.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import logging
 import os
 import shutil
-import signal
-import sys
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
-from transformers.integrations import DVCLiveCallback
 
 from expqa.config import LoRAConfig, Params, QuantizationConfig, TrainingConfig
 from expqa.data.dataset import build_sft_dataset
 from expqa.files import atomic_dir, is_wall_clock, sha256_file
 from expqa.model import checkpointing
 from expqa.model.loading import load_for_training, use_bf16
+from expqa.training.callbacks import DVCLiveMetrics, LogLastStep, StopOnSignal, WriteFingerprint
 from expqa.training.distributed import (
     agree_across_processes,
     enable_fsdp_on_cpu,
@@ -39,24 +36,18 @@ from expqa.training.distributed import (
     fsdp_trainer_args,
     full_adapter_state_dict,
     is_main_process,
-    relaunched,
     set_fsdp_mixed_precision,
     unwrap_adapter_file,
     world_size,
 )
+from expqa.training.resume import (
+    code_fingerprint,
+    find_resumable_checkpoint,
+    library_versions,
+    tokens_logged_at_checkpoint,
+)
 
 log = logging.getLogger("expqa.train")
-FINGERPRINT_FILE = "expqa_fingerprint.json"
-CHECKPOINT_FILES = ("trainer_state.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt", FINGERPRINT_FILE)
-# under FSDP the Trainer writes the optimizer state and the (adapter-only) model state in Accelerate's FSDP names
-FSDP_CHECKPOINT_FILES = (
-    "trainer_state.json",
-    "adapter_model.safetensors",
-    "optimizer.bin",
-    "pytorch_model_fsdp.bin",
-    "scheduler.pt",
-    FINGERPRINT_FILE,
-)
 OOM_ADVICE = (
     "CUDA ran out of memory. Try, in this order: a smaller train.micro_batch (raise "
     "train.gradient_accumulation_steps to keep the effective batch), a shorter train.max_seq_length, "
@@ -74,98 +65,7 @@ class TrainingInterrupted(TrainingError):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# callbacks
-
-
-class DVCLiveMetrics(DVCLiveCallback):
-    """transformers' dvclive integration without dumping every TrainingArguments field into a params file
-    (DVC already tracks params.yaml) and with the eval loss before training kept as a summary metric."""
-
-    def setup(self, args, state, model):
-        self._initialized = True
-
-    def on_log(self, args, state, control, model=None, logs=None, **kwargs):
-        # plot against the optimizer step, not against the number of log events
-        if state.is_world_process_zero:
-            self.live.step = state.global_step
-        super().on_log(args, state, control, model=model, logs=logs, **kwargs)
-
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        if state.is_world_process_zero and state.global_step == 0 and metrics and "eval_loss" in metrics:
-            self.live.summary["eval_loss_before_training"] = metrics["eval_loss"]
-
-
-class StopOnSignal(TrainerCallback):
-    """Turn SIGINT/SIGTERM into 'save a checkpoint and stop' at the next logged optimizer step.
-
-    Why not the current step: the Trainer logs the mean loss since the last logged step, and a resumed run starts
-    its first interval at the checkpoint. A checkpoint at a logged step is resumed into the same curve, bit for bit,
-    as a run that never stopped (periodic checkpoints are logged steps too: save_steps is a multiple of logging_steps).
-    """
-
-    def __init__(self):
-        self.received: int | None = None
-
-    def install(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        if self.received is not None:  # a second Ctrl-C stops at once
-            abort_now(signum)
-        self.received = signum
-        if is_main_process():
-            print(
-                f"\nreceived signal {signum}: saving a checkpoint at the next logged step (train.logging_steps; "
-                "Ctrl-C again to abort at once)",
-                flush=True,
-            )
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.received is not None and (
-            state.global_step % args.logging_steps == 0 or state.global_step >= state.max_steps
-        ):
-            control.should_save = True
-            control.should_training_stop = True
-
-
-class LogLastStep(TrainerCallback):
-    """Log the last step too, so the curves and the run's mean train loss cover every step (the Trainer otherwise
-    folds the unlogged tail into its own train_loss only, which a resumed run cannot reproduce)."""
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= state.max_steps:
-            control.should_log = True
-
-
-def abort_now(signum: int) -> None:
-    """Exit at once with one line. Raising KeyboardInterrupt instead unwinds through the Trainer (a traceback of
-    ~130 lines), and interpreter shutdown then runs dvclive's git (dulwich) finalizers, which print more. Nothing is
-    lost: a checkpoint is complete only once its fingerprint file is written, so a half-written one is skipped."""
-    sys.stdout.flush()
-    if is_main_process():
-        print(
-            f"\ntrain: aborted by a second signal ({signal.Signals(signum).name}); the next run resumes from the "
-            "last complete checkpoint",
-            file=sys.stderr,
-            flush=True,
-        )
-    # 130, the shell's code for Ctrl-C, whichever signal came second (a worker of relaunch(): 0, and the launching
-    # stage returns 130)
-    os._exit(0 if relaunched() else 128 + signal.SIGINT)
-
-
-class WriteFingerprint(TrainerCallback):
-    """Mark a checkpoint complete, last, with the fingerprint of the run that wrote it."""
-
-    def __init__(self, fingerprint: dict):
-        self.fingerprint = fingerprint
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if folder.is_dir():
-                (folder / FINGERPRINT_FILE).write_text(json.dumps(self.fingerprint, indent=2, sort_keys=True))
+# TRL's SFTTrainer, guarded
 
 
 def make_sft_trainer_class():
@@ -225,63 +125,6 @@ def make_sft_trainer_class():
                 )
 
     return GuardedSFTTrainer
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# checkpoints
-
-
-def checkpoint_is_complete(folder: Path, fingerprint: dict) -> tuple[bool, str]:
-    fsdp = fingerprint.get("config", {}).get("train", {}).get("distributed") == "fsdp"
-    missing = [name for name in (FSDP_CHECKPOINT_FILES if fsdp else CHECKPOINT_FILES) if not (folder / name).is_file()]
-    if missing:
-        return False, f"missing {', '.join(missing)}"
-    try:
-        if json.loads((folder / FINGERPRINT_FILE).read_text()) != fingerprint:
-            return False, "written by a run with other params, data or base weights"
-        json.loads((folder / "trainer_state.json").read_text())
-        from safetensors import safe_open
-
-        with safe_open(folder / "adapter_model.safetensors", "pt") as handle:
-            handle.keys()
-        torch.load(folder / "scheduler.pt", weights_only=True)
-    except Exception as exc:  # any unreadable file makes the checkpoint unusable
-        return False, f"unreadable ({type(exc).__name__}: {str(exc)[:120]})"
-    return True, "ok"
-
-
-def find_resumable_checkpoint(checkpoint_dir: Path, fingerprint: dict, remove_foreign: bool = True) -> Path | None:
-    """Newest complete checkpoint of this run; warns about and skips broken ones; clears foreign ones (when
-    remove_foreign: only one process of a distributed run may delete)."""
-    folders = sorted(
-        (p for p in checkpoint_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-        key=lambda p: int(p.name.split("-")[-1]),
-        reverse=True,
-    )
-    for folder in folders:
-        ok, why = checkpoint_is_complete(folder, fingerprint)
-        if ok:
-            return folder
-        if why.startswith("written by a run with other") and remove_foreign:
-            _warn(f"removing {folder}: {why}", remove_foreign)
-            shutil.rmtree(folder)
-        else:
-            _warn(f"skipping checkpoint {folder} ({why}); falling back to the one before", remove_foreign)
-    return None
-
-
-def _warn(message: str, on_console: bool) -> None:
-    """Log to logs/train/training.log and, from one process only, print it: why a run did not resume is news."""
-    log.warning(message)
-    if on_console:
-        print(f"train: {message}", file=sys.stderr, flush=True)
-
-
-def tokens_logged_at_checkpoint(checkpoint: Path) -> int:
-    """TRL's count of trained tokens at a checkpoint (it restarts at 0 on resume; its last log holds the total)."""
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
-    logged = [entry["num_tokens"] for entry in state.get("log_history", []) if "num_tokens" in entry]
-    return int(logged[-1]) if logged else 0
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -690,34 +533,3 @@ class QLoRATrainer:
                 "versions": library_versions(),
             }
             (tmp / "training_config.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-
-
-@functools.cache
-def code_fingerprint(package: Path = Path(__file__).parent.parent) -> dict:
-    """The training code: a checkpoint written by other code is not resumed (after a fix to the trainer, the final
-    checkpoint of the old run would otherwise be "resumed" into the old adapter without training a step). package:
-    src/expqa, every module of it, subpackages included."""
-    digest = hashlib.sha256()
-    for path in sorted(package.rglob("*.py")):
-        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
-    versions = library_versions()
-    return {
-        "expqa_sha256": digest.hexdigest(),
-        **{name: versions[name] for name in ("torch", "transformers", "peft", "trl")},
-    }
-
-
-def library_versions() -> dict:
-    import peft
-    import transformers
-    import trl
-
-    return {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "trl": trl.__version__,
-        "cuda": torch.version.cuda,
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-        "threads": torch.get_num_threads(),
-    }

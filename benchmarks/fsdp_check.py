@@ -205,7 +205,7 @@ def make_inputs(base: Path, tokenizer: Path | None, work: Path, steps: int, cuda
             sys.path.insert(0, str(REPO / "tests"))
             from transformers import AutoTokenizer
 
-            from conftest import make_tiny_llama
+            from helpers import make_tiny_llama
 
             base.mkdir(parents=True)
             make_tiny_llama(base, AutoTokenizer.from_pretrained(tokenizer))

@@ -2,7 +2,7 @@
 
 params.yaml is the one place a default lives: loading it requires every key (a missing one is a located error
 naming the line to add), so a dataclass default never fills a gap silently. The defaults below exist for the
-Python API (`QLoRATrainer(TrainingConfig(), ...)`) and equal params.yaml's values (tests/test_config.py checks).
+Python API (`QLoRATrainer(TrainingConfig(), ...)`) and equal params.yaml's values (tests/config/test_config.py checks).
 Unknown keys, wrong types and invalid values are collected and reported together (config/loader.py), each with its
 dotted key, file:line, the bad value and what is allowed.
 

@@ -7,7 +7,7 @@ would mangle `$a_i * b$`. Whitespace is collapsed as a browser would, except ins
 `$$...$$` spans and code, which are kept exactly as written.
 
 Why not a library (compared on 2026-11-29 with the shipped sample's 44 bodies and this module's
-tests, tests/test_html_markdown.py):
+tests, tests/data/test_html_markdown.py):
 - markdownify 1.2.3 (BeautifulSoup), with heading_style="ATX", bullets="-", no escaping,
   code_language_callback for `lang-*` classes: all 44 sample bodies identical, but 5 of the 11
   tests fail. It keeps newlines inside paragraphs ("one\\ntwo", not "one two"); ends a <br> line

@@ -16,7 +16,7 @@
 Checkpointed layers are always the first k: backward reaches them last, when the other layers' activations are
 freed already, so recomputing one of them adds nothing to the peak (a checkpointed top layer would be recomputed
 while every layer below still holds its activations).
-The maths is the same in every mode (tests/test_checkpointing.py): only speed and memory differ.
+The maths is the same in every mode (tests/model/test_checkpointing.py): only speed and memory differ.
 
 Why whole layers: recomputing a region costs its matmuls, and per byte of activations dropped the regions of a
 Llama layer cost about the same (MLP: 151 MFLOP per token for 27.6k saved values, ~5.5k FLOP each; attention block:

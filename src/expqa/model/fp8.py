@@ -9,7 +9,7 @@ Scaling is per row on both sides (what torch._scaled_mm's row-wise mode takes): 
 output gradient g) and every output row of W (for g W: every input column) gets its own float32 scale amax / 448, so
 an outlier token or channel only costs its own row precision. e4m3 keeps 3 mantissa bits: each element is off by at
 most 1/16 of its value (relative), the same order as the NF4 grid the weights already sit on; tests bound the effect
-on outputs, gradients and the loss of the embedded model (tests/test_fp8.py).
+on outputs, gradients and the loss of the embedded model (tests/model/test_fp8.py).
 
 A Triton kernel quantises a row in one read of it on CUDA (torch ops would take four passes over a 16k-token
 activation); elsewhere the same arithmetic runs as torch ops, and the matmul in float32 on the e4m3 values (tests

@@ -17,7 +17,7 @@ autograd sums of three full-size gradients), with one matmul for all A gradients
 that is called computes the whole group; its siblings, called next with the same input tensor, take their outputs
 (`ProjectionGroup`), so the model's own attention/MLP forward is left as it is.
 
-Same maths as PEFT (tests/test_fused_lora.py compares outputs and gradients); `patch_lora_layers` swaps the
+Same maths as PEFT (tests/model/test_fused_lora.py compares outputs and gradients); `patch_lora_layers` swaps the
 forward of plain LoRA layers on nn.Linear or bitsandbytes Linear4bit bases and leaves every other case to PEFT.
 """
 

@@ -4,7 +4,7 @@ Two users: the base stage turns the embedded SmolLM2 GGUF into models/base/token
 each GGUF it wrote back to check that it tokenizes like the merged model. Both used transformers' GGUF converter
 before, whose result depends on the installed version: 5.17 builds byte fallback, a SentencePiece-style decoder,
 <|im_start|> as eos and no pad, and knows no Llama 3 split; 5.24 builds plain byte-level BPE. What is built here is
-what 5.24 builds, under every supported version (tokenizer.json byte-identical, tests/test_base_model.py).
+what 5.24 builds, under every supported version (tokenizer.json byte-identical, tests/model/test_base.py).
 
 Only byte-level BPE (tokenizer.ggml.model gpt2) with the pre-tokenizers the exporter writes: gpt-2 (also SmolLM2's
 "smollm", whose digit split changes nothing: its merges join no ASCII digits) and llama-bpe (Llama 3).

@@ -13,7 +13,7 @@ within a per-type tolerance, greedy tokens equal except at near-ties, the same a
 tokenizer metadata from the same code, and rebuilding a 49k-token BPE tokenizer from GGUF takes seconds per file.
 transformers un-permutes q/k with the exact inverse of llama.cpp's permutation, so the round trip proves the
 permutation is that one, not that llama.cpp computes the same
-logits: tests/test_export.py checks that with a llama.cpp runtime wheel (xllamacpp).
+logits: tests/serving/test_export.py checks that with a llama.cpp runtime wheel (xllamacpp).
 """
 
 from __future__ import annotations

@@ -70,7 +70,7 @@ TOLERANCES: dict[Metric, Tolerance] = {
     # GGUF vs models/merged, greedy tokens that differ (of 72 steps; each type in params.yaml export.types):
     # f16 flipped 1 on the AVX2 CPU and 0 on the AVX-512 one, all at near ties; 2 flips either way
     Metric("metrics/export.json", "types.*.greedy_flips"): Tolerance("absolute", 2),
-    # conversations per split: collect and combine are deterministic (tests/test_dvc_workflow.py checks their
+    # conversations per split: collect and combine are deterministic (tests/pipeline/test_dvc_workflow.py checks their
     # outputs byte for byte against dvc.lock), so exact
     Metric("metrics/data_stats.json", "splits.*.conversations"): Tolerance("exact"),
 }

@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/fsdp_check.py RESULTS_DIR [--base /tmp/llama-3.2-3b-random] [--steps 20]
 
-The Llama-3.2-3B architecture with random weights (benchmarks/random_llama.py; built there from --tokenizer when
---base is missing) and conversations of realistic lengths (benchmarks/gpu_train.make_data) go through `QLoRATrainer`
+The Llama-3.2-3B architecture with random weights (benchmarks/common.py's make_random_llama, from --tokenizer when
+--base is missing) and conversations of realistic lengths (benchmarks/common.make_data) go through `QLoRATrainer`
 with params.yaml's GPU profile (4-bit nf4 stored in bf16, token-budget packing, varlen attention, fused LoRA, Liger,
 fused AdamW, checkpointing), --steps optimizer steps, each run in its own processes:
 1. fsdp:   `torchrun --standalone --nproc_per_node=1` + train.distributed: fsdp (FSDP2 through the Trainer), then a
@@ -192,15 +192,13 @@ def merge_run(base: Path, adapter: Path, work: Path, result_file: Path) -> None:
 
 def make_inputs(base: Path, tokenizer: Path | None, work: Path, steps: int, cuda: bool) -> Path:
     sys.path.insert(0, str(HERE))
-    import gpu_train
+    import common
 
     if not (base / "config.json").exists():
         if tokenizer is None:
             raise SystemExit(f"{base} does not exist; give --tokenizer DIR to build it")
         if cuda:
-            from random_llama import make_random_llama
-
-            make_random_llama("llama-3.2-3b", tokenizer, base)
+            common.make_random_llama("llama-3.2-3b", tokenizer, base)
         else:  # CPU: a tiny Llama (tests/conftest.py), for checking this script
             sys.path.insert(0, str(REPO / "tests"))
             from transformers import AutoTokenizer
@@ -209,8 +207,8 @@ def make_inputs(base: Path, tokenizer: Path | None, work: Path, steps: int, cuda
 
             base.mkdir(parents=True)
             make_tiny_llama(base, AutoTokenizer.from_pretrained(tokenizer))
-    gpu_train.WORK = work
-    data = gpu_train.make_data(48 * steps + 32, work / "data")  # realistic lengths, 16k-token packs for every step
+    common.WORK = work
+    data = common.make_data(48 * steps + 32, work / "data")  # realistic lengths, 16k-token packs for every step
     rows = (data / "train.jsonl").read_text().splitlines()
     (data / "train.jsonl").write_text("\n".join(rows[:-32]) + "\n")
     (data / "val.jsonl").write_text("\n".join(rows[-32:]) + "\n")

@@ -45,7 +45,7 @@ def recipes(name: str, tokens: int, mean_length: float) -> list[tuple[str, dict]
 
 
 def run_unsloth(name: str, arch: str, base: Path, data: Path) -> dict:
-    from gpu_train import PEAK_FLOPS, WORK, memory_peaks, param_count, reset_memory, shipped_params, steps
+    from common import PEAK_FLOPS, WORK, memory_peaks, param_count, reset_memory, shipped_params, steps
 
     os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
     reset_memory()
@@ -124,7 +124,7 @@ def run_unsloth(name: str, arch: str, base: Path, data: Path) -> dict:
 def train_once(model, tokenizer, dataset, batching: dict, warm: int, timed: int, SFTConfig, SFTTrainer) -> dict:
     import torch
 
-    from gpu_train import count_real_tokens, last_loss, step_timer
+    from common import count_real_tokens, last_loss, step_timer
 
     args = SFTConfig(
         output_dir="/tmp/unsloth_bench_out",

@@ -8,6 +8,7 @@ libraries are imported inside the builders, so collecting a test stays quick.
 from __future__ import annotations
 
 import json
+import sys
 from html import escape
 from pathlib import Path
 
@@ -78,6 +79,17 @@ def tiny_training_config(**overrides):
 
 # ---------------------------------------------------------------------------------------------------------------
 # models
+
+
+def llama_config(arch: str, **values):
+    """The exact architecture ``arch`` ("llama-3.2-3b", "llama-3.1-8b") as a LlamaConfig, ``values`` overriding:
+    benchmarks/common.py's definition, the one the benchmarks build their random checkpoints from."""
+    benchmarks = str(REPO / "benchmarks")
+    if benchmarks not in sys.path:
+        sys.path.insert(0, benchmarks)  # benchmark scripts import common.py by name, as the benchmark tests do
+    from common import llama_config as exact_architecture
+
+    return exact_architecture(arch, **values)
 
 
 def make_tiny_llama(out: Path, tokenizer, seed: int = 0, **overrides) -> Path:

@@ -7,10 +7,11 @@ import torch
 from expqa.config import LoRAConfig, QuantizationConfig
 from expqa.model import checkpointing as ckpt
 from expqa.model.loading import load_for_training
+from helpers import llama_config
 
 GIB = 2**30
-LLAMA_3B = ckpt.Shape(layers=28, hidden=3072, intermediate=8192, q_dim=3072, kv_dim=1024, vocab=128256)
-LLAMA_8B = ckpt.Shape(layers=32, hidden=4096, intermediate=14336, q_dim=4096, kv_dim=1024, vocab=128256)
+LLAMA_3B = ckpt.Shape.of(llama_config("llama-3.2-3b"))  # layers 28, hidden 3072, q 3072, kv 1024, vocab 128256
+LLAMA_8B = ckpt.Shape.of(llama_config("llama-3.1-8b"))  # layers 32, hidden 4096, q 4096, kv 1024, vocab 128256
 
 
 def test_estimates_match_the_measured_3b_peaks():

@@ -3,6 +3,7 @@ import torch
 
 from expqa.config import LLAMA_PROJECTIONS, LoRAConfig, QuantizationConfig
 from expqa.model.loading import check_target_modules, load_for_training
+from helpers import llama_config
 
 
 def lora_grads(model, batch):
@@ -45,29 +46,8 @@ def test_lora_targets_must_exist(tiny_base):
 
 def llama_32_3b_config(layers: int):
     """The exact Llama-3.2-3B-Instruct architecture, layers reduced for test speed."""
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        vocab_size=128256,
-        hidden_size=3072,
-        intermediate_size=8192,
-        num_hidden_layers=layers,
-        num_attention_heads=24,
-        num_key_value_heads=8,
-        head_dim=128,
-        max_position_embeddings=131072,
-        rope_theta=500000.0,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=True,
-        rope_scaling={
-            "factor": 32.0,
-            "high_freq_factor": 4.0,
-            "low_freq_factor": 1.0,
-            "original_max_position_embeddings": 8192,
-            "rope_type": "llama3",
-        },
-        bos_token_id=128000,
-        eos_token_id=[128001, 128008, 128009],
+    return llama_config(
+        "llama-3.2-3b", num_hidden_layers=layers, bos_token_id=128000, eos_token_id=[128001, 128008, 128009]
     )
 
 

@@ -199,7 +199,7 @@ def make_inputs(base: Path, tokenizer: Path | None, work: Path, steps: int, cuda
             raise SystemExit(f"{base} does not exist; give --tokenizer DIR to build it")
         if cuda:
             common.make_random_llama("llama-3.2-3b", tokenizer, base)
-        else:  # CPU: a tiny Llama (tests/conftest.py), for checking this script
+        else:  # CPU: a tiny Llama (tests/helpers.py), for checking this script
             sys.path.insert(0, str(REPO / "tests"))
             from transformers import AutoTokenizer
 

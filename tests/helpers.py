@@ -1,8 +1,9 @@
 """What the tests share that is not a fixture (the fixtures are tests/conftest.py's): the repository's root, builders
 of small inputs (a params file, a tiny random Llama, conversations and a processed-data folder, Stack Exchange dumps,
-rows for the stats), the shrunk training config, and the LoRA model of the fused-LoRA and FP8 tests. Tests import
-these from here (`from helpers import REPO, make_tiny_llama`), never from another test file or from conftest; heavy
-libraries are imported inside the builders, so collecting a test stays quick.
+rows for the stats), the shrunk training config, the LoRA model of the fused-LoRA and FP8 tests, and the exact Llama
+configs (benchmarks/common.py's, the one definition the benchmarks use too). Tests import these from here
+(`from helpers import REPO, make_tiny_llama`), never from another test file or from conftest; heavy libraries are
+imported inside the builders, so collecting a test stays quick.
 """
 
 from __future__ import annotations

@@ -76,7 +76,7 @@ def test_merge_onto_a_bf16_base_saves_bf16_and_passes_the_bf16_check(tiny_base, 
 
 
 def test_merge_check_tolerates_greedy_flips_only_at_near_ties():
-    from expqa.model.merge import compare
+    from expqa.model.equivalence import compare
 
     sequence = torch.tensor([5, 1, 2])  # prompt [5], reference continuation [1, 2]
     reference = torch.zeros(3, 4)

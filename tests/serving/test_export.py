@@ -246,7 +246,7 @@ def test_llama_cpp_answers_like_transformers_on_the_embedded_model(embedded_base
     chat template like transformers and continues greedily with the same tokens."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from expqa.model.merge import encode_prompts, reference_continuations
+    from expqa.model.equivalence import encode_prompts, reference_continuations
 
     path = tmp_path / "smol-f16.gguf"
     tokenizer = AutoTokenizer.from_pretrained(embedded_base)

@@ -7,10 +7,11 @@ redone here, each small: the q/k row permutation into llama.cpp's rope layout, t
 name and Llama 3's rope_freqs tensor.
 
 Verification reloads every file with transformers' GGUF loader and compares it with the merged model on fixed
-prompts, teacher-forced over the merged model's own greedy continuation (expqa.model.merge.compare): max |logit diff|
-within a per-type tolerance, greedy tokens equal except at near-ties, the same architecture numbers. The tokenizer
-(token ids of probe texts, chat template rendering) is read back from the first file only: every file gets the same
-tokenizer metadata from the same code, and rebuilding a 49k-token BPE tokenizer from GGUF takes seconds per file.
+prompts, teacher-forced over the merged model's own greedy continuation (expqa.model.equivalence.compare): max
+|logit diff| within a per-type tolerance, greedy tokens equal except at near-ties, the same architecture numbers.
+The tokenizer (token ids of probe texts, chat template rendering) is read back from the first file only: every file
+gets the same tokenizer metadata from the same code, and rebuilding a 49k-token BPE tokenizer from GGUF takes seconds
+per file.
 transformers un-permutes q/k with the exact inverse of llama.cpp's permutation, so the round trip proves the
 permutation is that one, not that llama.cpp computes the same
 logits: tests/serving/test_export.py checks that with a llama.cpp runtime wheel (xllamacpp).
@@ -31,8 +32,7 @@ import torch
 from expqa.config import ExportConfig
 from expqa.data.dataset import end_of_turn_ids, render
 from expqa.files import atomic_dir, split_wall_clock, write_json
-from expqa.model.gguf_tokenizer import LLAMA3_SPLIT, tokenizer_from_gguf
-from expqa.model.merge import (
+from expqa.model.equivalence import (
     VERIFY_NEW_TOKENS,
     VERIFY_PROMPTS,
     compare,
@@ -40,6 +40,7 @@ from expqa.model.merge import (
     reference_continuations,
     sequence_logits,
 )
+from expqa.model.gguf_tokenizer import LLAMA3_SPLIT, tokenizer_from_gguf
 from expqa.progress import progress
 from expqa.serving.ollama import adds_bos, modelfile
 

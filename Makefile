@@ -89,7 +89,7 @@ repro: install
 	dvc repro
 
 # did this run reproduce the committed one? key metrics vs HEAD's (CHECK_REV=<commit>), within the tolerances of
-# src/expqa/verify.py; exits 1 when one is outside (README "Reproducibility")
+# src/expqa/workspace/verify.py; exits 1 when one is outside (README "Reproducibility")
 CHECK_REV ?= HEAD
 .PHONY: check-repro pull
 check-repro: install
@@ -101,19 +101,20 @@ PULL_ARGS ?=
 pull: install
 	expqa pull $(PULL_ARGS)
 
+# --durations=15: the 15 slowest tests at the end, so a test that got slow shows (the targets below do the same)
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=15
 
 # The lowest supported versions of the model stack (requirements-lowest.txt over requirements.lock, torch as `make
 # install` takes it) in a venv of their own, and the tests whose result depends on those versions: the tokenizer the
 # base stage builds, export, merge, training (Trainer, PEFT, TRL's losses, bitsandbytes), evaluation. CI runs it.
 LOWEST_VENV ?= .venv-lowest
-LOWEST_TESTS := tests/test_base_model.py tests/test_export.py tests/test_merge.py tests/test_model.py \
-	tests/test_trainer.py tests/test_fused_lora.py tests/test_fp8.py tests/test_lm_head.py tests/test_dataset.py \
-	tests/test_evaluate.py
+LOWEST_TESTS := tests/model/test_base.py tests/serving/test_export.py tests/model/test_merge.py \
+	tests/model/test_loading.py tests/training/test_trainer.py tests/model/test_fused_lora.py tests/model/test_fp8.py \
+	tests/model/test_lm_head.py tests/data/test_dataset.py tests/evaluation/test_evaluate.py
 .PHONY: test-lowest
 test-lowest: $(LOWEST_VENV)/.installed
-	$(LOWEST_VENV)/bin/python -m pytest -p no:cacheprovider $(LOWEST_TESTS)
+	$(LOWEST_VENV)/bin/python -m pytest -p no:cacheprovider --durations=15 $(LOWEST_TESTS)
 
 $(LOWEST_VENV)/.installed: pyproject.toml requirements.lock requirements-lowest.txt
 	$(SYS_PY) -m venv --clear $(LOWEST_VENV)
@@ -129,7 +130,7 @@ $(LOWEST_VENV)/.installed: pyproject.toml requirements.lock requirements-lowest.
 # dvc repro) or gpu; `make test` still runs them all
 .PHONY: test-fast lint format
 test-fast: install
-	$(PY) -m pytest -m "not slow and not gpu"
+	$(PY) -m pytest -m "not slow and not gpu" --durations=15
 
 # ruff, configured in pyproject.toml's [tool.ruff]: `lint` changes nothing (CI runs it), `format` rewrites the files
 lint: install

@@ -90,7 +90,7 @@ def write_combine_input(path: Path, n_rows: int) -> int:
 _COMBINE_CHILD = """
 import json, sys
 from pathlib import Path
-from expqa.combine import combine_datasets
+from expqa.data.combine import combine_datasets
 from expqa.config import DataConfig
 data = DataConfig(weights={"cross_validated": 2.0, "arxiv_synthetic": 1.0}, test_fraction=0.10, val_fraction=0.05,
                   on_invalid="error", sources=[])
@@ -248,7 +248,7 @@ def write_posts_xml(path: Path, n_rows: int) -> int:
 _COLLECT_CHILD = """
 import json, sys
 from pathlib import Path
-from expqa.collect import collect_stackexchange
+from expqa.data.stackexchange import collect_stackexchange
 from expqa.config import CollectConfig
 config = CollectConfig(
     posts=sys.argv[1],

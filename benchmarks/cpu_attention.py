@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from expqa.attention import _attend_each_sequence
+from expqa.model.attention import _attend_each_sequence
 
 HEADS, KV_HEADS, DIM = 9, 3, 64
 
 
-def per_sequence(q, k, v, bounds):  # (tokens, heads, dim); the CPU path of expqa.attention.varlen_attention
+def per_sequence(q, k, v, bounds):  # (tokens, heads, dim); the CPU path of expqa.model.attention.varlen_attention
     return _attend_each_sequence(
         q, k.repeat_interleave(HEADS // KV_HEADS, 1), v.repeat_interleave(HEADS // KV_HEADS, 1), bounds, None
     )

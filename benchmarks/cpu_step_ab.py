@@ -17,8 +17,8 @@ import torch
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from expqa.config import load_params
-from expqa.lm_head import add_label_lm_head
-from expqa.trainer import QLoRATrainer
+from expqa.model.lm_head import add_label_lm_head
+from expqa.training.trainer import QLoRATrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 variants, reps, n_conv, max_len = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])

@@ -70,8 +70,8 @@ def run_one(name: str, steps: int, warm: int, out: Path) -> None:
     import torch
     from transformers import TrainerCallback
 
-    from expqa.distributed import is_main_process, world_size
-    from expqa.trainer import QLoRATrainer
+    from expqa.training.distributed import is_main_process, world_size
+    from expqa.training.trainer import QLoRATrainer
 
     params, train = train_config(name, steps, warm)
     runner = QLoRATrainer(
@@ -129,9 +129,9 @@ def run_plain_trl(steps: int, warm: int, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import SFTConfig
 
-    from expqa.chatml import load_chatml_dataset
     from expqa.config import LoRAConfig, load_params
-    from expqa.trainer import make_sft_trainer_class
+    from expqa.data.chatml import load_chatml_dataset
+    from expqa.training.trainer import make_sft_trainer_class
 
     cpu = load_params(ROOT / "params.yaml").resolve(cuda=False)
     torch.set_num_threads(OLD["num_threads"])

@@ -3,8 +3,8 @@
     python benchmarks/critical_curve.py --checkpoints models/checkpoints --name full-3ep
 
 For the base model (step 0) and every `checkpoint-N` (base + that checkpoint's adapter, unmerged): accuracy on
-data/eval/critical_questions.jsonl under both scorings (length_norm, calibrated; see expqa.evaluate), all / taught /
-not taught (taught: a `taught_by` row in data/processed/train.jsonl), with Wilson 95 % intervals and the exact
+data/eval/critical_questions.jsonl under both scorings (length_norm, calibrated; see expqa.evaluation.evaluate), all /
+taught / not taught (taught: a `taught_by` row in data/processed/train.jsonl), with Wilson 95 % intervals and the exact
 McNemar p-value against the base; test perplexity on params' eval.max_examples test conversations. Two processes of
 one thread each (CPU). Results -> benchmarks/results/critical_curve_<name>.{json,md}.
 """
@@ -25,8 +25,8 @@ def score(
 ) -> dict:
     import torch
 
-    from expqa.evaluate import critical_questions_accuracy, perplexity
-    from expqa.model import load_for_inference
+    from expqa.evaluation.evaluate import critical_questions_accuracy, perplexity
+    from expqa.model.loading import load_for_inference
 
     torch.set_num_threads(1)
     model, tokenizer = load_for_inference(base, adapter)
@@ -36,7 +36,7 @@ def score(
 
 
 def summarise(step: int, result: dict, base: dict, taught: set[str]) -> dict:
-    from expqa.significance import mcnemar_exact, wilson_interval
+    from expqa.evaluation.significance import mcnemar_exact, wilson_interval
 
     row = {"step": step, "perplexity": round(result["perplexity"], 3)}
     for scoring, field in (("length_norm", "chosen"), ("calibrated", "chosen_calibrated")):
@@ -65,9 +65,9 @@ def main() -> None:
     parser.add_argument("--name", required=True)
     args = parser.parse_args()
 
-    from expqa.chatml import load_chatml_dataset
     from expqa.config import load_params
-    from expqa.evaluate import load_questions, taught_question_ids
+    from expqa.data.chatml import load_chatml_dataset
+    from expqa.evaluation.evaluate import load_questions, taught_question_ids
 
     params = load_params(args.params).resolve(cuda=False)
     questions = load_questions(ROOT / params.eval.critical_questions)

@@ -1,4 +1,4 @@
-"""The frozen base's matmuls of one LoRA projection, bf16 vs FP8 (expqa.fp8), on the shapes of a Llama decoder layer.
+"""The frozen base's matmuls of one LoRA projection, bf16 vs FP8 (expqa.model.fp8), on a Llama decoder layer's shapes.
 
 Per projection and micro-batch of `--tokens` tokens: forward x W^T and input gradient g W, each as the trainer runs it
 (FP8: quantise the activation rows, quantise the dense weight, scaled matmul; "cached": the weight quantised once, as
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from expqa import fp8
+from expqa.model import fp8
 
 # (in, out) of q, k/v, o, gate/up, down
 SHAPES = {

@@ -2,14 +2,14 @@
 
     .venv/bin/python benchmarks/fsdp_check.py RESULTS_DIR [--base /tmp/llama-3.2-3b-random] [--steps 20]
 
-The Llama-3.2-3B architecture with random weights (benchmarks/random_llama.py; built there from --tokenizer when
---base is missing) and conversations of realistic lengths (benchmarks/gpu_train.make_data) go through `QLoRATrainer`
+The Llama-3.2-3B architecture with random weights (benchmarks/common.py's make_random_llama, from --tokenizer when
+--base is missing) and conversations of realistic lengths (benchmarks/common.make_data) go through `QLoRATrainer`
 with params.yaml's GPU profile (4-bit nf4 stored in bf16, token-budget packing, varlen attention, fused LoRA, Liger,
 fused AdamW, checkpointing), --steps optimizer steps, each run in its own processes:
 1. fsdp:   `torchrun --standalone --nproc_per_node=1` + train.distributed: fsdp (FSDP2 through the Trainer), then a
            fully_shard check of one bf16-stored Linear4bit (output before == after sharding, bitsandbytes #1945);
 2. single: the same params with train.distributed: ddp and one process (no launcher), the figure FSDP is compared to;
-3. merge:  expqa.merge.merge_adapter on the FSDP adapter (merge and evaluate are unchanged by FSDP).
+3. merge:  expqa.model.merge.merge_adapter on the FSDP adapter (merge and evaluate are unchanged by FSDP).
 Each run records per-step losses, the val loss before and after training (before: the same base weights, so the two
 modes must agree), real tokens/s over the steps after the first quarter, and peak GPU memory. RESULTS_DIR gets
 fsdp_check.json, fsdp_check.md and a log per phase (written after every phase); adapters and the merged model stay
@@ -44,8 +44,8 @@ def training_run(mode: str, base: Path, data: Path, work: Path, steps: int, resu
     from transformers import TrainerCallback
 
     from expqa.config import load_params
-    from expqa.distributed import sharded_weights, world_size
-    from expqa.trainer import QLoRATrainer
+    from expqa.training.distributed import sharded_weights, world_size
+    from expqa.training.trainer import QLoRATrainer
 
     cuda = torch.cuda.is_available()
     params = load_params(REPO / "params.yaml").resolve(cuda=cuda)
@@ -178,7 +178,7 @@ def linear4bit_fully_shard_check(device: str) -> dict:
 
 
 def merge_run(base: Path, adapter: Path, work: Path, result_file: Path) -> None:
-    from expqa.merge import merge_adapter
+    from expqa.model.merge import merge_adapter
 
     started = time.time()
     report = merge_adapter(base, adapter, work / "merged")
@@ -192,25 +192,23 @@ def merge_run(base: Path, adapter: Path, work: Path, result_file: Path) -> None:
 
 def make_inputs(base: Path, tokenizer: Path | None, work: Path, steps: int, cuda: bool) -> Path:
     sys.path.insert(0, str(HERE))
-    import gpu_train
+    import common
 
     if not (base / "config.json").exists():
         if tokenizer is None:
             raise SystemExit(f"{base} does not exist; give --tokenizer DIR to build it")
         if cuda:
-            from random_llama import make_random_llama
-
-            make_random_llama("llama-3.2-3b", tokenizer, base)
-        else:  # CPU: a tiny Llama (tests/conftest.py), for checking this script
+            common.make_random_llama("llama-3.2-3b", tokenizer, base)
+        else:  # CPU: a tiny Llama (tests/helpers.py), for checking this script
             sys.path.insert(0, str(REPO / "tests"))
             from transformers import AutoTokenizer
 
-            from conftest import make_tiny_llama
+            from helpers import make_tiny_llama
 
             base.mkdir(parents=True)
             make_tiny_llama(base, AutoTokenizer.from_pretrained(tokenizer))
-    gpu_train.WORK = work
-    data = gpu_train.make_data(48 * steps + 32, work / "data")  # realistic lengths, 16k-token packs for every step
+    common.WORK = work
+    data = common.make_data(48 * steps + 32, work / "data")  # realistic lengths, 16k-token packs for every step
     rows = (data / "train.jsonl").read_text().splitlines()
     (data / "train.jsonl").write_text("\n".join(rows[:-32]) + "\n")
     (data / "val.jsonl").write_text("\n".join(rows[-32:]) + "\n")

@@ -6,7 +6,7 @@
     python3 benchmarks/gpu_train.py --suite issue21 --dry-run ...              (CPU: the whole control flow, tiny model)
     BENCH_PROFILE=params python3 benchmarks/gpu_train.py plain params          (+ a kernel table of `params`)
 
-Builds the exact Llama-3.2-3B (or --arch llama-3.1-8b) config with random bf16 weights (benchmarks/random_llama.py;
+Builds the exact Llama-3.2-3B (or --arch llama-3.1-8b) config with random bf16 weights (benchmarks/common.py;
 throughput and memory do not depend on values) with the embedded ChatML tokenizer, writes conversations whose token
 lengths follow the plain recipe's realistic distribution (lognormal, median 450, clipped 64..2048, same seed), and
 trains through `QLoRATrainer` with params.yaml's GPU profile ("params") or that profile with the overrides of a
@@ -32,23 +32,35 @@ import argparse
 import dataclasses
 import json
 import os
-import random
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-WORK = Path(os.environ.get("BENCH_DIR", "/tmp/expqa_bench"))
+import common
+from common import (
+    DRY_STEPS,
+    HERE,
+    PEAK_FLOPS,
+    REPO,
+    STEPS,
+    device_name,
+    emit,
+    last_loss,
+    make_data,
+    make_random_llama,
+    memory_peaks,
+    param_count,
+    reset_memory,
+    shipped_params,
+    step_timer,
+    steps,
+    sync,
+)
+
 RESULTS = Path(os.environ.get("BENCH_RESULTS", HERE / "results"))
-DRY = os.environ.get("BENCH_DRY_RUN") == "1"  # set by --dry-run for the child processes
-PEAK_FLOPS = 790e12  # bf16 dense matmul measured on the H100 and the H200 (788 TFLOP/s, random data)
 ARCHS = ("llama-3.2-3b", "llama-3.1-8b")
-# (warm-up, timed) optimizer steps; 8B steps take 2.5x longer
-STEPS = {"llama-3.2-3b": (3, 6), "llama-3.1-8b": (2, 4)}
 PLAIN_STEPS = {"llama-3.2-3b": (2, 4), "llama-3.1-8b": (1, 3)}  # ~1k tok/s: a step takes 3-8 s
-DRY_STEPS = (1, 2)
 # the dry run's stand-ins: the same layout (GQA, tied or not), tiny
 DRY_SHAPES = {
     "llama-3.2-3b": dict(
@@ -70,10 +82,6 @@ DRY_SHAPES = {
         vocab_size=49152,
     ),
 }
-WORDS = (
-    "test effect sample power data rate user metric value group control mean the of and to in is for "
-    "variance lift error level design analysis"
-).split()
 # variant -> overrides of params.yaml's train section (lora_dropout: of the lora section); "params" = as shipped,
 # "params_X" = the shipped profile with one thing changed, "seedbatch16" = the default of 2026-11. Rows in results/
 # record every option they ran with, so older tables stay readable after the variant names change.
@@ -161,120 +169,19 @@ CHECKPOINT_SECONDS = {"llama-3.2-3b": 25, "llama-3.1-8b": 60}  # random weights 
 # shared by the child processes (imports inside: the driver runs on the standard library alone)
 
 
-def steps(arch: str) -> tuple[int, int]:
-    return DRY_STEPS if DRY else STEPS[arch]
-
-
-def param_count(config) -> float:
-    """Parameters of a Llama config incl. embeddings (and the output head when untied): N in 6N FLOPs per token."""
-    h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
-    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
-    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
-    per_layer = h * (q + 2 * kv) + q * h + 3 * h * i + 2 * h
-    embeddings = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)
-    return float(layers * per_layer + embeddings + h)
-
-
-def memory_peaks() -> dict:
-    import torch
-
-    if torch.cuda.is_available():
-        return {
-            "peak_alloc_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2),
-            "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2),
-        }
-    import resource  # CPU dry run: the process's peak RSS stands in
-
-    return {
-        "peak_alloc_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
-        "peak_reserved_gib": None,
-    }
-
-
-def reset_memory() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def sync() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def step_timer(warm: int, timed: int, tokens_so_far):
-    """A TrainerCallback timing optimizer steps warm+1 .. warm+timed; tokens_so_far() = real tokens counted so far."""
-    from transformers import TrainerCallback
-
-    class StepTimer(TrainerCallback):
-        elapsed = tokens = None
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == warm:
-                sync()
-                self.t0, self.tokens0 = time.time(), tokens_so_far()
-            elif state.global_step == warm + timed:
-                sync()
-                self.elapsed, self.tokens = time.time() - self.t0, tokens_so_far() - self.tokens0
-
-    return StepTimer()
-
-
-def count_real_tokens(inputs) -> int:
-    """Non-padding tokens of one micro-batch: the attention mask when there is one, else every token (packed rows)."""
-    if inputs.get("attention_mask") is not None:
-        return int(inputs["attention_mask"].sum())
-    return int(inputs["input_ids"].numel())
-
-
-def last_loss(trainer):
-    return next((e["loss"] for e in reversed(trainer.state.log_history) if "loss" in e), None)
-
-
-def device_name() -> str:
-    import torch
-
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu (dry run)"
-
-
-def emit(result: dict) -> None:
-    print("RESULT", json.dumps(result), flush=True)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # the project's variants
-
-
-def shipped_params():
-    """params.yaml's GPU profile; in a dry run shrunk to what a CPU runs (no Liger, no fused AdamW, short rows)."""
-    from expqa.config import load_params
-
-    params = load_params(REPO / "params.yaml").resolve(cuda=True)  # the gpu profile: the sections as written
-    if DRY:
-        params.train = dataclasses.replace(
-            params.train,
-            use_liger_kernel=False,
-            optim="adamw_torch",
-            micro_batch="512 tokens",
-            max_seq_length=256,
-            num_threads=2,
-        )
-    return params
 
 
 def run_project(name: str, arch: str, base: Path, data: Path) -> dict:
     import torch
     from transformers import TrainerCallback
 
-    from expqa.trainer import QLoRATrainer
+    from expqa.training.trainer import QLoRATrainer
 
     params = shipped_params()
     overrides = dict(VARIANTS[name])
-    if DRY and overrides.get("micro_batch", "").endswith(" tokens"):
+    if common.DRY and overrides.get("micro_batch", "").endswith(" tokens"):
         overrides["micro_batch"] = f"{params.train.tokens_per_micro_batch * 2} tokens"
     lora = dataclasses.replace(params.lora, dropout=overrides.pop("lora_dropout", params.lora.dropout))
     warm, timed = steps(arch)
@@ -293,7 +200,7 @@ def run_project(name: str, arch: str, base: Path, data: Path) -> dict:
         seed=params.base.seed,
         base_model=base,
         data_dir=data,
-        checkpoint_dir=WORK / f"ckpt_{arch}_{name}",
+        checkpoint_dir=common.WORK / f"ckpt_{arch}_{name}",
         metrics_dir=None,
         log_dir=None,
     )
@@ -368,9 +275,9 @@ def run_plain(arch: str, base: Path) -> dict:
     sys.path.insert(0, str(HERE))
     import plain_recipe_baseline as plain
 
-    plain.CKPT, plain.OUT = str(base), str(WORK / f"plain_{arch}")
-    plain.WARM, plain.TIMED = DRY_STEPS if DRY else PLAIN_STEPS[arch]
-    if DRY:  # short rows and token ids the tiny vocabulary has
+    plain.CKPT, plain.OUT = str(base), str(common.WORK / f"plain_{arch}")
+    plain.WARM, plain.TIMED = DRY_STEPS if common.DRY else PLAIN_STEPS[arch]
+    if common.DRY:  # short rows and token ids the tiny vocabulary has
         lengths, dataset = plain.real_lengths, plain.DS
         plain.real_lengths = lambda n, seed=1: [max(8, x // 8) for x in lengths(n, seed)]
 
@@ -403,8 +310,8 @@ def run_probe(arch: str, base: Path) -> dict:
 
     import torch
 
-    from expqa import checkpointing
-    from expqa.model import load_for_training
+    from expqa.model import checkpointing
+    from expqa.model.loading import load_for_training
 
     params = shipped_params()
     c = params.train
@@ -431,8 +338,8 @@ def run_probe(arch: str, base: Path) -> dict:
     context = model.config.max_position_embeddings
     seconds = float(os.environ.get("BENCH_PROBE_SECONDS", 90))
     fake_oom = int(os.environ.get("BENCH_FAKE_OOM_TOKENS", 0))  # dry run: pretend memory ends here
-    start = 1024 if DRY else 16384
-    cap = min(context, 8192) if DRY else context
+    start = 1024 if common.DRY else 16384
+    cap = min(context, 8192) if common.DRY else context
     trials, started = [], time.time()
 
     def attempt(length: int) -> dict:
@@ -521,43 +428,12 @@ def run_probe(arch: str, base: Path) -> dict:
 # one variant in this process
 
 
-def make_data(n: int, out: Path) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    sys.path.insert(0, str(HERE))
-    from plain_recipe_baseline import real_lengths
-
-    rng = random.Random(0)
-    with open(out / "train.jsonl", "w") as handle:
-        for i, length in enumerate(real_lengths(n)):
-            if DRY:
-                length = max(8, length // 8)
-            text = " ".join(rng.choice(WORDS) for _ in range(max(1, length - 30)))  # ~30 template tokens
-            handle.write(
-                json.dumps(
-                    {
-                        "id": f"b{i}",
-                        "source": "bench",
-                        "messages": [
-                            {"role": "user", "content": f"Question {i}?"},
-                            {"role": "assistant", "content": text},
-                        ],
-                    }
-                )
-                + "\n"
-            )
-    (out / "val.jsonl").write_text("")
-    return out
-
-
 def make_base(arch: str, tokenizer_dir: Path) -> Path:
     """Random weights of `arch` with the embedded tokenizer/chat template (ids < 49152 fit the 128k vocabulary)."""
-    out = WORK / f"{arch}-random{'-dry' if DRY else ''}"
+    out = common.WORK / f"{arch}-random{'-dry' if common.DRY else ''}"
     if (out / "base_info.json").exists():  # written last: a checkpoint cut short is made again
         return out
-    sys.path.insert(0, str(HERE))
-    from random_llama import make_random_llama
-
-    make_random_llama(arch, tokenizer_dir, out, **(DRY_SHAPES[arch] if DRY else {}))
+    make_random_llama(arch, tokenizer_dir, out, **(DRY_SHAPES[arch] if common.DRY else {}))
     return out
 
 
@@ -750,11 +626,11 @@ def child_env(site: Path | None) -> dict:
         "PYTHONUNBUFFERED": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "DVC_NO_ANALYTICS": "1",
-        "BENCH_DIR": str(WORK),
-        "UNSLOTH_COMPILE_LOCATION": str(WORK / "unsloth_compiled_cache"),
+        "BENCH_DIR": str(common.WORK),
+        "UNSLOTH_COMPILE_LOCATION": str(common.WORK / "unsloth_compiled_cache"),
         "UNSLOTH_DISABLE_STATISTICS": "1",
     }
-    if DRY:
+    if common.DRY:
         env["BENCH_DRY_RUN"] = "1"
     return env
 
@@ -814,18 +690,17 @@ def pip_check(site: Path, log: Path) -> str:
 
 
 def suite(args) -> int:
-    global WORK, DRY
-    DRY = args.dry_run
-    if DRY:
+    common.DRY = args.dry_run
+    if common.DRY:
         os.environ["BENCH_DRY_RUN"] = "1"
-        WORK = Path(str(WORK) + "_dry")
-    os.environ["BENCH_DIR"] = str(WORK)
+        common.WORK = Path(str(common.WORK) + "_dry")
+    os.environ["BENCH_DIR"] = str(common.WORK)
     started = time.time()
     results_dir = Path(args.results)
-    stamp = time.strftime("%Y-%m-%d_%H%M") + ("_dry" if DRY else "")
+    stamp = time.strftime("%Y-%m-%d_%H%M") + ("_dry" if common.DRY else "")
     logs = results_dir / f"gpu_train_{stamp}_logs"
     logs.mkdir(parents=True, exist_ok=True)
-    WORK.mkdir(parents=True, exist_ok=True)
+    common.WORK.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
     host = freeze_of_host(logs / "host_pip_freeze.txt")
     sites = {}
@@ -834,7 +709,7 @@ def suite(args) -> int:
             continue
         carried = sorted(w.name.split("-")[0].lower().replace("_", "-") for w in Path(wheels).glob("*.whl"))
         already = [name for name in carried if name in host]
-        target = WORK / f"site_{key}"
+        target = common.WORK / f"site_{key}"
         notes.append(
             install_site(Path(wheels), target, logs / f"install_{key}.log")
             + (f"; the host already has {', '.join(already)}" if already else "")
@@ -847,7 +722,7 @@ def suite(args) -> int:
     bases: dict[str, Path] = {}
     failed: dict[str, str] = {}  # architecture -> why it has no checkpoint
     background: dict[str, subprocess.Popen] = {}
-    data = WORK / "data"
+    data = common.WORK / "data"
     spent = []  # (expected, took) of the variants run so far: the estimates are scaled by how they held up
     for arch, variant, expected in plan:
         if arch in failed:
@@ -868,7 +743,7 @@ def suite(args) -> int:
             print(f"skip {arch} {variant}: time budget", flush=True)
             continue
         site = sites.get("unsloth" if variant.startswith("unsloth") else "expqa")
-        probe_seconds = 600 if DRY else max(20, expected - 40)  # the probe's trials, after loading the model
+        probe_seconds = 600 if common.DRY else max(20, expected - 40)  # the probe's trials, after loading the model
         env = {**child_env(site), "BENCH_PROBE_SECONDS": str(probe_seconds)}
         if arch not in bases:  # random weights once per architecture (and the data once), by a child
             t0 = time.time()
@@ -896,7 +771,7 @@ def suite(args) -> int:
                         other, args.tokenizer, sites.get("expqa"), logs / f"prepare_{other}.log"
                     )
         remaining = (args.budget - (time.time() - started)) if args.budget else 3600
-        timeout = 900.0 if DRY else max(30.0, min(remaining, need * 3))  # a shared CPU is slow and uneven
+        timeout = 900.0 if common.DRY else max(30.0, min(remaining, need * 3))  # a shared CPU is slow and uneven
         t0 = time.time()
         result, tail = run_child(
             ["--one", variant, arch, str(bases[arch]), str(data)], env, timeout, logs / f"{arch}_{variant}.log"
@@ -924,7 +799,7 @@ def main(argv: list[str] | None = None) -> int:
         run_one(name, arch, Path(base), Path(data))
         return 0
     if argv[:1] == ["--prepare"]:
-        data = WORK / "data"
+        data = common.WORK / "data"
         if not (data / "train.jsonl").exists():
             make_data(1200, data)  # enough 32k-token packs for 10 steps
         emit({"base": str(make_base(argv[1], Path(argv[2]))), "data": str(data)})

@@ -1,4 +1,5 @@
-# Copied from the team's shared GPU notes (shared/gpu/plain_recipe_baseline.py): the reference "plain recipe".
+# Copied from the team's shared GPU notes (shared/gpu/plain_recipe_baseline.py): the reference "plain recipe"; its
+# Llama-3.2-3B config and conversation lengths are common.py's, shared with the other benchmarks.
 """Baseline: plain HF transformers + peft + bitsandbytes QLoRA on the Llama-3.2-3B shape.
 
 Random-initialised weights (no hub access); throughput and memory do not depend on values.
@@ -6,7 +7,6 @@ Usage: python plain_recipe_baseline.py VARIANT [VARIANT...]   (results appended 
 """
 
 import json
-import math
 import os
 import sys
 import time
@@ -16,11 +16,12 @@ from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import (
     AutoModelForCausalLM,
     BitsAndBytesConfig,
-    LlamaConfig,
     Trainer,
     TrainerCallback,
     TrainingArguments,
 )
+
+from common import llama_config, real_lengths
 
 CKPT = "/tmp/llama32_3b_random"
 FLAT = False
@@ -38,29 +39,7 @@ def cuda_sync():
 def make_ckpt():
     if os.path.exists(os.path.join(CKPT, "config.json")):
         return
-    cfg = LlamaConfig(
-        vocab_size=128256,
-        hidden_size=3072,
-        intermediate_size=8192,
-        num_hidden_layers=28,
-        num_attention_heads=24,
-        num_key_value_heads=8,
-        head_dim=128,
-        max_position_embeddings=131072,
-        rope_theta=500000.0,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=True,
-        rope_scaling={
-            "factor": 32.0,
-            "high_freq_factor": 4.0,
-            "low_freq_factor": 1.0,
-            "original_max_position_embeddings": 8192,
-            "rope_type": "llama3",
-        },
-        bos_token_id=128000,
-        eos_token_id=128009,
-        torch_dtype="bfloat16",
-    )
+    cfg = llama_config("llama-3.2-3b", bos_token_id=128000, eos_token_id=128009, torch_dtype="bfloat16")
     t = time.time()
     with torch.device("cuda"):
         m = AutoModelForCausalLM.from_config(cfg, torch_dtype=torch.bfloat16)
@@ -120,12 +99,6 @@ class Timer(TrainerCallback):
     def on_train_end(self, args, state, control, **kw):
         cuda_sync()
         self.t1 = time.time()
-
-
-def real_lengths(n, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.exp(torch.randn(n, generator=g) * 0.6 + math.log(450))
-    return x.clamp(64, 2048).long().tolist()
 
 
 VARIANTS = {

@@ -10,7 +10,7 @@ Unsloth patches it, adamw_8bit, linear schedule, bf16 chosen by Unsloth. Batches
 - `unsloth`: its packing (`packing=True`, TRL's best-fit packing with Unsloth's padding-free attention) into rows of
   the project's token budget (16,384 tokens, one row per micro-batch): the same micro-batch shapes as `params`;
 - `unsloth_notebook`: the notebooks' 2 conversations x 4 accumulation steps, padding-free (Unsloth's default).
-The conversations are the project's own tokens (expqa.dataset.build_sft_dataset: input_ids + labels), so both sides
+The conversations are the project's own tokens (expqa.data.dataset.build_sft_dataset: input_ids + labels), so both sides
 train on exactly the same tokens, counted the same way (non-padding tokens of each micro-batch, over the same timed
 steps after warm-up). If a batching setup fails, the next one is tried and every failure is reported in the row.
 """
@@ -45,7 +45,7 @@ def recipes(name: str, tokens: int, mean_length: float) -> list[tuple[str, dict]
 
 
 def run_unsloth(name: str, arch: str, base: Path, data: Path) -> dict:
-    from gpu_train import PEAK_FLOPS, WORK, memory_peaks, param_count, reset_memory, shipped_params, steps
+    from common import PEAK_FLOPS, WORK, memory_peaks, param_count, reset_memory, shipped_params, steps
 
     os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")
     reset_memory()
@@ -57,7 +57,7 @@ def run_unsloth(name: str, arch: str, base: Path, data: Path) -> dict:
     from trl import SFTConfig, SFTTrainer
     from unsloth import FastLanguageModel
 
-    from expqa.dataset import build_sft_dataset
+    from expqa.data.dataset import build_sft_dataset
 
     import_seconds = time.time() - started
     ours = shipped_params().train
@@ -124,7 +124,7 @@ def run_unsloth(name: str, arch: str, base: Path, data: Path) -> dict:
 def train_once(model, tokenizer, dataset, batching: dict, warm: int, timed: int, SFTConfig, SFTTrainer) -> dict:
     import torch
 
-    from gpu_train import count_real_tokens, last_loss, step_timer
+    from common import count_real_tokens, last_loss, step_timer
 
     args = SFTConfig(
         output_dir="/tmp/unsloth_bench_out",

@@ -5,8 +5,8 @@ import sys
 
 import pytest
 
-from conftest import REPO
 from expqa.cli import STAGES
+from helpers import REPO
 
 
 def expqa(*args, cwd=REPO):
@@ -33,7 +33,7 @@ def test_stage_subcommands_work_outside_a_checkout(tmp_path):
 
 def test_output_cut_short_by_the_reader_is_not_a_traceback():
     """`expqa params | head -3`: the reader closes the pipe early; expqa stops quietly (no BrokenPipeError trace)."""
-    from conftest import REPO
+    from helpers import REPO
 
     reader = subprocess.Popen(["head", "-3"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     writer = subprocess.run(

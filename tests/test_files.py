@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
 from expqa.files import atomic_dir, is_wall_clock, output_path_problems, split_wall_clock
+from helpers import REPO
 
 
 def test_split_wall_clock_moves_timings_at_every_depth():

@@ -8,12 +8,11 @@ import pytest
 from tqdm import tqdm
 
 from expqa import progress as progress_module
-from expqa import stats as stats_module
-from expqa.collect import collect_stackexchange
+from expqa.data import stats as stats_module
+from expqa.data.stackexchange import collect_stackexchange
+from expqa.data.stats import get_dataset_stats
 from expqa.progress import byte_progress, progress
-from expqa.stats import get_dataset_stats
-from test_collect import COLLECT_CONFIG, SAMPLE_POSTS
-from test_stats import fake_tokenize, row
+from helpers import COLLECT_CONFIG, SAMPLE_POSTS, fake_tokenize, row
 
 
 class Terminal(io.StringIO):
@@ -107,8 +106,8 @@ def test_stats_tokenizes_with_a_bar_per_split_only_on_a_terminal(tmp_path, capfd
 def test_evaluate_bars_name_the_model_and_count_batches(tiny_base, embedded_tokenizer, capfd, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    from conftest import conversation
-    from expqa.evaluate import evaluate_model
+    from expqa.evaluation.evaluate import evaluate_model
+    from helpers import conversation
 
     model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
     rows = [conversation(i) for i in range(3)]

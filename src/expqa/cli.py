@@ -76,31 +76,31 @@ def dispatch(argv: list[str] | None = None) -> int:
     if command in STAGES:
         return run_stage(command, rest)
     if command == "ask":
-        from expqa.ask import main as ask_main
+        from expqa.serving.ask import main as ask_main
 
         return ask_main(rest)
     if command == "chat":
-        from expqa.chat import main as chat_main
+        from expqa.serving.chat import main as chat_main
 
         return chat_main(rest)
     if command == "serve":
-        from expqa.serve import main as serve_main
+        from expqa.serving.serve import main as serve_main
 
         return serve_main(rest)
     if command == "plots":
-        from expqa.plots import main as plots_main
+        from expqa.evaluation.plots import main as plots_main
 
         return plots_main(rest)
     if command == "params":
-        from expqa.show_params import main as params_main
+        from expqa.config.show import main as params_main
 
         return params_main(rest)
     if command == "verify":
-        from expqa.verify import main as verify_main
+        from expqa.workspace.verify import main as verify_main
 
         return verify_main(rest)
     if command == "pull":
-        from expqa.pull import main as pull_main
+        from expqa.workspace.pull import main as pull_main
 
         return pull_main(rest)
     parser.parse_args(argv)  # prints the usage error for an unknown command

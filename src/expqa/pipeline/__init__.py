@@ -5,6 +5,8 @@ all required: dvc.yaml gives them) and/or `arguments(parser)` for other options,
 and `main = stage_main(...)`, run by `python -m expqa.pipeline.<name>` too. stage_main adds `--params` (the stage's
 resolved params, metrics/params/<stage>.json, or a whole params.yaml to run by hand), loads it, checks the output
 paths before the stage writes any, and turns the expected failures into one `error: ...` line and exit status 2.
+The glue between dvc.yaml and the library: a stage module may import any package of expqa (the stage's own modules);
+no library package imports the pipeline.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Writes --out: the model folder.
 
 import sys
 
-from expqa.base_model import BaseModelError, materialize_base
+from expqa.model.base import BaseModelError, materialize_base
 from expqa.pipeline import stage_main
 
 PATHS = "--out"  # required path options: dvc.yaml gives them

@@ -7,7 +7,7 @@ so tags can be chosen from the data; DUMP is a Posts.xml or a site's .7z / .zip 
 import sys
 from pathlib import Path
 
-from expqa.collect import DumpError, collect_stackexchange, format_tag_listing, list_tags
+from expqa.data.stackexchange import DumpError, collect_stackexchange, format_tag_listing, list_tags
 from expqa.files import write_json
 from expqa.pipeline import stage_main
 

@@ -8,8 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
-from expqa.chatml import DataError
-from expqa.combine import EmptySplitError, combine_datasets, logger
+from expqa.data.chatml import DataError
+from expqa.data.combine import EmptySplitError, combine_datasets, logger
 from expqa.pipeline import stage_main
 
 

@@ -9,7 +9,7 @@ Reads --base and --tuned (model folders), --test and --train (splits); writes --
 
 import sys
 
-from expqa.evaluate import eval_summary, evaluate_base_vs_tuned, write_eval_outputs
+from expqa.evaluation.evaluate import eval_summary, evaluate_base_vs_tuned, write_eval_outputs
 from expqa.pipeline import check_profile, require, stage_main
 
 PATHS = "--base --tuned --test --train --out --examples --plot"  # required path options: dvc.yaml gives them

@@ -10,8 +10,8 @@ Reads --model (the merged model); writes --out (GGUF files + Modelfile), --repor
 
 import sys
 
-from expqa.export import ExportError, export_gguf, export_summary, write_export_report
 from expqa.pipeline import require, stage_main
+from expqa.serving.export import ExportError, export_gguf, export_summary, write_export_report
 
 PATHS = "--model --out --report --timings"  # required path options: dvc.yaml gives them
 

@@ -9,9 +9,9 @@ Reads --papers (arXiv metadata, JSON lines) and --base (the teacher when generat
 import sys
 import time
 
-from expqa.chatml import DataError
+from expqa.data.chatml import DataError
+from expqa.data.generate import generate_qa
 from expqa.files import write_json
-from expqa.generate import generate_qa
 from expqa.pipeline import stage_main
 
 PATHS = "--papers --base --out --report"  # required path options: dvc.yaml gives them

@@ -8,7 +8,7 @@ Reads --base and --adapter; writes --out (the merged model) and --report (JSON).
 import sys
 
 from expqa.files import write_json
-from expqa.merge import merge_adapter, merge_summary
+from expqa.model.merge import merge_adapter, merge_summary
 from expqa.pipeline import require, stage_main
 
 PATHS = "--base --adapter --out --report"  # required path options: dvc.yaml gives them

@@ -15,11 +15,11 @@ import json
 import sys
 from pathlib import Path
 
-from expqa.base_model import BaseModelError, check_model_source
 from expqa.config import STAGE_SECTIONS, ConfigError, load_params, read_config_file
-from expqa.distributed import cpu_cores
 from expqa.files import write_json
+from expqa.model.base import BaseModelError, check_model_source
 from expqa.pipeline import stage_main
+from expqa.training.distributed import cpu_cores
 
 PATHS = "--params --sources --out"  # required path options: dvc.yaml gives them
 

@@ -9,8 +9,8 @@ Reads --data (the combine stage's folder) and --base (tokenizer, chat template);
 
 import sys
 
+from expqa.data.stats import summary_line, write_dataset_stats
 from expqa.pipeline import require, stage_main
-from expqa.stats import summary_line, write_dataset_stats
 
 PATHS = "--data --base --out --histogram"  # required path options: dvc.yaml gives them
 

@@ -20,7 +20,7 @@ PATHS = "--base --data --out --checkpoints --metrics --log-folder"  # required p
 def run(args, params):
     require(args.base, "base")
     check_profile(params, "train")
-    from expqa.distributed import (
+    from expqa.training.distributed import (
         die_with_parent,
         inside_launch,
         is_main_process,
@@ -42,7 +42,7 @@ def run(args, params):
         return relaunch("expqa.pipeline.train", args.argv, processes, output=args.out)
     if inside_launch():
         die_with_parent()  # a worker whose launcher was killed stops too
-    from expqa.trainer import QLoRATrainer, TrainingError, TrainingInterrupted
+    from expqa.training.trainer import QLoRATrainer, TrainingError, TrainingInterrupted
 
     try:
         trainer = QLoRATrainer.from_params(

@@ -1,0 +1,420 @@
+"""The evaluate stage: base and fine-tuned side by side on the held-out test split and the critical questions.
+
+- perplexity on assistant tokens of the test conversations (the same labels training uses), pooled over tokens;
+- ROUGE-1/2/L F1 of greedy answers to each test conversation's last user turn against the reference answer;
+- stop rate: share of those generations that end with an end-of-turn token before eval.max_new_tokens;
+- critical-questions accuracy under two scorings of the same log-likelihoods (no generation, deterministic):
+  * length_norm: the option with the highest mean log-probability per option token, given the question as the
+    user turn (lm-evaluation-harness's acc_norm normalises by characters instead; this is per token);
+  * calibrated: the option with the highest sum of log-probabilities given the question minus the sum given an
+    empty user turn (same chat template, same assistant header), i.e. log p(option | question) / p(option): the
+    pointwise mutual information that lm-evaluation-harness reports as acc_mutual_info (there the unconditional
+    context is the empty string). It removes the preference for options that are likely whatever was asked.
+  Each question also counts as taught or not taught: taught when one of its `taught_by` conversations is in the
+  train split that trained the model (ids of data/processed/train.jsonl; weighted copies `id#w2` count as `id`).
+`compare_models` turns both models' per-item results into the report: per metric base, tuned, difference, 95 %
+intervals and a paired test (expqa.evaluation.significance). Memory stays flat: every batch is reduced to a few numbers
+before the next one runs. `evaluate_base_vs_tuned` is the stage from input files to the report;
+`write_eval_outputs` writes it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from expqa.config import EvalConfig
+from expqa.data.chatml import load_chatml_dataset
+from expqa.data.dataset import IGNORE_INDEX, render, tokenize_conversation
+from expqa.files import write_json
+from expqa.progress import progress
+from expqa.serving.inference import batches, generate_answers
+
+
+def pad_right(sequences: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(s) for s in sequences)
+    return torch.tensor([s + [value] * (width - len(s)) for s in sequences])
+
+
+LOGIT_CHUNK = 4096  # label positions projected onto the vocabulary at once
+
+
+@torch.no_grad()
+def sequence_logprobs(model, input_ids: list[list[int]], labels: list[list[int]]) -> list[tuple[float, int]]:
+    """(sum of log p(label token | prefix), number of label tokens) for each sequence of one batch.
+
+    The vocabulary projection runs only at positions that predict a label: with a 49k-128k vocabulary, full
+    logits for a batch of 512-token rows would take gigabytes and most of the time.
+    """
+    ids = pad_right(input_ids, 0).to(model.device)
+    mask = pad_right([[1] * len(s) for s in input_ids], 0).to(model.device)
+    target = pad_right(labels, IGNORE_INDEX).to(model.device)[:, 1:]
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
+    rows, cols = (target != IGNORE_INDEX).nonzero(as_tuple=True)
+    head, wanted, picked = model.get_output_embeddings(), target[rows, cols], []
+    for start in range(0, len(rows), LOGIT_CHUNK):  # 4096 positions x a 128k vocabulary in float32 = 2 GB
+        chunk = slice(start, start + LOGIT_CHUNK)
+        logits = head(hidden[rows[chunk], cols[chunk]]).float()
+        picked.append(logits.gather(-1, wanted[chunk, None])[:, 0] - torch.logsumexp(logits, dim=-1))
+    picked = torch.cat(picked) if picked else torch.zeros(0, device=ids.device)
+    sums = torch.zeros(len(input_ids), device=picked.device).index_add_(0, rows, picked)
+    counts = torch.bincount(rows, minlength=len(input_ids))
+    return list(zip(sums.tolist(), counts.tolist()))
+
+
+def score_examples(
+    model, examples: list[dict], batch_size: int, desc: str = "score", position: int | None = None
+) -> list[tuple[float, int]]:
+    """sequence_logprobs of every example, in batches of similar length (little padding), in input order.
+    desc, position: the progress bar's (expqa.progress)."""
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    scores: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
+    for batch in progress(
+        batches(order, batch_size), desc=desc, total=-(-len(order) // batch_size), unit="batch", position=position
+    ):
+        results = sequence_logprobs(
+            model, [examples[i]["input_ids"] for i in batch], [examples[i]["labels"] for i in batch]
+        )
+        for index, result in zip(batch, results):
+            scores[index] = result
+    return scores
+
+
+def perplexity(
+    model,
+    tokenizer,
+    conversations: list[list[dict]],
+    max_length: int,
+    batch_size: int,
+    label: str = "evaluate",
+    position: int | None = None,
+) -> dict:
+    """exp(mean negative log-likelihood per assistant token) over all conversations, and each conversation's
+    (sum of log-probabilities, assistant tokens) for the bootstrap."""
+    examples = [tokenize_conversation(tokenizer, messages, max_length) for messages in conversations]
+    scores = score_examples(model, examples, batch_size, f"{label}: perplexity", position)
+    total_logprob, total_tokens = sum(s for s, _ in scores), sum(c for _, c in scores)
+    if total_tokens == 0:
+        raise ValueError(
+            f"no assistant tokens left within max_length={max_length} (train.max_seq_length) in the "
+            "evaluated conversations; raise train.max_seq_length or eval.max_examples"
+        )
+    return {
+        "perplexity": math.exp(-total_logprob / total_tokens),
+        "assistant_tokens": total_tokens,
+        "per_conversation": scores,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# critical questions
+
+
+def option_example(tokenizer, question: str, option: str) -> dict:
+    """Token ids of prompt + option, with labels on the option's tokens only (no end-of-turn token)."""
+    prompt = render(tokenizer, [{"role": "user", "content": question}], add_generation_prompt=True)
+    encoded = tokenizer(prompt + option, add_special_tokens=False, return_offsets_mapping=True)
+    labels = [
+        token if start >= len(prompt) else IGNORE_INDEX
+        for token, (start, _) in zip(encoded["input_ids"], encoded["offset_mapping"])
+    ]
+    return {"input_ids": encoded["input_ids"], "labels": labels}
+
+
+def choose_option(scores: list[tuple[float, int]]) -> int:
+    """Index of the option with the highest mean log-probability per token (length-normalised)."""
+    means = [logprob / max(count, 1) for logprob, count in scores]
+    return max(range(len(means)), key=lambda i: (means[i], -i))
+
+
+def choose_calibrated(scores: list[tuple[float, int]], unconditional: list[float]) -> int:
+    """Index of the option with the highest log p(option | question) - log p(option | empty user turn)."""
+    gains = [logprob - prior for (logprob, _), prior in zip(scores, unconditional)]
+    return max(range(len(gains)), key=lambda i: (gains[i], -i))
+
+
+def critical_questions_accuracy(
+    model, tokenizer, questions: list[dict], batch_size: int, label: str = "evaluate", position: int | None = None
+) -> dict:
+    """Every option of every question scored in length-sorted batches (not one question at a time), with the
+    question and, once per distinct option text, after an empty user turn; both scorings."""
+    examples = [option_example(tokenizer, q["question"], option) for q in questions for option in q["options"]]
+    distinct = sorted({option for q in questions for option in q["options"]})
+    priors = score_examples(
+        model,
+        [option_example(tokenizer, "", option) for option in distinct],
+        batch_size,
+        f"{label}: options alone",
+        position,
+    )
+    prior = {option: logprob for option, (logprob, _) in zip(distinct, priors)}
+    scores = score_examples(model, examples, batch_size, f"{label}: critical questions", position)
+    per_question, start = [], 0
+    for q in questions:
+        own = scores[start : start + len(q["options"])]
+        start += len(q["options"])
+        chosen, calibrated = choose_option(own), choose_calibrated(own, [prior[o] for o in q["options"]])
+        per_question.append({"id": q["id"], "chosen": chosen, "chosen_calibrated": calibrated, "answer": q["answer"]})
+    n = len(questions)
+    return {
+        "accuracy": sum(q["chosen"] == q["answer"] for q in per_question) / n,
+        "accuracy_calibrated": sum(q["chosen_calibrated"] == q["answer"] for q in per_question) / n,
+        "questions": n,
+        "per_question": per_question,
+    }
+
+
+def load_questions(path: str | Path) -> list[dict]:
+    questions = []
+    for line_number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        q = json.loads(line)
+        if not (
+            isinstance(q.get("options"), list)
+            and len(q["options"]) >= 2
+            and isinstance(q.get("answer"), int)
+            and 0 <= q["answer"] < len(q["options"])
+        ):
+            raise ValueError(
+                f"{path}:{line_number}: needs 'question', 'options' (>= 2) and 'answer' (an index into options)"
+            )
+        questions.append(q)
+    return questions
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# generation: ROUGE and stop rate
+
+
+def rouge_scores(predictions: list[str], references: list[str]) -> list[dict]:
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    return [{k: v.fmeasure for k, v in scorer.score(ref, pred).items()} for pred, ref in zip(predictions, references)]
+
+
+def evaluate_model(
+    model,
+    tokenizer,
+    test_rows: list[dict],
+    questions: list[dict],
+    *,
+    max_length: int,
+    max_new_tokens: int,
+    batch_size: int,
+    label: str = "evaluate",
+    position: int | None = None,
+) -> tuple[dict, list[dict]]:
+    """All metrics for one model; returns (summary, per-item rows: test conversations, then questions).
+
+    The per-item rows carry what compare_models needs (log-probability and tokens, ROUGE, stopped, chosen options).
+    Prints how long each part took. label, position: its progress bars' name and terminal line (expqa.progress).
+    """
+    started = time.perf_counter()
+    ppl = perplexity(model, tokenizer, [r["messages"] for r in test_rows], max_length, batch_size, label, position)
+    summary = {"perplexity": ppl["perplexity"], "assistant_tokens": ppl["assistant_tokens"]}
+    scored = time.perf_counter()
+    prompts = [r["messages"][:-1] for r in test_rows]
+    references = [r["messages"][-1]["content"] for r in test_rows]
+    generations = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, label, position)
+    generated = time.perf_counter()
+    rouge = rouge_scores([g["answer"] for g in generations], references)
+    for key in ("rouge1", "rouge2", "rougeL"):
+        summary[key] = sum(r[key] for r in rouge) / len(rouge)
+    summary["stop_rate"] = sum(g["stopped"] for g in generations) / len(generations)
+    mc = critical_questions_accuracy(model, tokenizer, questions, batch_size, label, position)
+    summary["critical_questions_accuracy"] = mc["accuracy"]
+    summary["critical_questions_accuracy_calibrated"] = mc["accuracy_calibrated"]
+    new_tokens = sum(g["new_tokens"] for g in generations)
+    print(
+        f"evaluate: {model.device.type}, batch {batch_size}: perplexity {scored - started:.1f} s; generation "
+        f"{new_tokens} tokens in {generated - scored:.1f} s ({new_tokens / max(generated - scored, 1e-9):.0f} "
+        f"tokens/s); {len(questions)} questions x options scored in {time.perf_counter() - generated:.1f} s",
+        flush=True,
+    )
+    examples = [
+        {"id": row["id"], **g, **r, "logprob": lp, "tokens": n}
+        for row, g, r, (lp, n) in zip(test_rows, generations, rouge, ppl["per_conversation"])
+    ]
+    examples += [
+        {"id": q["id"], "chosen": q["chosen"], "chosen_calibrated": q["chosen_calibrated"], "answer_index": q["answer"]}
+        for q in mc["per_question"]
+    ]
+    return summary, examples
+
+
+def _evaluate_path(
+    model_dir: str, test_rows: list[dict], questions: list[dict], threads: int, options: dict
+) -> tuple[dict, list[dict]]:
+    from expqa.model.loading import load_for_inference
+
+    if threads:
+        torch.set_num_threads(threads)
+    model, tokenizer = load_for_inference(model_dir)
+    return evaluate_model(model, tokenizer, test_rows, questions, **options)
+
+
+def evaluate_models(
+    models: dict[str, str | Path], test_rows: list[dict], questions: list[dict], config: EvalConfig, *, max_length: int
+) -> dict[str, tuple[dict, list[dict]]]:
+    """evaluate_model for each named model directory: one after the other in this process, or with
+    eval.num_processes > 1 side by side in that many processes (spawned) of eval.num_threads torch threads each
+    (0 = torch's default). max_length: train.max_seq_length, the length the model was trained on.
+
+    On a 2-core CPU, base and tuned in 2 single-thread processes keep both cores busy without the per-operation
+    barrier between 2 threads of one process, which stalls whenever other jobs share the cores.
+    """
+    processes = config.num_processes
+    options = dict(max_length=max_length, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
+    # side by side, each process draws its bars on its own terminal line
+    args = {
+        name: (
+            str(path),
+            test_rows,
+            questions,
+            config.num_threads,
+            {**options, "label": f"evaluate {name}", "position": index if processes > 1 else None},
+        )
+        for index, (name, path) in enumerate(models.items())
+    }
+    if processes <= 1:
+        return {name: _evaluate_path(*a) for name, a in args.items()}
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {name: pool.submit(_evaluate_path, *a) for name, a in args.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the report: base vs tuned with intervals and paired tests
+
+
+def taught_question_ids(questions: list[dict], train_ids: list[str]) -> set[str]:
+    """Questions with at least one `taught_by` conversation in the train split (weighted copies `id#w2` = `id`)."""
+    trained = {row_id.split("#", 1)[0] for row_id in train_ids}
+    return {q["id"] for q in questions if any(t in trained for t in q.get("taught_by", []))}
+
+
+def compare_models(base: list[dict], tuned: list[dict], taught: set[str], *, samples: int, seed: int) -> dict:
+    """metrics/eval.json from both models' per-item rows (evaluate_model's second value, same order).
+
+    Per metric: base, tuned, delta (tuned - base), 95 % intervals of each and of the delta, a paired test (see
+    expqa.evaluation.significance); critical questions per scoring, all / taught / not taught.
+    """
+    from expqa.evaluation.significance import (
+        bootstrap_indices,
+        compare_per_item,
+        compare_proportions,
+        mean_statistic,
+        percentile_interval,
+        pooled_perplexity,
+    )
+
+    conv_b, conv_t = [r for r in base if "logprob" in r], [r for r in tuned if "logprob" in r]
+    indices = bootstrap_indices(len(conv_b), samples, seed)
+    report = {"test_examples": len(conv_b)}
+    lp_b = np.array([[r["logprob"], r["tokens"]] for r in conv_b])
+    lp_t = np.array([[r["logprob"], r["tokens"]] for r in conv_t])
+    # the sign test compares each conversation's mean log-probability per assistant token (higher = better)
+    report["perplexity"] = compare_per_item(
+        lp_b, lp_t, pooled_perplexity, [t[0] / max(t[1], 1) - b[0] / max(b[1], 1) for b, t in zip(lp_b, lp_t)], indices
+    )
+    relative = pooled_perplexity(lp_t[indices]) / pooled_perplexity(lp_b[indices]) - 1  # paired bootstrap
+    lo, hi = percentile_interval(relative)
+    report["perplexity"].update(
+        assistant_tokens=int(lp_b[:, 1].sum()),
+        relative_delta=report["perplexity"]["tuned"] / report["perplexity"]["base"] - 1,
+        relative_delta_ci95_lo=lo,
+        relative_delta_ci95_hi=hi,
+    )
+    for key in ("rouge1", "rouge2", "rougeL"):
+        values_b, values_t = np.array([r[key] for r in conv_b]), np.array([r[key] for r in conv_t])
+        report[key] = compare_per_item(values_b, values_t, mean_statistic, list(values_t - values_b), indices)
+    report["stop_rate"] = compare_proportions([r["stopped"] for r in conv_b], [r["stopped"] for r in conv_t], indices)
+    q_b, q_t = [r for r in base if "answer_index" in r], [r for r in tuned if "answer_index" in r]
+    critical = {"questions": len(q_b), "taught": sum(r["id"] in taught for r in q_b)}
+    subsets = {"": lambda r: True, "_taught": lambda r: r["id"] in taught, "_untaught": lambda r: r["id"] not in taught}
+    for scoring, field in (("length_norm", "chosen"), ("calibrated", "chosen_calibrated")):
+        for suffix, keep in subsets.items():
+            pairs = [(b, t) for b, t in zip(q_b, q_t) if keep(b)]
+            if not pairs:
+                continue
+            q_indices = bootstrap_indices(len(pairs), samples, seed)
+            critical[scoring + suffix] = compare_proportions(
+                [b[field] == b["answer_index"] for b, _ in pairs],
+                [t[field] == t["answer_index"] for _, t in pairs],
+                q_indices,
+            )
+    report["critical_questions"] = critical
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the stage function and its outputs
+
+
+def evaluate_base_vs_tuned(
+    base: Path, tuned: Path, test: Path, train: Path, config: EvalConfig, *, seed: int, max_length: int
+) -> tuple[dict, dict]:
+    """Both models on the test split (at most eval.max_examples conversations) and eval.critical_questions, each
+    question marked taught when the train split holds one of its conversations; compared with eval.bootstrap_samples
+    resamples seeded with base.seed. Returns (report: metrics/eval.json, {"base": rows, "tuned": rows}).
+
+    Raises ValueError or OSError for a missing or malformed input file before any model is loaded.
+    """
+    questions = load_questions(config.critical_questions)
+    test_rows = load_chatml_dataset(test)
+    taught = taught_question_ids(questions, [row["id"] for row in load_chatml_dataset(train)])
+    if config.max_examples:
+        test_rows = test_rows[: config.max_examples]  # test.jsonl is in hash order: a fixed sample
+    results = evaluate_models({"base": base, "tuned": tuned}, test_rows, questions, config, max_length=max_length)
+    examples = {name: rows for name, (_, rows) in results.items()}
+    report = compare_models(examples["base"], examples["tuned"], taught, samples=config.bootstrap_samples, seed=seed)
+    return report, examples
+
+
+def write_eval_outputs(report: dict, examples: dict, *, out: Path, examples_path: Path, plot: Path) -> None:
+    """metrics/eval.json (the report), metrics/eval_examples.jsonl (base and tuned side by side per item) and the
+    ROUGE-L scatter plot's CSV (one row per test conversation; question rows have no ROUGE)."""
+    write_json(out, report)
+    for path in (examples_path, plot):
+        path.parent.mkdir(parents=True, exist_ok=True)
+    with open(examples_path, "w", encoding="utf-8") as handle:
+        for base_row, tuned_row in zip(examples["base"], examples["tuned"]):
+            handle.write(
+                json.dumps(
+                    {"id": base_row["id"], "base": base_row, "tuned": tuned_row}, ensure_ascii=False, sort_keys=True
+                )
+                + "\n"
+            )
+    plot.write_text(
+        "id,base,tuned\n"
+        + "".join(
+            f"{b['id']},{b['rougeL']:.4f},{t['rougeL']:.4f}\n"
+            for b, t in zip(examples["base"], examples["tuned"])
+            if "rougeL" in b
+        )
+    )
+
+
+def eval_summary(report: dict) -> str:
+    """One line: each headline metric base -> tuned with its paired test's p-value."""
+    critical = report["critical_questions"]
+    return "evaluate: " + ", ".join(
+        f"{k} {v['base']:.3f} -> {v['tuned']:.3f} (p {v['p_value']:.3g})"
+        for k, v in (
+            ("perplexity", report["perplexity"]),
+            ("rougeL", report["rougeL"]),
+            ("stop_rate", report["stop_rate"]),
+            ("critical questions (length_norm)", critical["length_norm"]),
+            ("critical questions (calibrated)", critical["calibrated"]),
+        )
+    )

@@ -1,0 +1,281 @@
+"""`expqa serve`: an OpenAI-compatible chat-completions endpoint for models/merged (or base + --adapter).
+
+    expqa serve                          # http://127.0.0.1:8000/v1, model id "expqa"
+    curl -s localhost:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": "What is CUPED?"}]}'
+
+POST /v1/chat/completions (non-streaming JSON, or server-sent events with "stream": true) and GET /v1/models. The
+prompt is the model's own chat template. Bad requests get a 4xx JSON error in OpenAI's shape
+({"error": {"message", "type", "param", "code"}}), never a crash. Bound to 127.0.0.1 unless --host says otherwise
+(there is no authentication). `transformers serve` was the first choice but does not fit: it needs the
+fastapi/uvicorn/openai extras, answers a missing `messages` with a server error and checks neither roles nor the
+context window, and cannot apply an unmerged adapter. This server uses the standard library and one model at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from expqa.serving.inference import ChatRequest, Engine, RequestError, missing_model_message
+
+ROLES = ("system", "user", "assistant")
+MAX_BODY_BYTES = 1 << 20
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# request parsing: everything a client can get wrong is a RequestError here, before the model is touched
+
+
+def _number(body: dict, key: str, default: float, low: float, high: float) -> float:
+    value = body.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise RequestError(400, f"{key} must be a number in [{low}, {high}], got {value!r}", key)
+    return float(value)
+
+
+def _content(message: dict, i: int) -> str:
+    content = message.get("content")
+    if isinstance(content, list) and all(
+        isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+    ):
+        return "".join(p["text"] for p in content)
+    if not isinstance(content, str):
+        raise RequestError(
+            400, f"messages[{i}].content must be a string (or a list of text parts)", f"messages[{i}].content"
+        )
+    return content
+
+
+def parse_chat_request(raw: bytes, model_id: str, max_tokens_limit: int) -> ChatRequest:
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RequestError(400, f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise RequestError(400, "the request body must be a JSON object")
+    if body.get("model") not in (None, model_id):
+        raise RequestError(
+            404, f"model {body['model']!r} does not exist; this server has {model_id!r}", "model", "model_not_found"
+        )
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError(400, "messages must be a non-empty list of {role, content} objects", "messages")
+    parsed = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            role = message.get("role") if isinstance(message, dict) else message
+            raise RequestError(
+                400, f"messages[{i}].role is {role!r}; allowed: {', '.join(ROLES)}", f"messages[{i}].role"
+            )
+        parsed.append({"role": message["role"], "content": _content(message, i)})
+    if body.get("n") not in (None, 1):
+        raise RequestError(400, "only n=1 is supported", "n")
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = body.get(key)
+    if max_tokens is not None and (
+        isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or not 1 <= max_tokens <= max_tokens_limit
+    ):
+        raise RequestError(
+            400, f"{key} must be an integer from 1 to {max_tokens_limit} (this server's limit), got {max_tokens!r}", key
+        )
+    stop = body.get("stop") or []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+        raise RequestError(400, "stop must be a string or a list of up to 4 non-empty strings", "stop")
+    seed = body.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise RequestError(400, f"seed must be an integer, got {seed!r}", "seed")
+    options = body.get("stream_options") or {}
+    return ChatRequest(
+        messages=parsed,
+        max_tokens=max_tokens,
+        temperature=_number(body, "temperature", 1.0, 0, 2),
+        top_p=_number(body, "top_p", 1.0, 0, 1),
+        stop=stop,
+        stream=body.get("stream") is True,
+        include_usage=isinstance(options, dict) and options.get("include_usage") is True,
+        seed=seed,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# HTTP
+
+
+class Handler(BaseHTTPRequestHandler):
+    server: ChatServer
+
+    def log_message(self, fmt: str, *args) -> None:
+        if self.server.verbose:
+            super().log_message(fmt, *args)
+
+    def send_json(self, status: int, payload: dict) -> None:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:
+        engine = self.server.engine
+        if self.path.rstrip("/") == "/v1/models":
+            self.send_json(
+                200,
+                {
+                    "object": "list",
+                    "data": [
+                        {"id": engine.model_id, "object": "model", "created": self.server.started, "owned_by": "expqa"}
+                    ],
+                },
+            )
+        elif self.path.rstrip("/") == "/health":
+            self.send_json(200, {"status": "ok"})
+        else:
+            self.send_json(404, RequestError(404, f"no route GET {self.path}").body())
+
+    def do_POST(self) -> None:
+        try:
+            if self.path.rstrip("/") != "/v1/chat/completions":
+                raise RequestError(404, f"no route POST {self.path}; use /v1/chat/completions")
+            length = self.headers.get("Content-Length")
+            if length is None or not length.isdigit():
+                raise RequestError(411, "a Content-Length header is required")
+            if int(length) > MAX_BODY_BYTES:
+                raise RequestError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes")
+            request = parse_chat_request(
+                self.rfile.read(int(length)), self.server.engine.model_id, self.server.engine.max_tokens_limit
+            )
+            self.complete(request)
+        except RequestError as exc:
+            self.send_json(exc.status, exc.body())
+        except Exception as exc:  # a bug must cost one request, not the server
+            self.send_json(500, RequestError(500, f"{type(exc).__name__}: {exc}").body())
+
+    def complete(self, request: ChatRequest) -> None:
+        engine = self.server.engine
+        ids = engine.prompt_ids(request)
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": engine.model_id}
+        result: dict = {}
+        cancel = threading.Event()
+        with engine.lock:
+            pieces = engine.stream(request, ids, cancel, result)
+            if not request.stream:
+                text = "".join(pieces)
+                usage = {
+                    "prompt_tokens": len(ids),
+                    "completion_tokens": result["completion_tokens"],
+                    "total_tokens": len(ids) + result["completion_tokens"],
+                }
+                message = {"role": "assistant", "content": text}
+                self.send_json(
+                    200,
+                    {
+                        **head,
+                        "object": "chat.completion",
+                        "usage": usage,
+                        "choices": [
+                            {"index": 0, "message": message, "finish_reason": result["finish_reason"], "logprobs": None}
+                        ],
+                    },
+                )
+                return
+            first = next(pieces, "")  # errors before the first token still get a JSON status
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Cache-Control", "no-cache")
+            self.end_headers()
+            try:
+                self.send_chunk(head, {"role": "assistant", "content": first})
+                try:
+                    for piece in pieces:
+                        self.send_chunk(head, {"content": piece})
+                except RequestError as exc:  # headers are out: the error goes in the stream
+                    self.send_event(exc.body())
+                    return
+                self.send_chunk(head, {}, result["finish_reason"])
+                if request.include_usage:
+                    usage = {
+                        "prompt_tokens": len(ids),
+                        "completion_tokens": result["completion_tokens"],
+                        "total_tokens": len(ids) + result["completion_tokens"],
+                    }
+                    self.send_event({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage})
+                self.wfile.write(b"data: [DONE]\n\n")
+            except (BrokenPipeError, ConnectionResetError):
+                cancel.set()  # the client went away: stop generating
+                pieces.close()
+
+    def send_chunk(self, head: dict, delta: dict, finish_reason: str | None = None) -> None:
+        self.send_event(
+            {
+                **head,
+                "object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+            }
+        )
+
+    def send_event(self, payload: dict) -> None:
+        self.wfile.write(f"data: {json.dumps(payload)}\n\n".encode())
+        self.wfile.flush()
+
+
+class ChatServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, engine: Engine, host: str = "127.0.0.1", port: int = 8000, verbose: bool = False):
+        super().__init__((host, port), Handler)
+        self.engine, self.verbose, self.started = engine, verbose, int(time.time())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# command line
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="expqa serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", type=Path, default=Path("models/merged"), help="merged model directory")
+    parser.add_argument("--adapter", type=Path, help="serve models/base + this adapter instead of the merged model")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (no authentication: keep it local)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--model-id", default="expqa", help="the id clients pass as `model`")
+    parser.add_argument("--max-tokens", type=int, default=2048, help="largest max_tokens a request may ask for")
+    parser.add_argument("--verbose", action="store_true", help="log every request")
+    args = parser.parse_args(argv)
+    model_dir = Path("models/base") if args.adapter else args.model
+    for path in [model_dir] + ([args.adapter] if args.adapter else []):
+        if not path.exists():
+            print(f"error: {missing_model_message(path)}", file=sys.stderr)
+            return 2
+    from expqa.model.loading import load_for_inference
+
+    model, tokenizer = load_for_inference(model_dir, args.adapter)
+    server = ChatServer(Engine(model, tokenizer, args.model_id, args.max_tokens), args.host, args.port, args.verbose)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"warning: listening on {args.host} without authentication", file=sys.stderr)
+    print(
+        f"serving {args.adapter or model_dir} as {args.model_id!r} on http://{args.host}:{server.server_port}/v1 "
+        "(Ctrl-C stops)",
+        flush=True,
+    )
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""The multiple-choice scorer, perplexity on a known case, evaluation in two processes, and the evaluate stage's
+function, outputs and summary line."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from expqa.config import EvalConfig
+from expqa.evaluation.evaluate import (
+    choose_option,
+    critical_questions_accuracy,
+    eval_summary,
+    evaluate_base_vs_tuned,
+    option_example,
+    perplexity,
+    sequence_logprobs,
+    write_eval_outputs,
+)
+
+
+def test_choose_option_is_length_normalised_hand_computed():
+    # option 0: total -2.0 over 2 tokens (mean -1.0); option 1: -3.0 over 6 tokens (mean -0.5); option 2: -0.9/1
+    assert choose_option([(-2.0, 2), (-3.0, 6), (-0.9, 1)]) == 1
+    assert choose_option([(-1.0, 1), (-1.0, 1)]) == 0  # ties go to the first option
+
+
+def test_multiple_choice_scores_match_a_manual_log_softmax(tiny_base, embedded_tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    example = option_example(embedded_tokenizer, "Is 0.03 < 0.05?", "Yes, so reject H0.")
+    n_option = sum(label != -100 for label in example["labels"])
+    assert (
+        embedded_tokenizer.decode([t for t, label in zip(example["input_ids"], example["labels"]) if label != -100])
+        == "Yes, so reject H0."
+    )
+    [(total, count)] = sequence_logprobs(model, [example["input_ids"]], [example["labels"]])
+    ids = torch.tensor([example["input_ids"]])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(ids).logits[0].float(), -1)
+    manual = sum(logprobs[i - 1, ids[0, i]].item() for i in range(ids.shape[1]) if example["labels"][i] != -100)
+    assert count == n_option and total == pytest.approx(manual, abs=1e-4)
+    questions = [{"id": "q", "question": "Is 0.03 < 0.05?", "options": ["Yes, so reject H0.", "No."], "answer": 0}]
+    result = critical_questions_accuracy(model, embedded_tokenizer, questions, batch_size=2)
+    assert result["accuracy"] in (0.0, 1.0) and result["per_question"][0]["answer"] == 0
+
+
+def test_perplexity_of_a_uniform_model_is_the_vocabulary_size(tiny_base, embedded_tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    torch.nn.init.zeros_(model.lm_head.weight)  # tied: zero logits everywhere -> uniform next-token distribution
+    conversations = [
+        [{"role": "user", "content": "Power?"}, {"role": "assistant", "content": "P(reject | H1)."}],
+        [{"role": "user", "content": "Alpha?"}, {"role": "assistant", "content": "0.05 usually."}],
+    ]
+    result = perplexity(model, embedded_tokenizer, conversations, max_length=256, batch_size=1)
+    assert result["perplexity"] == pytest.approx(model.config.vocab_size, rel=1e-4)
+    batched = perplexity(model, embedded_tokenizer, conversations, max_length=256, batch_size=2)
+    assert batched["assistant_tokens"] == result["assistant_tokens"] > 0
+
+
+@pytest.mark.slow
+def test_evaluating_in_two_processes_gives_what_one_process_gives(tiny_base):
+    from expqa.evaluation.evaluate import evaluate_models
+    from helpers import conversation
+
+    rows = [conversation(i) for i in range(3)]
+    questions = [
+        {
+            "id": "q",
+            "question": "Is 0.03 < 0.05?",
+            "options": ["Yes, so reject H0.", "No."],
+            "answer": 0,
+            "taught_by": [],
+        }
+    ]
+    config = dataclasses.replace(EvalConfig(), max_new_tokens=4, batch_size=2, num_processes=1, num_threads=0)
+    one = evaluate_models({"base": tiny_base}, rows, questions, config, max_length=128)
+    two = evaluate_models(
+        {"base": tiny_base, "again": tiny_base},
+        rows,
+        questions,
+        dataclasses.replace(config, num_processes=2, num_threads=1),
+        max_length=128,
+    )
+    # exact on any CPU: the same model, rows and batches in two processes of 1 thread each (same kernels and order)
+    assert two["base"] == two["again"]
+    for row_two, row_one in zip(two["base"][1], one["base"][1], strict=True):  # per-item rows
+        assert row_two.keys() == row_one.keys()
+        # other thread counts may round sums differently in the last bits (one: torch's default, two: 1 thread each):
+        # floats get rel=1e-5; the rest (greedy answers, chosen options) are argmaxes whose measured margins (top-2
+        # logit gaps >= 0.47, option score gaps >= 0.02) are over 1000x such rounding, so they compare exactly
+        for key, value in row_one.items():
+            assert row_two[key] == (pytest.approx(value, rel=1e-5) if isinstance(value, float) else value), key
+    assert two["base"][0]["perplexity"] == pytest.approx(one["base"][0]["perplexity"], rel=1e-5)
+
+
+QUESTIONS = [
+    {"id": "q-taught", "question": "Is 0.03 < 0.05?", "options": ["Yes.", "No."], "answer": 0, "taught_by": ["t-3"]},
+    {
+        "id": "q-new",
+        "question": "Is power P(reject | H0)?",
+        "options": ["Yes.", "No."],
+        "answer": 1,
+        "taught_by": ["t-999"],
+    },
+]
+
+
+def test_evaluate_base_vs_tuned_takes_the_first_max_examples_and_marks_taught_questions(
+    tiny_base, processed_dir, tmp_path
+):
+    from expqa.data.chatml import load_chatml_dataset
+
+    (tmp_path / "questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    config = dataclasses.replace(
+        EvalConfig(),
+        max_new_tokens=2,
+        batch_size=4,
+        max_examples=2,
+        bootstrap_samples=20,
+        critical_questions=str(tmp_path / "questions.jsonl"),
+        num_processes=1,
+        num_threads=0,
+    )
+    report, examples = evaluate_base_vs_tuned(
+        tiny_base,
+        tiny_base,
+        processed_dir / "test.jsonl",
+        processed_dir / "train.jsonl",
+        config,
+        seed=7,
+        max_length=128,
+    )
+    first_two = [row["id"] for row in load_chatml_dataset(processed_dir / "test.jsonl")[:2]]
+    assert [row["id"] for row in examples["base"]] == first_two + ["q-taught", "q-new"]
+    assert examples["base"] == examples["tuned"]  # the same model twice: same process, kernels, threads -> exact
+    assert report["test_examples"] == 2 and report["perplexity"]["delta"] == 0.0
+    critical = report["critical_questions"]
+    assert critical["questions"] == 2 and critical["taught"] == 1  # t-3 is in train, t-999 nowhere
+    assert "length_norm_taught" in critical and "length_norm_untaught" in critical
+
+
+def test_evaluate_base_vs_tuned_rejects_bad_inputs_before_loading_a_model(processed_dir, tmp_path):
+    (tmp_path / "questions.jsonl").write_text(json.dumps({"id": "q", "question": "?", "options": ["a"]}) + "\n")
+    config = dataclasses.replace(EvalConfig(), critical_questions=str(tmp_path / "questions.jsonl"))
+    missing = tmp_path / "no-model"
+    with pytest.raises(ValueError, match=r"questions.jsonl:1: needs 'question', 'options' \(>= 2\)"):
+        evaluate_base_vs_tuned(
+            missing,
+            missing,
+            processed_dir / "test.jsonl",
+            processed_dir / "train.jsonl",
+            config,
+            seed=0,
+            max_length=128,
+        )
+    (tmp_path / "questions.jsonl").write_text(json.dumps(QUESTIONS[0]) + "\n")
+    with pytest.raises(OSError):
+        evaluate_base_vs_tuned(
+            missing, missing, tmp_path / "test.jsonl", processed_dir / "train.jsonl", config, seed=0, max_length=128
+        )
+
+
+def test_write_eval_outputs_writes_report_examples_and_rouge_plot(tmp_path):
+    report = {"test_examples": 1, "rougeL": {"base": 0.25, "tuned": 0.5}}
+    examples = {
+        "base": [{"id": "t-1", "answer": "café", "rougeL": 0.123456}, {"id": "q", "chosen": 0}],
+        "tuned": [{"id": "t-1", "answer": "tea", "rougeL": 0.5}, {"id": "q", "chosen": 1}],
+    }
+    out, rows, plot = tmp_path / "m" / "eval.json", tmp_path / "m" / "ex.jsonl", tmp_path / "m" / "plots" / "r.csv"
+    write_eval_outputs(report, examples, out=out, examples_path=rows, plot=plot)
+    assert out.read_text() == ('{\n  "rougeL": {\n    "base": 0.25,\n    "tuned": 0.5\n  },\n  "test_examples": 1\n}\n')
+    assert rows.read_text(encoding="utf-8").splitlines() == [
+        (
+            '{"base": {"answer": "café", "id": "t-1", "rougeL": 0.123456}, "id": "t-1", '
+            '"tuned": {"answer": "tea", "id": "t-1", "rougeL": 0.5}}'
+        ),
+        '{"base": {"chosen": 0, "id": "q"}, "id": "q", "tuned": {"chosen": 1, "id": "q"}}',
+    ]
+    assert plot.read_text() == "id,base,tuned\nt-1,0.1235,0.5000\n"  # question rows have no ROUGE
+
+
+def test_eval_and_merge_summaries():
+    def metric(base, tuned, p):
+        return {"base": base, "tuned": tuned, "p_value": p}
+
+    report = {
+        "perplexity": metric(12.3456, 9.87654, 0.0001234),
+        "rougeL": metric(0.1, 0.25, 0.04),
+        "stop_rate": metric(0.5, 1.0, 1.0),
+        "critical_questions": {"length_norm": metric(0.25, 0.5, 0.5), "calibrated": metric(0.5, 0.5, 1.0)},
+    }
+    assert eval_summary(report) == (
+        "evaluate: perplexity 12.346 -> 9.877 (p 0.000123), rougeL 0.100 -> 0.250 (p 0.04), stop_rate 0.500 -> "
+        "1.000 (p 1), critical questions (length_norm) 0.250 -> 0.500 (p 0.5), critical questions (calibrated) "
+        "0.500 -> 0.500 (p 1)"
+    )

@@ -1,0 +1,190 @@
+"""`expqa serve`: a real server on a free loopback port with the tiny model, spoken to with plain HTTP (urllib) and
+the `openai` client: answers equal `expqa ask`'s, streaming chunks add up to the same answer, bad requests get 4xx
+JSON errors and the server keeps answering afterwards."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import urllib.error
+import urllib.request
+
+import pytest
+
+from expqa.serving.inference import ChatRequest, Engine, StopText, answer
+from expqa.serving.serve import ChatServer, main
+
+QUESTION = "What is a p-value?"
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_base):
+    from expqa.model.loading import load_for_inference
+
+    model, tokenizer = load_for_inference(tiny_base)
+    return Engine(model, tokenizer, "expqa", max_tokens_limit=64)
+
+
+@pytest.fixture(scope="module")
+def url(engine):
+    server = ChatServer(engine, port=0)  # a free port on 127.0.0.1
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+
+
+def post(url: str, body, path: str = "/v1/chat/completions") -> tuple[int, bytes]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def ask_request(**extra) -> dict:
+    return {
+        "model": "expqa",
+        "messages": [{"role": "user", "content": QUESTION}],
+        "max_tokens": 8,
+        "temperature": 0,
+        **extra,
+    }
+
+
+def sse_events(raw: bytes) -> list:
+    lines = [line for line in raw.decode().split("\n\n") if line]
+    assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
+    return [json.loads(line[len("data: ") :]) for line in lines[:-1]]
+
+
+def test_binds_loopback_by_default(engine):
+    server = ChatServer(engine, port=0)
+    try:
+        assert server.server_address[0] == "127.0.0.1"
+    finally:
+        server.server_close()
+
+
+def test_models_lists_the_served_model(url):
+    with urllib.request.urlopen(url + "/v1/models", timeout=30) as response:
+        body = json.loads(response.read())
+    assert [m["id"] for m in body["data"]] == ["expqa"] and body["object"] == "list"
+
+
+def test_answer_is_expqa_ask_with_the_chat_template(url, engine):
+    status, raw = post(url, ask_request())
+    assert status == 200
+    body = json.loads(raw)
+    # exact on any CPU: the same model and prompt through model.generate in this process (the server's generation
+    # thread inherits its thread count): the same kernels on the same shapes
+    expected = answer(engine.model, engine.tokenizer, QUESTION, max_new_tokens=8, temperature=0)
+    assert body["object"] == "chat.completion" and body["model"] == "expqa"
+    choice = body["choices"][0]
+    assert choice["message"]["role"] == "assistant" and choice["message"]["content"].strip() == expected
+    prompt_ids = engine.prompt_ids(ChatRequest(messages=ask_request()["messages"], max_tokens=8))
+    assert body["usage"]["prompt_tokens"] == len(prompt_ids)
+    assert choice["finish_reason"] in ("stop", "length") and 1 <= body["usage"]["completion_tokens"] <= 8
+
+
+def test_stream_chunks_add_up_to_the_answer(url):
+    _, plain = post(url, ask_request())
+    status, raw = post(url, ask_request(stream=True, stream_options={"include_usage": True}))
+    assert status == 200
+    events = sse_events(raw)
+    chunks, usage = events[:-1], events[-1]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks) and len({c["id"] for c in chunks}) == 1
+    assert chunks[-1]["choices"][0]["finish_reason"] == json.loads(plain)["choices"][0]["finish_reason"]
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert text == json.loads(plain)["choices"][0]["message"]["content"]
+    assert usage["choices"] == [] and usage["usage"] == json.loads(plain)["usage"]
+
+
+@pytest.mark.parametrize(
+    "body,status,message",
+    [
+        (b"{not json", 400, "not valid JSON"),
+        ([1, 2], 400, "must be a JSON object"),
+        ({"max_tokens": 8}, 400, "messages must be a non-empty list"),
+        ({"messages": []}, 400, "messages must be a non-empty list"),
+        ({"messages": [{"role": "bot", "content": "hi"}]}, 400, "messages[0].role is 'bot'; allowed: system, user"),
+        ({"messages": [{"role": "user", "content": 42}]}, 400, "messages[0].content must be a string"),
+        ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens must be an integer"),
+        ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 65}, 400, "this server's limit"),
+        ({"messages": [{"role": "user", "content": "hi"}], "temperature": 3}, 400, "temperature must be a number"),
+        ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "only n=1"),
+        ({"messages": [{"role": "user", "content": "word " * 2100}]}, 400, "context window is 2048 tokens"),
+        ({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404, "this server has 'expqa'"),
+    ],
+)
+def test_bad_requests_get_4xx_json_and_the_server_stays_up(url, body, status, message):
+    got, raw = post(url, body)
+    error = json.loads(raw)["error"]
+    assert got == status and message in error["message"] and error["type"] == "invalid_request_error"
+    assert post(url, ask_request(max_tokens=1))[0] == 200
+
+
+def test_context_window_counts_max_tokens(url, engine):
+    engine.context_window, saved = 40, engine.context_window
+    try:
+        status, raw = post(url, ask_request(max_tokens=30))
+    finally:
+        engine.context_window = saved
+    assert status == 400 and json.loads(raw)["error"]["code"] == "context_length_exceeded"
+
+
+def test_unknown_route_and_missing_length(url):
+    assert post(url, ask_request(), path="/v1/completions")[0] == 404
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        conn.sendall(b"POST /v1/chat/completions HTTP/1.0\r\nHost: x\r\n\r\n")
+        assert conn.recv(64).startswith(b"HTTP/1.0 411")
+
+
+def test_a_client_that_leaves_mid_stream_does_not_stop_the_server(url):
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps(ask_request(stream=True, max_tokens=64)).encode()
+    with socket.create_connection((host, int(port)), timeout=60) as conn:
+        conn.sendall(
+            b"POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
+        assert b"200" in conn.recv(32)
+    assert post(url, ask_request(max_tokens=2))[0] == 200
+
+
+def test_openai_client(url, engine):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    reply = client.chat.completions.create(
+        model="expqa", messages=[{"role": "user", "content": QUESTION}], max_tokens=8, temperature=0
+    )
+    # exact on any CPU: the same model and prompt through model.generate in this process (the server's generation
+    # thread inherits its thread count): the same kernels on the same shapes
+    expected = answer(engine.model, engine.tokenizer, QUESTION, max_new_tokens=8, temperature=0)
+    assert reply.choices[0].message.content.strip() == expected
+    stream = client.chat.completions.create(
+        model="expqa", messages=[{"role": "user", "content": QUESTION}], max_tokens=8, temperature=0, stream=True
+    )
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in stream) == reply.choices[0].message.content
+    with pytest.raises(openai.BadRequestError, match="allowed: system, user, assistant"):
+        client.chat.completions.create(model="expqa", messages=[{"role": "tool", "content": "x"}])
+
+
+def test_stop_strings_cut_the_stream_and_hold_back_partial_matches():
+    stop = StopText(["lo w", "XYZ"])
+    assert stop.feed("Hel") == "He" and not stop.stopped  # "l" may start "lo w"
+    assert stop.feed("lo wor") == "l" and stop.stopped
+    assert StopText(["\n\n"]).feed("a\nb") == "a\nb"
+    tail = StopText(["END"])
+    assert tail.feed("abcEN") == "abc" and tail.flush() == "EN"
+
+
+def test_cli_reports_a_missing_model(tmp_path, capsys):
+    assert main(["--model", str(tmp_path / "nope")]) == 2
+    assert "does not exist yet" in capsys.readouterr().err

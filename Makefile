@@ -177,7 +177,7 @@ train-full: install
 	dvc exp run -S cpu.train.num_train_epochs=3 -S cpu.train.max_seq_length=2048 -S cpu.train.eval_steps=49 \
 	  -S cpu.train.save_steps=49 -S cpu.train.logging_steps=7 -S +cpu.train.save_total_limit=7 \
 	  -S "cpu.train.micro_batch=1 conversations" \
-	  -S cpu.train.gradient_accumulation_steps=2
+	  -S +cpu.train.gradient_accumulation_steps=2
 
 merge: install
 	dvc repro merge

@@ -26,7 +26,6 @@ params = load_params(ROOT / "params.yaml").resolve(cuda=False)
 train = dataclasses.replace(
     params.train,
     max_steps=1,
-    attn_implementation="expqa_varlen",
     padding_free=False,
     micro_batch=params.train.micro_batch,
     lm_head_loss="trl",

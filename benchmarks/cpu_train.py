@@ -29,8 +29,7 @@ OLD = dict(
     num_processes=1,
     num_threads=2,
     micro_batch="4 conversations",
-    padding_free=False,
-    attn_implementation="sdpa",
+    padding_free=False,  # padded rows: SDPA with a padding mask (the run plan derives the attention from this)
     lm_head_loss="trl",
     max_seq_length=512,
 )
@@ -39,7 +38,7 @@ VARIANTS = {
     "old": OLD,
     "profile_1proc": dict(num_processes=1),  # one process with the profile's threads
     "profile_2threads": dict(num_processes=1, num_threads=2),
-    "profile_padded": dict(padding_free=False, attn_implementation="sdpa"),
+    "profile_padded": dict(padding_free=False),
     "profile_trl_head": dict(lm_head_loss="trl"),
     "plain_trl": None,
 }

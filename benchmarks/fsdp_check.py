@@ -119,7 +119,6 @@ def training_run(mode: str, base: Path, data: Path, work: Path, steps: int, resu
                 "gradient_checkpointing",
                 "fused_lora",
                 "padding_free",
-                "attn_implementation",
                 "optim",
                 "bf16",
             )

@@ -91,18 +91,18 @@ VARIANTS = {
     "params_gcsel": dict(gradient_checkpointing="selective"),
     "params_nogc": dict(gradient_checkpointing="off"),
     "params_nofp8": dict(fp8_matmul="off"),  # the base matmuls in bf16 (the default before FP8, 2026-11-29)
-    "params_nogroup": dict(grouped_lora=False),  # the fused LoRA function per projection (2026-11)
+    "params_nogroup": dict(fused_lora="per_projection"),  # the fused LoRA function per projection (2026-11)
     "params_gcfull_tok8k": dict(gradient_checkpointing="full", micro_batch="8192 tokens"),  # leaner still
     "params_offload": dict(gradient_checkpointing="offload"),  # full, layer inputs in host memory
     "seedbatch16": dict(
         micro_batch="16 conversations",
-        fused_lora=False,
+        fused_lora="off",
         lora_dropout=0.05,
         optim="paged_adamw_8bit",
         gradient_checkpointing="full",
     ),
     "params_dropout005": dict(lora_dropout=0.05),
-    "params_peft": dict(fused_lora=False),
+    "params_peft": dict(fused_lora="off"),
     "params_paged": dict(optim="paged_adamw_8bit"),
     "params_adamw8bit": dict(optim="adamw_8bit"),
     **{f"params_tok{k}k": dict(micro_batch=f"{k * 1024} tokens") for k in (8, 12, 24, 32)},
@@ -214,7 +214,8 @@ def run_project(name: str, arch: str, base: Path, data: Path) -> dict:
         runner.trainer.add_callback(profiler_callback(TrainerCallback, warm + timed, table))
     runner.trainer.train()
     tok_s = timer.tokens / timer.elapsed
-    c, choice = runner.config, runner.checkpointing
+    c, plan = runner.config, runner.plan
+    choice = plan.checkpointing
     recomputed = len(choice.checkpointed_layers) / choice.layers
     flops_per_token = (4 + 2 * recomputed) * param_count(runner.trainer.model.config)
     return {
@@ -222,19 +223,20 @@ def run_project(name: str, arch: str, base: Path, data: Path) -> dict:
         "arch": arch,
         "micro_batch": c.per_device_train_batch_size,
         "tokens_per_micro_batch": c.tokens_per_micro_batch,
-        "fused_lora": c.fused_lora,
-        "grouped_lora": c.grouped_lora,
-        "fp8_matmul": runner.fp8["fp8_matmul"],
+        "fused_lora": plan.fused_lora,
+        "grouped_lora": plan.grouped_lora,
+        "fp8_matmul": "on" if plan.fp8 else "off",
+        "fp8_weight_cache": plan.fp8_cache,
         "optim": c.optim,
         "grad_accum": c.gradient_accumulation_steps,
-        "padding_free": c.padding_free,
+        "padding_free": plan.padding_free,
         "gradient_checkpointing": choice.mode,
         "gradient_checkpointing_requested": c.gradient_checkpointing,
         "checkpointed_layers": f"{len(choice.checkpointed_layers)}/{choice.layers}",
         "gc_estimate_gib": choice.estimate_gib,
         "gc_available_gib": choice.available_gib,
         "lora_dropout": lora.dropout,
-        "attn": c.attn_implementation,
+        "attn": plan.attention,
         "liger": c.use_liger_kernel,
         "warm_steps": warm,
         "timed_steps": timed,
@@ -309,23 +311,17 @@ def run_probe(arch: str, base: Path) -> dict:
     import gc
 
     import torch
+    from transformers import AutoConfig
 
     from expqa.model import checkpointing
     from expqa.model.loading import load_for_training
+    from expqa.training.plan import machine_facts, plan_run
 
     params = shipped_params()
-    c = params.train
-    model, _ = load_for_training(
-        base,
-        params.quantization,
-        params.lora,
-        bf16=c.bf16,
-        gradient_checkpointing=True,
-        attn_implementation=c.attn_implementation,
-        fused_lora=c.fused_lora,
-        grouped_lora=c.grouped_lora,
-    )
-    checkpointing.apply(model, checkpointing.choose("full", checkpointing.Shape.of(model.config), 1))
+    c = dataclasses.replace(params.train, gradient_checkpointing="full")
+    plan = plan_run(c, params.lora, params.quantization, AutoConfig.from_pretrained(base), machine_facts())
+    model, _ = load_for_training(base, params.quantization, params.lora, plan)
+    checkpointing.apply(model, plan.checkpointing)
     if c.use_liger_kernel:  # as the Trainer applies it (fused linear cross-entropy: no full logits)
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
 

@@ -144,21 +144,33 @@ def lora_model(
     from expqa.model.loading import load_for_training
 
     torch.manual_seed(0)
-    model, _ = load_for_training(
-        base,
-        QuantizationConfig(load_in_4bit=quantized),
-        LoRAConfig(r=rank, alpha=2 * rank, dropout=dropout),
-        bf16=bf16,
-        gradient_checkpointing=gradient_checkpointing,
-        fused_lora=fused_lora,
-        grouped_lora=grouped,
-        fp8_matmul=fp8_matmul,
+    quant, lora = QuantizationConfig(load_in_4bit=quantized), LoRAConfig(r=rank, alpha_ratio=2.0, dropout=dropout)
+    fused = ("grouped" if grouped else "per_projection") if fused_lora else "off"
+    checkpointing = "full" if gradient_checkpointing else "off"
+    plan = plan_for(
+        base, quant, lora, fused_lora=fused, gradient_checkpointing=checkpointing, bf16=bf16, fp8_matmul=fp8_matmul
     )
+    model, _ = load_for_training(base, quant, lora, plan)
     with torch.no_grad():  # LoRA B starts at zero; give it values so its path shows in outputs and gradients
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.copy_(torch.randn_like(param) * 0.05)
     return model
+
+
+def plan_for(base, quant, lora, **train):
+    """This machine's run plan (expqa.training.plan) for `base` with these train keys changed; the rest: params.yaml's
+    GPU values, except conversations micro-batches, padded rows (SDPA, as a plain model load), no Liger, no bf16."""
+    import dataclasses
+
+    from transformers import AutoConfig
+
+    from expqa.config import TrainingConfig
+    from expqa.training.plan import machine_facts, plan_run
+
+    keys = {"micro_batch": "2 conversations", "padding_free": False, "use_liger_kernel": False, "bf16": False}
+    config = dataclasses.replace(TrainingConfig(), **{**keys, **train})
+    return plan_run(config, lora, quant, AutoConfig.from_pretrained(base), machine_facts())
 
 
 def loss_and_grads(model, ids, autocast=False):

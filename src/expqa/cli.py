@@ -15,6 +15,7 @@ import sys
 STAGES = {
     "base": "materialise models/base from params model.*",
     "collect": "import a Stack Exchange Posts.xml dump into ChatML JSONL",
+    "generate": "synthetic Q&A from arXiv papers' metadata with a teacher model (generate.enabled)",
     "combine": "validate, deduplicate, weight and split the raw data into data/processed",
     "stats": "dataset statistics and token-length histogram (metrics/data_stats.json)",
     "train": "QLoRA fine-tuning into models/adapter",

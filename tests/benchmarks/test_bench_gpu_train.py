@@ -32,7 +32,7 @@ def test_unsloth_batching_setups():
 def test_tables_give_ratios_within_an_architecture(tmp_path):
     base = dict(
         fused_lora=True,
-        grouped_lora=True,
+        grouped_lora=True,  # recorded from the run plan
         tokens_per_micro_batch=16384,
         micro_batch=16,
         grad_accum=1,

@@ -62,9 +62,9 @@ def test_seed_defaults_are_the_gpu_profile(shipped_params):
         "16384 tokens",
         16384,
         1,
-        True,
+        "grouped",
     )
-    assert (t.padding_free, t.attn_implementation, t.use_liger_kernel) == (True, "expqa_varlen", True)
+    assert (t.padding_free, t.use_liger_kernel) == (True, True)
     assert t.num_processes == 0  # every visible GPU
 
 
@@ -119,17 +119,9 @@ def test_micro_batch_is_one_key_with_its_unit(tmp_path, written, expected):
     path = write(tmp_path, shipped_text().replace("micro_batch: 16384 tokens", f"micro_batch: {written}", 1))
     with pytest.raises(ConfigError, match=re.escape(expected)):
         load_params(path)
-    padded = write(
-        tmp_path,
-        shipped_text()
-        .replace("padding_free: true            #", "padding_free: false #", 1)
-        .replace("attn_implementation: expqa_varlen  #", "attn_implementation: sdpa  #", 1),
-        "padded.yaml",
-    )
-    with pytest.raises(
-        ConfigError, match="a token budget, which packs conversations into one row: it needs train.padding_free: true"
-    ):
-        load_params(padded)
+    # a token budget packs conversations whatever padding_free says (that key is for conversations micro-batches)
+    padded = write(tmp_path, shipped_text().replace("padding_free: true ", "padding_free: false ", 1), "padded.yaml")
+    assert load_params(padded).train.padding_free is False
 
 
 def test_profile_value_and_cpu_overrides_are_checked(tmp_path):
@@ -222,8 +214,8 @@ def test_invalid_value_gives_one_line_naming_key_value_and_line(tmp_path, old, n
 
 
 def test_unknown_key_is_rejected_with_known_keys(tmp_path):
-    path = write(tmp_path, shipped_text().replace("  alpha: 32", "  alpha: 32\n  rank: 8"))
-    with pytest.raises(ConfigError, match=r"unknown key 'lora.rank'; known keys in lora: r, alpha, dropout"):
+    path = write(tmp_path, shipped_text().replace("  alpha_ratio: 2.0 ", "  rank: 8\n  alpha_ratio: 2.0 "))
+    with pytest.raises(ConfigError, match=r"unknown key 'lora.rank'; known keys in lora: r, alpha_ratio, dropout"):
         load_params(path)
 
 
@@ -242,8 +234,8 @@ def test_distributed_is_ddp_or_fsdp(tmp_path):
 
 
 def test_bad_cpu_override_is_caught_on_any_machine(tmp_path):
-    path = write(tmp_path, shipped_text().replace("    max_steps: -1", "    max_steps: 0"))
-    with pytest.raises(ConfigError, match=r"cpu overrides.*|train.max_steps is 0"):
+    path = write(tmp_path, shipped_text().replace("    save_steps: 25", "    save_steps: 0"))
+    with pytest.raises(ConfigError, match=r"params.yaml:\d+: train.save_steps is 0; must be a positive integer"):
         load_params(path)
 
 
@@ -253,7 +245,8 @@ def test_partial_override_file_merges_nested(tmp_path, suffix):
     text = json.dumps(override) if suffix == ".json" else yaml.safe_dump(override)
     path = write(tmp_path, text, "my" + suffix)
     params = load_params(REPO / "params.yaml", path)
-    assert params.lora.r == 32 and params.lora.alpha == 32 and params.train.learning_rate == 1e-4
+    # alpha follows r (alpha_ratio 2): the scale alpha / r stays 2 when an experiment changes r
+    assert params.lora.r == 32 and params.lora.alpha == 64 and params.train.learning_rate == 1e-4
     assert params.lora.target_modules == cfg.LLAMA_PROJECTIONS
 
 

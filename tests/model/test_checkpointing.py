@@ -7,11 +7,12 @@ import torch
 from expqa.config import LoRAConfig, QuantizationConfig
 from expqa.model import checkpointing as ckpt
 from expqa.model.loading import load_for_training
-from helpers import llama_config
+from helpers import llama_config, plan_for
 
 GIB = 2**30
-LLAMA_3B = ckpt.Shape.of(llama_config("llama-3.2-3b"))  # layers 28, hidden 3072, q 3072, kv 1024, vocab 128256
-LLAMA_8B = ckpt.Shape.of(llama_config("llama-3.1-8b"))  # layers 32, hidden 4096, q 4096, kv 1024, vocab 128256
+RUN = dict(lora_rank=16, lora_targets=7, liger=True, fused_lora=True, lora_dropout=0.0)  # params.yaml's GPU run
+LLAMA_3B = ckpt.Shape.of(llama_config("llama-3.2-3b"), **RUN)  # layers 28, hidden 3072, q 3072, kv 1024, vocab 128256
+LLAMA_8B = ckpt.Shape.of(llama_config("llama-3.1-8b"), **RUN)  # layers 32, hidden 4096, q 4096, kv 1024, vocab 128256
 
 
 def test_estimates_match_the_measured_3b_peaks():
@@ -71,15 +72,10 @@ def test_fixed_modes_need_no_measurement():
 
 def load(tiny_base, checkpointing: bool, grouped: bool = True, dropout: float = 0.0):
     torch.manual_seed(0)
-    model, _ = load_for_training(
-        tiny_base,
-        QuantizationConfig(load_in_4bit=False),
-        LoRAConfig(r=4, alpha=8, dropout=dropout),
-        bf16=False,
-        gradient_checkpointing=checkpointing,
-        fused_lora=True,
-        grouped_lora=grouped,
-    )
+    quant, lora = QuantizationConfig(load_in_4bit=False), LoRAConfig(r=4, alpha_ratio=2.0, dropout=dropout)
+    fused = "grouped" if grouped else "per_projection"
+    plan = plan_for(tiny_base, quant, lora, gradient_checkpointing="full" if checkpointing else "off", fused_lora=fused)
+    model, _ = load_for_training(tiny_base, quant, lora, plan)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -116,8 +112,8 @@ def forward_counts(model, ids) -> list[int]:
 def test_every_mode_gives_the_loss_and_gradients_of_no_checkpointing(tiny_base, mode, layers):
     ids = torch.randint(0, 1000, (2, 24), generator=torch.Generator().manual_seed(1))
     loss_ref, grads_ref = loss_and_grads(load(tiny_base, checkpointing=False), ids)
-    model = load(tiny_base, checkpointing=True)
-    shape = ckpt.Shape.of(model.config)
+    model = load(tiny_base, checkpointing=bool(layers))  # as the run plan loads: checkpointing only to recompute
+    shape = ckpt.Shape.of(model.config, **{**RUN, "liger": False})
     choice = (
         ckpt.choose(mode, shape, 48) if mode != "top" else ckpt.Choice("test", "selective", layers, shape.layers, 48)
     )
@@ -140,7 +136,7 @@ def test_offload_recomputes_with_the_forward_dropout_masks(tiny_base):
     results = []
     for mode in ("full", "offload"):
         model = load(tiny_base, checkpointing=True, dropout=0.3)
-        ckpt.apply(model, ckpt.choose(mode, ckpt.Shape.of(model.config), 48))
+        ckpt.apply(model, ckpt.choose(mode, ckpt.Shape.of(model.config, **{**RUN, "liger": False}), 48))
         torch.manual_seed(5)
         results.append(loss_and_grads(model, ids))
     (loss_full, grads_full), (loss_offload, grads_offload) = results
@@ -154,20 +150,13 @@ def test_offload_refuses_an_input_without_gradient():
         ckpt.offloaded_checkpoint(lambda h: h * 2, torch.ones(2))
 
 
-def test_configure_measures_memory_for_auto(tiny_base, monkeypatch):
+def test_apply_checkpoints_exactly_the_chosen_layers(tiny_base):
+    """The run plan chooses (tests/training/test_plan.py), apply carries it out on a model loaded with checkpointing."""
     model = load(tiny_base, checkpointing=True)
-    choice = ckpt.configure(
-        model, "auto", 4096, liger=False, fused_lora=True, lora_rank=4, lora_targets=7, lora_dropout=0.0
-    )
-    assert choice.mode == "off" and choice.available_gib > 0  # this machine's RAM holds a tiny model's activations
-    assert not any(layer.gradient_checkpointing for layer in ckpt.decoder_layers(model))
-    monkeypatch.setattr(ckpt, "available_memory", lambda: (3.0 * GIB, 16.0 * GIB))  # 3 GiB free of 16
-    model = load(tiny_base, checkpointing=True)
-    choice = ckpt.configure(
-        model, "auto", 10**8, liger=False, fused_lora=True, lora_rank=4, lora_targets=7, lora_dropout=0.0
-    )
-    # 3 GiB minus the 2 GiB minimum headroom: not even full fits 10^8 tokens, so every layer's input goes to host memory
-    assert choice.mode == "offload" and choice.available_gib == 1.0
+    shape = ckpt.Shape.of(model.config, lora_rank=4, lora_targets=7, liger=False, fused_lora=True, lora_dropout=0.0)
+    ckpt.apply(model, ckpt.choose("selective", shape, 64))
+    assert [layer.gradient_checkpointing for layer in ckpt.decoder_layers(model)] == [True, False]
+    ckpt.apply(model, ckpt.choose("offload", shape, 64))
     assert all(
         layer.gradient_checkpointing and layer._gradient_checkpointing_func is ckpt.offloaded_checkpoint
         for layer in ckpt.decoder_layers(model)

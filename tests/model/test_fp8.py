@@ -15,7 +15,7 @@ from expqa.model import fp8
 from expqa.model.loading import load_for_training
 from helpers import lora_model as fused_lora_model
 from helpers import loss_and_grads as fused_loss_and_grads
-from helpers import write_params
+from helpers import plan_for, write_params
 
 
 def rel_err(got, want) -> float:
@@ -71,7 +71,7 @@ def test_fused_lora_in_fp8_is_close_to_bf16(tiny_base, grouped, monkeypatch):
     reference = lora_model(tiny_base, "off", grouped)
     loss_ref, grads_ref = loss_and_grads(reference, ids)
     model = lora_model(tiny_base, "on", grouped)
-    assert model.expqa_fp8 == (True, "train.fp8_matmul: on") and reference.expqa_fp8[0] is False
+    assert not any(getattr(m, "_expqa_fp8", False) for m in reference.modules())
     assert sum(getattr(m, "_expqa_fp8", False) for m in model.modules()) == 14  # 2 layers x 7 projections
     calls = []
     matmul_rows = fp8.matmul_rows
@@ -109,35 +109,21 @@ def test_embedded_model_loss_on_real_conversations_barely_moves(embedded_base, e
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     losses = {}
     for mode in ("off", "on"):
-        model, _ = load_for_training(
-            embedded_base,
-            QuantizationConfig(load_in_4bit=False),
-            LoRAConfig(r=8, alpha=16, dropout=0.0),
-            bf16=True,
-            gradient_checkpointing=False,
-            fused_lora=True,
-            grouped_lora=True,
-            fp8_matmul=mode,
-        )
+        quant, lora = QuantizationConfig(load_in_4bit=False), LoRAConfig(r=8, alpha_ratio=2.0, dropout=0.0)
+        plan = plan_for(embedded_base, quant, lora, bf16=True, gradient_checkpointing="off", fp8_matmul=mode)
+        model, _ = load_for_training(embedded_base, quant, lora, plan)
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             losses[mode] = float(model(**batch, labels=labels).loss)
     assert 0.5 < losses["off"] < 5.0
     assert abs(losses["on"] - losses["off"]) < 0.01 * losses["off"], losses
 
 
-def test_resolve_says_what_it_chose_and_why():
-    assert fp8.resolve("off", "cpu", torch.bfloat16) == (False, "train.fp8_matmul: off")
-    assert fp8.resolve("on", "cpu", torch.float32) == (True, "train.fp8_matmul: on")
-    use, why = fp8.resolve("auto", "cpu", torch.bfloat16)
-    assert not use and why.startswith("auto: cpu")
-
-
 def test_train_fp8_matmul_values(tmp_path):
     assert TrainingConfig(fp8_matmul=True).fp8_matmul == "on" and TrainingConfig(fp8_matmul=False).fp8_matmul == "off"
     assert "train.fp8_matmul is 'maybe'; allowed: auto, on, off" in TrainingConfig(fp8_matmul="maybe").validate()
     errors = TrainingConfig(fp8_matmul="on", fused_lora=False).validate()
-    assert any("train.fp8_matmul is on but train.fused_lora is false" in e for e in errors)
-    assert TrainingConfig(fp8_matmul="auto", fused_lora=False).validate() == []  # auto just stays off there
+    assert any("train.fp8_matmul is on but train.fused_lora is off" in e for e in errors)
+    assert TrainingConfig(fp8_matmul="auto", fused_lora="off").validate() == []  # auto just stays off there
 
     write_params(tmp_path / "params.yaml", replace=[("fp8_matmul: auto", "fp8_matmul: off")])
     assert load_params(tmp_path / "params.yaml").train.fp8_matmul == "off"  # YAML's off (a boolean) works
@@ -146,7 +132,7 @@ def test_train_fp8_matmul_values(tmp_path):
 def test_patch_lora_layers_marks_only_eligible_layers(tiny_base):
     model = lora_model(tiny_base, "off", grouped=False)
     assert not any(getattr(m, "_expqa_fp8", False) for m in model.modules())
-    assert fused.patch_lora_layers(model, fp8=True) == 0  # already patched: the choice is made once, at load
+    assert fused.patch_lora_layers(model, grouped=False, fp8=True) == 0  # already patched: decided once, at load
 
 
 def test_cached_fp8_weights_give_the_same_results(tiny_base):

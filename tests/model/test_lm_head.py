@@ -10,7 +10,7 @@ from trl.trainer.utils import add_fused_lm_head
 from expqa.config import LoRAConfig, QuantizationConfig
 from expqa.model.lm_head import add_label_lm_head, label_log_probs
 from expqa.model.loading import load_for_training
-from helpers import tiny_training_config
+from helpers import plan_for, tiny_training_config
 
 
 def test_label_log_probs_match_log_softmax_with_gradients():
@@ -38,14 +38,9 @@ def test_label_log_probs_match_log_softmax_with_gradients():
 
 def lora_model(base):
     torch.manual_seed(0)
-    model, _ = load_for_training(
-        base,
-        QuantizationConfig(load_in_4bit=False),
-        LoRAConfig(r=4, alpha=8, dropout=0.0),
-        bf16=False,
-        gradient_checkpointing=False,
-        fused_lora=True,
-    )
+    quant, lora = QuantizationConfig(load_in_4bit=False), LoRAConfig(r=4, alpha_ratio=2.0, dropout=0.0)
+    plan = plan_for(base, quant, lora, gradient_checkpointing="off", fused_lora="per_projection")
+    model, _ = load_for_training(base, quant, lora, plan)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -90,7 +85,7 @@ def test_trainer_installs_the_configured_head(tiny_base, processed_dir, tmp_path
     params, train = tiny_training_config(lm_head_loss=head)
     trainer = QLoRATrainer(
         train,
-        lora=dataclasses.replace(params.lora, r=4, alpha=8),
+        lora=dataclasses.replace(params.lora, r=4, alpha_ratio=2.0),
         quantization=QuantizationConfig(load_in_4bit=False),
         seed=params.base.seed,
         base_model=tiny_base,

@@ -3,7 +3,7 @@ import torch
 
 from expqa.config import LLAMA_PROJECTIONS, LoRAConfig, QuantizationConfig
 from expqa.model.loading import check_target_modules, load_for_training
-from helpers import llama_config
+from helpers import llama_config, plan_for
 
 
 def lora_grads(model, batch):
@@ -16,9 +16,9 @@ def lora_grads(model, batch):
 def test_bnb_cpu_guard_keeps_lora_gradients_after_eval_forward(tiny_base):
     """Regression: bitsandbytes 0.50 on avx512_bf16 CPUs silently zeroes LoRA gradients after an eval forward."""
     torch.manual_seed(0)
-    model, _ = load_for_training(
-        tiny_base, QuantizationConfig(), LoRAConfig(r=4, alpha=8, dropout=0.0), bf16=True, gradient_checkpointing=False
-    )
+    quant, lora = QuantizationConfig(), LoRAConfig(r=4, alpha_ratio=2.0, dropout=0.0)
+    plan = plan_for(tiny_base, quant, lora, bf16=True, gradient_checkpointing="off", fused_lora="off")
+    model, _ = load_for_training(tiny_base, quant, lora, plan)
     for name, param in model.named_parameters():  # make B non-zero so every LoRA weight gets a gradient
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.02)
@@ -75,5 +75,5 @@ def test_llama_32_3b_architecture_resolves_targets_and_quantisation(shipped_para
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     # r16 on all 7 projections: per layer 16*(3072+3072) q,o + 16*(3072+1024)*2 k,v + 16*(3072+8192)*3 mlp
     assert trainable == 2 * 16 * (2 * 6144 + 2 * 4096 + 3 * 11264)
-    q = quantization_config(shipped_params.quantization)
+    q = quantization_config(shipped_params.quantization, shipped_params.quantization.bnb_4bit_compute_dtype)
     assert q.load_in_4bit and q.bnb_4bit_quant_type == "nf4" and q.bnb_4bit_use_double_quant

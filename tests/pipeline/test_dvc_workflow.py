@@ -296,6 +296,23 @@ def test_data_stages_reproduce_the_committed_lock_byte_for_byte(project):
             ), f"{path} is not reproduced byte for byte"
 
 
+def test_a_train_key_that_stats_does_not_read_leaves_stats_alone(project):
+    """`-S train.fp8_matmul=off` re-runs train and what follows, not stats (which reads train.max_seq_length only):
+    after the params stage, DVC sees train's params file changed and stats' not."""
+    params = project.repo / "params.yaml"
+    original = params.read_text()
+    assert "fp8_matmul: auto" in original
+    try:
+        params.write_text(original.replace("fp8_matmul: auto", "fp8_matmul: 'off'", 1))
+        dvc(project, "repro", "-s", "params")
+        status = json.loads(dvc(project, "status", "--json").stdout)
+        assert "train" in status and not {"base", "collect", "combine", "stats"} & set(status), status
+    finally:
+        params.write_text(original)
+        dvc(project, "repro", "-s", "params")
+    assert_up_to_date(project)
+
+
 def test_verify_passes_after_a_rerun_here_and_fails_after_a_real_change(project):
     """`expqa verify`: a forced re-run of train on this machine reproduces the committed metrics; a larger test
     split (params, combine and stats re-run) puts the split counts outside their exact tolerance. In a clone sharing

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from expqa.config import STAGE_SECTIONS
+from expqa.config import STAGE_SECTIONS, ConfigError
 from helpers import write_params
 
 PARAMS_STAGE = ["stages/params.py", "--params", "params.yaml", "--sources", "data/raw/sources", "--out", "resolved"]
@@ -131,6 +131,38 @@ def test_the_params_stage_runs_on_every_repro_and_re_resolves_auto_for_this_mach
     assert "profile auto -> gpu;" in out and out.count("profile auto -> cpu;") == 2
 
 
+def test_stages_depend_on_the_keys_they_read(copy_repo, monkeypatch):
+    """stats and evaluate read train.max_seq_length only: a change of another train key (here fp8_matmul) rewrites
+    train's file but not theirs, so DVC re-runs train and what follows it, not stats; max_seq_length reaches all."""
+    repo = copy_repo()
+    assert run_params_stage(repo, monkeypatch, gpus=0) == 0
+    before = resolved_files(repo)
+    assert json.loads(before["stats.json"]) == {"stage": "stats", "profile": "cpu", "train": {"max_seq_length": 512}}
+    params = repo / "params.yaml"
+    params.write_text(params.read_text().replace("fp8_matmul: auto ", "fp8_matmul: off ", 1))
+    assert run_params_stage(repo, monkeypatch, gpus=0) == 0
+    after = resolved_files(repo)
+    assert {name for name in before if before[name] != after[name]} == {"train.json"}
+    params.write_text(params.read_text().replace("    max_seq_length: 512", "    max_seq_length: 384", 1))
+    assert run_params_stage(repo, monkeypatch, gpus=0) == 0
+    changed = {name for name, data in resolved_files(repo).items() if data != after[name]}
+    assert changed == {"train.json", "stats.json", "evaluate.json"}
+
+
+def test_a_stage_reads_only_its_keys_of_a_section(tmp_path):
+    from expqa.config import load_stage_params
+
+    path = tmp_path / "stats.json"
+    path.write_text(json.dumps({"stage": "stats", "profile": "cpu", "train": {"max_seq_length": 512}}))
+    train = load_stage_params(path, "stats").train
+    assert train.max_seq_length == 512
+    with pytest.raises(AttributeError, match="learning_rate: not among the keys this stage reads"):
+        train.learning_rate  # noqa: B018 (the access is the test)
+    path.write_text(json.dumps({"stage": "stats", "train": {"max_seq_length": 512, "learning_rate": 0.1}}))
+    with pytest.raises(ConfigError, match="train must hold exactly max_seq_length"):
+        load_stage_params(path, "stats")
+
+
 def test_the_model_source_is_checked_only_when_the_base_stage_will_run_again(copy_repo, monkeypatch):
     """Every `dvc repro` runs the params stage: a hub model.name must not need the network each time."""
     from expqa.pipeline import params as params_stage
@@ -170,6 +202,22 @@ def test_params_never_ask_for_more_processes_than_this_machine_has_devices(
     assert not (repo / "resolved").exists()
 
 
+def test_offload_with_several_processes_stops_in_the_params_stage(copy_repo, monkeypatch, capsys):
+    """It used to fail in the trainer, after the model, FP8 and the weight cache were set up."""
+    repo = copy_repo()
+    params = repo / "params.yaml"
+    params.write_text(
+        params.read_text().replace("gradient_checkpointing: auto ", "gradient_checkpointing: offload ", 1)
+    )
+    line = next(i for i, t in enumerate(params.read_text().splitlines(), 1) if "gradient_checkpointing: offload" in t)
+    assert run_params_stage(repo, monkeypatch, gpus=2) == 2
+    assert capsys.readouterr().err.startswith(
+        f"error: params.yaml:{line}: train.gradient_checkpointing is offload, which runs in one process, but this run "
+        "has 2: a reentrant checkpoint"
+    )
+    assert run_params_stage(repo, monkeypatch, gpus=1) == 0  # one GPU: one process
+
+
 def test_the_cpu_profile_runs_on_the_cpu_even_where_a_gpu_is(monkeypatch):
     """Its settings (2 gloo processes, fp32 weights) are the CPU's, and it is how a CPU-made lock is reproduced."""
     from expqa.config import ConfigError, Params
@@ -206,11 +254,13 @@ def test_every_stage_module_runs_with_python_dash_m():
     the `__main__` block, which torchrun needs)."""
     import ast
 
-    from expqa.pipeline import STAGES
     from helpers import REPO
 
-    for stage in STAGES:
-        body = ast.parse((REPO / "src" / "expqa" / "pipeline" / f"{stage}.py").read_text()).body
+    modules = sorted((REPO / "src" / "expqa" / "pipeline").glob("[!_]*.py"))
+    assert {m.stem for m in modules} == {*STAGE_SECTIONS, "params", "merge"}  # every stage of dvc.yaml
+    for module in modules:
+        stage = module.stem
+        body = ast.parse(module.read_text()).body
         guards = [node for node in body if isinstance(node, ast.If) and "__name__" in ast.unparse(node.test)]
         assert [ast.unparse(node) for node in guards] == ["if __name__ == '__main__':\n    sys.exit(main())"], stage
     help_ = subprocess.run([sys.executable, "-m", "expqa.pipeline.params", "--help"], capture_output=True, text=True)

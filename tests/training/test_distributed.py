@@ -1,6 +1,7 @@
 """Several processes on CPU (gloo): DDP and FSDP2 with the same global batch learn what 1 process learns, an external
 launch is not relaunched, two torchrun agents joined like two machines train together, only rank 0 writes."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -23,7 +24,7 @@ def write_run_params(run_dir, processes, micro_batch, quantized=False, **train):
     write_params(
         run_dir / "params.yaml",
         {
-            "lora": dict(r=4, alpha=8, dropout=0.0),  # dropout draws different random numbers per process
+            "lora": dict(r=4, alpha_ratio=2.0, dropout=0.0),  # dropout draws different random numbers per process
             "cpu.quantization": dict(load_in_4bit=quantized),
             "cpu.train": dict(
                 dict(
@@ -371,7 +372,6 @@ def test_fsdp_arguments_bf16_compute_fp32_reduction_and_layer_checkpointing(tiny
     from expqa.training import trainer as trainer_module
     from helpers import tiny_training_config
 
-    monkeypatch.setattr(trainer_module, "use_bf16", lambda requested: requested)  # as on a GPU
     _, config = tiny_training_config(distributed="fsdp", gradient_checkpointing=True, bf16=True)
     params, _ = tiny_training_config()
     runner = trainer_module.QLoRATrainer(
@@ -385,6 +385,7 @@ def test_fsdp_arguments_bf16_compute_fp32_reduction_and_layer_checkpointing(tiny
         metrics_dir=None,
         log_dir=None,
     )
+    runner.plan = dataclasses.replace(runner.plan, bf16=True)  # as the plan decides on a GPU
     args = runner._sft_config(False, AutoModelForCausalLM.from_pretrained(tiny_base))
     plugin = FullyShardedDataParallelPlugin(**args.fsdp_plugin_args)
     plugin.set_mixed_precision("bf16")  # what Accelerate does with bf16=True: our policy is kept

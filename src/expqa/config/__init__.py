@@ -15,10 +15,10 @@ from expqa.config.loader import (
     read_config_file,
 )
 from expqa.config.schema import (
-    ATTENTION_KERNELS,
     CHECKPOINTING_MODES,
     EMBEDDED_MODEL,
     FP8_MODES,
+    FUSED_LORA_MODES,
     GGUF_EXPORT_TYPES,
     LLAMA_PROJECTIONS,
     LM_HEAD_LOSSES,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,10 +94,30 @@ class Params:
         overridden section is not re-run when only the machine changes)."""
         raw = _as_raw(self)
         record = {"stage": stage}
-        if any(section in self.cpu for section in STAGE_SECTIONS[stage]):
+        if any(_overridden(self.cpu, entry) for entry in STAGE_SECTIONS[stage]):
             record["profile"] = self.profile
-        record.update({section: raw[section] for section in STAGE_SECTIONS[stage]})
+        for entry in STAGE_SECTIONS[stage]:
+            section, _, key = entry.partition(".")
+            if key:
+                record.setdefault(section, {})[key] = raw[section][key]
+            else:
+                record[section] = raw[section]
         return record
+
+
+def _overridden(cpu: dict, entry: str) -> bool:
+    """Whether the cpu overrides touch a STAGE_SECTIONS entry: a section, or one key of a section."""
+    section, _, key = entry.partition(".")
+    return section in cpu and (not key or key in (cpu[section] or {}))
+
+
+class SectionKeys(types.SimpleNamespace):
+    """The keys of a section that a stage reads alone (STAGE_SECTIONS' "section.key" entries), e.g. stats'
+    train.max_seq_length. Any other key of the section is an error, not a default: the stage's params file does
+    not hold it, so DVC would not re-run the stage when it changes."""
+
+    def __getattr__(self, name: str):
+        raise AttributeError(f"{name}: not among the keys this stage reads (config.schema.STAGE_SECTIONS)")
 
 
 def _as_raw(params: Params) -> dict:
@@ -494,4 +515,25 @@ def load_stage_params(
             f"metrics/params/{stage}.json (written by the params stage) or params.yaml"
         )
     body = {key: value for key, value in raw.items() if key != "stage"}
-    return params_from_dict(body, str(path), lines, sources_dir, sections=STAGE_SECTIONS[stage])
+    entries = STAGE_SECTIONS[stage]
+    keyed = {}  # section -> the keys the stage reads alone
+    for entry in entries:
+        section, _, key = entry.partition(".")
+        if key:
+            keyed.setdefault(section, []).append(key)
+    partial = {section: body.pop(section, None) for section in keyed}
+    params = params_from_dict(body, str(path), lines, sources_dir, sections=[e for e in entries if "." not in e])
+    errors = []
+    hints = typing.get_type_hints(Params)
+    for section, keys in keyed.items():
+        value = partial[section]
+        if not isinstance(value, dict) or sorted(value) != sorted(keys):
+            errors.append(f"{path}: {section} must hold exactly {', '.join(keys)} (the keys stage {stage} reads)")
+            continue
+        checked = _checked_fields(hints[section], value, section, lambda key: lines.get(key, str(path)), [])
+        bad = [key for key in keys if key not in checked]
+        errors.extend(f"{path}: {section}.{key} is {value[key]!r}; wrong type" for key in bad)
+        setattr(params, section, SectionKeys(**checked))
+    if errors:
+        raise ConfigError(errors)
+    return params

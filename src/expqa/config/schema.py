@@ -21,25 +21,27 @@ from urllib.parse import urlparse
 
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 EMBEDDED_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
-ATTENTION_KERNELS = ("sdpa", "eager", "expqa_varlen")
 CHECKPOINTING_MODES = ("auto", "off", "selective", "full", "offload")  # expqa.model.checkpointing.MODES
-FP8_MODES = ("auto", "on", "off")  # train.fp8_matmul, resolved by expqa.model.fp8.resolve
+FP8_MODES = ("auto", "on", "off")  # train.fp8_matmul, decided by expqa.training.plan
 GGUF_EXPORT_TYPES = ("f32", "f16", "bf16", "q8_0")
 LM_HEAD_LOSSES = ("trl", "expqa")
 MAX_WEIGHT = 1000.0  # train copies are stored in 16 bits, and more is surely a typo
-SOURCE_FORMATS = ("chatml", "sharegpt", "alpaca", "openai", "hf_disk")  # expqa.data.sources.FORMATS
+SOURCE_FORMATS = ("chatml", "sharegpt", "alpaca", "openai", "hf_disk")  # data.sources[].format; expqa.data.sources
 SEED_END = 2**32  # numpy's seeds (set by transformers' set_seed) are 32-bit
 PROFILES = ("auto", "gpu", "cpu")
 MICRO_BATCH_UNITS = ("tokens", "conversations")
-# the params sections each stage reads (the params stage writes them, resolved, to metrics/params/<stage>.json)
+FUSED_LORA_MODES = ("grouped", "per_projection", "off")
+# what each stage reads: whole sections, or single keys ("train.max_seq_length": stats and evaluate read only it, so
+# `-S train.fp8_matmul=off` re-runs train and what follows but not them). The params stage writes them, resolved,
+# to metrics/params/<stage>.json
 STAGE_SECTIONS = {
     "base": ("model",),
     "collect": ("collect",),
     "generate": ("generate",),
     "combine": ("base", "data"),
-    "stats": ("train",),
+    "stats": ("train.max_seq_length",),
     "train": ("base", "quantization", "lora", "train"),
-    "evaluate": ("base", "eval", "train"),
+    "evaluate": ("base", "eval", "train.max_seq_length"),
     "export": ("export",),
 }
 
@@ -301,7 +303,11 @@ class QuantizationConfig:
 @dataclass
 class LoRAConfig:
     r: int = _help("LoRA rank.", 16)
-    alpha: int = _help("LoRA scaling numerator (scale = alpha / r); usually 2 * r.", 32)
+    alpha_ratio: float = _help(
+        "LoRA alpha as a multiple of r (alpha = alpha_ratio x r, so the update's scale alpha / r stays when r "
+        "changes: `-S lora.r=32` keeps it at 2).",
+        2.0,
+    )
     dropout: float = _help("Dropout on the LoRA input, in [0, 1).", 0.0)
     target_modules: list[str] = _help("Linear layers that get adapters (all 7 Llama projections).", LLAMA_PROJECTIONS)
 
@@ -309,21 +315,27 @@ class LoRAConfig:
         errors = []
         if self.r <= 0:
             errors.append(f"lora.r is {self.r}; must be a positive integer (typical: 8, 16, 32, 64)")
-        if self.alpha <= 0:
-            errors.append(f"lora.alpha is {self.alpha}; must be positive (usually 2 * lora.r)")
+        if self.alpha_ratio <= 0:
+            errors.append(f"lora.alpha_ratio is {self.alpha_ratio}; must be positive (usually 2: alpha = 2 x r)")
         if not 0 <= self.dropout < 1:
             errors.append(f"lora.dropout is {self.dropout}; must be in [0, 1)")
         if not self.target_modules:
             errors.append("lora.target_modules is empty; list at least one linear layer, e.g. q_proj")
         return errors
 
+    @property
+    def alpha(self) -> int | float:
+        """PEFT's lora_alpha: alpha_ratio x r (an int when whole, as adapter_config.json has always written it)."""
+        alpha = self.alpha_ratio * self.r
+        return int(alpha) if float(alpha).is_integer() else alpha
+
 
 @dataclass
 class TrainingConfig:
     micro_batch: str = _help(
         "Size of one process's micro-batch, with its unit: '<N> tokens' (conversations packed best-fit, without "
-        "padding, into rows of at most N tokens; needs padding_free) or '<N> conversations' (N conversations, packed "
-        "into one row when padding_free, else padded). Tokens per optimizer step = this x "
+        "padding, into rows of at most N tokens) or '<N> conversations' (N conversations, packed into one row when "
+        "padding_free, else padded). Tokens per optimizer step = this x "
         "gradient_accumulation_steps x processes.",
         "16384 tokens",
     )
@@ -352,33 +364,26 @@ class TrainingConfig:
     save_total_limit: int = _help("Checkpoints kept (older ones are deleted).", 3)
     num_threads: int = _help("CPU threads for torch; 0 = torch's default. Fixed for reproducible CPU runs.", 0)
     padding_free: bool = _help(
-        "Pack each micro-batch's conversations into one row without padding (position ids "
-        "restart per conversation). Needs a document-masked attn_implementation.",
+        "With '<N> conversations' micro-batches: pack each process's conversations into one row without padding "
+        "(position ids restart per conversation; document-masked varlen attention). A token budget always packs. "
+        "Padded rows use SDPA with a padding mask.",
         True,
-    )
-    attn_implementation: str = _help(
-        "Attention kernel: sdpa, eager, or expqa_varlen (document-masked varlen "
-        "attention for padding_free; Flash-Attention varlen on CUDA).",
-        "expqa_varlen",
     )
     use_liger_kernel: bool = _help(
         "Liger's fused Triton kernels (fused linear cross-entropy, RMSNorm, SwiGLU, "
         "RoPE); CUDA only, needs the liger-kernel package.",
         True,
     )
-    fused_lora: bool = _help(
-        "LoRA layers as one autograd function (no extra passes over the output, no "
-        "dropout mask when lora.dropout is 0); false = PEFT's own forward.",
-        True,
-    )
-    grouped_lora: bool = _help(
-        "With fused_lora: projections that read the same input (q/k/v, gate/up) run as one "
-        "function (one read of the input for all their adapters, one buffer for its "
-        "gradient) when lora.dropout is 0.",
-        True,
+    fused_lora: str | bool = _help(
+        "LoRA layers as one autograd function each (no extra passes over the output, no dropout mask when "
+        "lora.dropout is 0): grouped (projections that read the same input, q/k/v and gate/up, run as one function: "
+        "one read of the input, one buffer for its gradient), per_projection, or off (PEFT's own forward). YAML's "
+        "false means off, true grouped.",
+        "grouped",
     )
     fp8_matmul: str | bool = _help(
-        "With fused_lora: the frozen base weights' matmuls (forward and input gradient) in FP8 e4m3 with per-row "
+        "With fused LoRA layers: the frozen base weights' matmuls (forward and input gradient) in FP8 e4m3 with "
+        "per-row "
         "scales (src/expqa/model/fp8.py); the LoRA path, attention, norms and loss stay bf16. auto = on where FP8 "
         "tensor cores run them at twice the bf16 rate (CUDA compute capability >= 9.0, bf16) unless gradient "
         "checkpointing is offload (memory first), off elsewhere; on | off. With no checkpointing and room measured "
@@ -412,6 +417,8 @@ class TrainingConfig:
             self.gradient_checkpointing = "full" if self.gradient_checkpointing else "off"
         if isinstance(self.fp8_matmul, bool):  # YAML's on/off
             self.fp8_matmul = "on" if self.fp8_matmul else "off"
+        if isinstance(self.fused_lora, bool):  # YAML's off/false, and true (the old boolean key)
+            self.fused_lora = "grouped" if self.fused_lora else "off"
 
     def micro_batch_size(self) -> tuple[int, str] | None:
         """micro_batch as (count, unit), or None when it is not '<positive int> tokens|conversations'."""
@@ -442,10 +449,15 @@ class TrainingConfig:
             )
         if self.fp8_matmul not in FP8_MODES:
             errors.append(f"train.fp8_matmul is {self.fp8_matmul!r}; allowed: {', '.join(FP8_MODES)}")
-        elif self.fp8_matmul == "on" and not self.fused_lora:
+        elif self.fp8_matmul == "on" and self.fused_lora == "off":
             errors.append(
-                "train.fp8_matmul is on but train.fused_lora is false: the FP8 matmuls live in the fused LoRA "
-                "function; set fused_lora: true or fp8_matmul: off"
+                "train.fp8_matmul is on but train.fused_lora is off: the FP8 matmuls live in the fused LoRA "
+                "function; set fused_lora: grouped or fp8_matmul: off"
+            )
+        if self.fused_lora not in FUSED_LORA_MODES:
+            errors.append(
+                f"train.fused_lora is {self.fused_lora!r}; allowed: {', '.join(FUSED_LORA_MODES)} (YAML's false "
+                "means off, true grouped)"
             )
         for key in (
             "gradient_accumulation_steps",
@@ -496,11 +508,6 @@ class TrainingConfig:
                 "'16384 tokens' (packed token budget) or '2 conversations'"
             )
         elif size[1] == "tokens":
-            if not self.padding_free:
-                errors.append(
-                    f"train.micro_batch is {self.micro_batch!r}, a token budget, which packs conversations "
-                    "into one row: it needs train.padding_free: true (or give '<N> conversations')"
-                )
             if size[0] < self.max_seq_length:
                 errors.append(
                     f"train.micro_batch is {self.micro_batch!r}, below train.max_seq_length "
@@ -509,15 +516,6 @@ class TrainingConfig:
                 )
         if self.lm_head_loss not in LM_HEAD_LOSSES:
             errors.append(f"train.lm_head_loss is {self.lm_head_loss!r}; allowed: {', '.join(LM_HEAD_LOSSES)}")
-        if self.attn_implementation not in ATTENTION_KERNELS:
-            errors.append(
-                f"train.attn_implementation is {self.attn_implementation!r}; allowed: {', '.join(ATTENTION_KERNELS)}"
-            )
-        elif self.padding_free and self.attn_implementation != "expqa_varlen":
-            errors.append(
-                f"train.padding_free is true with train.attn_implementation {self.attn_implementation!r}; "
-                "packed rows need expqa_varlen (or set padding_free: false)"
-            )
         return errors
 
 

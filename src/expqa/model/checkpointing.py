@@ -10,9 +10,10 @@
   on a side stream while the next layer runs, copied back when backward reaches the layer): what stays on the GPU
   is the weights and one layer's recompute. The lean setting, in the way Unsloth's checkpointing saves memory;
   one process only (it is a reentrant checkpoint, which DDP/FSDP do not handle);
-- auto: measured: the free memory of the device after the model is loaded, minus a headroom, against an estimate
-  of the peak for the longest micro-batch (the token budget, or conversations x max_seq_length); off when it fits,
-  else the fewest checkpointed layers that fit, else full, else offload.
+- auto: planned (expqa.training.plan): the device's free memory minus the weights loading will take and a headroom,
+  against an estimate of the peak for the longest micro-batch (the token budget, or conversations x
+  max_seq_length); off when it fits, else the fewest checkpointed layers that fit, else full, else offload (one
+  process only; with several, full).
 Checkpointed layers are always the first k: backward reaches them last, when the other layers' activations are
 freed already, so recomputing one of them adds nothing to the peak (a checkpointed top layer would be recomputed
 while every layer below still holds its activations).
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from pathlib import Path
 
 import torch
 
@@ -56,12 +56,12 @@ class Shape:
     q_dim: int
     kv_dim: int
     vocab: int
-    lora_rank: int = 16
-    lora_targets: int = 7
-    activation_bytes: int = 2  # bf16
-    liger: bool = True
-    fused_lora: bool = True
-    lora_dropout: float = 0.0
+    lora_rank: int
+    lora_targets: int
+    liger: bool
+    fused_lora: bool
+    lora_dropout: float
+    activation_bytes: int = 2  # bf16; float32 where the run does not compute in bf16
 
     @classmethod
     def of(cls, config, **run) -> Shape:
@@ -149,11 +149,14 @@ def choose(
     available_bytes: float | None = None,
     static_bytes: float = 0.0,
     resident_bytes: float = 0.0,
+    offload_allowed: bool = True,
 ) -> Choice:
-    """The checkpointing for a run; `available_bytes` (free device memory, headroom taken off) only for auto.
+    """The checkpointing for a run; `available_bytes` (free device memory, the weights and a headroom taken off)
+    only for auto.
 
-    static_bytes: what training adds besides activations (LoRA gradients, optimizer state); resident_bytes: what is
-    allocated already (weights), only for the reported estimate.
+    static_bytes: what training adds besides activations (LoRA gradients, optimizer state); resident_bytes: the
+    weights, only for the reported estimate. offload_allowed: one process (auto never picks offload for several:
+    full, however far its estimate is over).
     """
     if requested not in MODES:
         raise ValueError(f"gradient checkpointing mode {requested!r}; allowed: {', '.join(MODES)}")
@@ -166,7 +169,7 @@ def choose(
         if available_bytes is None:
             raise ValueError("gradient_checkpointing: auto needs the available memory")
         count = next((k for k in range(n + 1) if shape.peak_bytes(tokens, k) + static_bytes <= available_bytes), n)
-        offload = shape.peak_bytes(tokens, n) + static_bytes > available_bytes  # not even full fits
+        offload = offload_allowed and shape.peak_bytes(tokens, n) + static_bytes > available_bytes  # not even full
     layers = list(range(count))  # the first ones: see Shape.peak_bytes
     mode = "offload" if offload else "off" if count == 0 else "full" if count == n else "selective"
     estimate = (shape.peak_bytes(tokens, count, offload) + static_bytes + resident_bytes) / GIB
@@ -181,20 +184,6 @@ def choose(
     )
 
 
-def available_memory(device: torch.device | None = None) -> tuple[float, float]:
-    """(bytes free for this process, total bytes) of the CUDA device, or of the machine's RAM on CPU."""
-    if torch.cuda.is_available():
-        free, total = torch.cuda.mem_get_info(device)
-        # what PyTorch's caching allocator holds but does not use is free for us too
-        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        return float(free), float(total)
-    info = {}
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        key, _, value = line.partition(":")
-        info[key] = int(value.split()[0]) * 1024
-    return float(info.get("MemAvailable", info.get("MemFree", 0))), float(info.get("MemTotal", 0))
-
-
 def decoder_layers(model) -> list:
     """The model's decoder layers in order (transformers' GradientCheckpointingLayer instances)."""
     from transformers.modeling_layers import GradientCheckpointingLayer
@@ -203,7 +192,8 @@ def decoder_layers(model) -> list:
 
 
 def apply(model, choice: Choice) -> None:
-    """Checkpoint exactly the chosen layers of a model loaded with checkpointing enabled (load_for_training)."""
+    """Checkpoint exactly the chosen layers of a model loaded with checkpointing enabled (load_for_training does
+    that when the plan checkpoints any layer)."""
     layers = decoder_layers(model)
     if len(layers) != choice.layers:
         raise ValueError(f"the model has {len(layers)} decoder layers, the choice was made for {choice.layers}")
@@ -212,50 +202,6 @@ def apply(model, choice: Choice) -> None:
         layer.gradient_checkpointing = index in chosen
         if choice.mode == "offload":
             layer._gradient_checkpointing_func = offloaded_checkpoint
-    if not chosen:  # no layer is recomputed: the embeddings' output need not require grad (layer 0 then skips
-        # its input gradient). transformers' hook, registered by load_for_training and again by PEFT (whose handle
-        # replaces the first one, so disable_input_require_grads alone would leave that one), removed by its name
-        for module in model.modules():
-            for key, hook in list(module._forward_hooks.items()):
-                if getattr(hook, "__name__", "") == "make_inputs_require_grads":
-                    del module._forward_hooks[key]
-
-
-def configure(
-    model,
-    requested: str,
-    tokens: int,
-    *,
-    liger: bool,
-    fused_lora: bool,
-    lora_rank: int,
-    lora_targets: int,
-    lora_dropout: float,
-) -> Choice:
-    """Choose (auto: from the memory free now) and apply the checkpointing of a loaded model; log the choice."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    dtype = next((p.dtype for p in model.parameters() if p.dtype in (torch.bfloat16, torch.float16)), torch.float32)
-    shape = Shape.of(
-        model.config,
-        lora_rank=lora_rank,
-        lora_targets=lora_targets,
-        activation_bytes=torch.finfo(dtype).bits // 8,
-        liger=liger,
-        fused_lora=fused_lora,
-        lora_dropout=lora_dropout,
-    )
-    # trainable weights' gradients and AdamW's two moments, in the weights' dtype (fp32 for LoRA)
-    static = 3.0 * sum(p.numel() * p.element_size() for p in params)
-    available, resident = None, 0.0
-    if requested == "auto":
-        free, total = available_memory()
-        available = free - max(HEADROOM_MIN, HEADROOM_FRACTION * total)
-        resident = float(torch.cuda.memory_allocated()) if torch.cuda.is_available() else 0.0
-    choice = choose(requested, shape, tokens, available_bytes=available, static_bytes=static, resident_bytes=resident)
-    apply(model, choice)
-    log.info(choice.describe())
-    print(f"train: {choice.describe()}", flush=True)
-    return choice
 
 
 def longest_micro_batch(tokens_per_micro_batch: int, conversations: int, max_seq_length: int) -> int:

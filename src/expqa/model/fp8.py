@@ -25,27 +25,17 @@ E4M3_MAX = 448.0  # largest finite e4m3fn value
 TINY = 1e-12  # amax floor: an all-zero row gets a finite scale and stays zero
 
 
-def supported(device: torch.device | str, dtype: torch.dtype) -> tuple[bool, str]:
-    """Whether `auto` turns FP8 on here, and why (for the log and metrics)."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return False, f"{device.type}: no FP8 tensor cores (on forces the emulated path)"
-    if dtype not in (torch.bfloat16, torch.float16):
-        return False, f"compute dtype {dtype} (FP8 replaces bf16/fp16 matmuls)"
-    major, minor = torch.cuda.get_device_capability(device)
+def supported_on(capability: tuple[int, int] | None, bf16: bool) -> tuple[bool, str]:
+    """Whether FP8 tensor cores run the base matmuls here (for `auto`), and why: a CUDA GPU of compute capability
+    capability (None: no GPU) computing in bf16."""
+    if capability is None:
+        return False, "cpu: no FP8 tensor cores (on forces the emulated path)"
+    if not bf16:
+        return False, "no bf16 on this GPU (FP8 replaces bf16 matmuls)"
+    major, minor = capability
     if (major, minor) < (9, 0):  # row-wise scaled FP8 GEMMs: Hopper (sm_90) and newer
         return False, f"compute capability {major}.{minor} < 9.0"
     return True, f"compute capability {major}.{minor}"
-
-
-def resolve(mode: str, device: torch.device | str, dtype: torch.dtype) -> tuple[bool, str]:
-    """train.fp8_matmul (auto | on | off) -> (use FP8, reason)."""
-    if mode == "off":
-        return False, "train.fp8_matmul: off"
-    if mode == "on":
-        return True, "train.fp8_matmul: on"
-    use, why = supported(device, dtype)
-    return use, f"auto: {why}"
 
 
 def eligible(in_features: int, out_features: int) -> bool:

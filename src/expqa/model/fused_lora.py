@@ -71,15 +71,6 @@ def fp8_cache_bytes(model) -> int:
     return sum(2 * b.in_features * b.out_features + 4 * (b.in_features + b.out_features) for b in fp8_layers(model))
 
 
-def disable_fp8(model) -> int:
-    """Back to the compute dtype for every FP8 layer (and its weight cache); returns how many layers."""
-    layers = [m for m in model.modules() if getattr(m, "_expqa_fp8", False)]
-    for layer in layers:
-        layer._expqa_fp8 = False
-        layer.get_base_layer()._expqa_fp8_cache = None
-    return len(layers)
-
-
 def cache_fp8_weights(model) -> int:
     """Keep every FP8 layer's frozen weight quantised, both orientations, instead of dequantising the 4-bit weight and
     quantising it again in every forward and backward (the trainer does this only when memory is plentiful: ~2 bytes
@@ -313,11 +304,11 @@ def fused_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 PROJECTION_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
 
-def patch_lora_layers(model, grouped: bool = False, fp8: bool = False) -> int:
+def patch_lora_layers(model, *, grouped: bool, fp8: bool) -> int:
     """Give every plain LoRA layer (nn.Linear or bnb Linear4bit base, frozen) the fused forward; returns how many.
 
     grouped: also make sibling projections that share an input one ProjectionGroup each (PROJECTION_GROUPS).
-    fp8: the base matmuls of layers whose dimensions allow it run in FP8 (expqa.model.fp8; the caller decides where).
+    fp8: the base matmuls of layers whose dimensions allow it run in FP8 (expqa.model.fp8; the run plan decides).
     """
     from peft.tuners.lora import LoraLayer
 

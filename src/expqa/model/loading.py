@@ -21,12 +21,6 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def use_bf16(requested: bool) -> bool:
-    if not requested:
-        return False
-    return torch.cuda.is_bf16_supported() if torch.cuda.is_available() else cpu_has_bf16()
-
-
 def disable_bnb_cpu_repack(model) -> int:
     """Guard against bitsandbytes 0.50 silently dropping LoRA gradients on CPU.
 
@@ -61,12 +55,12 @@ def check_target_modules(model, targets: list[str]) -> None:
         )
 
 
-def quantization_config(quant: QuantizationConfig):
+def quantization_config(quant: QuantizationConfig, compute_dtype: str):
+    """bitsandbytes' 4-bit config; compute_dtype: what the 4-bit layers dequantise to (the run plan's: params'
+    bnb_4bit_compute_dtype where the hardware has it)."""
     from transformers import BitsAndBytesConfig
 
-    compute = DTYPES[quant.bnb_4bit_compute_dtype]
-    if compute is torch.bfloat16 and not use_bf16(True):
-        compute = torch.float32 if not torch.cuda.is_available() else torch.float16
+    compute = DTYPES[compute_dtype]
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=quant.bnb_4bit_quant_type,
@@ -76,39 +70,23 @@ def quantization_config(quant: QuantizationConfig):
     )
 
 
-def load_for_training(
-    base_dir: str | Path,
-    quant: QuantizationConfig,
-    lora: LoRAConfig,
-    *,
-    bf16: bool,
-    gradient_checkpointing: bool,
-    attn_implementation: str = "sdpa",
-    fused_lora: bool = False,
-    grouped_lora: bool = False,
-    fp8_matmul: str = "off",
-):
-    """The frozen base (4-bit or full precision) with fresh LoRA adapters; returns (peft_model, tokenizer).
-
-    gradient_checkpointing: enabled on every decoder layer (expqa.model.checkpointing.apply then picks the layers).
-    fused_lora: LoRA layers run expqa.model.fused_lora's single autograd function instead of PEFT's forward;
-    grouped_lora: with it, q/k/v and gate/up run as one function each.
-    fp8_matmul: auto | on | off: with fused_lora, the base matmuls in FP8 (expqa.model.fp8); the model's
-    `expqa_fp8` attribute says what ran and why.
-    """
+def load_for_training(base_dir: str | Path, quant: QuantizationConfig, lora: LoRAConfig, plan):
+    """The frozen base (4-bit or full precision) with fresh LoRA adapters, as the run plan (expqa.training.plan)
+    says: device, weights' dtype, attention kernel, checkpointing enabled only when it checkpoints a layer of the
+    model's own (expqa.model.checkpointing.apply then picks them), fused (grouped) LoRA layers and FP8 base matmuls.
+    Returns (peft_model, tokenizer)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    cuda = torch.cuda.is_available()
-    dtype = torch.bfloat16 if (cuda and use_bf16(bf16)) else torch.float32
-    if attn_implementation == "expqa_varlen":
+    dtype = DTYPES[plan.weights_dtype]
+    if plan.attention == "expqa_varlen":
         from expqa.model.attention import register
 
         register()
-    kwargs = dict(dtype=dtype, attn_implementation=attn_implementation, use_safetensors=True, trust_remote_code=False)
+    kwargs = dict(dtype=dtype, attn_implementation=plan.attention, use_safetensors=True, trust_remote_code=False)
     if quant.load_in_4bit:
-        kwargs["quantization_config"] = quantization_config(quant)
-    if cuda:
+        kwargs["quantization_config"] = quantization_config(quant, plan.quant_compute_dtype)
+    if plan.device == "cuda":
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
     model = AutoModelForCausalLM.from_pretrained(base_dir, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
@@ -117,10 +95,11 @@ def load_for_training(
     check_target_modules(model, lora.target_modules)
     if quant.load_in_4bit:
         disable_bnb_cpu_repack(model)
+    recompute = plan.model_checkpointing
     if quant.load_in_4bit and dtype is torch.float32:
         model = prepare_model_for_kbit_training(
             model,
-            use_gradient_checkpointing=gradient_checkpointing,
+            use_gradient_checkpointing=recompute,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     else:
@@ -129,7 +108,7 @@ def load_for_training(
         # the activations that gradient checkpointing keeps (measured on the 3B shape, see benchmarks/results).
         for param in model.parameters():
             param.requires_grad_(False)  # get_peft_model does this too; frozen before the hooks below
-        if gradient_checkpointing:
+        if recompute:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
     model.config.use_cache = False
@@ -142,16 +121,10 @@ def load_for_training(
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, peft_config)
-    if fused_lora:
-        from expqa.model import fp8
+    if plan.fused_lora:
         from expqa.model.fused_lora import patch_lora_layers
 
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-        use_fp8, why = fp8.resolve(fp8_matmul, device, dtype)
-        patch_lora_layers(model, grouped=grouped_lora, fp8=use_fp8)
-        model.expqa_fp8 = (use_fp8, why)
-    else:
-        model.expqa_fp8 = (False, "train.fused_lora: false")
+        patch_lora_layers(model, grouped=plan.grouped_lora, fp8=plan.fp8)
     return model, tokenizer
 
 

@@ -20,8 +20,6 @@ from pathlib import Path
 from expqa.config import ConfigError, Params, load_stage_params
 from expqa.files import output_path_problems
 
-STAGES = ("params", "base", "collect", "generate", "combine", "stats", "train", "merge", "evaluate", "export")
-
 
 def stage_main(
     name: str,

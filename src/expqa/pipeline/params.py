@@ -68,7 +68,19 @@ def check_processes(resolved, params_path: Path) -> None:
     """train.num_processes must fit this machine's devices for the profile's backend: CUDA GPUs (NCCL) under the
     gpu profile, CPU cores (gloo, one thread each) under the cpu profile. Only this machine's share of a job of
     several machines (torchrun's PET_* variables) is counted: processes per node."""
-    wanted = resolved.train.num_processes
+    train = resolved.train
+    processes = train.num_processes or max(cuda_devices(), 1)  # 0: one per visible GPU
+    if train.gradient_checkpointing == "offload" and (processes > 1 or train.distributed == "fsdp"):
+        _, lines = read_config_file(params_path)
+        key = "train.gradient_checkpointing"
+        if resolved.profile == "cpu" and f"cpu.{key}" in lines:
+            key = f"cpu.{key}"
+        raise ConfigError(
+            f"{lines.get(key, params_path)}: {key} is offload, which runs in one process, but this run has {processes}"
+            f"{' (FSDP)' if train.distributed == 'fsdp' else ''}: a reentrant checkpoint does not mix with DDP/FSDP's "
+            "gradient hooks; use full, or train.num_processes: 1"
+        )
+    wanted = train.num_processes
     if wanted == 0:  # one per visible GPU
         return
     if resolved.profile == "gpu":

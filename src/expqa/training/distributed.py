@@ -244,13 +244,10 @@ def decoder_layer_classes(model) -> list[str]:
     return names
 
 
-def fsdp_trainer_args(model, gradient_checkpointing) -> dict:
-    """TrainingArguments fields that turn on FSDP2 for this model (auto wrap per decoder layer). Any checkpointing
-    asked for (train.gradient_checkpointing) becomes FSDP's, on every decoder layer: the model's own, which
-    load_for_training turned on, is turned off here (both would recompute every layer twice)."""
-    activation_checkpointing = gradient_checkpointing not in (False, "off")
-    if getattr(model, "is_gradient_checkpointing", False):
-        model.gradient_checkpointing_disable()
+def fsdp_trainer_args(model, activation_checkpointing: bool) -> dict:
+    """TrainingArguments fields that turn on FSDP2 for this model (auto wrap per decoder layer), with FSDP's own
+    activation checkpointing on every decoder layer when the run plan checkpoints (the model's own is never turned
+    on under FSDP: both would recompute every layer twice)."""
     return {
         "fsdp": True,
         "fsdp_config": {

@@ -1,7 +1,9 @@
 """The train stage: QLoRA (or plain LoRA) fine-tuning with TRL's SFTTrainer, resumable and tracked with dvclive.
 
-    trainer = QLoRATrainer(TrainingConfig(max_steps=40))   # paths default to the pipeline's
-    metrics = trainer.train()
+    params = load_params("params.yaml").resolve()           # profile auto decided for this machine
+    trainer = QLoRATrainer.from_params(params, base_model="models/base", data_dir="data/processed",
+                                       checkpoint_dir="models/checkpoints", metrics_dir=None, log_dir=None)
+    metrics = trainer.train()                               # plans the run (training/plan.py), loads, trains
     trainer.save_model("models/adapter")
     trainer.evaluate()                                      # {"eval_loss": ...} on the val split
 
@@ -27,7 +29,7 @@ from expqa.config import LoRAConfig, Params, QuantizationConfig, TrainingConfig
 from expqa.data.dataset import build_sft_dataset
 from expqa.files import atomic_dir, is_wall_clock, sha256_file
 from expqa.model import checkpointing
-from expqa.model.loading import load_for_training, use_bf16
+from expqa.model.loading import load_for_training
 from expqa.training.callbacks import DVCLiveMetrics, LogLastStep, StopOnSignal, WriteFingerprint
 from expqa.training.distributed import (
     agree_across_processes,
@@ -40,6 +42,7 @@ from expqa.training.distributed import (
     unwrap_adapter_file,
     world_size,
 )
+from expqa.training.plan import RunPlan, machine_facts, plan_run
 from expqa.training.resume import (
     code_fingerprint,
     find_resumable_checkpoint,
@@ -228,8 +231,9 @@ class QLoRATrainer:
             "quantization": dataclasses.asdict(self.quantization),
             "seed": self.seed,
             "profile": self.profile,
-            "device": "cuda" if torch.cuda.is_available() else "cpu",
-            "world_size": world_size(),
+            # what the plan decided that changes the maths (memory choices such as checkpointing do not)
+            **{k: getattr(self.plan, k) for k in ("device", "weights_dtype", "quant_compute_dtype", "bf16", "fp8")},
+            "world_size": self.plan.world_size,
         }
 
     @functools.cached_property
@@ -259,7 +263,8 @@ class QLoRATrainer:
 
         c = self.config
         report_to = ["tensorboard"] if self.log_dir else []
-        fsdp = fsdp_trainer_args(model, c.gradient_checkpointing) if c.distributed == "fsdp" else {}
+        plan = self.plan
+        fsdp = fsdp_trainer_args(model, plan.checkpointing.mode != "off") if plan.distributed == "fsdp" else {}
         # a token budget: TRL packs conversations best-fit (never split) into rows of at most that many tokens and
         # one such row is a micro-batch; otherwise a micro-batch is per_device_train_batch_size conversations
         packed = c.tokens_per_micro_batch > 0
@@ -288,8 +293,8 @@ class QLoRATrainer:
             max_length=c.tokens_per_micro_batch if packed else None,
             gradient_checkpointing=False,  # already enabled on the model (non-reentrant) by load_for_training; under
             # FSDP, FSDP's own (fsdp_config) instead
-            bf16=use_bf16(c.bf16),
-            use_cpu=not torch.cuda.is_available(),
+            bf16=plan.bf16,
+            use_cpu=plan.device == "cpu",
             logging_steps=c.logging_steps,
             logging_first_step=True,
             logging_nan_inf_filter=False,  # its per-step isnan() waits for the GPU; a non-finite loss stops us anyway
@@ -300,7 +305,7 @@ class QLoRATrainer:
             save_steps=c.save_steps,
             save_total_limit=c.save_total_limit,
             report_to=report_to,
-            padding_free=c.padding_free,
+            padding_free=plan.padding_free,
             use_liger_kernel=c.use_liger_kernel,
             ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient every step
             dataloader_num_workers=0,
@@ -327,54 +332,21 @@ class QLoRATrainer:
         if self.config.num_threads:
             torch.set_num_threads(self.config.num_threads)
         set_seed(self.seed)
-        c = self.config
-        model, tokenizer = load_for_training(
-            self.base_model,
-            self.quantization,
-            self.lora,
-            bf16=c.bf16,
-            gradient_checkpointing=c.gradient_checkpointing != "off",
-            attn_implementation=c.attn_implementation,
-            fused_lora=c.fused_lora,
-            grouped_lora=c.grouped_lora,
-            fp8_matmul=c.fp8_matmul,
-        )
-        self.tokenizer = tokenizer
-        use_fp8, why = model.expqa_fp8
-        self.fp8 = {"fp8_matmul": "on" if use_fp8 else "off", "fp8_matmul_requested": c.fp8_matmul}
+        plan = self.plan  # decided once, before anything loads (training/plan.py); printed once
         if is_main_process():
-            print(f"train: fp8 matmuls of the frozen base {self.fp8['fp8_matmul']} ({why})", flush=True)
-        log.info("fp8 matmuls of the frozen base %s (%s)", self.fp8["fp8_matmul"], why)
-        # after loading: `auto` measures what the weights left free
-        tokens = checkpointing.longest_micro_batch(
-            c.tokens_per_micro_batch, c.per_device_train_batch_size, c.max_seq_length
-        )
-        self.checkpointing = checkpointing.configure(
-            model,
-            c.gradient_checkpointing,
-            tokens,
-            liger=c.use_liger_kernel,
-            fused_lora=c.fused_lora,
-            lora_rank=self.lora.r,
-            lora_targets=len(self.lora.target_modules),
-            lora_dropout=self.lora.dropout,
-        )
-        if c.fp8_matmul == "auto" and self.checkpointing.mode == "offload" and self.fp8["fp8_matmul"] == "on":
-            # offload is the memory-first setting: FP8's transient buffers (quantised activations and gradients, a
-            # second partial gradient per group) raised its peak by ~30 MiB on the 3B shape; `on` keeps FP8 anyway
-            from expqa.model.fused_lora import disable_fp8
+            print("\n".join(f"train: {line}" for line in plan.describe()), flush=True)
+        for line in plan.describe():
+            log.info(line)
+        model, tokenizer = load_for_training(self.base_model, self.quantization, self.lora, plan)
+        self.tokenizer = tokenizer
+        if plan.model_checkpointing:
+            checkpointing.apply(model, plan.checkpointing)
+        if plan.fp8_cache:
+            from expqa.model.fused_lora import cache_fp8_weights
 
-            disable_fp8(model)
-            self.fp8["fp8_matmul"] = "off"
+            held = cache_fp8_weights(model)
             if is_main_process():
-                print("train: fp8 matmuls of the frozen base off (auto: checkpointing offload saves memory first)")
-        self.fp8["fp8_weight_cache"] = self._cache_fp8_weights(model)
-        if self.checkpointing.mode == "offload" and world_size() > 1:
-            raise TrainingError(
-                f"train.gradient_checkpointing offload runs in one process ({world_size()} here): a "
-                "reentrant checkpoint does not mix with DDP/FSDP's gradient hooks; use full, or "
-                "train.num_processes: 1"
-            )
+                print(f"train: FP8 weight cache {held / 2**30:.1f} GiB, filled at first use", flush=True)
         train_data = build_sft_dataset(self.data_dir / "train.jsonl", tokenizer, self.config.max_seq_length)
         val_path = self.data_dir / "val.jsonl"
         val_data = (
@@ -453,27 +425,18 @@ class QLoRATrainer:
             self._write_metrics()
         return metrics
 
-    def _cache_fp8_weights(self, model) -> bool:
-        """With FP8 on and no checkpointing chosen, keep the base weights quantised for FP8 (~2 bytes per weight)
-        when that fits beside the estimated peak in the memory `auto` measured; same maths, less work per step."""
-        from expqa.model.fused_lora import cache_fp8_weights, fp8_cache_bytes
-
-        choice = self.checkpointing
-        if self.fp8["fp8_matmul"] != "on" or choice.mode != "off" or self.config.distributed == "fsdp":
-            return False  # FSDP: a full copy per GPU would undo the sharding
-        if choice.available_gib is None or choice.estimate_gib is None:
-            return False  # checkpointing set by hand: no measurement to fit the cache into
-        need_gib = fp8_cache_bytes(model) / 2**30
-        if choice.available_gib - choice.estimate_gib < need_gib:
-            return False
-        held = cache_fp8_weights(model)
-        if is_main_process():
-            print(f"train: FP8 weight cache {held / 2**30:.1f} GiB (quantised at first use, not per step)", flush=True)
-        return True
-
     def run_choices(self) -> dict:
         """What `auto` settings chose on this machine: gradient checkpointing and FP8 matmuls (metrics/train)."""
-        return {**self.checkpointing.metrics(), **self.fp8}
+        return self.plan.metrics()
+
+    @functools.cached_property
+    def plan(self) -> RunPlan:
+        """The run plan for this machine (training/plan.py), made at first use: before loading anything."""
+        from transformers import AutoConfig
+
+        return plan_run(
+            self.config, self.lora, self.quantization, AutoConfig.from_pretrained(self.base_model), machine_facts()
+        )
 
     def _write_metrics(self) -> None:
         """metrics/train (DVC-tracked: curves and values that are the same whenever the run is reproduced) and

@@ -29,7 +29,6 @@ from typing import Any, NamedTuple
 
 from expqa.data.chatml import MAX_NESTING, DataError, hint_for, iter_raw_lines, json_type_name, parse_json_line
 
-FORMATS = ("chatml", "sharegpt", "alpaca", "openai", "hf_disk")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 # How a converted row's messages map back to the record, for the hint under a validation error.
 FORMAT_HINTS = {

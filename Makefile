@@ -51,8 +51,8 @@ lock: install
 # wheels of everything the project needs, for an offline machine (see the variables above)
 # what `make wheelhouse` ships at requirements.lock's version even where the target has another version: the packages
 # whose version changes the numbers (transformers 5.17 and 5.24 convert the same GGUF into different tokenizers; the
-# rest is tested at README "Supported versions"'s lowest); the others stay the host's (numpy, pandas, pyarrow, ...:
-# 140 MiB of wheels in all, over what one lent-GPU call can carry)
+# rest is tested at docs/reproducibility.md "Supported versions"'s lowest); the others stay the host's (numpy,
+# pandas, pyarrow, ...: 140 MiB of wheels in all, over what one lent-GPU call can carry)
 MODEL_STACK := transformers tokenizers huggingface-hub safetensors peft trl accelerate bitsandbytes datasets gguf
 wheelhouse:
 	@if [ -z "$(WHEELHOUSE)" ]; then echo "usage: make wheelhouse WHEELHOUSE=<dir> [PYTHON_VERSION=3.12] ..."; exit 2; fi
@@ -61,10 +61,10 @@ wheelhouse:
 	  $(if $(HOST_FREEZE),--host-freeze $(HOST_FREEZE) $(MODEL_STACK:%=--ship-pinned %)) $(if $(CUDA),--cuda $(CUDA)) \
 	  $(if $(HOST_FREEZE),,--torch $(TORCH))
 
-# what `benchmarks/gpu_train.py --suite` carries to a lent GPU (README "Performance (GPU)"): the project's missing
-# wheels (.gpu/bench/whl), Unsloth's for a second site folder (.gpu/bench/whl-unsloth: it pins older trl/datasets;
-# its wheel without the studio/ web app; packages nothing of its SFT path imports left out) and the tokenizer
-# (.gpu/bench/tokenizer). A folder of its own: `make wheelhouse`'s .gpu/whl stays as it is.
+# what `benchmarks/gpu_train.py --suite` carries to a lent GPU (docs/benchmarks.md "Performance (GPU)"): the
+# project's missing wheels (.gpu/bench/whl), Unsloth's for a second site folder (.gpu/bench/whl-unsloth: it pins
+# older trl/datasets; its wheel without the studio/ web app; packages nothing of its SFT path imports left out) and
+# the tokenizer (.gpu/bench/tokenizer). A folder of its own: `make wheelhouse`'s .gpu/whl stays as it is.
 # Defaults: the lent H200 (Python 3.12, CUDA 13.0, its image's packages). For the CPU dry run on this machine:
 #   make bench-wheels BENCH_WHEELS=.gpu/dry BENCH_PYTHON=3.11 BENCH_HOST=<pip freeze of a venv like the GPU image>
 BENCH_WHEELS ?= .gpu/bench

@@ -34,7 +34,7 @@ def test_shipped_params_load_into_every_dataclass(shipped_params):
 
 def test_seed_defaults_are_the_gpu_profile(shipped_params):
     p = shipped_params
-    assert (p.lora.r, p.lora.alpha) == (16, 32) and p.lora.dropout == 0.0  # seed 0.05: README "Performance"
+    assert (p.lora.r, p.lora.alpha) == (16, 32) and p.lora.dropout == 0.0  # seed 0.05: docs/benchmarks.md
     assert p.lora.target_modules == cfg.LLAMA_PROJECTIONS
     t = p.train
     assert t.learning_rate == 2e-4

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import yaml
 
-# What rebuilding costs, measured (README "Setup": `make repro` on 2 CPU cores, 30 min 49 s; "The whole pipeline on
-# one GPU (measured)": `dvc repro` on one H200, 4 min 15 s)
+# What rebuilding costs, measured (README "Setup": `make repro` on 2 CPU cores, 30 min 49 s; docs/benchmarks.md "The
+# whole pipeline on one GPU (measured)": `dvc repro` on one H200, 4 min 15 s)
 REBUILD_TIME = "the whole pipeline: 31 min on 2 CPU cores with the CPU profile, 3 min on one H100"
 
 

@@ -44,3 +44,44 @@ def test_output_cut_short_by_the_reader_is_not_a_traceback():
     reader.wait()
     assert "Traceback" not in writer.stderr and "BrokenPipeError" not in writer.stderr, writer.stderr
     assert writer.returncode in (0, 1)
+
+
+def not_a_model_command(name: str, folder: str, out: str) -> list[str]:
+    """`expqa <name>` with `folder` (one that is not a model) as every model it reads; outputs in out."""
+    params = ["--params", str(REPO / "params.yaml")]
+    return {
+        "ask": ["ask", "What is CUPED?", "--model", folder],
+        "chat": ["chat", "--model", folder],
+        "serve": ["serve", "--model", folder, "--port", "0"],
+        "stats": ["stats", "--data", out, "--base", folder, "--out", f"{out}/s.json", "--histogram", f"{out}/h.csv"]
+        + params,
+        "train": ["train", "--base", folder, "--data", out, "--out", f"{out}/a", "--checkpoints", f"{out}/c"]
+        + ["--metrics", f"{out}/m", "--log-folder", f"{out}/l", *params],
+        "merge": ["merge", "--base", folder, "--adapter", folder, "--out", f"{out}/m", "--report", f"{out}/m.json"],
+        "evaluate": ["evaluate", "--base", folder, "--tuned", folder, "--test", out, "--train", out]
+        + ["--out", f"{out}/e.json", "--examples", f"{out}/x.json", "--plot", f"{out}/p.json", *params],
+        "export": ["export", "--model", folder, "--out", f"{out}/g", "--report", f"{out}/r.json"]
+        + ["--timings", f"{out}/t.json", *params],
+    }[name]
+
+
+@pytest.mark.parametrize("name", ["ask", "chat", "serve", "stats", "train", "merge", "evaluate", "export"])
+def test_a_folder_that_is_not_a_model_is_one_line_in_every_command(name, tmp_path, monkeypatch, capsys):
+    """An empty folder (an interrupted `dvc pull`, the wrong folder) used to fail deep in transformers."""
+    from expqa.cli import main
+
+    (tmp_path / "empty").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert main(not_a_model_command(name, "empty", str(tmp_path))) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: empty has no config.json") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("name", ["verify", "pull", "plots"])
+def test_commands_outside_a_checkout_are_one_line(name, tmp_path, monkeypatch, capsys):
+    from expqa.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main([name]) == 2  # the status of the other known errors
+    err = capsys.readouterr().err
+    assert err.startswith("error: not inside") and err.count("\n") == 1, err

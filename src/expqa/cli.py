@@ -59,6 +59,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     try:
         return dispatch(argv)
+    except SystemExit as exc:
+        if not isinstance(exc.code, str):  # argparse's usage errors (2), --help (0)
+            raise
+        # a known error raised deep in a command (`error: not inside an expqa checkout ...`): its one line, with
+        # the status every other known error has (Python's would be 1)
+        print(exc.code, file=sys.stderr)
+        return 2
     except BrokenPipeError:
         # the reader went away (`expqa params | head`): stop quietly as cat does, instead of Python's traceback (and
         # a second one when it flushes stdout at exit); Python's documented recipe

@@ -1,6 +1,7 @@
 """`expqa serve`: a real server on a free loopback port with the tiny model, spoken to with plain HTTP (urllib) and
 the `openai` client: answers equal `expqa ask`'s, streaming chunks add up to the same answer, bad requests get 4xx
-JSON errors and the server keeps answering afterwards."""
+JSON errors and the server keeps answering afterwards; with a key, requests without it get 401; the command's
+settings (port in use, a public host without a key) fail in one line before the model loads."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import urllib.request
 import pytest
 
 from expqa.serving.inference import ChatRequest, Engine, StopText, answer
-from expqa.serving.serve import ChatServer, main
+from expqa.serving.serve import API_KEY_ENV, ChatServer, main
 
 QUESTION = "What is a p-value?"
 
@@ -36,9 +37,10 @@ def url(engine):
     server.server_close()
 
 
-def post(url: str, body, path: str = "/v1/chat/completions") -> tuple[int, bytes]:
+def post(url: str, body, path: str = "/v1/chat/completions", headers: dict | None = None) -> tuple[int, bytes]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    request = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json", **(headers or {})}
+    request = urllib.request.Request(url + path, data=data, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
             return response.status, response.read()
@@ -188,3 +190,106 @@ def test_stop_strings_cut_the_stream_and_hold_back_partial_matches():
 def test_cli_reports_a_missing_model(tmp_path, capsys):
     assert main(["--model", str(tmp_path / "nope")]) == 2
     assert "does not exist yet" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# authentication and the command's checks
+
+
+def get(url: str, path: str, headers: dict | None = None) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url + path, headers=headers or {}), timeout=30) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+@pytest.fixture(scope="module")
+def keyed_url(engine):
+    server = ChatServer(engine, port=0, api_key="s3cret-key")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize(
+    "headers,message",
+    [
+        ({}, "missing API key: send `Authorization: Bearer <key>`"),
+        ({"Authorization": "Bearer wrong-key"}, "invalid API key"),
+        ({"Authorization": "Bearer s3cret-ke"}, "invalid API key"),  # a prefix of the key
+        ({"Authorization": "Basic s3cret-key"}, "invalid API key"),  # the key, in another scheme
+    ],
+)
+def test_a_key_is_required_on_every_route_but_health(keyed_url, headers, message):
+    for status, raw in (post(keyed_url, ask_request(), headers=headers), get(keyed_url, "/v1/models", headers)):
+        error = json.loads(raw)["error"]
+        assert status == 401 and message in error["message"], raw
+        assert error["type"] == "invalid_request_error" and error["code"] == "invalid_api_key"
+        assert "s3cret-key" not in raw.decode()
+    assert get(keyed_url, "/health") == (200, b'{"status": "ok"}')
+
+
+def test_the_right_key_gets_answers(keyed_url):
+    key = {"Authorization": "Bearer s3cret-key"}
+    assert post(keyed_url, ask_request(max_tokens=2), headers=key)[0] == 200
+    assert get(keyed_url, "/v1/models", key)[0] == 200
+
+
+@pytest.fixture
+def loader(engine, monkeypatch):
+    """Records the calls to load_for_inference (answering with the tiny model) and stops serve_forever at once."""
+    from expqa.model import loading
+
+    calls = []
+
+    def load(model_dir, adapter=None):
+        calls.append(model_dir)
+        return engine.model, engine.tokenizer
+
+    monkeypatch.setattr(loading, "load_for_inference", load)
+    monkeypatch.setattr(ChatServer, "serve_forever", lambda self: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.delenv(API_KEY_ENV, raising=False)
+    return calls
+
+
+def test_a_port_in_use_is_one_line_before_the_model_loads(tiny_base, loader, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["--model", str(tiny_base), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: port {port} on 127.0.0.1 is in use (") and err.endswith("pick another with --port\n")
+    assert err.count("\n") == 1 and loader == []
+
+
+def test_a_public_host_needs_a_key_or_allow_no_auth(tiny_base, loader, capsys, monkeypatch):
+    assert main(["--model", str(tiny_base), "--host", "0.0.0.0", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and API_KEY_ENV in err and "--allow-no-auth" in err and loader == []
+
+    assert main(["--model", str(tiny_base), "--host", "0.0.0.0", "--port", "0", "--allow-no-auth"]) == 0
+    assert "auth: off (--allow-no-auth)" in capsys.readouterr().out and loader == [tiny_base]
+
+    monkeypatch.setenv(API_KEY_ENV, "s3cret-key")
+    assert main(["--model", str(tiny_base), "--host", "0.0.0.0", "--port", "0"]) == 0
+    captured = capsys.readouterr()
+    assert "auth: on" in captured.out and "s3cret-key" not in captured.out + captured.err
+
+    monkeypatch.setenv(API_KEY_ENV, " ")
+    assert main(["--model", str(tiny_base), "--port", "0"]) == 2
+    assert f"{API_KEY_ENV} is set but empty" in capsys.readouterr().err and len(loader) == 2
+
+
+def test_loopback_serves_without_a_key_and_says_so(tiny_base, loader, capsys):
+    assert main(["--model", str(tiny_base), "--host", "localhost", "--port", "0"]) == 0
+    assert "auth: off (loopback only" in capsys.readouterr().out and loader == [tiny_base]
+
+
+def test_a_folder_that_is_not_a_model_is_one_line(tmp_path, loader, capsys):
+    assert main(["--model", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has no config.json, so it is not a model folder" in err and loader == []

@@ -103,8 +103,14 @@ def base_vs_tuned(metrics: dict, prefix: str = "") -> list[dict]:
 def eval_rows(revisions: list[str]) -> list[dict]:
     """base_vs_tuned of every DVC metrics file at each revision (branch, commit, tag, experiment, workspace)."""
     import dvc.api
+    from dvc.exceptions import NotDvcRepoError
+    from dvc.repo import Repo
     from dvc.scm import RevError
 
+    try:
+        Repo.find_root()  # outside one, metrics_show tries to clone the folder and fails in a long traceback
+    except NotDvcRepoError:
+        raise SystemExit("error: not inside a DVC repository; cd into the expqa checkout first") from None
     rows = []
     for rev in revisions:
         try:

@@ -97,7 +97,17 @@ def check_profile(params: Params, stage: str) -> None:
             )
 
 
+# the file that makes a folder what the stage builds: a model (config.json) or a LoRA adapter
+BUILT_MARKER = {"base": "config.json", "merge": "config.json", "train": "adapter_config.json"}
+
+
 def require(path: Path, stage: str) -> None:
-    """An input another stage builds; a clear message instead of a traceback when it is not there."""
+    """An input another stage builds; a clear message instead of a traceback when it is not there, or when the
+    folder is another one (an empty folder, the wrong one passed by hand) that would fail deep in transformers."""
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist; build it with `dvc repro {stage}`")
+    marker = BUILT_MARKER.get(stage)
+    if marker is not None and not (path / marker).is_file():
+        raise FileNotFoundError(
+            f"{path} has no {marker}, so it is not what `dvc repro {stage}` builds; build it, or pass such a folder"
+        )

@@ -16,6 +16,7 @@ PATHS = "--base --tuned --test --train --out --examples --plot"  # required path
 
 
 def run(args, params):
+    require(args.base, "base")
     require(args.tuned, "merge")
     check_profile(params, "evaluate")
     report, examples = evaluate_base_vs_tuned(

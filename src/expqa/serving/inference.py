@@ -40,12 +40,26 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base", action="store_true", help="answer with the base model (no fine-tuning)")
 
 
+def require_model(model_dir: Path, adapter: Path | None = None) -> None:
+    """FileNotFoundError, saying how to build it, unless model_dir is a model (config.json) and the adapter, when
+    given, an adapter (adapter_config.json): another folder would fail deep inside transformers, in a traceback."""
+    wanted = [(model_dir, "config.json", "models/merged")]
+    wanted += [(adapter, "adapter_config.json", "models/adapter")] if adapter else []
+    for path, marker, usual in wanted:
+        if not path.exists():
+            raise FileNotFoundError(missing_model_message(path))
+        if not (path / marker).is_file():
+            built = path.as_posix() if path.as_posix() in BUILT_BY else usual
+            raise FileNotFoundError(
+                f"{path} has no {marker}, so it is not a {'LoRA adapter' if path == adapter else 'model'} folder; "
+                f"{built} is built by `{BUILT_BY[built]}` (or pulled with `dvc pull`)"
+            )
+
+
 def chosen_model(args: argparse.Namespace) -> tuple[Path, Path | None]:
     """(model directory, adapter or None) as the options chose them; FileNotFoundError says how to build one."""
     model_dir = Path("models/base") if (args.base or args.adapter) else args.model
-    for path in [model_dir] + ([args.adapter] if args.adapter else []):
-        if not path.exists():
-            raise FileNotFoundError(missing_model_message(path))
+    require_model(model_dir, args.adapter)
     return model_dir, args.adapter
 
 

@@ -5,16 +5,31 @@
 
 POST /v1/chat/completions (non-streaming JSON, or server-sent events with "stream": true) and GET /v1/models. The
 prompt is the model's own chat template. Bad requests get a 4xx JSON error in OpenAI's shape
-({"error": {"message", "type", "param", "code"}}), never a crash. Bound to 127.0.0.1 unless --host says otherwise
-(there is no authentication). `transformers serve` was the first choice but does not fit: it needs the
-fastapi/uvicorn/openai extras, answers a missing `messages` with a server error and checks neither roles nor the
-context window, and cannot apply an unmerged adapter. This server uses the standard library and one model at a time.
+({"error": {"message", "type", "param", "code"}}), never a crash.
+
+Authentication, as vLLM's and llama.cpp's servers do it: with the environment variable EXPQA_API_KEY set, every
+request but GET /health needs `Authorization: Bearer <that key>` (the openai client's api_key); others get 401.
+The key comes from the environment only, not from an option, so that it is not in `ps` or the shell history:
+
+    EXPQA_API_KEY=$(openssl rand -hex 16) expqa serve --host 0.0.0.0
+
+Bound to 127.0.0.1 unless --host says otherwise; another address without a key is refused unless --allow-no-auth
+says it is meant. The port is bound before the model loads, so a port in use fails at once.
+
+`transformers serve` was the first choice but does not fit: it needs the fastapi/uvicorn/openai extras, answers a
+missing `messages` with a server error and checks neither roles nor the context window, and cannot apply an
+unmerged adapter. This server uses the standard library and one model at a time.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import hmac
+import ipaddress
 import json
+import os
+import socket
 import sys
 import threading
 import time
@@ -22,10 +37,12 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from expqa.serving.inference import ChatRequest, Engine, RequestError, missing_model_message
+from expqa.serving.inference import ChatRequest, Engine, RequestError, require_model
 
 ROLES = ("system", "user", "assistant")
 MAX_BODY_BYTES = 1 << 20
+API_KEY_ENV = "EXPQA_API_KEY"
+OPEN_PATHS = ("/health",)  # answered without a key: load balancers and `curl` checks carry none
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -117,15 +134,44 @@ class Handler(BaseHTTPRequestHandler):
         if self.server.verbose:
             super().log_message(fmt, *args)
 
-    def send_json(self, status: int, payload: dict) -> None:
+    def authorized(self) -> bool:
+        """True when no key is set, the path is open, or the request carries the key; otherwise answers 401."""
+        key = self.server.api_key
+        if key is None or self.path.rstrip("/") in OPEN_PATHS:
+            return True
+        scheme, _, given = (self.headers.get("Authorization") or "").partition(" ")
+        # constant time, so that the answer's timing does not tell how much of a guess was right; bytes, because
+        # compare_digest takes str only when it is ASCII
+        if scheme.lower() == "bearer" and hmac.compare_digest(
+            given.strip().encode("utf-8", "surrogateescape"), key.encode("utf-8", "surrogateescape")
+        ):
+            return True
+        message = (
+            f"missing API key: send `Authorization: Bearer <key>` (the server's {API_KEY_ENV})"
+            if not given
+            else "invalid API key"
+        )
+        # read what the client sent: closing a socket with unread data resets the connection, and the client
+        # would see that instead of the 401
+        length = self.headers.get("Content-Length") or ""
+        if length.isdigit() and int(length) <= MAX_BODY_BYTES:
+            self.rfile.read(int(length))
+        self.send_json(401, RequestError(401, message, code="invalid_api_key").body(), {"WWW-Authenticate": "Bearer"})
+        return False
+
+    def send_json(self, status: int, payload: dict, headers: dict[str, str] | None = None) -> None:
         data = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
         self.end_headers()
         self.wfile.write(data)
 
     def do_GET(self) -> None:
+        if not self.authorized():
+            return
         engine = self.server.engine
         if self.path.rstrip("/") == "/v1/models":
             self.send_json(
@@ -143,6 +189,8 @@ class Handler(BaseHTTPRequestHandler):
             self.send_json(404, RequestError(404, f"no route GET {self.path}").body())
 
     def do_POST(self) -> None:
+        if not self.authorized():
+            return
         try:
             if self.path.rstrip("/") != "/v1/chat/completions":
                 raise RequestError(404, f"no route POST {self.path}; use /v1/chat/completions")
@@ -229,15 +277,77 @@ class Handler(BaseHTTPRequestHandler):
 
 
 class ChatServer(ThreadingHTTPServer):
+    """Binds and listens when made. `engine` may come later: `main` binds first, so that a port in use fails before
+    the model loads, and starts answering once it is set. `api_key` None: no authentication."""
+
     daemon_threads = True
 
-    def __init__(self, engine: Engine, host: str = "127.0.0.1", port: int = 8000, verbose: bool = False):
+    def __init__(
+        self,
+        engine: Engine | None,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        verbose: bool = False,
+        api_key: str | None = None,
+    ):
+        # the socket's family from the host (HTTPServer's is IPv4 only, so --host ::1 could not bind)
+        self.address_family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
         super().__init__((host, port), Handler)
-        self.engine, self.verbose, self.started = engine, verbose, int(time.time())
+        self.engine, self.verbose, self.api_key, self.started = engine, verbose, api_key, int(time.time())
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# command line
+# command line: every check that can fail runs before the model loads, and fails in one line
+
+
+class ServeError(ValueError):
+    """A setting `expqa serve` cannot start with; the message names it and the fix."""
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may be any interface of this machine
+        return False
+
+
+def api_key_for(host: str, allow_no_auth: bool) -> str | None:
+    """The key requests must carry (None: none), from the environment; refuses an open server off loopback."""
+    key = os.environ.get(API_KEY_ENV)
+    if key is not None and not key.strip():
+        raise ServeError(f"{API_KEY_ENV} is set but empty; set a key (e.g. `openssl rand -hex 16`) or unset it")
+    if key is None and not is_loopback(host) and not allow_no_auth:
+        raise ServeError(
+            f"--host {host} without a key lets anyone who reaches this machine use the model; set {API_KEY_ENV} "
+            "to require `Authorization: Bearer <key>`, or pass --allow-no-auth if that is meant"
+        )
+    return key.strip() if key is not None else None
+
+
+def bind(host: str, port: int, verbose: bool, api_key: str | None) -> ChatServer:
+    """The server listening on host:port, without a model yet."""
+    try:
+        return ChatServer(None, host, port, verbose, api_key)
+    except OSError as exc:  # socket.gaierror (a host name that does not resolve) too
+        reason = exc.strerror or str(exc)
+        if exc.errno == errno.EADDRINUSE:
+            raise ServeError(f"port {port} on {host} is in use ({reason}); pick another with --port") from None
+        if exc.errno == errno.EACCES:
+            raise ServeError(f"cannot listen on port {port} ({reason}); pick one above 1023 with --port") from None
+        raise ServeError(
+            f"cannot listen on {host}:{port} ({reason}); --host must be an address of this machine"
+        ) from None
+
+
+def auth_line(api_key: str | None, host: str) -> str:
+    """Whether requests need a key (never the key itself)."""
+    if api_key is not None:
+        return f"auth: on (requests need `Authorization: Bearer <key>`, the key in {API_KEY_ENV}; /health is open)"
+    if is_loopback(host):
+        return f"auth: off (loopback only; set {API_KEY_ENV} to require a key)"
+    return f"auth: off (--allow-no-auth): anyone who reaches {host} can use the model"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -246,29 +356,42 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--model", type=Path, default=Path("models/merged"), help="merged model directory")
     parser.add_argument("--adapter", type=Path, help="serve models/base + this adapter instead of the merged model")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (no authentication: keep it local)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--host", default="127.0.0.1", help=f"address to bind; other than loopback it needs {API_KEY_ENV} set"
+    )
+    parser.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed)")
+    parser.add_argument(
+        "--allow-no-auth",
+        action="store_true",
+        help=f"serve a non-loopback --host without {API_KEY_ENV}: anyone who reaches it can use the model",
+    )
     parser.add_argument("--model-id", default="expqa", help="the id clients pass as `model`")
     parser.add_argument("--max-tokens", type=int, default=2048, help="largest max_tokens a request may ask for")
     parser.add_argument("--verbose", action="store_true", help="log every request")
     args = parser.parse_args(argv)
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port must be from 0 to 65535, got {args.port}")
+    if args.max_tokens < 1:
+        parser.error(f"--max-tokens must be >= 1, got {args.max_tokens}")
     model_dir = Path("models/base") if args.adapter else args.model
-    for path in [model_dir] + ([args.adapter] if args.adapter else []):
-        if not path.exists():
-            print(f"error: {missing_model_message(path)}", file=sys.stderr)
-            return 2
-    from expqa.model.loading import load_for_inference
-
-    model, tokenizer = load_for_inference(model_dir, args.adapter)
-    server = ChatServer(Engine(model, tokenizer, args.model_id, args.max_tokens), args.host, args.port, args.verbose)
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"warning: listening on {args.host} without authentication", file=sys.stderr)
-    print(
-        f"serving {args.adapter or model_dir} as {args.model_id!r} on http://{args.host}:{server.server_port}/v1 "
-        "(Ctrl-C stops)",
-        flush=True,
-    )
     try:
+        api_key = api_key_for(args.host, args.allow_no_auth)
+        require_model(model_dir, args.adapter)
+        server = bind(args.host, args.port, args.verbose, api_key)
+    except (ServeError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        from expqa.model.loading import load_for_inference
+
+        model, tokenizer = load_for_inference(model_dir, args.adapter)
+        server.engine = Engine(model, tokenizer, args.model_id, args.max_tokens)
+        print(
+            f"serving {args.adapter or model_dir} as {args.model_id!r} on http://{args.host}:{server.server_port}/v1 "
+            "(Ctrl-C stops)",
+            flush=True,
+        )
+        print(auth_line(api_key, args.host), flush=True)
         server.serve_forever()
     except KeyboardInterrupt:
         pass

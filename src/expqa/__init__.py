@@ -2,7 +2,7 @@
 
 Packages: config (params), data (raw inputs to tokens), model (base model, loading, merge), training, evaluation,
 serving (inference and the commands that answer), workspace (the checkout), pipeline (dvc.yaml's stages as
-functions). The modules here (cli, files, progress, noise) are shared utilities: they import no package but
+functions). The modules here (cli, files, progress, noise, wording) are shared utilities: they import no package but
 cli, which dispatches to them all.
 """
 

@@ -63,7 +63,7 @@ def test_perplexity_of_a_uniform_model_is_the_vocabulary_size(tiny_base, embedde
 
 
 @pytest.mark.slow
-def test_evaluating_in_two_processes_gives_what_one_process_gives(tiny_base):
+def test_evaluating_in_two_processes_gives_what_one_process_gives(tiny_base, capfd):
     from expqa.evaluation.evaluate import evaluate_models
     from helpers import conversation
 
@@ -79,6 +79,7 @@ def test_evaluating_in_two_processes_gives_what_one_process_gives(tiny_base):
     ]
     config = dataclasses.replace(EvalConfig(), max_new_tokens=4, batch_size=2, num_processes=1, num_threads=0)
     one = evaluate_models({"base": tiny_base}, rows, questions, config, max_length=128)
+    assert capfd.readouterr().out.startswith("evaluate base: cpu, batch 2: perplexity ")
     two = evaluate_models(
         {"base": tiny_base, "again": tiny_base},
         rows,
@@ -86,6 +87,9 @@ def test_evaluating_in_two_processes_gives_what_one_process_gives(tiny_base):
         dataclasses.replace(config, num_processes=2, num_threads=1),
         max_length=128,
     )
+    # side by side, each process's timing line says which model it timed
+    timed = sorted(line.split(":")[0] for line in capfd.readouterr().out.splitlines() if "tokens/s" in line)
+    assert timed == ["evaluate again", "evaluate base"]
     # exact on any CPU: the same model, rows and batches in two processes of 1 thread each (same kernels and order)
     assert two["base"] == two["again"]
     for row_two, row_one in zip(two["base"][1], one["base"][1], strict=True):  # per-item rows
@@ -198,4 +202,16 @@ def test_eval_and_merge_summaries():
         "evaluate: perplexity 12.346 -> 9.877 (p 0.000123), rougeL 0.100 -> 0.250 (p 0.04), stop_rate 0.500 -> "
         "1.000 (p 1), critical questions (length_norm) 0.250 -> 0.500 (p 0.5), critical questions (calibrated) "
         "0.500 -> 0.500 (p 1)"
+    )
+
+
+def test_the_timing_line_names_its_model_and_counts_in_words():
+    from expqa.evaluation.evaluate import timing_line
+
+    assert timing_line("evaluate tuned", "cpu", 8, 1, 1, (1.25, 0.5, 2.0)) == (
+        "evaluate tuned: cpu, batch 8: perplexity 1.2 s; generation 1 token in 0.5 s (2 tokens/s); 1 question x "
+        "options scored in 2.0 s"
+    )
+    assert timing_line("evaluate base", "cuda", 16, 2048, 40, (3.0, 8.0, 1.0)).startswith(
+        "evaluate base: cuda, batch 16: perplexity 3.0 s; generation 2,048 tokens in 8.0 s (256 tokens/s); 40 questions"
     )

@@ -1,6 +1,9 @@
+import warnings
+
 import pytest
 import torch
 
+from expqa import noise
 from expqa.config import LLAMA_PROJECTIONS, LoRAConfig, QuantizationConfig
 from expqa.model.loading import check_target_modules, load_for_training
 from helpers import llama_config, plan_for
@@ -33,6 +36,23 @@ def test_bnb_cpu_guard_keeps_lora_gradients_after_eval_forward(tiny_base):
     for name in before:
         assert before[name].abs().sum() > 0, name
         torch.testing.assert_close(after[name], before[name], msg=name)
+
+
+@pytest.mark.parametrize("load_in_4bit", [True, False], ids=["4-bit-float32-through-peft", "full-precision"])
+def test_checkpointing_is_enabled_without_a_deprecation_warning(tiny_base, load_in_4bit):
+    """Both ways load_for_training enables checkpointing (after peft's prepare_model_for_kbit_training, or by
+    itself) turn it on for every decoder layer, under the names transformers does not warn about."""
+    quant, lora = QuantizationConfig(load_in_4bit=load_in_4bit), LoRAConfig(r=4, alpha_ratio=2.0, dropout=0.0)
+    plan = plan_for(tiny_base, quant, lora, gradient_checkpointing="full", fused_lora="off")
+    assert plan.model_checkpointing and plan.weights_dtype == "float32"
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("default")  # as a stage starts, with expqa's filters of library noise on top
+        noise.install()
+        model, _ = load_for_training(tiny_base, quant, lora, plan)
+    # (a stage shows DeprecationWarnings of its own code only: torch's of its jit, on the first import, do not count)
+    assert not [str(w.message) for w in shown if w.category is FutureWarning or "checkpointing" in str(w.message)]
+    layers = model.get_base_model().model.layers
+    assert all(layer.gradient_checkpointing for layer in layers)
 
 
 def test_lora_targets_must_exist(tiny_base):

@@ -211,7 +211,7 @@ def test_two_machines_joined_by_torchrun_static_rendezvous(tiny_base, data, one_
     logs = [proc.communicate(timeout=900)[0] for proc in nodes]
     assert [proc.returncode for proc in nodes] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
     for log in logs:
-        assert "launching 1 processes (one node of 2)" in log and "--standalone" not in log
+        assert "launching 1 process (1 OpenMP thread each, one node of 2)" in log and "--standalone" not in log
     assert logs[0].count("train: {") == 1 and "train: {" not in logs[1]
     node0, node1 = tmp_path / "node0", tmp_path / "node1"
     assert record(node0)["config"]["world_size"] == 2
@@ -339,10 +339,37 @@ def test_ctrl_c_is_passed_to_the_workers_and_reported_as_130(clean_env, monkeypa
 
     monkeypatch.setattr(distributed.subprocess, "Popen", popen)
     before = signal.getsignal(signal.SIGINT)
-    assert distributed.relaunch("s.py", [], 2) == expected
+    assert distributed.relaunch("s.py", [], 2, num_threads=1) == expected
     assert started["start_new_session"] is True and started["env"][distributed.RELAUNCHED_VARIABLE] == "1"
     assert signal.getsignal(signal.SIGINT) is before  # the stage's own handlers are back
     assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "cores,processes,num_threads,environment,expected",
+    [
+        (2, 2, 0, None, 1),  # the cpu profile on 2 cores: one core each (torchrun's default, now said)
+        (16, 2, 0, None, 8),  # a share of the cores, not torchrun's 1
+        (7, 2, 0, None, 3),  # never more threads than cores
+        (2, 4, 0, None, 1),  # at least one
+        (16, 2, 2, None, 2),  # train.num_threads: the threads torch uses anyway
+        (16, 2, 2, "5", 5),  # the user's own OMP_NUM_THREADS wins, as under torchrun itself
+    ],
+)
+def test_each_worker_gets_its_share_of_the_cores_as_openmp_threads(
+    clean_env, capsys, cores, processes, num_threads, environment, expected
+):
+    clean_env.setattr(distributed, "cpu_cores", lambda: cores)
+    if environment is None:
+        clean_env.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        clean_env.setenv("OMP_NUM_THREADS", environment)
+    assert distributed.openmp_threads(processes, num_threads) == expected
+    started = {}
+    clean_env.setattr(distributed.subprocess, "Popen", lambda cmd, **kwargs: started.update(kwargs) or FakeLauncher(0))
+    assert distributed.relaunch("s.py", [], processes, num_threads=num_threads) == 0
+    assert started["env"]["OMP_NUM_THREADS"] == str(expected)  # set: torchrun prints no banner about its default
+    assert f"({expected} OpenMP thread{'' if expected == 1 else 's'} each)" in capsys.readouterr().out
 
 
 def test_child_pids_finds_the_launchers_workers():
@@ -361,7 +388,7 @@ def test_node_0_fails_when_rank_0_wrote_elsewhere(clean_env, tmp_path, capsys, n
     clean_env.setattr(distributed.subprocess, "Popen", lambda cmd, **kwargs: FakeLauncher(0))
     if written:
         (tmp_path / "adapter").mkdir()
-    assert distributed.relaunch("s.py", [], 1, output=tmp_path / "adapter") == expected
+    assert distributed.relaunch("s.py", [], 1, num_threads=1, output=tmp_path / "adapter") == expected
     assert ("rank 0 ran on another one" in capsys.readouterr().err) is (expected == 1)
 
 

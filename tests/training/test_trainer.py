@@ -4,6 +4,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -456,3 +457,40 @@ def test_fp8_auto_stays_off_with_the_lean_setting(tiny_base, processed_dir, tmp_
     trainer = make_trainer(tiny_base, processed_dir, tmp_path / "auto", fp8_matmul="auto", gradient_checkpointing="off")
     trainer.setup()
     assert trainer.run_choices()["fp8_matmul"] == "on"
+
+
+@pytest.mark.slow
+def test_a_two_process_stage_run_prints_no_library_noise_and_numeric_metrics(tiny_base, processed_dir, tmp_path):
+    """What a new user's `dvc exp run` showed (issue 32): the deprecation warnings of the renamed checkpointing
+    arguments, torchrun's OMP_NUM_THREADS banner, the Trainer's "share your model" line and metrics as quoted
+    strings. The cpu profile's 2-process launch is the path that printed all of them."""
+    train = dict(max_steps=2, save_steps=2, eval_steps=2, logging_steps=1, micro_batch="2 conversations")
+    train.update(max_seq_length=128, num_threads=1)
+    params_file = write_params(tmp_path / "params.yaml", {"cpu.train": train, "lora": dict(r=4, alpha_ratio=2.0)})
+    stage = run_stage(params_file, tiny_base, processed_dir, tmp_path / "adapter", tmp_path / "ckpt", tmp_path / "m")
+    log, _ = stage.communicate(timeout=300)
+    assert stage.returncode == 0, log
+    assert "launching 2 processes" in log, log  # the launch whose banner this checks for
+    for noise in (
+        "FutureWarning",
+        "DeprecationWarning",
+        "huggingface.co/models",
+        "OMP_NUM_THREADS environment variable",
+    ):
+        assert noise not in log, log
+    metrics = [line for line in log.splitlines() if line.startswith("train: step ")]
+    # the val loss before training and at step 2, steps 1 and 2, the Trainer's run summary: numbers, never '3.389'
+    assert len(metrics) == 5 and not any("'" in line for line in metrics), log
+    assert re.match(r"train: step 0/2: eval_loss \d+\.\d+, ", metrics[0]), metrics
+    assert re.match(r"train: step 1/2: loss \d+\.\d+, grad_norm \d", metrics[1]), metrics
+    assert "{'" not in log, log
+
+
+def test_the_trainers_logs_print_as_numbers():
+    from expqa.training.callbacks import metrics_line
+
+    logs = {"loss": 3.3894, "grad_norm": 0.43941, "learning_rate": 0.00019991, "num_tokens": 17710.0, "epoch": 0.0102}
+    assert metrics_line(10, 98, {**logs, "total_flos": 1e12}) == (
+        "train: step 10/98: loss 3.389, grad_norm 0.4394, learning_rate 0.0001999, num_tokens 17710, epoch 0.0102"
+    )
+    assert metrics_line(0, 98, {"eval_loss": 3.21, "epoch": 0}) == "train: step 0/98: eval_loss 3.21, epoch 0"

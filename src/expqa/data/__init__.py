@@ -2,6 +2,7 @@
 (validation, loading, text normalisation), sources.py the formats of your own datasets, and one module per data stage:
 stackexchange.py (with html_markdown.py) for collect, generate.py for generate, combine.py for combine, stats.py for
 stats; dataset.py renders and tokenises conversations with the model's chat template (for train, evaluate, serving).
-May import expqa.config, files and progress; generate.py alone also serving.inference and model.loading (its teacher
-model writes the pairs). Never training, evaluation or a serving command; a stage module never imports another's.
+May import expqa.config, files, progress and wording; generate.py alone also serving.inference and model.loading
+(its teacher model writes the pairs). Never training, evaluation or a serving command; a stage module never imports
+another's.
 """

@@ -52,6 +52,7 @@ from expqa.data.chatml import (
 )
 from expqa.data.sources import UserSource, iter_source_records, source_sha256
 from expqa.files import atomic_dir, sha256_file
+from expqa.wording import plural
 
 logger = logging.getLogger(__name__)
 
@@ -633,9 +634,9 @@ def _combine_into(
     shutil.rmtree(converted_dir)
     manifest = build_manifest(inputs, work_dir, stats, params, row_counts, sources)
     logger.info(
-        "combined %d file(s): %s",
-        len(inputs),
-        ", ".join(f"{name} {count} rows" for name, count in sorted(row_counts.items())),
+        "combined %s: %s",
+        plural(len(inputs), "file"),
+        ", ".join(f"{name} {plural(count, 'row')}" for name, count in sorted(row_counts.items())),
     )
     manifest_text = json.dumps(manifest, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
     (work_dir / MANIFEST_FILE).write_text(manifest_text, encoding="utf-8", newline="\n")

@@ -40,6 +40,7 @@ from py7zr.io import Py7zIO, WriterFactory
 from expqa.config import CollectConfig, ConfigError
 from expqa.data.html_markdown import html_to_markdown
 from expqa.progress import byte_progress
+from expqa.wording import plural
 
 SOURCE = "cross_validated"  # combine's source name (data.weights) for every collected pair
 DEFAULT_LICENSE = "CC BY-SA 4.0"
@@ -461,8 +462,8 @@ def _tag_report(tag_counts: Counter, config: CollectConfig, questions_seen: int,
     big_enough = questions_seen >= MIN_QUESTIONS_FOR_TAG_WARNINGS
     unmatched = [tag for tag, count in per_tag.items() if count == 0 and big_enough]
     warnings = [
-        f"collect.tags: '{tag}' matched none of the {questions_seen:,} questions in {posts_xml}; it is probably "
-        f"not a tag of this site (a synonym, a misspelling or another site's name). Pick the site's name from "
+        f"collect.tags: '{tag}' matched none of the {plural(questions_seen, 'question')} in {posts_xml}; it is "
+        f"probably not a tag of this site (a synonym, a misspelling or another site's name). Pick the site's name from "
         f"`expqa collect --list-tags {posts_xml}` and fix it in params.yaml."
         for tag in unmatched
     ]
@@ -506,9 +507,9 @@ def format_tag_listing(report: dict, dump: Path, config: CollectConfig, *, conta
     selection = f"{len(shown)} shown" + (f", containing '{contains}'" if contains else "")
     lines += [
         "",
-        f"{dump}: {report['questions_seen']:,} questions, {report['answers_seen']:,} answers, "
-        f"{len(report['tag_counts']):,} tags ({selection})",
-        f"{_tag_filter_text(configured)} match {report['questions_matched']:,} questions; "
+        f"{dump}: {plural(report['questions_seen'], 'question')}, {plural(report['answers_seen'], 'answer')}, "
+        f"{plural(len(report['tag_counts']), 'tag')} ({selection})",
+        f"{_tag_filter_text(configured)} match {plural(report['questions_matched'], 'question')}; "
         f"{report['pairs_before_length_limits']:,} question/answer pairs pass min_question_score "
         f"{config.min_question_score} and min_answer_score {config.min_answer_score}",
         "  (collect then also drops answers outside min_answer_chars .. max_answer_chars)",
@@ -520,7 +521,9 @@ def format_tag_listing(report: dict, dump: Path, config: CollectConfig, *, conta
 
 
 def _tag_filter_text(configured: dict) -> str:
-    return f"collect.tags ({len(configured)} tags)" if configured else "collect.tags is empty, so all questions"
+    return (
+        f"collect.tags ({plural(len(configured), 'tag')})" if configured else "collect.tags is empty, so all questions"
+    )
 
 
 def _open_scratch_db(path: Path) -> sqlite3.Connection:

@@ -13,6 +13,7 @@ from expqa.data.chatml import SPLITS, content_id, load_chatml_dataset
 from expqa.data.dataset import IGNORE_INDEX, tokenize_conversation
 from expqa.files import write_json
 from expqa.progress import progress
+from expqa.wording import plural
 
 
 def percentile(sorted_values: list[int], q: float) -> int:
@@ -99,6 +100,7 @@ def summary_line(stats: dict) -> str:
     """The stage's console line: conversations (and rows, when weighting copied some), truncation counts, median."""
     splits = stats["splits"].values()
     conversations, rows = sum(s["conversations"] for s in splits), sum(s["rows"] for s in splits)
-    copies = f" ({rows} rows with the weighted train copies)" if rows != conversations else ""
+    copies = f" ({plural(rows, 'row')} with the weighted train copies)" if rows != conversations else ""
     truncated = ", ".join(f"{count} longer than {n} tokens" for n, count in stats["truncated"].items())
-    return f"stats: {conversations} conversations{copies}; {truncated}; p50 {stats['token_length']['p50']} tokens"
+    p50 = plural(stats["token_length"]["p50"], "token")
+    return f"stats: {plural(conversations, 'conversation')}{copies}; {truncated}; p50 {p50}"

@@ -34,6 +34,7 @@ from expqa.data.dataset import IGNORE_INDEX, render, tokenize_conversation
 from expqa.files import write_json
 from expqa.progress import progress
 from expqa.serving.inference import batches, generate_answers
+from expqa.wording import plural
 
 
 def pad_right(sequences: list[list[int]], value: int) -> torch.Tensor:
@@ -232,12 +233,8 @@ def evaluate_model(
     summary["critical_questions_accuracy"] = mc["accuracy"]
     summary["critical_questions_accuracy_calibrated"] = mc["accuracy_calibrated"]
     new_tokens = sum(g["new_tokens"] for g in generations)
-    print(
-        f"evaluate: {model.device.type}, batch {batch_size}: perplexity {scored - started:.1f} s; generation "
-        f"{new_tokens} tokens in {generated - scored:.1f} s ({new_tokens / max(generated - scored, 1e-9):.0f} "
-        f"tokens/s); {len(questions)} questions x options scored in {time.perf_counter() - generated:.1f} s",
-        flush=True,
-    )
+    seconds = (scored - started, generated - scored, time.perf_counter() - generated)
+    print(timing_line(label, model.device.type, batch_size, new_tokens, len(questions), seconds), flush=True)
     examples = [
         {"id": row["id"], **g, **r, "logprob": lp, "tokens": n}
         for row, g, r, (lp, n) in zip(test_rows, generations, rouge, ppl["per_conversation"])
@@ -247,6 +244,19 @@ def evaluate_model(
         for q in mc["per_question"]
     ]
     return summary, examples
+
+
+def timing_line(
+    label: str, device: str, batch_size: int, new_tokens: int, questions: int, seconds: tuple[float, float, float]
+) -> str:
+    """evaluate_model's console line, named by its label ("evaluate base", "evaluate tuned"): with two models in
+    the log, or side by side in two processes, a line that does not say which model it timed says nothing."""
+    perplexity, generation, scoring = seconds
+    return (
+        f"{label}: {device}, batch {batch_size}: perplexity {perplexity:.1f} s; generation "
+        f"{plural(new_tokens, 'token')} in {generation:.1f} s ({new_tokens / max(generation, 1e-9):.0f} tokens/s); "
+        f"{plural(questions, 'question')} x options scored in {scoring:.1f} s"
+    )
 
 
 def _evaluate_path(

@@ -70,6 +70,16 @@ def quantization_config(quant: QuantizationConfig, compute_dtype: str):
     )
 
 
+def enable_checkpointing(model) -> None:
+    """Non-reentrant activation checkpointing of every decoder layer (expqa.model.checkpointing.apply then picks
+    which), by transformers' current name: newer versions (5.24) renamed gradient_checkpointing_enable to
+    activation_checkpointing_enable and the old name prints a FutureWarning on every run; 5.18 has the old one only."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def load_for_training(base_dir: str | Path, quant: QuantizationConfig, lora: LoRAConfig, plan):
     """The frozen base (4-bit or full precision) with fresh LoRA adapters, as the run plan (expqa.training.plan)
     says: device, weights' dtype, attention kernel, checkpointing enabled only when it checkpoints a layer of the
@@ -97,11 +107,10 @@ def load_for_training(base_dir: str | Path, quant: QuantizationConfig, lora: LoR
         disable_bnb_cpu_repack(model)
     recompute = plan.model_checkpointing
     if quant.load_in_4bit and dtype is torch.float32:
-        model = prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=recompute,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
+        # checkpointing enabled here, not by peft: peft calls it by its deprecated name (enable_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        if recompute:
+            enable_checkpointing(model)
     else:
         # bf16 4-bit skips prepare_model_for_kbit_training's upcast of norms and embeddings to float32: those
         # weights are bf16 values already, RMSNorm computes in float32 inside, and an fp32 residual stream doubles
@@ -109,7 +118,7 @@ def load_for_training(base_dir: str | Path, quant: QuantizationConfig, lora: LoR
         for param in model.parameters():
             param.requires_grad_(False)  # get_peft_model does this too; frozen before the hooks below
         if recompute:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(model)
             model.enable_input_require_grads()
     model.config.use_cache = False
     peft_config = LoraConfig(

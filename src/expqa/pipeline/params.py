@@ -20,6 +20,7 @@ from expqa.files import write_json
 from expqa.model.base import BaseModelError, check_model_source
 from expqa.pipeline import stage_main
 from expqa.training.distributed import cpu_cores
+from expqa.wording import plural
 
 PATHS = "--params --sources --out"  # required path options: dvc.yaml gives them
 
@@ -48,7 +49,7 @@ def run(args, _):
     how = f"profile {params.profile}" + (f" -> {resolved.profile}" if params.profile == "auto" else "")
     if resolved.profile == "cpu" and cuda_devices():
         how += " (the stages run on the CPU: the CUDA GPUs here stay unused; profile: auto or gpu uses them)"
-    print(f"params: {args.params} checked, {how}; {len(STAGE_SECTIONS)} stage files in {args.out}")
+    print(f"params: {args.params} checked, {how}; {plural(len(STAGE_SECTIONS), 'stage file')} in {args.out}")
 
 
 def previous(path: Path) -> dict | None:
@@ -93,8 +94,8 @@ def check_processes(resolved, params_path: Path) -> None:
     key = "cpu.train.num_processes" if resolved.profile == "cpu" and "cpu.train.num_processes" in lines else None
     key = key or "train.num_processes"
     raise ConfigError(
-        f"{lines.get(key, params_path)}: {key} is {wanted}, but this machine has {have} {what}"
-        f"{'' if have == 1 else 's'} for the {resolved.profile} profile; set {fix}"
+        f"{lines.get(key, params_path)}: {key} is {wanted}, but this machine has {plural(have, what)} for the "
+        f"{resolved.profile} profile; set {fix}"
     )
 
 

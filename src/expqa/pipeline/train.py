@@ -13,6 +13,7 @@ import sys
 
 from expqa.config import ConfigError
 from expqa.pipeline import check_profile, require, stage_main
+from expqa.wording import plural
 
 PATHS = "--base --data --out --checkpoints --metrics --log-folder"  # required path options: dvc.yaml gives them
 
@@ -35,11 +36,13 @@ def run(args, params):
     devices, kind = local_devices()
     if processes > devices and not inside_launch():  # the params stage says where in params.yaml; a run by hand
         raise ConfigError(  # with a stage file gets it here, before torchrun starts processes that would crash
-            f"train.num_processes is {processes}, but this machine has {devices} {kind}{'' if devices == 1 else 's'}"
-            f" for the {params.profile or 'resolved'} profile; `dvc repro` checks it in the params stage"
+            f"train.num_processes is {processes}, but this machine has {plural(devices, kind)} for the "
+            f"{params.profile or 'resolved'} profile; `dvc repro` checks it in the params stage"
         )
     if needs_launch(processes, params.train.distributed):  # never inside a launch (torchrun, accelerate, clusters)
-        return relaunch("expqa.pipeline.train", args.argv, processes, output=args.out)
+        return relaunch(
+            "expqa.pipeline.train", args.argv, processes, num_threads=params.train.num_threads, output=args.out
+        )
     if inside_launch():
         die_with_parent()  # a worker whose launcher was killed stops too
     from expqa.training.trainer import QLoRATrainer, TrainingError, TrainingInterrupted

@@ -43,6 +43,7 @@ from expqa.model.equivalence import (
 from expqa.model.gguf_tokenizer import LLAMA3_SPLIT, tokenizer_from_gguf
 from expqa.progress import progress
 from expqa.serving.ollama import adds_bos, modelfile
+from expqa.wording import plural
 
 Q = gguf.GGMLQuantizationType
 # export.types -> (file type in the header, tensor type of the 2-D weights); norms and rope_freqs stay F32
@@ -463,7 +464,7 @@ def export_summary(report: dict, out_dir: Path) -> list[str]:
     lines = [
         f"export: {out_dir / r['file']} {r['bytes'] / 2**20:.0f} MiB, max |logit diff| "
         f"{r['max_abs_logit_diff']:.3g} (tolerance {r['tolerance']}), greedy equal: {r['greedy_equal']} "
-        f"({r['greedy_flips']} near-tie flips in {r['greedy_steps']} steps)"
+        f"({plural(r['greedy_flips'], 'near-tie flip')} in {plural(r['greedy_steps'], 'step')})"
         for r in report["types"].values()
     ]
     return lines + [f"export: {out_dir / 'Modelfile'} (Ollama), {report['seconds']:.0f} s"]

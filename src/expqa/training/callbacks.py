@@ -1,5 +1,6 @@
-"""The TrainerCallbacks the train stage installs: dvclive metrics per optimizer step, Ctrl-C / SIGTERM as "save a
-checkpoint and stop", the last step always logged, and checkpoints marked complete with the run's fingerprint."""
+"""The TrainerCallbacks the train stage installs: dvclive metrics per optimizer step, the progress bar with one
+numeric line per log, Ctrl-C / SIGTERM as "save a checkpoint and stop", the last step always logged, and checkpoints
+marked complete with the run's fingerprint."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
-from transformers import TrainerCallback
+from transformers import ProgressCallback, TrainerCallback
 from transformers.integrations import DVCLiveCallback
 
 from expqa.training.distributed import is_main_process, relaunched
@@ -32,6 +33,29 @@ class DVCLiveMetrics(DVCLiveCallback):
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if state.is_world_process_zero and state.global_step == 0 and metrics and "eval_loss" in metrics:
             self.live.summary["eval_loss_before_training"] = metrics["eval_loss"]
+
+
+def number(value) -> str:
+    """A logged value as a number a person reads: whole numbers without a fraction (num_tokens comes as a float),
+    others to 4 significant digits."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def metrics_line(step: int, max_steps: int, logs: dict) -> str:
+    """One log of the Trainer as `train: step 5/98: loss 3.4, grad_norm 0.3808, ...`."""
+    values = ", ".join(f"{key} {number(value)}" for key, value in logs.items() if key != "total_flos")
+    return f"train: step {step}/{max_steps}: {values}"
+
+
+class MetricsLine(ProgressCallback):
+    """transformers' progress bar, with each log written as metrics_line instead of the dict of strings transformers 5
+    writes (`{'loss': '3.389', 'grad_norm': '0.4394', ...}`: every float formatted into a quoted string)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and self.training_bar is not None:
+            self.training_bar.write(metrics_line(state.global_step, state.max_steps, logs))
 
 
 class StopOnSignal(TrainerCallback):

@@ -31,6 +31,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from expqa.wording import plural
+
 # set by torchrun (and so by `accelerate launch`) in every worker; cluster launchers that start the workers
 # themselves set them too (or are told to: README)
 LAUNCH_VARIABLES = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
@@ -117,19 +119,41 @@ def torchrun_command(module: str, args: list[str], processes: int) -> list[str]:
     ]
 
 
-def relaunch(module: str, args: list[str], processes: int, output: Path | None = None) -> int:
+def openmp_threads(processes: int, num_threads: int) -> int:
+    """OpenMP threads per worker: the user's OMP_NUM_THREADS if set, else train.num_threads if set (torch uses that
+    many anyway), else this machine's cores shared out, one share per process.
+
+    torchrun's own choice without the variable is 1 (and a banner saying so): right for the cpu profile's 2 processes
+    on 2 cores, which this gives too, but a GPU worker on a 16-core host would then run its CPU side (bitsandbytes'
+    and torch's CPU ops, the collator) on one core while 15 idle. More than a share oversubscribes the cores: each
+    OpenMP region waits for its slowest thread, and threads of different processes on one core take turns."""
+    configured = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if configured.isdigit() and int(configured) > 0:
+        return int(configured)
+    return num_threads or max(cpu_cores() // processes, 1)
+
+
+def relaunch(module: str, args: list[str], processes: int, *, num_threads: int, output: Path | None = None) -> int:
     """Run `python -m module args` as `processes` torchrun workers on this machine; return their exit code.
 
-    `output`: what rank 0 writes. On node 0 of a job of several machines (PET_NODE_RANK=0, static rendezvous) it must
-    exist afterwards, or rank 0 ran elsewhere and `dvc repro` here would record nothing."""
+    `num_threads`: train.num_threads (0 = a share of the cores: openmp_threads). `output`: what rank 0 writes. On
+    node 0 of a job of several machines (PET_NODE_RANK=0, static rendezvous) it must exist afterwards, or rank 0 ran
+    elsewhere and `dvc repro` here would record nothing."""
     cmd = torchrun_command(module, args, processes)
-    nodes = f" (one node of {os.environ.get('PET_NNODES', '?')})" if multi_node_requested() else ""
-    print(f"train: launching {processes} processes{nodes}: {' '.join(cmd[1:])}", flush=True)
+    threads = openmp_threads(processes, num_threads)
+    nodes = f", one node of {os.environ.get('PET_NNODES', '?')}" if multi_node_requested() else ""
+    print(
+        f"train: launching {plural(processes, 'process', 'processes')} ({plural(threads, 'OpenMP thread')} each"
+        f"{nodes}): {' '.join(cmd[1:])}",
+        flush=True,
+    )
     # torchrun in a session of its own: on Ctrl-C its agent would tear the workers down (SIGKILL after 30 s, and a
     # traceback) instead of letting them save; the signal is passed on to the workers alone (Linux; elsewhere
     # torchrun shares the terminal's process group as before)
     forward = Path("/proc").is_dir()
-    env = {**os.environ, RELAUNCHED_VARIABLE: "1"} if forward else None
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}  # set, torchrun prints no banner about its default
+    if forward:
+        env[RELAUNCHED_VARIABLE] = "1"
     launcher = subprocess.Popen(cmd, preexec_fn=die_with_parent, start_new_session=forward, env=env)
     code, interrupted = _wait_forwarding_signals(launcher, forward)
     if interrupted and code == 0:  # the workers saved a checkpoint and stopped, and said so
@@ -347,7 +371,8 @@ def fsdp_summary(model) -> str:
 
     held, total = sharded_weights(model)
     checkpointed = sum(isinstance(module, CheckpointWrapper) for module in model.modules())  # FSDPCheckpointWrapper
+    processes = plural(world_size(), "process", "processes")
     return (
-        f"fsdp over {world_size()} processes: rank {os.environ.get('RANK', '0')} holds {held / 2**20:.1f} of "
-        f"{total / 2**20:.1f} MiB of weights; {checkpointed} decoder layers checkpointed by FSDP"
+        f"fsdp over {processes}: rank {os.environ.get('RANK', '0')} holds {held / 2**20:.1f} of "
+        f"{total / 2**20:.1f} MiB of weights; {plural(checkpointed, 'decoder layer')} checkpointed by FSDP"
     )

@@ -30,7 +30,7 @@ from expqa.data.dataset import build_sft_dataset
 from expqa.files import atomic_dir, is_wall_clock, sha256_file
 from expqa.model import checkpointing
 from expqa.model.loading import load_for_training
-from expqa.training.callbacks import DVCLiveMetrics, LogLastStep, StopOnSignal, WriteFingerprint
+from expqa.training.callbacks import DVCLiveMetrics, LogLastStep, MetricsLine, StopOnSignal, WriteFingerprint
 from expqa.training.distributed import (
     agree_across_processes,
     enable_fsdp_on_cpu,
@@ -128,6 +128,14 @@ def make_sft_trainer_class():
                 )
 
     return GuardedSFTTrainer
+
+
+def checkpointing_argument(config_class) -> str:
+    """The Trainer's switch for activation checkpointing by its current name: newer transformers (5.24) renamed
+    TrainingArguments.gradient_checkpointing to activation_checkpointing and warn (FutureWarning) whenever the old
+    name is given, even as False, which TRL's configs default to True; 5.18 has the old name only."""
+    names = {field.name for field in dataclasses.fields(config_class)}
+    return "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -291,8 +299,9 @@ class QLoRATrainer:
             # build_sft_dataset already truncated each conversation to train.max_seq_length; with packing this is
             # the size of a pack
             max_length=c.tokens_per_micro_batch if packed else None,
-            gradient_checkpointing=False,  # already enabled on the model (non-reentrant) by load_for_training; under
-            # FSDP, FSDP's own (fsdp_config) instead
+            # off: already enabled on the model (non-reentrant) by load_for_training; under FSDP, FSDP's own
+            # (fsdp_config) instead
+            **{checkpointing_argument(SFTConfig): False},
             bf16=plan.bf16,
             use_cpu=plan.device == "cpu",
             logging_steps=c.logging_steps,
@@ -371,6 +380,10 @@ class QLoRATrainer:
             processing_class=tokenizer,
             callbacks=callbacks,
         )
+        from transformers import ProgressCallback
+
+        self.trainer.remove_callback(ProgressCallback)  # the Trainer's own bar, replaced by one with numeric logs
+        self.trainer.add_callback(MetricsLine())
         if self.config.lm_head_loss == "expqa":  # after SFTTrainer, which patched the base model with its own head
             from expqa.model.lm_head import add_label_lm_head
 

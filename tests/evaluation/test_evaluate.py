@@ -13,11 +13,13 @@ from expqa.evaluation.evaluate import (
     critical_questions_accuracy,
     eval_summary,
     evaluate_base_vs_tuned,
+    headline,
     option_example,
     perplexity,
     sequence_logprobs,
     write_eval_outputs,
 )
+from helpers import REPO
 
 
 def test_choose_option_is_length_normalised_hand_computed():
@@ -199,3 +201,26 @@ def test_eval_and_merge_summaries():
         "1.000 (p 1), critical questions (length_norm) 0.250 -> 0.500 (p 0.5), critical questions (calibrated) "
         "0.500 -> 0.500 (p 1)"
     )
+
+
+def test_headline_is_the_reports_key_numbers_rounded():
+    report = json.loads((REPO / "metrics/eval.json").read_text())  # a real run's report
+    assert headline(report) == {
+        "ppl": {"base": 29.18, "tuned": 19.9, "p": 3.1e-05},
+        "rougeL": {"base": 0.103, "tuned": 0.1087, "p": 1.0},
+        "cq": {"base": 0.25, "tuned": 0.2402, "p": 0.87},
+    }
+    assert report["perplexity"]["tuned"] == pytest.approx(19.90009, abs=1e-5)  # the numbers above come from it
+
+
+def test_headline_hides_noise_in_the_sixth_digit_and_never_writes_minus_zero():
+    def report(value, p):
+        block = {"base": value, "tuned": value, "p_value": p}
+        return {"perplexity": block, "rougeL": block, "critical_questions": {"calibrated": block}}
+
+    # a rerun on another CPU: the same run up to the 6th significant digit gives the same headline (no row in
+    # `dvc metrics diff`), a change in the 4th does not
+    assert headline(report(29.176348, 0.80362)) == headline(report(29.176351, 0.80359))
+    assert headline(report(29.17, 0.8)) != headline(report(29.18, 0.8))
+    zero = headline(report(-0.0, -0.0))
+    assert all(str(value) == "0.0" for block in zero.values() for value in block.values()), zero

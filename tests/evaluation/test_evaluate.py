@@ -206,7 +206,7 @@ def test_eval_and_merge_summaries():
 def test_headline_is_the_reports_key_numbers_rounded():
     report = json.loads((REPO / "metrics/eval.json").read_text())  # a real run's report
     assert headline(report) == {
-        "ppl": {"base": 29.18, "tuned": 19.9, "p": 3.1e-05},
+        "ppl": {"base": 29.18, "tuned": 19.9, "p": 3e-05},  # 3.05e-05: 2 digits, 5 decimals
         "rougeL": {"base": 0.103, "tuned": 0.1087, "p": 1.0},
         "cq": {"base": 0.25, "tuned": 0.2402, "p": 0.87},
     }
@@ -222,5 +222,8 @@ def test_headline_hides_noise_in_the_sixth_digit_and_never_writes_minus_zero():
     # `dvc metrics diff`), a change in the 4th does not
     assert headline(report(29.176348, 0.80362)) == headline(report(29.176351, 0.80359))
     assert headline(report(29.17, 0.8)) != headline(report(29.18, 0.8))
+    # DVC prints 5 decimals: p-values that would print the same are the same number
+    assert headline(report(1.0, 3.1e-05)) == headline(report(1.0, 3.0e-05))
+    assert headline(report(0.001234, 1.0))["rougeL"]["tuned"] == 0.00123
     zero = headline(report(-0.0, -0.0))
     assert all(str(value) == "0.0" for block in zero.values() for value in block.values()), zero

@@ -389,13 +389,15 @@ def evaluate_base_vs_tuned(
 HEADLINE = {"ppl": ("perplexity",), "rougeL": ("rougeL",), "cq": ("critical_questions", "calibrated")}
 # Rounded so that a rerun which differs only in noise shows no row in `dvc metrics diff`: values to 4 significant
 # digits (perplexity 19.90, ROUGE-L 0.1087: finer than expqa verify's tolerances; an accuracy over 204 questions
-# moves in steps of 0.0049), p-values to 2 (whether p is 0.04 or 0.3 is what counts, not its third digit)
-VALUE_DIGITS, P_DIGITS = 4, 2
+# moves in steps of 0.0049), p-values to 2 (whether p is 0.04 or 0.3 is what counts, not its third digit); and
+# both to DVC's 5 decimals (`--precision` of `dvc exp show` / `metrics diff`), so that no two values DVC prints
+# the same differ (p 3.1e-05 and 3.0e-05 made a "0.0" row): p below 0.000005 reads 0.0
+VALUE_DIGITS, P_DIGITS, DVC_DECIMALS = 4, 2, 5
 
 
 def significant(value: float, digits: int) -> float:
-    """value rounded to `digits` significant digits (never -0.0, which `dvc metrics diff` would print)."""
-    return float(f"{value:.{digits}g}") + 0.0
+    """value to `digits` significant digits and at most DVC_DECIMALS decimals (never -0.0, which DVC prints)."""
+    return round(float(f"{value:.{digits}g}"), DVC_DECIMALS) + 0.0
 
 
 def headline(report: dict) -> dict:

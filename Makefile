@@ -195,18 +195,15 @@ plots: install
 plots-screenshot: install
 	expqa plots --screenshot docs/plots.png
 
-# The experiments of one baseline commit (EXPS_REV) in a 120-column terminal (all but the second table in 80):
-# `dvc exp show` lists every metric and param (~200 columns), params after metrics, where DVC folds what does not
-# fit into "…". So: the key
-# metrics per experiment (val/train loss, perplexity and ROUGE-L deltas tuned - base), the critical-question
-# accuracy deltas under both scorings (--drop '.*' --keep <those>; the metric names are long), then each
-# experiment's changed params as rows (`dvc params diff`: `make train-full` alone changes 7 params of ~30 chars).
+# The experiments of one baseline commit (EXPS_REV) in an 80-column terminal: the headline metrics that move between
+# experiments (tuned values and p-values of metrics/headline.json; the base model's do not move) per experiment,
+# then each experiment's changed params as rows (`dvc params diff`: `make train-full` alone changes 7 params of ~30
+# characters, which as columns would not fit). Plain `dvc exp show` lists every key of params.yaml and every
+# dependency's hash; `dvc exp show --only-changed` fits 120 columns for an experiment of one changed param once the
+# changed dependencies' hashes are dropped (README "Experiments").
 EXPS_REV ?= HEAD
 exps: install
-	@dvc exp show --no-pager --rev $(EXPS_REV) --drop '.*' \
-	  --keep 'Experiment$$|eval\.loss$$|train\.loss$$|perplexity\.delta$$|rougeL\.delta$$'
-	@dvc exp show --no-pager --rev $(EXPS_REV) --drop '.*' \
-	  --keep 'Experiment$$|critical_questions\.(length_norm|calibrated)\.delta$$'
+	@dvc exp show --no-pager --rev $(EXPS_REV) --drop '.*' --keep 'Experiment$$|(ppl|rougeL|cq)\.(tuned|p)$$'
 	@for exp in $$(dvc exp list --rev $(EXPS_REV) --name-only); do \
 	  echo; dvc params diff --no-path $(EXPS_REV) $$exp; done
 

@@ -13,6 +13,7 @@ from expqa.evaluation.evaluate import (
     critical_questions_accuracy,
     eval_summary,
     evaluate_base_vs_tuned,
+    headline,
     option_example,
     perplexity,
     sequence_logprobs,
@@ -215,3 +216,37 @@ def test_the_timing_line_names_its_model_and_counts_in_words():
     assert timing_line("evaluate base", "cuda", 16, 2048, 40, (3.0, 8.0, 1.0)).startswith(
         "evaluate base: cuda, batch 16: perplexity 3.0 s; generation 2,048 tokens in 8.0 s (256 tokens/s); 40 questions"
     )
+
+
+def test_headline_is_the_reports_key_numbers_rounded():
+    # the blocks headline reads, as a real CPU run wrote them (metrics/eval.json, 2026-12-06); the rest of the report
+    # (intervals, counts) stays out of the headline
+    report = {
+        "perplexity": {"base": 29.17634794140654, "tuned": 19.90008508, "p_value": 3.0517578125e-05, "n": 16},
+        "rougeL": {"base": 0.1030407352402872, "tuned": 0.10874286936060769, "p_value": 1.0, "tuned_better": 8},
+        "critical_questions": {
+            "calibrated": {"base": 0.25, "tuned": 0.24019607843137256, "p_value": 0.8679394004284404, "n": 204},
+            "length_norm": {"base": 0.2, "tuned": 0.19, "p_value": 0.5},
+        },
+    }
+    assert headline(report) == {
+        "ppl": {"base": 29.18, "tuned": 19.9, "p": 3e-05},  # 3.05e-05: 2 digits, 5 decimals
+        "rougeL": {"base": 0.103, "tuned": 0.1087, "p": 1.0},
+        "cq": {"base": 0.25, "tuned": 0.2402, "p": 0.87},
+    }
+
+
+def test_headline_hides_noise_in_the_sixth_digit_and_never_writes_minus_zero():
+    def report(value, p):
+        block = {"base": value, "tuned": value, "p_value": p}
+        return {"perplexity": block, "rougeL": block, "critical_questions": {"calibrated": block}}
+
+    # a rerun on another CPU: the same run up to the 6th significant digit gives the same headline (no row in
+    # `dvc metrics diff`), a change in the 4th does not
+    assert headline(report(29.176348, 0.80362)) == headline(report(29.176351, 0.80359))
+    assert headline(report(29.17, 0.8)) != headline(report(29.18, 0.8))
+    # DVC prints 5 decimals: p-values that would print the same are the same number
+    assert headline(report(1.0, 3.1e-05)) == headline(report(1.0, 3.0e-05))
+    assert headline(report(0.001234, 1.0))["rougeL"]["tuned"] == 0.00123
+    zero = headline(report(-0.0, -0.0))
+    assert all(str(value) == "0.0" for block in zero.values() for value in block.values()), zero

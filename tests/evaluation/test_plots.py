@@ -1,5 +1,6 @@
 """`expqa plots`: the page of dvc.yaml's charts plus base vs tuned, drawn by a real browser with the network off."""
 
+import json
 import subprocess
 import sys
 from collections import Counter
@@ -78,6 +79,18 @@ def test_base_vs_tuned_takes_every_nested_pair_with_its_interval():
         {"metric": "critical_questions.calibrated", "model": "base", "value": 0.25, "lo": 0.25, "hi": 0.25},
         {"metric": "critical_questions.calibrated", "model": "tuned", "value": 0.24, "lo": 0.24, "hi": 0.24},
     ]
+
+
+def test_eval_chart_draws_an_x_axis_in_each_panel_and_none_under_an_empty_slot():
+    """The committed report has 11 metrics in a grid of 6 columns: with the x axes shared, Vega-Lite drew one per
+    column under the last row, so the sixth hung under an empty slot (the empty panel of `make plots`)."""
+    vl_convert = pytest.importorskip("vl_convert")
+    report = json.loads((REPO / plots.EVAL_REPORT).read_text())
+    rows = [{"rev": "workspace", **row} for row in plots.base_vs_tuned(report)]
+    metrics = {row["metric"] for row in rows}
+    assert len(metrics) % plots.eval_spec(rows)["columns"], "the grid is full: this test would show nothing"
+    svg = vl_convert.vegalite_to_svg(plots.eval_spec(rows))
+    assert svg.count(">base</text>") == svg.count(">tuned</text>") == len(metrics)  # one labelled x axis each
 
 
 def test_compared_revisions_are_dvc_plots_diffs_with_the_workspace_first():

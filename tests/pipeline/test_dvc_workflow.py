@@ -3,7 +3,7 @@
 One module-scoped throwaway git repository is made from the project's sources, pointed at the tiny base and a
 shrunk CPU profile, committed and `dvc repro`-ed once; the tests then check what a user relies on: the pipeline
 reproduces and is up to date afterwards, the data stages give byte-identical outputs to the project's dvc.lock,
-experiments (`dvc exp run -S`, the queue) show params.yaml params and dvclive/eval metrics, and a result pushed to a
+experiments (`dvc exp run -S`, the queue) show params.yaml params and the headline metrics, and a result pushed to a
 local or S3-compatible (moto) remote can be cloned and pulled without any stage running again.
 
 Everything runs through `python -m dvc` of this venv, with the venv's bin first on PATH so that the stages'
@@ -375,6 +375,7 @@ def test_local_remote_push_then_clone_pull_runs_nothing(project, local_remote):
             "data/processed/train.jsonl",
             "data/interim/stackexchange.jsonl",
             "metrics/eval.json",
+            "metrics/headline.json",
             "metrics/train/metrics.json",
         ):
             assert (dest / path).is_file(), f"{path} missing after dvc pull"
@@ -508,8 +509,14 @@ def test_experiments_show_params_yaml_params_and_metrics(project):
 
     params_diff = json.loads(dvc(project, "params", "diff", "--json", cwd=dest).stdout)
     assert params_diff == {"params.yaml": {"lora.r": {"old": 16, "new": 8, "diff": -8}}}
-    metrics_diff = json.loads(dvc(project, "metrics", "diff", "--json", cwd=dest).stdout)
-    assert "metrics/train/metrics.json" in metrics_diff and "metrics/eval.json" in metrics_diff, metrics_diff
+    # the DVC metrics are the headline; the full reports are plain outputs, compared by naming them
+    headline_diff = json.loads(dvc(project, "metrics", "diff", "--json", cwd=dest).stdout)
+    assert set(headline_diff) == {"metrics/headline.json"}, headline_diff
+    assert "ppl.tuned" in headline_diff["metrics/headline.json"], headline_diff
+    assert not [k for k in headline_diff["metrics/headline.json"] if ".base" in k], headline_diff
+    reports = ["metrics/train/metrics.json", "metrics/eval.json"]
+    metrics_diff = json.loads(dvc(project, "metrics", "diff", "--json", "--targets", *reports, cwd=dest).stdout)
+    assert set(reports) <= set(metrics_diff), metrics_diff
     for name, changes in metrics_diff.items():
         for key, change in changes.items():
             assert change["diff"] == pytest.approx(change["new"] - change["old"]), (name, key, change)
@@ -544,13 +551,12 @@ def test_experiments_show_params_yaml_params_and_metrics(project):
         data = experiments[name]["data"]
         assert set(data["params"]) == {"params.yaml"}, set(data["params"])
         assert data["params"]["params.yaml"]["data"]["lora"]["r"] == rank
-        assert {"metrics/train/metrics.json", "metrics/eval.json"} <= set(data["metrics"]), set(data["metrics"])
-        assert "loss" in data["metrics"]["metrics/train/metrics.json"]["data"]["eval"]
-        assert {"perplexity", "critical_questions"} <= set(data["metrics"]["metrics/eval.json"]["data"])
+        assert set(data["metrics"]) == {"metrics/headline.json"}, set(data["metrics"])
+        assert set(data["metrics"]["metrics/headline.json"]["data"]) == {"ppl", "rougeL", "cq"}
 
     csv = dvc(project, "exp", "show", "--csv", cwd=dest).stdout
     header = csv.splitlines()[0].split(",")
-    assert {"lora.r", "eval.loss", "rougeL.tuned", "critical_questions.length_norm.tuned"} <= set(header), header
+    assert {"lora.r", "ppl.tuned", "rougeL.tuned", "cq.tuned"} <= set(header), header
     assert "adam_beta1" not in csv
 
     # a bad value stops at the params stage, before DVC deletes any output (models/base was removed by

@@ -278,8 +278,8 @@ def test_every_stage_module_runs_with_python_dash_m():
         ("merge", "--base b --adapter a --out o --report {dir}", "--report {dir} is a directory"),
         (
             "evaluate",
-            "--base b --tuned t --test t.jsonl --train r.jsonl --out o.json --examples e.jsonl --plot {dir} "
-            "--params params.yaml",
+            "--base b --tuned t --test t.jsonl --train r.jsonl --out o.json --headline h.json --examples e.jsonl "
+            "--plot {dir} --params params.yaml",
             "--plot {dir} is a directory",
         ),
         (

@@ -15,7 +15,7 @@
 `compare_models` turns both models' per-item results into the report: per metric base, tuned, difference, 95 %
 intervals and a paired test (expqa.evaluation.significance). Memory stays flat: every batch is reduced to a few numbers
 before the next one runs. `evaluate_base_vs_tuned` is the stage from input files to the report;
-`write_eval_outputs` writes it.
+`write_eval_outputs` writes it, and `headline` the few rounded numbers DVC shows (`dvc exp show`, `dvc metrics diff`).
 """
 
 from __future__ import annotations
@@ -389,6 +389,40 @@ def evaluate_base_vs_tuned(
     examples = {name: rows for name, (_, rows) in results.items()}
     report = compare_models(examples["base"], examples["tuned"], taught, samples=config.bootstrap_samples, seed=seed)
     return report, examples
+
+
+# The headline: the numbers `dvc exp show` and `dvc metrics diff` list (dvc.yaml declares only this file as metrics;
+# the report stays a plain output). Short names, because each number that differs between experiments is a column
+# of `dvc exp show --only-changed` as wide as its name + 3: with the Experiment (~27) and Created (~10) columns and a
+# changed param, 120 columns hold six, and the base values drop out there (the base model does not change).
+# cq: the critical questions under the calibrated scoring (the one that discounts options likely whatever was asked).
+HEADLINE = {"ppl": ("perplexity",), "rougeL": ("rougeL",), "cq": ("critical_questions", "calibrated")}
+# Rounded so that a rerun which differs only in noise shows no row in `dvc metrics diff`: values to 4 significant
+# digits (perplexity 19.90, ROUGE-L 0.1087: finer than expqa verify's tolerances; an accuracy over 204 questions
+# moves in steps of 0.0049), p-values to 2 (whether p is 0.04 or 0.3 is what counts, not its third digit); and
+# both to DVC's 5 decimals (`--precision` of `dvc exp show` / `metrics diff`), so that no two values DVC prints
+# the same differ (p 3.1e-05 and 3.0e-05 made a "0.0" row): p below 0.000005 reads 0.0
+VALUE_DIGITS, P_DIGITS, DVC_DECIMALS = 4, 2, 5
+
+
+def significant(value: float, digits: int) -> float:
+    """value to `digits` significant digits and at most DVC_DECIMALS decimals (never -0.0, which DVC prints)."""
+    return round(float(f"{value:.{digits}g}"), DVC_DECIMALS) + 0.0
+
+
+def headline(report: dict) -> dict:
+    """The report's key numbers: per HEADLINE metric base, tuned and the paired test's p-value, rounded."""
+    numbers = {}
+    for name, path in HEADLINE.items():
+        block = report
+        for key in path:
+            block = block[key]
+        numbers[name] = {
+            "base": significant(block["base"], VALUE_DIGITS),
+            "tuned": significant(block["tuned"], VALUE_DIGITS),
+            "p": significant(block["p_value"], P_DIGITS),
+        }
+    return numbers
 
 
 def write_eval_outputs(report: dict, examples: dict, *, out: Path, examples_path: Path, plot: Path) -> None:

@@ -2,8 +2,8 @@
 
 DVC's page loads Vega, Vega-Lite and Vega-Embed from a CDN, so it stays blank offline. `write_page` hands DVC an
 HTML template (`--html-template`) that carries these libraries inline, bundled by the pinned vl-convert-python
-package, and one chart DVC cannot draw from a metrics file: every metric with a `base` and a `tuned` value (the
-evaluation report), with its 95 % interval, for each compared revision. The charts themselves stay in dvc.yaml.
+package, and one chart DVC cannot draw from a metrics file: every metric of the evaluation report with a `base` and
+a `tuned` value, with its 95 % interval, for each compared revision. The charts themselves stay in dvc.yaml.
 
     expqa plots                      # the workspace (as `dvc plots show`)
     expqa plots HEAD~1               # HEAD~1 vs the workspace (as `dvc plots diff`)
@@ -24,6 +24,9 @@ from pathlib import Path
 # DVC 3's templates write Vega-Lite v5 specs: the bundle carries the newest v5 that vl-convert ships
 VEGA_LITE_VERSION = "5.21"
 WORKSPACE = "workspace"  # DVC's name for the uncommitted files
+# the evaluate stage's report (dvc.yaml: --out): a plain output, not a DVC metric (metrics/headline.json is, without
+# intervals), read at each revision as `dvc metrics show metrics/eval.json` does
+EVAL_REPORT = "metrics/eval.json"
 EVAL_CHART_ID = "eval-base-vs-tuned"
 DVC_COLORS = ["#945dd6", "#13adc7", "#f46837", "#48bb78", "#4299e1", "#ed8936", "#f56565"]  # dvc_render's
 BROWSERS = ("chromium", "chromium-browser", "google-chrome")
@@ -101,7 +104,8 @@ def base_vs_tuned(metrics: dict, prefix: str = "") -> list[dict]:
 
 
 def eval_rows(revisions: list[str]) -> list[dict]:
-    """base_vs_tuned of every DVC metrics file at each revision (branch, commit, tag, experiment, workspace)."""
+    """base_vs_tuned of the evaluation report at each revision (branch, commit, tag, experiment, workspace); a
+    revision without one has no rows."""
     import dvc.api
     from dvc.exceptions import NotDvcRepoError
     from dvc.repo import Repo
@@ -114,9 +118,11 @@ def eval_rows(revisions: list[str]) -> list[dict]:
     rows = []
     for rev in revisions:
         try:
-            metrics = dvc.api.metrics_show(rev=None if rev == WORKSPACE else rev)
+            metrics = dvc.api.metrics_show(EVAL_REPORT, rev=None if rev == WORKSPACE else rev)
         except RevError as err:
             raise SystemExit(f"error: {err}: give commits, branches, tags or names from `dvc exp list`") from None
+        except FileNotFoundError:  # no evaluate run at that revision: its charts still draw
+            continue
         rows += [{"rev": rev, **row} for row in base_vs_tuned(metrics)]
     return rows
 
@@ -164,7 +170,9 @@ def eval_spec(rows: list[dict]) -> dict:
                 },
             ],
         },
-        "resolve": {"scale": {"y": "independent"}},
+        # an x axis in every chart: shared, Vega-Lite draws one per grid column under the last row, so with 11
+        # metrics in 6 columns the sixth column's axis hung under an empty slot (an empty panel in `make plots`)
+        "resolve": {"scale": {"y": "independent"}, "axis": {"x": "independent"}},
     }
 
 

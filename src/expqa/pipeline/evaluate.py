@@ -4,15 +4,17 @@ Params: eval, base.seed (bootstrap) and train.max_seq_length. --train: the split
 taught / not taught split of the critical questions.
 
 Reads --base and --tuned (model folders), --test and --train (splits); writes --out (the report, JSON),
---examples (both models' answers, JSONL) and --plot (ROUGE-L per test question, CSV).
+--headline (its key numbers, rounded: what `dvc exp show` lists), --examples (both models' answers, JSONL) and
+--plot (ROUGE-L per test question, CSV).
 """
 
 import sys
 
-from expqa.evaluation.evaluate import eval_summary, evaluate_base_vs_tuned, write_eval_outputs
+from expqa.evaluation.evaluate import eval_summary, evaluate_base_vs_tuned, headline, write_eval_outputs
+from expqa.files import write_json
 from expqa.pipeline import check_profile, require, stage_main
 
-PATHS = "--base --tuned --test --train --out --examples --plot"  # required path options: dvc.yaml gives them
+PATHS = "--base --tuned --test --train --out --headline --examples --plot"  # required path options: dvc.yaml gives them
 
 
 def run(args, params):
@@ -31,11 +33,17 @@ def run(args, params):
     if params.profile is not None:  # `dvc metrics diff` / `exp show` tell a cpu run from a gpu run
         report = {**report, "profile": params.profile}
     write_eval_outputs(report, examples, out=args.out, examples_path=args.examples, plot=args.plot)
+    write_json(args.headline, headline(report))
     print(eval_summary(report))
 
 
 main = stage_main(
-    "evaluate", __doc__, run, paths=PATHS, output_files="--out --examples --plot", errors=(ValueError, OSError)
+    "evaluate",
+    __doc__,
+    run,
+    paths=PATHS,
+    output_files="--out --headline --examples --plot",
+    errors=(ValueError, OSError),
 )
 
 if __name__ == "__main__":  # `python -m expqa.pipeline.evaluate ...` runs the stage, as `expqa evaluate` does

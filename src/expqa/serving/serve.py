@@ -4,7 +4,9 @@
     curl -s localhost:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": "What is CUPED?"}]}'
 
 POST /v1/chat/completions (non-streaming JSON, or server-sent events with "stream": true) and GET /v1/models. The
-prompt is the model's own chat template. Bad requests get a 4xx JSON error in OpenAI's shape
+prompt is the model's own chat template. What a request leaves out (temperature, top_p, repetition_penalty as vLLM
+names it, max_tokens) comes from params.yaml's generation section, as for `expqa ask`; an answer cut at max_tokens
+ends with finish_reason "length". Bad requests get a 4xx JSON error in OpenAI's shape
 ({"error": {"message", "type", "param", "code"}}), never a crash. Bound to 127.0.0.1 unless --host says otherwise
 (there is no authentication). `transformers serve` was the first choice but does not fit: it needs the
 fastapi/uvicorn/openai extras, answers a missing `messages` with a server error and checks neither roles nor the
@@ -22,7 +24,7 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from expqa.serving.inference import ChatRequest, Engine, RequestError, missing_model_message
+from expqa.serving.inference import ChatRequest, Engine, RequestError, generation_defaults, missing_model_message
 
 ROLES = ("system", "user", "assistant")
 MAX_BODY_BYTES = 1 << 20
@@ -32,10 +34,10 @@ MAX_BODY_BYTES = 1 << 20
 # request parsing: everything a client can get wrong is a RequestError here, before the model is touched
 
 
-def _number(body: dict, key: str, default: float, low: float, high: float) -> float:
+def _number(body: dict, key: str, low: float, high: float) -> float | None:
     value = body.get(key)
-    if value is None:
-        return default
+    if value is None:  # the engine's default (params.yaml's generation section)
+        return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
         raise RequestError(400, f"{key} must be a number in [{low}, {high}], got {value!r}", key)
     return float(value)
@@ -97,8 +99,9 @@ def parse_chat_request(raw: bytes, model_id: str, max_tokens_limit: int) -> Chat
     return ChatRequest(
         messages=parsed,
         max_tokens=max_tokens,
-        temperature=_number(body, "temperature", 1.0, 0, 2),
-        top_p=_number(body, "top_p", 1.0, 0, 1),
+        temperature=_number(body, "temperature", 0, 2),
+        top_p=_number(body, "top_p", 0, 1),
+        repetition_penalty=_number(body, "repetition_penalty", 1, 2),
         stop=stop,
         stream=body.get("stream") is True,
         include_usage=isinstance(options, dict) and options.get("include_usage") is True,
@@ -252,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=2048, help="largest max_tokens a request may ask for")
     parser.add_argument("--verbose", action="store_true", help="log every request")
     args = parser.parse_args(argv)
+    settings = generation_defaults(parser)
     model_dir = Path("models/base") if args.adapter else args.model
     for path in [model_dir] + ([args.adapter] if args.adapter else []):
         if not path.exists():
@@ -260,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     from expqa.model.loading import load_for_inference
 
     model, tokenizer = load_for_inference(model_dir, args.adapter)
-    server = ChatServer(Engine(model, tokenizer, args.model_id, args.max_tokens), args.host, args.port, args.verbose)
+    engine = Engine(model, tokenizer, args.model_id, settings, args.max_tokens)
+    server = ChatServer(engine, args.host, args.port, args.verbose)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: listening on {args.host} without authentication", file=sys.stderr)
     print(

@@ -73,6 +73,10 @@ SETTINGS = {
     "repetition_penalty 1.05": (GenerationConfig(repetition_penalty=1.05), {}),
     "answer-only penalty 1.05": (GenerationConfig(repetition_penalty=1.0), answer_only(1.05)),
     "no_repeat_ngram_size 4": (GenerationConfig(repetition_penalty=1.0), {"no_repeat_ngram_size": 4}),
+    "no_repeat_ngram_size 4 + repetition_penalty 1.05": (
+        GenerationConfig(repetition_penalty=1.05),
+        {"no_repeat_ngram_size": 4},
+    ),
 }
 # questions of the kind issue 32's user asked (A/B testing, sample size, the data-science role); no reference
 AB_QUESTIONS = [

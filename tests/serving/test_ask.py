@@ -124,5 +124,5 @@ def test_help_shows_the_generation_defaults_from_params_yaml(capsys, monkeypatch
     with pytest.raises(SystemExit):
         ask.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for key in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty"):
+    for key in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "no_repeat_ngram_size"):
         assert f"(default: {getattr(SHIPPED, key)}, params.yaml generation.{key})" in text, key

@@ -476,11 +476,13 @@ def test_modelfile_for_chatml(embedded_tokenizer):
         ('TEMPLATE """{{ if or (not .Messages) (ne (index .Messages 0).Role "system") }}<|im_start|>system'),
     ]
     assert '{{ else if eq .Role "user" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n{{ else if' in text
-    assert '{{ end }}{{ end }}<|im_start|>assistant\n"""\nPARAMETER stop "<|im_end|>"\nPARAMETER temperature' in text
+    assert '{{ end }}{{ end }}<|im_start|>assistant\n"""\nPARAMETER stop "<|im_end|>"\n' in text
 
 
 def test_modelfile_carries_the_generation_settings(embedded_tokenizer):
-    settings = GenerationConfig(max_new_tokens=300, temperature=0.7, top_p=0.9, top_k=40, repetition_penalty=1.15)
+    settings = GenerationConfig(
+        max_new_tokens=300, temperature=0.7, top_p=0.9, top_k=40, repetition_penalty=1.15, no_repeat_ngram_size=0
+    )
     lines = modelfile(embedded_tokenizer, "expqa-f16.gguf", settings).splitlines()
     assert (
         lines[-6:]
@@ -499,6 +501,10 @@ def test_modelfile_carries_the_generation_settings(embedded_tokenizer):
     assert (
         "PARAMETER temperature 0\n" in greedy and f"PARAMETER repeat_penalty {shipped.repetition_penalty:g}\n" in greedy
     )
+    # no Ollama PARAMETER for the n-gram ban: the Modelfile says it is left out
+    banned = modelfile(embedded_tokenizer, "x.gguf", dataclasses.replace(settings, no_repeat_ngram_size=4))
+    assert "# no_repeat_ngram_size 4 (params.yaml generation) has no Ollama PARAMETER\n" in banned
+    assert "no_repeat_ngram_size" not in "\n".join(lines)
 
 
 @pytest.mark.parametrize(

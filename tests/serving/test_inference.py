@@ -21,8 +21,12 @@ from helpers import REPO, write_params
 
 
 def test_decoding_options_are_greedy_at_temperature_zero_and_sample_above():
-    greedy = GenerationConfig(temperature=0.0, top_p=0.5, top_k=7, repetition_penalty=1.3)
-    assert decoding_options(greedy) == {"do_sample": False, "repetition_penalty": 1.3}  # top_p/top_k: sampling only
+    greedy = GenerationConfig(temperature=0.0, top_p=0.5, top_k=7, repetition_penalty=1.3, no_repeat_ngram_size=3)
+    assert decoding_options(greedy) == {  # top_p/top_k: sampling only
+        "do_sample": False,
+        "repetition_penalty": 1.3,
+        "no_repeat_ngram_size": 3,
+    }
     sampled = dataclasses.replace(greedy, temperature=0.7)
     assert decoding_options(sampled) == {
         "do_sample": True,
@@ -30,6 +34,7 @@ def test_decoding_options_are_greedy_at_temperature_zero_and_sample_above():
         "top_p": 0.5,
         "top_k": 7,  # always passed: transformers would otherwise apply its own 50
         "repetition_penalty": 1.3,
+        "no_repeat_ngram_size": 3,
     }
 
 
@@ -77,12 +82,14 @@ def test_the_repetition_penalty_reaches_generate(tiny_base):
     # the tiny model with tied embeddings repeats its last prompt token (a newline) again and again: a loop
     model, tokenizer = load_for_inference(tiny_base)
     question = "What is CUPED?"
-    plain = GenerationConfig(max_new_tokens=12, repetition_penalty=1.0)
+    plain = GenerationConfig(max_new_tokens=12, repetition_penalty=1.0, no_repeat_ngram_size=0)
     greedy = answer(model, tokenizer, question, plain)
     # the same process, model and prompt: generate's plain greedy path and penalty 1.0 give the same tokens exactly
     assert greedy == generate_answers(model, tokenizer, [[{"role": "user", "content": question}]], 12, 1)[0]
     penalised = answer(model, tokenizer, question, dataclasses.replace(plain, repetition_penalty=2.0))
     assert greedy["answer"] == "" and penalised["answer"] != ""  # the penalty breaks the loop of newlines
+    banned = answer(model, tokenizer, question, dataclasses.replace(plain, no_repeat_ngram_size=2))
+    assert banned["answer"] != ""  # so does the n-gram ban: "\n\n" may come once
     batch = generate_answers(
         model,
         tokenizer,

@@ -568,9 +568,16 @@ class GenerationConfig:
         "with repeat_last_n -1: the whole context, as transformers does). Applies to greedy decoding too.",
         1.05,
     )
+    no_repeat_ngram_size: int = _help(
+        "Never write a sequence of this many tokens twice (counting the prompt's); 0 = off. transformers only: "
+        "llama.cpp and Ollama have no such option, so the Modelfile goes without it.",
+        4,
+    )
 
     def validate(self) -> list[str]:
         errors = []
+        if self.no_repeat_ngram_size < 0:
+            errors.append(f"generation.no_repeat_ngram_size is {self.no_repeat_ngram_size}; use 0 (off) or a length")
         if self.max_new_tokens < 1:
             errors.append(f"generation.max_new_tokens is {self.max_new_tokens}; must be a positive integer")
         if not 0 <= self.temperature <= 2:

@@ -59,7 +59,14 @@ def chosen_model(args: argparse.Namespace) -> tuple[Path, Path | None]:
 # ---------------------------------------------------------------------------------------------------------------
 # how to pick tokens: params.yaml's generation section
 
-GENERATION_OPTIONS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty")
+GENERATION_OPTIONS = (
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "repetition_penalty",
+    "no_repeat_ngram_size",
+)
 
 
 def generation_defaults(parser: argparse.ArgumentParser, params: Path = Path("params.yaml")) -> GenerationConfig:
@@ -75,8 +82,8 @@ def generation_defaults(parser: argparse.ArgumentParser, params: Path = Path("pa
 
 
 def add_generation_options(parser: argparse.ArgumentParser) -> None:
-    """--max-new-tokens, --temperature, --top-p, --top-k, --repetition-penalty (ask, chat); --help shows each
-    default and the params.yaml key it comes from."""
+    """--max-new-tokens, --temperature, --top-p, --top-k, --repetition-penalty, --no-repeat-ngram-size (ask, chat);
+    --help shows each default and the params.yaml key it comes from."""
     defaults, helps = generation_defaults(parser), section_help(GenerationConfig)
     for key in GENERATION_OPTIONS:
         value = getattr(defaults, key)
@@ -100,8 +107,12 @@ def chosen_generation(parser: argparse.ArgumentParser, args: argparse.Namespace)
 
 def decoding_options(settings: GenerationConfig) -> dict:
     """generate()'s sampling options: greedy at temperature 0 (do_sample follows from the temperature), the
-    repetition penalty either way. top_k is always passed: transformers' own default (50) would apply silently."""
-    options: dict = {"repetition_penalty": settings.repetition_penalty}
+    repetition penalty and the n-gram ban either way. top_k is always passed: transformers' own default (50) would
+    apply silently."""
+    options: dict = {
+        "repetition_penalty": settings.repetition_penalty,
+        "no_repeat_ngram_size": settings.no_repeat_ngram_size,
+    }
     if settings.temperature > 0:
         return {
             **options,

@@ -106,9 +106,15 @@ def checked_template(tokenizer) -> str:
 def generation_parameters(settings: GenerationConfig) -> list[str]:
     """params.yaml's generation section in Ollama's names. temperature 0 is greedy in llama.cpp too. transformers
     penalises every token of the prompt and answer; Ollama's repeat_penalty looks back repeat_last_n tokens (64 by
-    default), so -1 (the whole context) matches. Ollama's engine written in Go (ollamarunner) has ignored the
-    penalties (ollama issue #15783); its llama.cpp runner applies them."""
-    return [
+    default), so -1 (the whole context) is the nearest. Ollama's engine written in Go (ollamarunner) has ignored the
+    penalties (ollama issue #15783); its llama.cpp runner applies them. no_repeat_ngram_size has no counterpart: a
+    comment says it is left out, so Ollama's answers may repeat where expqa's do not."""
+    unmirrored = (
+        [f"# no_repeat_ngram_size {settings.no_repeat_ngram_size} (params.yaml generation) has no Ollama PARAMETER"]
+        if settings.no_repeat_ngram_size
+        else []
+    )
+    return unmirrored + [
         f"PARAMETER temperature {settings.temperature:g}",
         f"PARAMETER top_p {settings.top_p:g}",
         f"PARAMETER top_k {settings.top_k}",

@@ -142,6 +142,9 @@ def test_stage_files_hold_resolved_sections_and_load_back(tmp_path, shipped_para
     record = cpu.stage_sections("train")
     assert record["profile"] == "cpu" and set(record) == {"stage", "profile", "base", "quantization", "lora", "train"}
     assert "profile" not in cpu.stage_sections("collect")  # no cpu override touches it: same file on any machine
+    # the commands that answer, the evaluate stage and the Modelfile read one generation section
+    assert cpu.stage_sections("evaluate")["generation"] == cpu.stage_sections("export")["generation"]
+    assert cfg.GenerationConfig(**cpu.stage_sections("export")["generation"]) == cpu.generation
     path = tmp_path / "train.json"
     path.write_text(json.dumps(record))
     loaded = cfg.load_stage_params(path, "train")
@@ -194,6 +197,13 @@ def test_stage_files_hold_resolved_sections_and_load_back(tmp_path, shipped_para
             "between two logged steps would log other loss values than one that never stopped; use e.g. "
             "save_steps: 510",
         ),
+        (
+            "repetition_penalty: 1.05",
+            "repetition_penalty: 0.9",
+            "generation.repetition_penalty is 0.9; use 1.0 (off) to 2",
+        ),
+        ("temperature: 0.0", "temperature: 3", "generation.temperature is 3.0; use 0 (greedy) to 2"),
+        ("top_p: 1.0", "top_p: 0", "generation.top_p is 0.0; use a share in (0, 1]"),
         (
             "gradient_checkpointing: auto",
             "gradient_checkpointing: some",

@@ -41,8 +41,10 @@ def changed_lines(old: list[str], new: list[str]) -> list[str]:
         ),
         (
             "export.ollama_type=f16",
-            "  ollama_type: q8_0             # the file models/gguf/Modelfile's FROM points at",
-            "  ollama_type: f16              # the file models/gguf/Modelfile's FROM points at",
+            "  ollama_type: auto             # the file models/gguf/Modelfile's FROM points at: auto = the type whose "
+            "greedy",
+            "  ollama_type: f16              # the file models/gguf/Modelfile's FROM points at: auto = the type whose "
+            "greedy",
         ),
     ],
     ids=["lora.r", "cpu.train.num_train_epochs", "export.ollama_type"],
@@ -65,7 +67,11 @@ def test_set_param_keeps_every_other_value_and_the_key_order(tmp_path):
     [
         ("lora.r=0", "  r: 0", "lora.r is 0; must be a positive integer"),
         # after every list in the file: a list DVC expanded would have moved this line
-        ("export.ollama_type=f32", "  ollama_type: f32", "export.ollama_type is 'f32'; must be one of export.types"),
+        (
+            "export.ollama_type=f32",
+            "  ollama_type: f32",
+            "export.ollama_type is 'f32'; must be auto or one of export.types",
+        ),
     ],
     ids=["lora.r", "export.ollama_type"],
 )

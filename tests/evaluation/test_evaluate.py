@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from expqa.config import EvalConfig
+from expqa.config import EvalConfig, GenerationConfig
 from expqa.evaluation.evaluate import (
     choose_option,
     critical_questions_accuracy,
@@ -79,13 +79,14 @@ def test_evaluating_in_two_processes_gives_what_one_process_gives(tiny_base, cap
         }
     ]
     config = dataclasses.replace(EvalConfig(), max_new_tokens=4, batch_size=2, num_processes=1, num_threads=0)
-    one = evaluate_models({"base": tiny_base}, rows, questions, config, max_length=128)
+    one = evaluate_models({"base": tiny_base}, rows, questions, config, GenerationConfig(), max_length=128)
     assert capfd.readouterr().out.startswith("evaluate base: cpu, batch 2: perplexity ")
     two = evaluate_models(
         {"base": tiny_base, "again": tiny_base},
         rows,
         questions,
         dataclasses.replace(config, num_processes=2, num_threads=1),
+        GenerationConfig(),
         max_length=128,
     )
     # side by side, each process's timing line says which model it timed
@@ -137,6 +138,7 @@ def test_evaluate_base_vs_tuned_takes_the_first_max_examples_and_marks_taught_qu
         processed_dir / "test.jsonl",
         processed_dir / "train.jsonl",
         config,
+        GenerationConfig(),
         seed=7,
         max_length=128,
     )
@@ -160,13 +162,21 @@ def test_evaluate_base_vs_tuned_rejects_bad_inputs_before_loading_a_model(proces
             processed_dir / "test.jsonl",
             processed_dir / "train.jsonl",
             config,
+            GenerationConfig(),
             seed=0,
             max_length=128,
         )
     (tmp_path / "questions.jsonl").write_text(json.dumps(QUESTIONS[0]) + "\n")
     with pytest.raises(OSError):
         evaluate_base_vs_tuned(
-            missing, missing, tmp_path / "test.jsonl", processed_dir / "train.jsonl", config, seed=0, max_length=128
+            missing,
+            missing,
+            tmp_path / "test.jsonl",
+            processed_dir / "train.jsonl",
+            config,
+            GenerationConfig(),
+            seed=0,
+            max_length=128,
         )
 
 

@@ -88,12 +88,17 @@ def test_merge_check_tolerates_greedy_flips_only_at_near_ties():
     flipped[1, 3] = 0.02  # merged model prefers token 3 there: a near-tie flip, logits differ by 0.02
     report = compare([reference], [flipped], [sequence], [1], tolerance=0.5)
     assert report["greedy_flips"] == 1 and report["greedy_flips_at_near_ties"] == 1 and report["passed"]
+    assert report["greedy_agreed_tokens"] == 1  # its own greedy answer is [1, 3]: one token shared, then they part
     clear = reference.clone()
     clear[0, 1], clear[0, 0], reference[0, 1] = 0.25, 0.35, 0.6  # the reference's choice wins by 0.6 > tolerance
     report = compare([reference], [clear], [sequence], [1], tolerance=0.5)
     assert report["max_abs_logit_diff"] == pytest.approx(0.35)  # within tolerance, yet a flip that is no tie
     assert report["greedy_flips"] == 1 and report["greedy_flips_at_near_ties"] == 0 and not report["passed"]
-    assert compare([reference], [reference], [sequence], [1], tolerance=1e-3)["greedy_equal"]
+    same = compare([reference], [reference], [sequence], [1], tolerance=1e-3)
+    assert same["greedy_equal"] and same["greedy_agreed_tokens"] == same["greedy_steps"] == 2
+    early = reference.clone()
+    early[0, 3] = 2.0  # parts at the first token: a later position that agrees no longer counts
+    assert compare([reference], [early], [sequence], [1], tolerance=5.0)["greedy_agreed_tokens"] == 0
 
 
 def test_merge_summary():

@@ -3,9 +3,15 @@ errors for unreadable question files."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
+from expqa.config import GenerationConfig, load_params
 from expqa.serving import ask
+from helpers import REPO
+
+SHIPPED = load_params(REPO / "params.yaml").generation  # what ask runs with in the project (or outside one)
 
 
 def test_several_questions_and_a_file_share_one_model_load(talkative_base, tmp_path, monkeypatch, capsys):
@@ -44,7 +50,7 @@ def test_several_questions_and_a_file_share_one_model_load(talkative_base, tmp_p
     assert starts == sorted(starts) and starts[0] == 0
     # exact on any CPU: the same greedy generation in this process, one model load or two (same weights and kernels)
     for n, (question, start, end) in enumerate(zip(questions, starts, starts[1:] + [len(out)]), 1):
-        expected = ask.answer(model, tokenizer, question, max_new_tokens=4, temperature=0)
+        expected = ask.answer(model, tokenizer, question, dataclasses.replace(SHIPPED, max_new_tokens=4))["answer"]
         block = out[start + len(f"Q{n}: {question}\nA{n}: ") : end]
         assert expected and block.strip() == expected, (question, block)
 
@@ -85,10 +91,38 @@ def test_ask_answers_with_tiny_model_and_explains_missing_models(
     from expqa.serving import ask
 
     model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
-    text = ask.answer(model, embedded_tokenizer, "What is CUPED?", max_new_tokens=5, temperature=0.0)
-    again = ask.answer(model, embedded_tokenizer, "What is CUPED?", max_new_tokens=5, temperature=0.0)
+    settings = GenerationConfig(max_new_tokens=5)
+    text = ask.answer(model, embedded_tokenizer, "What is CUPED?", settings)["answer"]
+    again = ask.answer(model, embedded_tokenizer, "What is CUPED?", settings)["answer"]
     assert isinstance(text, str) and text == again  # the same computation twice: exact on any CPU
     monkeypatch.chdir(tmp_path)
     assert ask.main(["What is CUPED?"]) == 2
     assert "models/merged does not exist yet: build it with `dvc repro merge`" in capsys.readouterr().err
     assert ask.main(["What is CUPED?", "--model", str(tiny_base), "--max-new-tokens", "3"]) == 0
+
+
+def test_an_answer_cut_at_the_token_limit_says_so_on_stderr(talkative_base, capsys):
+    from expqa.model.loading import load_for_inference
+
+    model, tokenizer = load_for_inference(talkative_base)
+    assert not ask.answer(model, tokenizer, "What is power?", dataclasses.replace(SHIPPED, max_new_tokens=3))["stopped"]
+    assert ask.main(["What is power?", "--model", str(talkative_base), "--max-new-tokens", "3"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines()[-1] == "[cut at 3 tokens: raise --max-new-tokens]"
+    assert "[cut" not in captured.out  # stdout holds the answer alone
+
+
+def test_an_answer_that_ends_gets_no_note(talkative_base, capsys, monkeypatch):
+    ended = {"answer": "Power is 1 - beta.", "stopped": True, "new_tokens": 7}
+    monkeypatch.setattr(ask, "answer", lambda *args, **kwargs: ended)  # the model's own end-of-turn, not the limit
+    assert ask.main(["What is power?", "--model", str(talkative_base), "--max-new-tokens", "7"]) == 0
+    assert "[cut" not in capsys.readouterr().err
+
+
+def test_help_shows_the_generation_defaults_from_params_yaml(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    with pytest.raises(SystemExit):
+        ask.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for key in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "no_repeat_ngram_size"):
+        assert f"(default: {getattr(SHIPPED, key)}, params.yaml generation.{key})" in text, key

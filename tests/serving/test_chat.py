@@ -1,8 +1,10 @@
 """`expqa chat` on the tiny random Llama: history trimming, the conversation sent with each question, /reset and
-/system, Ctrl-C during an answer, and the scripted (piped stdin) mode through the real command line."""
+/system, Ctrl-C during an answer, the note after an answer cut at the token limit, and the scripted (piped stdin)
+mode through the real command line."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -11,9 +13,12 @@ import threading
 import pytest
 import torch
 
+from expqa.config import load_params
 from expqa.serving.chat import ChatSession, ContextFull, chat_loop, trim_history
 from expqa.serving.inference import Engine, answer
 from helpers import REPO
+
+SHIPPED = load_params(REPO / "params.yaml").generation  # what `expqa chat` runs with in the project
 
 
 def words(messages: list[dict]) -> int:
@@ -74,7 +79,13 @@ def engine(talkative_base):
     from expqa.model.loading import load_for_inference
 
     model, tokenizer = load_for_inference(talkative_base)
-    return RecordingEngine(model, tokenizer, "expqa", max_tokens_limit=64)
+    return RecordingEngine(model, tokenizer, "expqa", SHIPPED, max_tokens_limit=64)
+
+
+def answer_text(engine, question: str, max_new_tokens: int) -> str:
+    """`expqa ask`'s answer with the engine's settings: what the chat must say to a first question."""
+    settings = dataclasses.replace(engine.settings, max_new_tokens=max_new_tokens)
+    return answer(engine.model, engine.tokenizer, question, settings)["answer"]
 
 
 def run_chat(session: ChatSession, lines: list[str]) -> tuple[list[str], list[str]]:
@@ -89,7 +100,7 @@ def test_answers_stream_and_the_conversation_goes_with_the_next_question(engine)
     engine.prompts.clear()
     pieces, notes = [], []
     text = session.reply("What is CUPED?", pieces.append, notes.append)
-    first = answer(engine.model, engine.tokenizer, "What is CUPED?", max_new_tokens=6, temperature=0)
+    first = answer_text(engine, "What is CUPED?", 6)
     # streamed, adding up to the answer; exact on any CPU: the same model and prompt through model.generate in one
     # process with one thread count (the engine's generation thread inherits it)
     assert "".join(pieces).strip() == text == first and len(pieces) > 1
@@ -120,6 +131,7 @@ def test_reset_and_system_commands(engine):
             "never asked",
         ],
     )
+    notes = [n for n in notes if not n.startswith("[cut at 4 tokens")]  # every answer of the tiny model is cut
     assert notes[0].startswith("no system prompt set")
     assert notes[1].startswith("[system prompt set") and notes[2] == "system prompt: Answer in one word."
     system = {"role": "system", "content": "Answer in one word."}
@@ -162,7 +174,7 @@ def test_question_longer_than_the_window_is_refused_and_the_chat_goes_on(engine)
 
 def test_ctrl_c_stops_the_answer_not_the_chat(engine):
     session = ChatSession(engine, max_new_tokens=48)
-    full = answer(engine.model, engine.tokenizer, "Tell me everything.", max_new_tokens=48, temperature=0)
+    full = answer_text(engine, "Tell me everything.", 48)
     pieces, notes = [], []
 
     def write(piece: str) -> None:
@@ -178,8 +190,26 @@ def test_ctrl_c_stops_the_answer_not_the_chat(engine):
     assert session.reply("Go on.", lambda piece: None, notes.append)  # the same session answers again
 
 
+def test_an_answer_cut_at_the_limit_is_followed_by_a_note(engine):
+    session = ChatSession(engine, max_new_tokens=3)
+    said: list[tuple[str, str]] = []
+
+    def loop(lines: list[str]) -> None:
+        said.clear()
+        pending = iter(lines)
+        chat_loop(
+            session, lambda: next(pending, None), lambda t: said.append(("out", t)), lambda t: said.append(("note", t))
+        )
+
+    loop(["What is CUPED?"])  # the tiny model does not end an answer within 3 tokens
+    cut = ("note", "[cut at 3 tokens: raise --max-new-tokens]")
+    assert session.cut and said[-3:] == [("out", "\n"), cut, ("out", "\n")]  # after the answer's line, before the gap
+    loop(["/system"])
+    assert [kind for kind, _ in said] == ["note"]  # a command's reply: no answer, so no cut note
+
+
 @pytest.mark.slow
-def test_piped_stdin_prints_answers_only(talkative_base, engine):
+def test_piped_stdin_echoes_each_question_and_separates_the_answers(talkative_base, engine):
     stdin = "What is CUPED?\n/system\n/system Be brief.\n/reset\nWhat is CUPED?\n/exit\nnever asked\n"
     result = subprocess.run(
         [sys.executable, "-m", "expqa.cli", "chat", "--model", str(talkative_base), "--max-new-tokens", "5"],
@@ -199,8 +229,10 @@ def test_piped_stdin_prints_answers_only(talkative_base, engine):
         ChatSession(engine, max_new_tokens=5, system=system).reply("What is CUPED?", pieces.append, print)
         return "".join(pieces)
 
-    assert result.stdout == f"{streamed(None)}\n{streamed('Be brief.')}\n"  # answers only, no prompt decoration
+    # the transcript a terminal shows: each question after "> ", its answer, a blank line
+    assert result.stdout == f"> What is CUPED?\n{streamed(None)}\n\n> What is CUPED?\n{streamed('Be brief.')}\n\n"
     assert "no system prompt set" in result.stderr and "[system prompt set" in result.stderr
+    assert result.stderr.count("[cut at 5 tokens: raise --max-new-tokens]") == 2  # the tiny model never stops in 5
 
 
 def test_missing_model_is_reported(tmp_path, monkeypatch, capsys):

@@ -15,11 +15,11 @@ import pytest
 import torch
 import yaml
 
-from expqa.config import GGUF_EXPORT_TYPES, ConfigError, ExportConfig, load_params
+from expqa.config import GGUF_EXPORT_TYPES, ConfigError, ExportConfig, GenerationConfig, load_params
 from expqa.data.dataset import render
 from expqa.model.gguf_tokenizer import LLAMA3_SPLIT
 from expqa.serving import export
-from expqa.serving.ollama import compose, modelfile, turn_segments
+from expqa.serving.ollama import compose, generation_parameters, modelfile, turn_segments
 from helpers import REPO, make_tiny_llama
 
 LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
@@ -90,7 +90,7 @@ def llama3_dir(tmp_path_factory, embedded_tokenizer) -> Path:
 def llama3_export(llama3_dir, tmp_path_factory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("llama3_gguf") / "gguf"
     return out, export.export_gguf(
-        llama3_dir, out, ExportConfig(types=["f32", "q8_0"], name="tiny", ollama_type="q8_0")
+        llama3_dir, out, ExportConfig(types=["f32", "q8_0"], name="tiny", ollama_type="auto"), GenerationConfig()
     )
 
 
@@ -114,6 +114,12 @@ def test_llama3_shaped_export_round_trips(llama3_export, llama3_dir):
     assert f32["max_abs_logit_diff"] < 1e-4 and f32["greedy_equal"] and f32["greedy_flips"] == 0
     assert 0 < q8["max_abs_logit_diff"] <= q8["tolerance"]
     assert q8["bytes"] < 0.35 * f32["bytes"]  # 8.5 of 32 bits per weight, plus the vocabulary
+    # ollama_type auto: the f32 file's greedy answers are the merged model's throughout; q8_0 is chosen only where
+    # its answers agree as long (then it is the smaller file)
+    assert f32["greedy_agreed_tokens"] == f32["greedy_steps"] and q8["greedy_agreed_tokens"] <= f32["greedy_steps"]
+    chosen = "q8_0" if q8["greedy_agreed_tokens"] == f32["greedy_steps"] else "f32"
+    assert report["ollama_type"] == chosen
+    assert f"FROM ./tiny-{chosen}.gguf\n" in (out / "Modelfile").read_text()
 
 
 @pytest.mark.slow
@@ -144,7 +150,12 @@ def test_a_wrong_qk_layout_fails_the_round_trip(llama3_dir, tmp_path, monkeypatc
     """transformers un-permutes q/k with the inverse of llama.cpp's permutation: skipping it must show."""
     monkeypatch.setattr(export, "permute_qk", lambda weight, n_head: weight)
     with pytest.raises(export.ExportError) as info:
-        export.export_gguf(llama3_dir, tmp_path / "gguf", ExportConfig(types=["f32"], name="tiny", ollama_type="f32"))
+        export.export_gguf(
+            llama3_dir,
+            tmp_path / "gguf",
+            ExportConfig(types=["f32"], name="tiny", ollama_type="f32"),
+            GenerationConfig(),
+        )
     result = info.value.report["types"]["f32"]
     assert not result["passed"] and result["max_abs_logit_diff"] > 0.1
     assert not (tmp_path / "gguf").exists()  # nothing unverified is left behind
@@ -163,7 +174,10 @@ def test_other_types_round_trip_on_the_tiny_base(tiny_base, tmp_path, gguf_type,
 
     monkeypatch.setattr(AutoTokenizer, "from_pretrained", counting)
     report = export.export_gguf(
-        tiny_base, tmp_path / "gguf", ExportConfig(types=[gguf_type], name="t", ollama_type=gguf_type)
+        tiny_base,
+        tmp_path / "gguf",
+        ExportConfig(types=[gguf_type], name="t", ollama_type=gguf_type),
+        GenerationConfig(),
     )
     assert report["passed"], report
     # building a 49k-token BPE tokenizer takes seconds: the merged model's is built once for every file (the GGUF's
@@ -191,12 +205,14 @@ def test_export_report_keeps_seconds_out_of_the_tracked_file(tmp_path):
 def test_export_summary_lines(llama3_export):
     out, report = llama3_export
     lines = export.export_summary(report, out)
-    assert len(lines) == 3 and lines[-1] == f"export: {out / 'Modelfile'} (Ollama), {report['seconds']:.0f} s"
+    assert len(lines) == 3
+    assert lines[-1] == f"export: {out / 'Modelfile'} (Ollama: {report['ollama_type']}), {report['seconds']:.0f} s"
     q8 = report["types"]["q8_0"]
     assert lines[1] == (
         f"export: {out / 'tiny-q8_0.gguf'} {q8['bytes'] / 2**20:.0f} MiB, max |logit diff| "
         f"{q8['max_abs_logit_diff']:.3g} (tolerance 3.0), greedy equal: {q8['greedy_equal']} "
-        f"({q8['greedy_flips']} near-tie flips in {q8['greedy_steps']} steps)"
+        f"({q8['greedy_flips']} near-tie flips in {q8['greedy_steps']} steps; greedy answers agree for "
+        f"{q8['greedy_agreed_tokens']} tokens)"
     )
 
 
@@ -354,7 +370,9 @@ def test_a_tokenizer_saved_in_transformers_5_17_form_exports_and_verifies(tiny_b
     shutil.copytree(tiny_base, model)
     tokenizer_json = model / "tokenizer.json"
     tokenizer_json.write_text(json.dumps(in_5_17_form(json.loads(tokenizer_json.read_text()))))
-    report = export.export_gguf(model, tmp_path / "gguf", ExportConfig(types=["f16"], name="t", ollama_type="f16"))
+    report = export.export_gguf(
+        model, tmp_path / "gguf", ExportConfig(types=["f16"], name="t", ollama_type="f16"), GenerationConfig()
+    )
     assert report["passed"] and report["tokenizer"]["token_ids_equal"], report
 
 
@@ -385,7 +403,7 @@ def test_modelfile_template_renders_the_chat_template(llama3_export, llama3_dir,
     from transformers import AutoTokenizer
 
     text = (llama3_export[0] / "Modelfile").read_text()
-    assert "FROM ./tiny-q8_0.gguf\n" in text and 'PARAMETER stop "<|eot_id|>"' in text
+    assert f"FROM ./tiny-{llama3_export[1]['ollama_type']}.gguf\n" in text and 'PARAMETER stop "<|eot_id|>"' in text
     tokenizer = AutoTokenizer.from_pretrained(llama3_dir)
     seg = turn_segments(tokenizer)
     # Ollama adds BOS itself (add_bos_token): the TEMPLATE starts at the system header
@@ -428,7 +446,7 @@ def test_modelfile_template_renders_in_go_like_the_chat_template(tmp_path, embed
     subprocess.run(["go", "mod", "init", "render"], cwd=tmp_path, capture_output=True, check=True)
     subprocess.run(["go", "build", "-o", "render", "."], cwd=tmp_path, capture_output=True, check=True)
     for tokenizer in (embedded_tokenizer, llama3_tokenizer(embedded_tokenizer)):
-        text = modelfile(tokenizer, "x.gguf")
+        text = modelfile(tokenizer, "x.gguf", GenerationConfig())
         (tmp_path / "t.tmpl").write_text(text.split('TEMPLATE """', 1)[1].split('"""', 1)[0])
         for messages in (
             [{"role": "user", "content": "What is a p-value?"}],
@@ -452,13 +470,56 @@ def test_modelfile_template_renders_in_go_like_the_chat_template(tmp_path, embed
 
 
 def test_modelfile_for_chatml(embedded_tokenizer):
-    text = modelfile(embedded_tokenizer, "expqa-q8_0.gguf")
+    text = modelfile(embedded_tokenizer, "expqa-q8_0.gguf", GenerationConfig())
     assert text.splitlines()[1:3] == [
         "FROM ./expqa-q8_0.gguf",
         ('TEMPLATE """{{ if or (not .Messages) (ne (index .Messages 0).Role "system") }}<|im_start|>system'),
     ]
     assert '{{ else if eq .Role "user" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n{{ else if' in text
-    assert text.endswith('{{ end }}{{ end }}<|im_start|>assistant\n"""\nPARAMETER stop "<|im_end|>"\n')
+    assert '{{ end }}{{ end }}<|im_start|>assistant\n"""\nPARAMETER stop "<|im_end|>"\n' in text
+
+
+def test_modelfile_carries_the_generation_settings(embedded_tokenizer):
+    settings = GenerationConfig(
+        max_new_tokens=300, temperature=0.7, top_p=0.9, top_k=40, repetition_penalty=1.15, no_repeat_ngram_size=0
+    )
+    lines = modelfile(embedded_tokenizer, "expqa-f16.gguf", settings).splitlines()
+    assert (
+        lines[-6:]
+        == generation_parameters(settings)
+        == [
+            "PARAMETER temperature 0.7",
+            "PARAMETER top_p 0.9",
+            "PARAMETER top_k 40",
+            "PARAMETER repeat_penalty 1.15",
+            "PARAMETER repeat_last_n -1",  # transformers penalises the whole sequence; Ollama's default looks back 64
+            "PARAMETER num_predict 300",
+        ]
+    )
+    shipped = load_params(REPO / "params.yaml").generation  # what models/gguf/Modelfile gets
+    greedy = modelfile(embedded_tokenizer, "expqa-f16.gguf", shipped)
+    assert (
+        "PARAMETER temperature 0\n" in greedy and f"PARAMETER repeat_penalty {shipped.repetition_penalty:g}\n" in greedy
+    )
+    # no Ollama PARAMETER for the n-gram ban: the Modelfile says it is left out
+    banned = modelfile(embedded_tokenizer, "x.gguf", dataclasses.replace(settings, no_repeat_ngram_size=4))
+    assert "# no_repeat_ngram_size 4 (params.yaml generation) has no Ollama PARAMETER\n" in banned
+    assert "no_repeat_ngram_size" not in "\n".join(lines)
+
+
+@pytest.mark.parametrize(
+    "agreed, setting, chosen",
+    [
+        ({"f16": 72, "q8_0": 6}, "auto", "f16"),  # q8_0's answers part from the merged model's early: f16
+        ({"f16": 72, "q8_0": 72}, "auto", "q8_0"),  # agree as long: the smaller file
+        ({"f16": 40, "q8_0": 41}, "auto", "q8_0"),
+        ({"f16": 72, "q8_0": 6}, "q8_0", "q8_0"),  # a type named in params is kept
+    ],
+)
+def test_modelfile_type_follows_the_greedy_agreement(agreed, setting, chosen):
+    types = {t: {"greedy_agreed_tokens": n, "bytes": {"f16": 270, "q8_0": 145}[t]} for t, n in agreed.items()}
+    config = ExportConfig(types=list(agreed), ollama_type=setting)
+    assert export.modelfile_type(config, types) == chosen
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -477,7 +538,10 @@ def test_params_export_section_is_complete_and_equals_the_dataclass(shipped_para
     "override,expected",
     [
         ("export: {types: [q4_k]}", "export.types has 'q4_k'; allowed: f32, f16, bf16, q8_0"),
-        ("export: {types: [f16], ollama_type: q8_0}", "export.ollama_type is 'q8_0'; must be one of export.types"),
+        (
+            "export: {types: [f16], ollama_type: q8_0}",
+            "export.ollama_type is 'q8_0'; must be auto or one of export.types",
+        ),
         ("export: {name: 'my model'}", "export.name is 'my model'; use a plain file stem"),
     ],
 )

@@ -5,6 +5,7 @@ settings (port in use, a public host without a key) fail in one line before the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import threading
@@ -13,10 +14,13 @@ import urllib.request
 
 import pytest
 
+from expqa.config import load_params
 from expqa.serving.inference import ChatRequest, Engine, StopText, answer
 from expqa.serving.serve import API_KEY_ENV, ChatServer, main
+from helpers import REPO
 
 QUESTION = "What is a p-value?"
+SHIPPED = load_params(REPO / "params.yaml").generation  # what `expqa serve` answers with in the project
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +28,12 @@ def engine(tiny_base):
     from expqa.model.loading import load_for_inference
 
     model, tokenizer = load_for_inference(tiny_base)
-    return Engine(model, tokenizer, "expqa", max_tokens_limit=64)
+    return Engine(model, tokenizer, "expqa", SHIPPED, max_tokens_limit=64)
+
+
+def ask_answer(engine, **settings) -> dict:
+    """`expqa ask`'s answer to QUESTION with the engine's settings, changed by settings."""
+    return answer(engine.model, engine.tokenizer, QUESTION, dataclasses.replace(engine.settings, **settings))
 
 
 @pytest.fixture(scope="module")
@@ -84,13 +93,27 @@ def test_answer_is_expqa_ask_with_the_chat_template(url, engine):
     body = json.loads(raw)
     # exact on any CPU: the same model and prompt through model.generate in this process (the server's generation
     # thread inherits its thread count): the same kernels on the same shapes
-    expected = answer(engine.model, engine.tokenizer, QUESTION, max_new_tokens=8, temperature=0)
+    expected = ask_answer(engine, max_new_tokens=8)["answer"]
     assert body["object"] == "chat.completion" and body["model"] == "expqa"
     choice = body["choices"][0]
     assert choice["message"]["role"] == "assistant" and choice["message"]["content"].strip() == expected
     prompt_ids = engine.prompt_ids(ChatRequest(messages=ask_request()["messages"], max_tokens=8))
     assert body["usage"]["prompt_tokens"] == len(prompt_ids)
     assert choice["finish_reason"] in ("stop", "length") and 1 <= body["usage"]["completion_tokens"] <= 8
+
+
+def test_what_a_request_leaves_out_comes_from_params_yaml_and_its_fields_override(url, engine):
+    request = {"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 8}  # no sampling fields
+    choice = json.loads(post(url, request)[1])["choices"][0]
+    default = ask_answer(engine, max_new_tokens=8)
+    assert choice["message"]["content"].strip() == default["answer"]
+    assert choice["finish_reason"] == ("stop" if default["stopped"] else "length")
+    # the tiny model repeats newlines (empty answers); a strong penalty, asked for in the request, breaks the loop
+    strong = ask_answer(engine, max_new_tokens=12, repetition_penalty=2.0)
+    choice = json.loads(post(url, {**request, "max_tokens": 12, "repetition_penalty": 2.0})[1])["choices"][0]
+    assert choice["message"]["content"].strip() == strong["answer"] != ask_answer(engine, max_new_tokens=12)["answer"]
+    body = json.loads(post(url, {"messages": request["messages"]})[1])  # no max_tokens: generation.max_new_tokens
+    assert body["usage"]["completion_tokens"] <= min(SHIPPED.max_new_tokens, engine.max_tokens_limit)
 
 
 def test_stream_chunks_add_up_to_the_answer(url):
@@ -120,6 +143,11 @@ def test_stream_chunks_add_up_to_the_answer(url):
         ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 65}, 400, "this server's limit"),
         ({"messages": [{"role": "user", "content": "hi"}], "temperature": 3}, 400, "temperature must be a number"),
         ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, 400, "only n=1"),
+        (
+            {"messages": [{"role": "user", "content": "hi"}], "repetition_penalty": 0.5},
+            400,
+            "repetition_penalty must be a number in [1, 2]",
+        ),
         ({"messages": [{"role": "user", "content": "word " * 2100}]}, 400, "context window is 2048 tokens"),
         ({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404, "this server has 'expqa'"),
     ],
@@ -168,7 +196,7 @@ def test_openai_client(url, engine):
     )
     # exact on any CPU: the same model and prompt through model.generate in this process (the server's generation
     # thread inherits its thread count): the same kernels on the same shapes
-    expected = answer(engine.model, engine.tokenizer, QUESTION, max_new_tokens=8, temperature=0)
+    expected = ask_answer(engine, max_new_tokens=8)["answer"]
     assert reply.choices[0].message.content.strip() == expected
     stream = client.chat.completions.create(
         model="expqa", messages=[{"role": "user", "content": QUESTION}], max_tokens=8, temperature=0, stream=True

@@ -34,6 +34,7 @@ from expqa.config.schema import (
     EvalConfig,
     ExportConfig,
     GenerateConfig,
+    GenerationConfig,
     LoRAConfig,
     ModelConfig,
     QuantizationConfig,

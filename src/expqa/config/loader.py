@@ -28,6 +28,7 @@ from expqa.config.schema import (
     EvalConfig,
     ExportConfig,
     GenerateConfig,
+    GenerationConfig,
     LoRAConfig,
     ModelConfig,
     QuantizationConfig,
@@ -67,6 +68,7 @@ class Params:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     train: TrainingConfig = field(default_factory=TrainingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     # Partial overrides for the cpu profile, same shape as the sections above: the seed's GPU values stay the
     # sections' own, while `make repro` on a 2-core laptop finishes in minutes.

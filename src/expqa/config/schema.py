@@ -41,8 +41,8 @@ STAGE_SECTIONS = {
     "combine": ("base", "data"),
     "stats": ("train.max_seq_length",),
     "train": ("base", "quantization", "lora", "train"),
-    "evaluate": ("base", "eval", "train.max_seq_length"),
-    "export": ("export",),
+    "evaluate": ("base", "eval", "generation", "train.max_seq_length"),
+    "export": ("export", "generation"),
 }
 
 
@@ -552,6 +552,46 @@ class EvalConfig:
 
 
 @dataclass
+class GenerationConfig:
+    max_new_tokens: int = _help(
+        "Longest answer of ask and chat, serve's max_tokens when a request gives none, the Modelfile's num_predict "
+        "(tokens). The evaluate stage's answers use eval.max_new_tokens (a cost: the cpu profile lowers it).",
+        256,
+    )
+    temperature: float = _help(
+        "0 = greedy (deterministic, do_sample off); above 0 samples at this temperature (at most 2).", 0.0
+    )
+    top_p: float = _help("Nucleus sampling when temperature > 0: keep the most likely tokens up to this mass.", 1.0)
+    top_k: int = _help("Sample among the k most likely tokens when temperature > 0; 0 = no limit.", 0)
+    repetition_penalty: float = _help(
+        "Divides the logit of every token already in the prompt or answer (1.0 = off; Ollama's repeat_penalty, "
+        "with repeat_last_n -1: the whole context, as transformers does). Applies to greedy decoding too.",
+        1.05,
+    )
+    no_repeat_ngram_size: int = _help(
+        "Never write a sequence of this many tokens twice (counting the prompt's); 0 = off. transformers only: "
+        "llama.cpp and Ollama have no such option, so the Modelfile goes without it.",
+        4,
+    )
+
+    def validate(self) -> list[str]:
+        errors = []
+        if self.no_repeat_ngram_size < 0:
+            errors.append(f"generation.no_repeat_ngram_size is {self.no_repeat_ngram_size}; use 0 (off) or a length")
+        if self.max_new_tokens < 1:
+            errors.append(f"generation.max_new_tokens is {self.max_new_tokens}; must be a positive integer")
+        if not 0 <= self.temperature <= 2:
+            errors.append(f"generation.temperature is {self.temperature}; use 0 (greedy) to 2")
+        if not 0 < self.top_p <= 1:
+            errors.append(f"generation.top_p is {self.top_p}; use a share in (0, 1] (1 = off)")
+        if self.top_k < 0:
+            errors.append(f"generation.top_k is {self.top_k}; use 0 (no limit) or a positive count")
+        if not 1 <= self.repetition_penalty <= 2:
+            errors.append(f"generation.repetition_penalty is {self.repetition_penalty}; use 1.0 (off) to 2")
+        return errors
+
+
+@dataclass
 class ExportConfig:
     types: list[str] = _help(
         "GGUF files to write, models/gguf/<name>-<type>.gguf: f16 (half of fp32, near "
@@ -559,7 +599,12 @@ class ExportConfig:
         ["f16", "q8_0"],
     )
     name: str = _help("File stem of the GGUF files and their general.name.", "expqa")
-    ollama_type: str = _help("The type the Ollama Modelfile's FROM points at (one of types).", "q8_0")
+    ollama_type: str = _help(
+        "The type the Ollama Modelfile's FROM points at: one of types, or auto: the type whose greedy answers follow "
+        "the merged model's longest in the stage's own check (metrics/export.json greedy_agreed_tokens), the smaller "
+        "file on a tie.",
+        "auto",
+    )
 
     def validate(self) -> list[str]:
         errors = [
@@ -569,8 +614,10 @@ class ExportConfig:
         ]
         if not self.types or len(set(self.types)) != len(self.types):
             errors.append(f"export.types is {self.types}; list each GGUF type once, at least one")
-        if self.ollama_type not in self.types:
-            errors.append(f"export.ollama_type is {self.ollama_type!r}; must be one of export.types {self.types}")
+        if self.ollama_type != "auto" and self.ollama_type not in self.types:
+            errors.append(
+                f"export.ollama_type is {self.ollama_type!r}; must be auto or one of export.types {self.types}"
+            )
         if not self.name or any(c in self.name for c in "/\\ "):
             errors.append(f"export.name is {self.name!r}; use a plain file stem such as expqa")
         return errors

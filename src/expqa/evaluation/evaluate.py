@@ -28,12 +28,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from expqa.config import EvalConfig
+from expqa.config import EvalConfig, GenerationConfig
 from expqa.data.chatml import load_chatml_dataset
 from expqa.data.dataset import IGNORE_INDEX, render, tokenize_conversation
 from expqa.files import write_json
 from expqa.progress import progress
-from expqa.serving.inference import batches, generate_answers
+from expqa.serving.inference import batches, decoding_options, generate_answers
 from expqa.wording import plural
 
 
@@ -209,6 +209,7 @@ def evaluate_model(
     max_length: int,
     max_new_tokens: int,
     batch_size: int,
+    decoding: dict | None = None,
     label: str = "evaluate",
     position: int | None = None,
 ) -> tuple[dict, list[dict]]:
@@ -223,7 +224,9 @@ def evaluate_model(
     scored = time.perf_counter()
     prompts = [r["messages"][:-1] for r in test_rows]
     references = [r["messages"][-1]["content"] for r in test_rows]
-    generations = generate_answers(model, tokenizer, prompts, max_new_tokens, batch_size, label, position)
+    generations = generate_answers(
+        model, tokenizer, prompts, max_new_tokens, batch_size, label, position, decoding=decoding
+    )
     generated = time.perf_counter()
     rouge = rouge_scores([g["answer"] for g in generations], references)
     for key in ("rouge1", "rouge2", "rougeL"):
@@ -271,7 +274,13 @@ def _evaluate_path(
 
 
 def evaluate_models(
-    models: dict[str, str | Path], test_rows: list[dict], questions: list[dict], config: EvalConfig, *, max_length: int
+    models: dict[str, str | Path],
+    test_rows: list[dict],
+    questions: list[dict],
+    config: EvalConfig,
+    generation: GenerationConfig,
+    *,
+    max_length: int,
 ) -> dict[str, tuple[dict, list[dict]]]:
     """evaluate_model for each named model directory: one after the other in this process, or with
     eval.num_processes > 1 side by side in that many processes (spawned) of eval.num_threads torch threads each
@@ -281,7 +290,12 @@ def evaluate_models(
     barrier between 2 threads of one process, which stalls whenever other jobs share the cores.
     """
     processes = config.num_processes
-    options = dict(max_length=max_length, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size)
+    options = dict(
+        max_length=max_length,
+        max_new_tokens=config.max_new_tokens,
+        batch_size=config.batch_size,
+        decoding=decoding_options(generation),
+    )
     # side by side, each process draws its bars on its own terminal line
     args = {
         name: (
@@ -372,11 +386,20 @@ def compare_models(base: list[dict], tuned: list[dict], taught: set[str], *, sam
 
 
 def evaluate_base_vs_tuned(
-    base: Path, tuned: Path, test: Path, train: Path, config: EvalConfig, *, seed: int, max_length: int
+    base: Path,
+    tuned: Path,
+    test: Path,
+    train: Path,
+    config: EvalConfig,
+    generation: GenerationConfig,
+    *,
+    seed: int,
+    max_length: int,
 ) -> tuple[dict, dict]:
     """Both models on the test split (at most eval.max_examples conversations) and eval.critical_questions, each
     question marked taught when the train split holds one of its conversations; compared with eval.bootstrap_samples
-    resamples seeded with base.seed. Returns (report: metrics/eval.json, {"base": rows, "tuned": rows}).
+    resamples seeded with base.seed; answers decoded as params.yaml's generation section says (the repetition penalty
+    ask and chat use; eval.max_new_tokens long). Returns (report: metrics/eval.json, {"base": rows, "tuned": rows}).
 
     Raises ValueError or OSError for a missing or malformed input file before any model is loaded.
     """
@@ -385,7 +408,9 @@ def evaluate_base_vs_tuned(
     taught = taught_question_ids(questions, [row["id"] for row in load_chatml_dataset(train)])
     if config.max_examples:
         test_rows = test_rows[: config.max_examples]  # test.jsonl is in hash order: a fixed sample
-    results = evaluate_models({"base": base, "tuned": tuned}, test_rows, questions, config, max_length=max_length)
+    results = evaluate_models(
+        {"base": base, "tuned": tuned}, test_rows, questions, config, generation, max_length=max_length
+    )
     examples = {name: rows for name, (_, rows) in results.items()}
     report = compare_models(examples["base"], examples["tuned"], taught, samples=config.bootstrap_samples, seed=seed)
     return report, examples

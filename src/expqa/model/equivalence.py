@@ -69,19 +69,24 @@ def compare(
 ) -> dict:
     """Logit differences and greedy agreement over each prompt + its reference continuation; a greedy flip is
     accepted where the reference's own token led the other model's choice by at most near_tie (default: the
-    tolerance)."""
+    tolerance). greedy_agreed_tokens: the tokens, summed over the prompts, that the other model's own greedy answer
+    shares with the reference's before they part (its first flip)."""
     near_tie = tolerance if near_tie is None else near_tie
     max_diff = max((r - m).abs().max().item() for r, m in zip(reference, merged))
     mean_diff = sum((r - m).abs().mean().item() for r, m in zip(reference, merged)) / len(reference)
-    flips, near_ties, steps = 0, 0, 0
+    flips, near_ties, steps, agreed = 0, 0, 0, 0
     for ref, got, seq, start in zip(reference, merged, sequences, prompt_lengths):
         # position p predicts token p + 1; the continuation starts at token `start`
         steps += len(seq) - start
+        prompt_flips = 0
         for pos in range(start - 1, len(seq) - 1):
             chosen = int(got[pos].argmax())
             if chosen != int(seq[pos + 1]):
                 flips += 1
+                prompt_flips += 1
                 near_ties += (ref[pos, seq[pos + 1]] - ref[pos, chosen]).item() <= near_tie
+            # the other model's own greedy answer is the reference's up to its first flip, whatever follows
+            agreed += prompt_flips == 0
     return {
         "max_abs_logit_diff": max_diff,
         "mean_abs_logit_diff": mean_diff,
@@ -90,5 +95,6 @@ def compare(
         "greedy_steps": steps,
         "greedy_flips": flips,
         "greedy_flips_at_near_ties": near_ties,
+        "greedy_agreed_tokens": agreed,
         "passed": max_diff <= tolerance and flips == near_ties,
     }

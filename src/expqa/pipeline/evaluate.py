@@ -1,7 +1,7 @@
 """Stage `evaluate`: base vs fine-tuned on the test split and the critical questions.
 
-Params: eval, base.seed (bootstrap) and train.max_seq_length. --train: the split that trained the model, for the
-taught / not taught split of the critical questions.
+Params: eval, generation (how answers pick their tokens), base.seed (bootstrap) and train.max_seq_length.
+--train: the split that trained the model, for the taught / not taught split of the critical questions.
 
 Reads --base and --tuned (model folders), --test and --train (splits); writes --out (the report, JSON),
 --headline (its key numbers, rounded: what `dvc exp show` lists), --examples (both models' answers, JSONL) and
@@ -27,6 +27,7 @@ def run(args, params):
         args.test,
         args.train,
         params.eval,
+        params.generation,
         seed=params.base.seed,
         max_length=params.train.max_seq_length,
     )

@@ -19,7 +19,7 @@ PATHS = "--model --out --report --timings"  # required path options: dvc.yaml gi
 def run(args, params):
     require(args.model, "merge")
     try:
-        report = export_gguf(args.model, args.out, params.export)
+        report = export_gguf(args.model, args.out, params.export, params.generation)
     except ExportError as exc:
         if exc.report is not None:
             write_export_report(exc.report, args.report, args.timings)

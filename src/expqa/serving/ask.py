@@ -1,6 +1,7 @@
 """`expqa ask "What is CUPED?" ["Another question" ...] [--file questions.txt]`: answer with the merged model (or
 base + --adapter, or --base), streaming. The model is loaded once for all the questions; each is asked on its own
-(no history: that is `expqa chat`)."""
+(no history: that is `expqa chat`). The generation options default to params.yaml's generation section (--help
+shows them); an answer that reaches --max-new-tokens before its end gets a note on stderr."""
 
 from __future__ import annotations
 
@@ -8,7 +9,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from expqa.serving.inference import add_model_options, answer, chosen_model
+from expqa.serving.inference import (
+    add_generation_options,
+    add_model_options,
+    answer,
+    chosen_generation,
+    chosen_model,
+    cut_note,
+)
 
 
 class QuestionFileError(ValueError):
@@ -43,9 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("questions", nargs="*", metavar="question")
     parser.add_argument("--file", type=Path, help="more questions, one per line (blank and # lines skipped)")
     add_model_options(parser)
-    parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (deterministic)")
+    add_generation_options(parser)
     args = parser.parse_args(argv)
+    settings = chosen_generation(parser, args)
     try:
         questions = args.questions + (read_questions(args.file) if args.file else [])
         if not questions:
@@ -64,14 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         if len(questions) > 1:  # one question prints its answer only, as before: scripts read it whole
             blank_line = "\n" if number > 1 else ""
             print(f"{blank_line}Q{number}: {question}\nA{number}: ", end="", flush=True)
-        answer(
-            model,
-            tokenizer,
-            question,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            stream=streamer,
-        )
+        result = answer(model, tokenizer, question, settings, stream=streamer)
+        if not result["stopped"]:  # stderr: stdout keeps the answers alone for scripts
+            print(cut_note(settings.max_new_tokens), file=sys.stderr, flush=True)
     return 0
 
 

@@ -1,11 +1,14 @@
 """`expqa chat`: talk to the merged model (or base + --adapter, or --base) in the terminal, model loaded once.
 
-    expqa chat                                  # models/merged, greedy
+    expqa chat                                  # models/merged, params.yaml's generation settings (greedy)
     expqa chat --temperature 0.7 --seed 1       # sampled
-    printf 'What is CUPED?\\nAnd its variance?\\n' | expqa chat   # scripted: one question per line, answers only
+    printf 'What is CUPED?\\nAnd its variance?\\n' | expqa chat   # scripted: one question per line
 
-Answers stream token by token. The conversation is kept and sent with every question; when it no longer fits the
-context window (minus room for the answer) the oldest exchanges are dropped, and the chat says so. Commands:
+Answers stream token by token, each followed by a blank line; scripted, each question is echoed first as "> question"
+(the transcript a terminal shows), so answers that span lines stay apart. An answer that reaches --max-new-tokens
+before its end is followed by a note on stderr, where /command replies and the other notes go. The conversation is
+kept and sent with every question; when it no longer fits the context window (minus room for the answer) the oldest
+exchanges are dropped, and the chat says so. Commands:
 /reset forgets the conversation, /system <text> sets the system prompt (/system alone shows it), /exit or Ctrl-D
 quits; Ctrl-C stops the answer being written, not the chat. Generation is serving/inference.py's Engine (the same
 prompt, end of turn and stop handling as `expqa serve`).
@@ -19,7 +22,16 @@ import threading
 from collections.abc import Callable
 
 from expqa.data.dataset import render
-from expqa.serving.inference import ChatRequest, Engine, RequestError, add_model_options, chosen_model
+from expqa.serving.inference import (
+    ChatRequest,
+    Engine,
+    RequestError,
+    add_generation_options,
+    add_model_options,
+    chosen_generation,
+    chosen_model,
+    cut_note,
+)
 
 COMMANDS = "/reset (forget the conversation), /system [text] (show or set the system prompt), /exit (or Ctrl-D)"
 
@@ -53,25 +65,18 @@ def trim_history(
 
 
 class ChatSession:
-    """One conversation with one loaded model: the system prompt, the exchanges so far, the sampling settings."""
+    """One conversation with one loaded model: the system prompt, the exchanges so far, the answers' length (the
+    engine's settings pick the tokens), whether the last answer was cut at that length."""
 
-    def __init__(
-        self,
-        engine: Engine,
-        *,
-        max_new_tokens: int,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        system: str | None = None,
-    ):
+    def __init__(self, engine: Engine, *, max_new_tokens: int, system: str | None = None):
         if max_new_tokens >= engine.context_window:
             raise ValueError(
                 f"--max-new-tokens {max_new_tokens} leaves no room for a question in the "
                 f"{engine.context_window}-token context window"
             )
-        self.engine, self.max_new_tokens = engine, max_new_tokens
-        self.temperature, self.top_p, self.system = temperature, top_p, system
+        self.engine, self.max_new_tokens, self.system = engine, max_new_tokens, system
         self.history: list[dict] = []  # user/assistant messages, oldest first
+        self.cut = False
 
     def prompt_tokens(self, messages: list[dict]) -> int:
         prompt = render(self.engine.tokenizer, messages, add_generation_prompt=True)
@@ -92,10 +97,10 @@ class ChatSession:
                 f"[history trimmed: dropped the oldest {dropped} exchange{'s' * (dropped > 1)} to fit the "
                 f"{self.engine.context_window}-token context window ({self.max_new_tokens} kept for the answer)]"
             )
-        request = ChatRequest(
-            messages=messages, max_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p
-        )
-        pieces = self.engine.stream(request, self.engine.prompt_ids(request), threading.Event(), {})
+        request = ChatRequest(messages=messages, max_tokens=self.max_new_tokens)
+        result: dict = {}
+        self.cut = False
+        pieces = self.engine.stream(request, self.engine.prompt_ids(request), threading.Event(), result)
         written, stopped = [], False
         try:
             for piece in pieces:
@@ -105,6 +110,7 @@ class ChatSession:
             pieces.close()  # sets the generator's cancel event and waits for generation to stop
             stopped = True
             note(" [stopped]")
+        self.cut = result.get("finish_reason") == "length"  # absent when stopped: Ctrl-C is no cut
         text = "".join(written).strip()
         self.history = messages[len(system) : -1]  # what survived trimming
         if text or not stopped:  # a question stopped before any answer is forgotten with it
@@ -138,9 +144,10 @@ def chat_loop(
     read_line: Callable[[], str | None],
     write: Callable[[str], None],
     note: Callable[[str], None],
-    after_answer: str = "\n",
+    echo: bool = False,
 ) -> None:
-    """Questions and commands until /exit or the end of input (read_line returns None)."""
+    """Questions and commands until /exit or the end of input (read_line returns None). echo: write each question
+    as "> question" first (input that is not a terminal shows no prompt of its own)."""
     while (line := read_line()) is not None:
         line = line.strip()
         if not line:
@@ -149,6 +156,8 @@ def chat_loop(
             if not session.command(line, note):
                 return
             continue
+        if echo:
+            write(f"> {line}\n")
         try:
             session.reply(line, write, note)
         except KeyboardInterrupt:  # Ctrl-C while the prompt is prepared (reply handles it from generation on)
@@ -164,7 +173,10 @@ def chat_loop(
                 f"{exc.budget}: shorten it or lower --max-new-tokens"
             )
             continue
-        write(after_answer)
+        write("\n")  # ends the answer's last line
+        if session.cut:
+            note(cut_note(session.max_new_tokens))
+        write("\n")  # a blank line between one exchange and the next
 
 
 def terminal_reader(prompt: str) -> Callable[[], str | None]:
@@ -193,16 +205,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_model_options(parser)
     parser.add_argument("--system", help="system prompt to start with (the /system command changes it)")
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="longest answer, in tokens")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (deterministic)")
-    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, with --temperature > 0")
+    add_generation_options(parser)
     parser.add_argument("--seed", type=int, help="seed for sampling (once, at the start)")
     parser.add_argument(
         "--context-window", type=int, help="tokens of conversation kept (default: the model's max_position_embeddings)"
     )
     args = parser.parse_args(argv)
-    if args.max_new_tokens < 1 or not 0 <= args.temperature <= 2 or not 0 < args.top_p <= 1:
-        parser.error("--max-new-tokens must be >= 1, --temperature in [0, 2], --top-p in (0, 1]")
+    settings = chosen_generation(parser, args)
     try:
         model_dir, adapter = chosen_model(args)
     except FileNotFoundError as exc:
@@ -216,19 +225,13 @@ def main(argv: list[str] | None = None) -> int:
     from expqa.model.loading import load_for_inference
 
     model, tokenizer = load_for_inference(model_dir, adapter)
-    engine = Engine(model, tokenizer, "expqa", max_tokens_limit=args.max_new_tokens)
+    engine = Engine(model, tokenizer, "expqa", settings, max_tokens_limit=settings.max_new_tokens)
     if args.context_window:
         engine.context_window = min(args.context_window, engine.context_window)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     try:
-        session = ChatSession(
-            engine,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            system=args.system,
-        )
+        session = ChatSession(engine, max_new_tokens=settings.max_new_tokens, system=args.system)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -243,12 +246,13 @@ def main(argv: list[str] | None = None) -> int:
     if interactive:
         note(
             f"chatting with {adapter or model_dir} ({engine.context_window}-token context, "
-            f"{'greedy' if args.temperature == 0 else f'temperature {args.temperature}'}); Ctrl-C stops an answer"
+            f"{'greedy' if settings.temperature == 0 else f'temperature {settings.temperature:g}'}, repetition "
+            f"penalty {settings.repetition_penalty:g}); Ctrl-C stops an answer"
         )
         note(f"commands: {COMMANDS}")
-        chat_loop(session, terminal_reader("> "), write, note, after_answer="\n\n")
+        chat_loop(session, terminal_reader("> "), write, note)
     else:
-        chat_loop(session, lambda: sys.stdin.readline() or None, write, note)
+        chat_loop(session, lambda: sys.stdin.readline() or None, write, note, echo=True)
     return 0
 
 

@@ -3,8 +3,11 @@ template and end-of-turn tokens into answers.
 
 - which model to answer with (`--model` / `--adapter` / `--base`) and what to say when it is not built yet (ask, chat,
   serve); loading it is expqa.model.loading.load_for_inference;
+- how tokens are picked: params.yaml's generation section (`generation_defaults`), the options that override it
+  (`add_generation_options`: ask, chat) and generate()'s arguments for it (`decoding_options`: every command that
+  answers, and the evaluate stage);
 - `answer`: one question as the model's own chat prompt, streamed to a TextStreamer (ask);
-- `generate_answers`: greedy answers to many prompts in left-padded batches of similar length, with whether each
+- `generate_answers`: answers to many prompts in left-padded batches of similar length, with whether each
   ended with an end-of-turn token (the evaluate stage's ROUGE and stop rate, the generate stage's teacher);
 - `Engine`: one model, one generation at a time, a chat request's prompt checked against the context window and its
   answer streamed in pieces, cut at stop strings (serve, chat). torch is imported where generation starts, so the
@@ -14,10 +17,12 @@ template and end-of-turn tokens into answers.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from expqa.config import ConfigError, GenerationConfig, load_params, section_help
 from expqa.data.dataset import end_of_turn_ids, render
 from expqa.progress import progress
 
@@ -35,7 +40,9 @@ def missing_model_message(path: Path) -> str:
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     """--model / --adapter / --base, shared by `ask` and `chat`."""
-    parser.add_argument("--model", type=Path, default=Path("models/merged"), help="merged model directory")
+    parser.add_argument(
+        "--model", type=Path, default=Path("models/merged"), help="merged model directory (default: %(default)s)"
+    )
     parser.add_argument("--adapter", type=Path, help="use models/base + this adapter instead of the merged model")
     parser.add_argument("--base", action="store_true", help="answer with the base model (no fine-tuning)")
 
@@ -64,27 +71,104 @@ def chosen_model(args: argparse.Namespace) -> tuple[Path, Path | None]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# how to pick tokens: params.yaml's generation section
+
+GENERATION_OPTIONS = (
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "repetition_penalty",
+    "no_repeat_ngram_size",
+)
+
+
+def generation_defaults(parser: argparse.ArgumentParser, params: Path = Path("params.yaml")) -> GenerationConfig:
+    """params.yaml's generation section, read from the current folder as --model's models/merged is (a command run
+    in the project answers as the evaluate stage and the Modelfile do); outside a project the shipped values
+    (GenerationConfig's defaults, which tests/config checks equal params.yaml's). A bad params.yaml is a usage error."""
+    if not params.is_file():
+        return GenerationConfig()
+    try:
+        return load_params(params).generation
+    except ConfigError as exc:
+        parser.error(str(exc))
+
+
+def add_generation_options(parser: argparse.ArgumentParser) -> None:
+    """--max-new-tokens, --temperature, --top-p, --top-k, --repetition-penalty, --no-repeat-ngram-size (ask, chat);
+    --help shows each default and the params.yaml key it comes from."""
+    defaults, helps = generation_defaults(parser), section_help(GenerationConfig)
+    for key in GENERATION_OPTIONS:
+        value = getattr(defaults, key)
+        parser.add_argument(
+            f"--{key.replace('_', '-')}",
+            type=type(value),
+            default=value,
+            help=helps[key].replace("%", "%%") + f" (default: %(default)s, params.yaml generation.{key})",
+        )
+
+
+def chosen_generation(parser: argparse.ArgumentParser, args: argparse.Namespace) -> GenerationConfig:
+    """The generation settings the options chose; invalid ones are a usage error naming the option."""
+    settings = GenerationConfig(**{key: getattr(args, key) for key in GENERATION_OPTIONS})
+    if errors := settings.validate():
+        for key in GENERATION_OPTIONS:
+            errors = [e.replace(f"generation.{key}", f"--{key.replace('_', '-')}") for e in errors]
+        parser.error("; ".join(errors))
+    return settings
+
+
+def decoding_options(settings: GenerationConfig) -> dict:
+    """generate()'s sampling options: greedy at temperature 0 (do_sample follows from the temperature), the
+    repetition penalty and the n-gram ban either way. top_k is always passed: transformers' own default (50) would
+    apply silently."""
+    options: dict = {
+        "repetition_penalty": settings.repetition_penalty,
+        "no_repeat_ngram_size": settings.no_repeat_ngram_size,
+    }
+    if settings.temperature > 0:
+        return {
+            **options,
+            "do_sample": True,
+            "temperature": settings.temperature,
+            "top_p": settings.top_p,
+            "top_k": settings.top_k,
+        }
+    return {**options, "do_sample": False}
+
+
+def cut_note(max_new_tokens: int) -> str:
+    """What ask and chat say after an answer that reached the token limit before its end (serve: finish_reason
+    "length")."""
+    return f"[cut at {max_new_tokens} tokens: raise --max-new-tokens]"
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # one question, streamed (expqa ask)
 
 
-def answer(model, tokenizer, question: str, *, max_new_tokens: int, temperature: float, stream=None) -> str:
+def answer(model, tokenizer, question: str, settings: GenerationConfig, stream=None) -> dict:
+    """{"answer", "stopped" (ended with an end-of-turn token, not at settings.max_new_tokens), "new_tokens"}."""
     import torch
 
     prompt = render(tokenizer, [{"role": "user", "content": question}], add_generation_prompt=True)
     ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"].to(model.device)
     eos_ids = end_of_turn_ids(tokenizer)
-    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     with torch.no_grad():
         output = model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=settings.max_new_tokens,
             eos_token_id=eos_ids,
             pad_token_id=eos_ids[0],
             streamer=stream,
-            **sampling,
+            **decoding_options(settings),
         )
-    return tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True).strip()
+    new = output[0, ids.shape[1] :].tolist()
+    stopped = bool(new) and new[-1] in eos_ids
+    text = tokenizer.decode(new[:-1] if stopped else new, skip_special_tokens=True).strip()
+    return {"answer": text, "stopped": stopped, "new_tokens": len(new) - stopped}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -104,8 +188,10 @@ def generate_answers(
     batch_size: int,
     label: str = "evaluate",
     position: int | None = None,
+    decoding: dict | None = None,
 ) -> list[dict]:
-    """Greedy answers, left-padded batches; records whether each ended with an end-of-turn token."""
+    """Answers in left-padded batches; records whether each ended with an end-of-turn token. decoding: generate()'s
+    sampling options (`decoding_options`: params.yaml's generation section); None is plain greedy decoding."""
     import torch
 
     with torch.no_grad():  # as a decorator it would import torch with this module
@@ -132,10 +218,10 @@ def generate_answers(
             output = model.generate(
                 input_ids=ids,
                 attention_mask=mask,
-                do_sample=False,
                 max_new_tokens=max_new_tokens,
                 eos_token_id=eos_ids,
                 pad_token_id=pad_id,
+                **(decoding or {"do_sample": False}),
             )[:, width:].tolist()
             for index, tokens in zip(batch_indices, output):
                 stop_at = next((i for i, t in enumerate(tokens) if t in eos_ids), None)
@@ -166,10 +252,13 @@ class RequestError(Exception):
 
 @dataclass
 class ChatRequest:
+    """A chat request; the sampling fields left None take the Engine's generation settings (params.yaml's)."""
+
     messages: list[dict]
     max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
+    temperature: float | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
@@ -198,11 +287,13 @@ class StopText:
 
 
 class Engine:
-    """One model, one generation at a time (a lock), the model's chat template and end-of-turn tokens."""
+    """One model, one generation at a time (a lock), the model's chat template and end-of-turn tokens; settings:
+    what a request does not say (params.yaml's generation section: max_new_tokens is the default max_tokens)."""
 
-    def __init__(self, model, tokenizer, model_id: str, max_tokens_limit: int = 2048, default_max_tokens: int = 512):
+    def __init__(self, model, tokenizer, model_id: str, settings: GenerationConfig, max_tokens_limit: int = 2048):
         self.model, self.tokenizer, self.model_id = model, tokenizer, model_id
-        self.max_tokens_limit, self.default_max_tokens = max_tokens_limit, default_max_tokens
+        self.settings, self.max_tokens_limit = settings, max_tokens_limit
+        self.default_max_tokens = min(settings.max_new_tokens, max_tokens_limit)
         self.context_window = model.config.max_position_embeddings
         self.eos_ids = end_of_turn_ids(tokenizer)
         self.lock = threading.Lock()
@@ -244,11 +335,8 @@ class Engine:
 
         if request.seed is not None:
             torch.manual_seed(request.seed)
-        sampling = (
-            {"do_sample": True, "temperature": request.temperature, "top_p": request.top_p}
-            if request.temperature > 0
-            else {"do_sample": False}
-        )
+        asked = {key: getattr(request, key) for key in ("temperature", "top_p", "repetition_penalty")}
+        settings = dataclasses.replace(self.settings, **{k: v for k, v in asked.items() if v is not None})
         input_ids = torch.tensor([ids], device=self.model.device)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         output: dict = {}
@@ -264,7 +352,7 @@ class Engine:
                         eos_token_id=self.eos_ids,
                         pad_token_id=self.eos_ids[0],
                         stopping_criteria=StoppingCriteriaList([Cancelled()]),
-                        **sampling,
+                        **decoding_options(settings),
                     )
             except Exception as exc:  # reported to the client as a 500, the server stays up
                 output["error"] = exc

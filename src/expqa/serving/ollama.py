@@ -1,5 +1,6 @@
 """An Ollama Modelfile for an exported GGUF: FROM, a TEMPLATE in Ollama's Go-template syntax that renders what the
-model's own chat template renders, and a stop PARAMETER per end-of-turn token.
+model's own chat template renders, a stop PARAMETER per end-of-turn token, and params.yaml's generation settings as
+Ollama's PARAMETERs (so `ollama run` answers as `expqa ask` does).
 
 The template is not written per model family: the literal text around each message (system, user and assistant
 openers and closers, the default system turn, the generation prompt) is read off the chat template's own renderings
@@ -8,6 +9,7 @@ of placeholder messages, then checked by rendering probe conversations both ways
 
 from __future__ import annotations
 
+from expqa.config import GenerationConfig
 from expqa.data.dataset import end_of_turn_ids, render
 
 MARKS = {name: f"\ue000{name}\ue000" for name in ("S", "U", "A", "V")}  # private-use characters: never in a template
@@ -101,7 +103,28 @@ def checked_template(tokenizer) -> str:
     return go_template(seg)
 
 
-def modelfile(tokenizer, gguf_file: str) -> str:
+def generation_parameters(settings: GenerationConfig) -> list[str]:
+    """params.yaml's generation section in Ollama's names. temperature 0 is greedy in llama.cpp too. transformers
+    penalises every token of the prompt and answer; Ollama's repeat_penalty looks back repeat_last_n tokens (64 by
+    default), so -1 (the whole context) is the nearest. Ollama's engine written in Go (ollamarunner) has ignored the
+    penalties (ollama issue #15783); its llama.cpp runner applies them. no_repeat_ngram_size has no counterpart: a
+    comment says it is left out, so Ollama's answers may repeat where expqa's do not."""
+    unmirrored = (
+        [f"# no_repeat_ngram_size {settings.no_repeat_ngram_size} (params.yaml generation) has no Ollama PARAMETER"]
+        if settings.no_repeat_ngram_size
+        else []
+    )
+    return unmirrored + [
+        f"PARAMETER temperature {settings.temperature:g}",
+        f"PARAMETER top_p {settings.top_p:g}",
+        f"PARAMETER top_k {settings.top_k}",
+        f"PARAMETER repeat_penalty {settings.repetition_penalty:g}",
+        "PARAMETER repeat_last_n -1",
+        f"PARAMETER num_predict {settings.max_new_tokens}",
+    ]
+
+
+def modelfile(tokenizer, gguf_file: str, settings: GenerationConfig) -> str:
     """Modelfile text: `ollama create expqa -f Modelfile` in the folder of gguf_file."""
     lines = ["# Ollama: ollama create expqa -f Modelfile && ollama run expqa", f"FROM ./{gguf_file}"]
     try:
@@ -110,4 +133,5 @@ def modelfile(tokenizer, gguf_file: str) -> str:
         lines.append(f"# TEMPLATE not written ({exc}); Ollama falls back to its reading of the GGUF chat template")
     for token_id in end_of_turn_ids(tokenizer):
         lines.append(f'PARAMETER stop "{tokenizer.convert_ids_to_tokens(token_id)}"')
+    lines += generation_parameters(settings)
     return "\n".join(lines) + "\n"

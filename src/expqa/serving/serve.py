@@ -4,7 +4,9 @@
     curl -s localhost:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": "What is CUPED?"}]}'
 
 POST /v1/chat/completions (non-streaming JSON, or server-sent events with "stream": true) and GET /v1/models. The
-prompt is the model's own chat template. Bad requests get a 4xx JSON error in OpenAI's shape
+prompt is the model's own chat template. What a request leaves out (temperature, top_p, repetition_penalty as vLLM
+names it, max_tokens) comes from params.yaml's generation section, as for `expqa ask`; an answer cut at max_tokens
+ends with finish_reason "length". Bad requests get a 4xx JSON error in OpenAI's shape
 ({"error": {"message", "type", "param", "code"}}), never a crash.
 
 Authentication, as vLLM's and llama.cpp's servers do it: with the environment variable EXPQA_API_KEY set, every
@@ -37,7 +39,7 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from expqa.serving.inference import ChatRequest, Engine, RequestError, require_model
+from expqa.serving.inference import ChatRequest, Engine, RequestError, generation_defaults, require_model
 
 ROLES = ("system", "user", "assistant")
 MAX_BODY_BYTES = 1 << 20
@@ -49,10 +51,10 @@ OPEN_PATHS = ("/health",)  # answered without a key: load balancers and `curl` c
 # request parsing: everything a client can get wrong is a RequestError here, before the model is touched
 
 
-def _number(body: dict, key: str, default: float, low: float, high: float) -> float:
+def _number(body: dict, key: str, low: float, high: float) -> float | None:
     value = body.get(key)
-    if value is None:
-        return default
+    if value is None:  # the engine's default (params.yaml's generation section)
+        return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
         raise RequestError(400, f"{key} must be a number in [{low}, {high}], got {value!r}", key)
     return float(value)
@@ -114,8 +116,9 @@ def parse_chat_request(raw: bytes, model_id: str, max_tokens_limit: int) -> Chat
     return ChatRequest(
         messages=parsed,
         max_tokens=max_tokens,
-        temperature=_number(body, "temperature", 1.0, 0, 2),
-        top_p=_number(body, "top_p", 1.0, 0, 1),
+        temperature=_number(body, "temperature", 0, 2),
+        top_p=_number(body, "top_p", 0, 1),
+        repetition_penalty=_number(body, "repetition_penalty", 1, 2),
         stop=stop,
         stream=body.get("stream") is True,
         include_usage=isinstance(options, dict) and options.get("include_usage") is True,
@@ -373,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--port must be from 0 to 65535, got {args.port}")
     if args.max_tokens < 1:
         parser.error(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    settings = generation_defaults(parser)
     model_dir = Path("models/base") if args.adapter else args.model
     try:
         api_key = api_key_for(args.host, args.allow_no_auth)
@@ -385,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
         from expqa.model.loading import load_for_inference
 
         model, tokenizer = load_for_inference(model_dir, args.adapter)
-        server.engine = Engine(model, tokenizer, args.model_id, args.max_tokens)
+        server.engine = Engine(model, tokenizer, args.model_id, settings, args.max_tokens)
         print(
             f"serving {args.adapter or model_dir} as {args.model_id!r} on http://{args.host}:{server.server_port}/v1 "
             "(Ctrl-C stops)",

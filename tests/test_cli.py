@@ -59,7 +59,8 @@ def not_a_model_command(name: str, folder: str, out: str) -> list[str]:
         + ["--metrics", f"{out}/m", "--log-folder", f"{out}/l", *params],
         "merge": ["merge", "--base", folder, "--adapter", folder, "--out", f"{out}/m", "--report", f"{out}/m.json"],
         "evaluate": ["evaluate", "--base", folder, "--tuned", folder, "--test", out, "--train", out]
-        + ["--out", f"{out}/e.json", "--examples", f"{out}/x.json", "--plot", f"{out}/p.json", *params],
+        + ["--out", f"{out}/e.json", "--examples", f"{out}/x.json", "--plot", f"{out}/p.json"]
+        + ["--headline", f"{out}/h.json", *params],
         "export": ["export", "--model", folder, "--out", f"{out}/g", "--report", f"{out}/r.json"]
         + ["--timings", f"{out}/t.json", *params],
     }[name]

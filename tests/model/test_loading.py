@@ -49,8 +49,9 @@ def test_checkpointing_is_enabled_without_a_deprecation_warning(tiny_base, load_
         warnings.simplefilter("default")  # as a stage starts, with expqa's filters of library noise on top
         noise.install()
         model, _ = load_for_training(tiny_base, quant, lora, plan)
-    # (a stage shows DeprecationWarnings of its own code only: torch's of its jit, on the first import, do not count)
-    assert not [str(w.message) for w in shown if w.category is FutureWarning or "checkpointing" in str(w.message)]
+    # checkpointing's own deprecations (transformers' renamed gradient_checkpointing*, and peft calling the old
+    # names); torch's own FutureWarnings (torch 2.11's _check_is_size, from its kernels) are not ours to fix
+    assert not [str(w.message) for w in shown if "checkpointing" in str(w.message)]
     layers = model.get_base_model().model.layers
     assert all(layer.gradient_checkpointing for layer in layers)
 

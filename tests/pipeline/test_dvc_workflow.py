@@ -260,11 +260,11 @@ def test_repro_runs_every_stage_and_leaves_the_pipeline_up_to_date(project):
     train = json.loads((project.repo / "metrics/train/metrics.json").read_text())
     assert {"loss", "eval_loss_before_training"} <= set(train["train"]) | set(train), train
     assert not (project.repo / "metrics/train/params.yaml").exists()  # dvclive dumps no TrainingArguments
-    # the profile that ran, in the metrics (`dvc metrics show`, `exp show`) and in the params each stage read
+    # the profile that ran, in the reports (`dvc metrics show <file>`) and in the params each stage read
     assert train["profile"] == evaluation["profile"] == "cpu"
     assert json.loads((project.repo / "metrics/params/train.json").read_text())["profile"] == "cpu"
     assert json.loads((project.repo / "models/adapter/training_config.json").read_text())["config"]["profile"] == "cpu"
-    shown = dvc(project, "metrics", "show", "--json").stdout
+    shown = dvc(project, "metrics", "show", "--json", "metrics/train/metrics.json").stdout
     assert re.search(r'"profile":\s*"cpu"', shown), shown
 
 

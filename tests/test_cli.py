@@ -57,8 +57,11 @@ def not_a_model_command(name: str, folder: str, out: str) -> list[str]:
         + params,
         "train": ["train", "--base", folder, "--data", out, "--out", f"{out}/a", "--checkpoints", f"{out}/c"]
         + ["--metrics", f"{out}/m", "--log-folder", f"{out}/l", *params],
+        "align": ["align", "--base", folder, "--adapter", folder, "--preferences", out, "--questions", out]
+        + ["--data", out, "--out", f"{out}/a", "--report", f"{out}/r.json", "--quarantine", f"{out}/q.json"]
+        + ["--checkpoints", f"{out}/c", "--metrics", f"{out}/m", "--log-folder", f"{out}/l", *params],
         "merge": ["merge", "--base", folder, "--adapter", folder, "--out", f"{out}/m", "--report", f"{out}/m.json"],
-        "evaluate": ["evaluate", "--base", folder, "--tuned", folder, "--test", out, "--train", out]
+        "evaluate": ["evaluate", "--base", folder, "--sft", folder, "--tuned", folder, "--test", out, "--train", out]
         + ["--out", f"{out}/e.json", "--examples", f"{out}/x.json", "--plot", f"{out}/p.json"]
         + ["--headline", f"{out}/h.json", *params],
         "export": ["export", "--model", folder, "--out", f"{out}/g", "--report", f"{out}/r.json"]
@@ -66,7 +69,7 @@ def not_a_model_command(name: str, folder: str, out: str) -> list[str]:
     }[name]
 
 
-@pytest.mark.parametrize("name", ["ask", "chat", "serve", "stats", "train", "merge", "evaluate", "export"])
+@pytest.mark.parametrize("name", ["ask", "chat", "serve", "stats", "train", "align", "merge", "evaluate", "export"])
 def test_a_folder_that_is_not_a_model_is_one_line_in_every_command(name, tmp_path, monkeypatch, capsys):
     """An empty folder (an interrupted `dvc pull`, the wrong folder) used to fail deep in transformers."""
     from expqa.cli import main

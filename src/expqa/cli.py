@@ -19,8 +19,9 @@ STAGES = {
     "combine": "validate, deduplicate, weight and split the raw data into data/processed",
     "stats": "dataset statistics and token-length histogram (metrics/data_stats.json)",
     "train": "QLoRA fine-tuning into models/adapter",
-    "merge": "merge the adapter into the base weights (models/merged), verified",
-    "evaluate": "base vs fine-tuned report (metrics/eval.json)",
+    "align": "preference tuning (DPO) of the adapter into models/aligned (align.enabled)",
+    "merge": "merge the aligned adapter into the base weights (models/merged), verified",
+    "evaluate": "base vs SFT vs SFT + preference report (metrics/eval.json)",
     "export": "GGUF files for llama.cpp / Ollama (models/gguf), verified (metrics/export.json)",
 }
 

@@ -210,10 +210,80 @@ def test_eval_and_merge_summaries():
         "critical_questions": {"length_norm": metric(0.25, 0.5, 0.5), "calibrated": metric(0.5, 0.5, 1.0)},
     }
     assert eval_summary(report) == (
-        "evaluate: perplexity 12.346 -> 9.877 (p 0.000123), rougeL 0.100 -> 0.250 (p 0.04), stop_rate 0.500 -> "
-        "1.000 (p 1), critical questions (length_norm) 0.250 -> 0.500 (p 0.5), critical questions (calibrated) "
-        "0.500 -> 0.500 (p 1)"
+        "evaluate base -> tuned: perplexity 12.346 -> 9.877 (p 0.000123), rougeL 0.100 -> 0.250 (p 0.04), "
+        "stop_rate 0.500 -> 1.000 (p 1), critical questions (length_norm) 0.250 -> 0.500 (p 0.5), critical "
+        "questions (calibrated) 0.500 -> 0.500 (p 1)"
     )
+
+
+def test_three_models_give_one_summary_line_per_comparison_and_sft_in_the_headline():
+    def block(base, tuned, p):
+        metric = {"base": base, "tuned": tuned, "p_value": p}
+        critical = {"length_norm": metric, "calibrated": metric, "calibrated_taught": metric}
+        return {"perplexity": metric, "rougeL": metric, "stop_rate": metric, "critical_questions": critical}
+
+    report = {**block(0.25, 0.5, 0.01), "sft_vs_base": block(0.25, 0.3, 0.5), "tuned_vs_sft": block(0.3, 0.5, 0.02)}
+    lines = eval_summary(report).splitlines()
+    assert [line.split(":")[0] for line in lines] == [
+        "evaluate base -> sft",
+        "evaluate sft -> tuned",
+        "evaluate base -> tuned",
+    ]
+    assert "taught (calibrated) 0.300 -> 0.500 (p 0.02)" in lines[1]
+    assert headline(report)["cq"] == {"base": 0.25, "tuned": 0.5, "p": 0.01, "sft": 0.3, "p_vs_sft": 0.02}
+
+
+@pytest.mark.slow
+def test_evaluate_with_an_sft_adapter_compares_three_models(tiny_base, processed_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(3)
+    sft = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_base),
+        LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "down_proj"], task_type="CAUSAL_LM"),
+    )
+    with torch.no_grad():
+        for name, param in sft.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn_like(param) * 0.5)
+    sft.save_pretrained(tmp_path / "sft")
+    AutoTokenizer.from_pretrained(tiny_base).save_pretrained(tmp_path / "sft")  # train saves it with the adapter
+    (tmp_path / "questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    config = dataclasses.replace(
+        EvalConfig(),
+        max_new_tokens=2,
+        batch_size=4,
+        max_examples=2,
+        bootstrap_samples=20,
+        critical_questions=str(tmp_path / "questions.jsonl"),
+        num_processes=1,
+        num_threads=0,
+    )
+    report, examples = evaluate_base_vs_tuned(
+        tiny_base,
+        tiny_base,
+        processed_dir / "test.jsonl",
+        processed_dir / "train.jsonl",
+        config,
+        GenerationConfig(),
+        seed=7,
+        max_length=128,
+        sft_adapter=tmp_path / "sft",
+    )
+    assert list(examples) == ["base", "sft", "tuned"] and report["models"] == ["base", "sft", "tuned"]
+    assert report["perplexity"]["delta"] == 0.0  # tuned is the base here: the top level is still base vs tuned
+    sft_ppl = report["sft_vs_base"]["perplexity"]["tuned"]
+    assert sft_ppl != report["perplexity"]["base"]  # the adapter was applied
+    assert report["tuned_vs_sft"]["perplexity"]["base"] == pytest.approx(sft_ppl)
+    assert report["sft_vs_base"]["compared"] == ["base", "sft"] and report["tuned_vs_sft"]["compared"] == [
+        "sft",
+        "tuned",
+    ]
+    assert {"calibrated_taught", "calibrated_untaught"} <= set(report["tuned_vs_sft"]["critical_questions"])
+    rows = tmp_path / "ex.jsonl"
+    write_eval_outputs(report, examples, out=tmp_path / "e.json", examples_path=rows, plot=tmp_path / "p.csv")
+    assert set(json.loads(rows.read_text().splitlines()[0])) == {"id", "base", "sft", "tuned"}
 
 
 def test_the_timing_line_names_its_model_and_counts_in_words():

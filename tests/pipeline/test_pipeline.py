@@ -278,9 +278,15 @@ def test_every_stage_module_runs_with_python_dash_m():
         ("merge", "--base b --adapter a --out o --report {dir}", "--report {dir} is a directory"),
         (
             "evaluate",
-            "--base b --tuned t --test t.jsonl --train r.jsonl --out o.json --headline h.json --examples e.jsonl "
-            "--plot {dir} --params params.yaml",
+            "--base b --sft s --tuned t --test t.jsonl --train r.jsonl --out o.json --headline h.json "
+            "--examples e.jsonl --plot {dir} --params params.yaml",
             "--plot {dir} is a directory",
+        ),
+        (
+            "align",
+            "--base b --adapter a --preferences p.jsonl --questions q.jsonl --data d --out o --report r.json "
+            "--quarantine {dir} --checkpoints c --metrics m --log-folder l --params params.yaml",
+            "--quarantine {dir} is a directory",
         ),
         (
             "export",
@@ -293,7 +299,7 @@ def test_every_stage_module_runs_with_python_dash_m():
             "--out {file}/s.json: {file} is a file, not a folder",
         ),
     ],
-    ids=["merge", "evaluate", "export", "stats"],
+    ids=["merge", "evaluate", "align", "export", "stats"],
 )
 def test_stages_check_their_output_paths_before_running(tmp_path, monkeypatch, capsys, stage, argv, expected):
     """The same check as collect's (stage_main's output_files/output_folders): a report path that is a folder

@@ -15,6 +15,7 @@ from expqa.config.loader import (
     read_config_file,
 )
 from expqa.config.schema import (
+    ALIGN_METHODS,
     CHECKPOINTING_MODES,
     EMBEDDED_MODEL,
     FP8_MODES,
@@ -28,6 +29,7 @@ from expqa.config.schema import (
     SEED_END,
     SOURCE_FORMATS,
     STAGE_SECTIONS,
+    AlignConfig,
     BaseConfig,
     CollectConfig,
     DataConfig,

@@ -22,6 +22,7 @@ import yaml
 from expqa.config.schema import (
     PROFILES,
     STAGE_SECTIONS,
+    AlignConfig,
     BaseConfig,
     CollectConfig,
     DataConfig,
@@ -67,6 +68,7 @@ class Params:
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     train: TrainingConfig = field(default_factory=TrainingConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     export: ExportConfig = field(default_factory=ExportConfig)

@@ -31,6 +31,7 @@ SEED_END = 2**32  # numpy's seeds (set by transformers' set_seed) are 32-bit
 PROFILES = ("auto", "gpu", "cpu")
 MICRO_BATCH_UNITS = ("tokens", "conversations")
 FUSED_LORA_MODES = ("grouped", "per_projection", "off")
+ALIGN_METHODS = ("dpo", "ipo", "apo_zero")  # align.method: TRL DPOTrainer loss types (expqa.training.align)
 # what each stage reads: whole sections, or single keys ("train.max_seq_length": stats and evaluate read only it, so
 # `-S train.fp8_matmul=off` re-runs train and what follows but not them). The params stage writes them, resolved,
 # to metrics/params/<stage>.json
@@ -41,7 +42,8 @@ STAGE_SECTIONS = {
     "combine": ("base", "data"),
     "stats": ("train.max_seq_length",),
     "train": ("base", "quantization", "lora", "train"),
-    "evaluate": ("base", "eval", "generation", "train.max_seq_length"),
+    "align": ("base", "quantization", "lora", "train", "align", "data.on_invalid"),
+    "evaluate": ("base", "eval", "generation", "train.max_seq_length", "align.enabled"),
     "export": ("export", "generation"),
 }
 
@@ -516,6 +518,49 @@ class TrainingConfig:
                 )
         if self.lm_head_loss not in LM_HEAD_LOSSES:
             errors.append(f"train.lm_head_loss is {self.lm_head_loss!r}; allowed: {', '.join(LM_HEAD_LOSSES)}")
+        return errors
+
+
+@dataclass
+class AlignConfig:
+    enabled: bool = _help(
+        "Preference tuning after SFT (the align stage): on, it continues the SFT adapter on data/raw/"
+        "preferences.jsonl; off, it passes the SFT adapter through unchanged.",
+        True,
+    )
+    method: str = _help(
+        "Loss: dpo (sigmoid, Rafailov et al. 2023) | ipo (squared, Azar et al. 2023: does not push margins to "
+        "infinity on data it can separate) | apo_zero (anchored: chosen up and rejected down in absolute terms).",
+        "dpo",
+    )
+    beta: float = _help("How far the policy may move from the SFT reference (the loss's temperature).", 0.1)
+    learning_rate: float = _help("Peak learning rate of the adapter during preference tuning.", 5.0e-5)
+    num_train_epochs: float = _help("Passes over the preference train split.", 2.0)
+    pairs_per_step: int = _help(
+        "Preference pairs per optimizer step and process (each pair is two sequences: chosen and rejected).", 8
+    )
+    max_length: int = _help("Longest prompt + answer in tokens (longer pairs are cut from the end).", 512)
+    eval_fraction: float = _help(
+        "Share of the preference records held out (by prompt) to measure reward accuracy on pairs not trained on.",
+        0.1,
+    )
+    logging_steps: int = _help("Log losses and rewards every this many optimizer steps.", 5)
+
+    def validate(self) -> list[str]:
+        errors = []
+        if self.method not in ALIGN_METHODS:
+            errors.append(f"align.method is {self.method!r}; allowed: {', '.join(ALIGN_METHODS)}")
+        if not self.beta > 0:
+            errors.append(f"align.beta is {self.beta}; must be positive (typical 0.05 to 0.5)")
+        if not self.learning_rate > 0:
+            errors.append(f"align.learning_rate is {self.learning_rate}; must be positive (typical 5e-6 to 1e-4)")
+        if not self.num_train_epochs > 0:
+            errors.append(f"align.num_train_epochs is {self.num_train_epochs}; must be positive")
+        for key in ("pairs_per_step", "max_length", "logging_steps"):
+            if getattr(self, key) <= 0:
+                errors.append(f"align.{key} is {getattr(self, key)}; must be a positive integer")
+        if not 0 < self.eval_fraction < 0.5:
+            errors.append(f"align.eval_fraction is {self.eval_fraction}; use a share in (0, 0.5), e.g. 0.1")
         return errors
 
 

@@ -20,6 +20,7 @@ before the next one runs. `evaluate_base_vs_tuned` is the stage from input files
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -263,18 +264,24 @@ def timing_line(
 
 
 def _evaluate_path(
-    model_dir: str, test_rows: list[dict], questions: list[dict], threads: int, options: dict
+    model: str | tuple[str, str], test_rows: list[dict], questions: list[dict], threads: int, options: dict
 ) -> tuple[dict, list[dict]]:
+    """model: a model folder, or (base folder, adapter folder): the adapter merged in memory (the SFT model when
+    the align stage tuned further, so that no second merged copy is written to disk)."""
     from expqa.model.loading import load_for_inference
 
     if threads:
         torch.set_num_threads(threads)
-    model, tokenizer = load_for_inference(model_dir)
-    return evaluate_model(model, tokenizer, test_rows, questions, **options)
+    if isinstance(model, tuple):
+        loaded, tokenizer = load_for_inference(model[0], adapter_dir=model[1])
+        loaded = loaded.merge_and_unload()
+    else:
+        loaded, tokenizer = load_for_inference(model)
+    return evaluate_model(loaded, tokenizer, test_rows, questions, **options)
 
 
 def evaluate_models(
-    models: dict[str, str | Path],
+    models: dict[str, str | Path | tuple[str, str]],
     test_rows: list[dict],
     questions: list[dict],
     config: EvalConfig,
@@ -282,9 +289,9 @@ def evaluate_models(
     *,
     max_length: int,
 ) -> dict[str, tuple[dict, list[dict]]]:
-    """evaluate_model for each named model directory: one after the other in this process, or with
-    eval.num_processes > 1 side by side in that many processes (spawned) of eval.num_threads torch threads each
-    (0 = torch's default). max_length: train.max_seq_length, the length the model was trained on.
+    """evaluate_model for each named model (a folder, or a (base, adapter) pair): one after the other in this
+    process, or with eval.num_processes > 1 side by side in that many processes (spawned) of eval.num_threads torch
+    threads each (0 = torch's default). max_length: train.max_seq_length, the length the model was trained on.
 
     On a 2-core CPU, base and tuned in 2 single-thread processes keep both cores busy without the per-operation
     barrier between 2 threads of one process, which stalls whenever other jobs share the cores.
@@ -299,7 +306,7 @@ def evaluate_models(
     # side by side, each process draws its bars on its own terminal line
     args = {
         name: (
-            str(path),
+            tuple(str(p) for p in path) if isinstance(path, tuple) else str(path),
             test_rows,
             questions,
             config.num_threads,
@@ -395,11 +402,16 @@ def evaluate_base_vs_tuned(
     *,
     seed: int,
     max_length: int,
+    sft_adapter: Path | None = None,
 ) -> tuple[dict, dict]:
-    """Both models on the test split (at most eval.max_examples conversations) and eval.critical_questions, each
+    """Both models (three with ``sft_adapter``: base + that adapter is the SFT model, tuned the SFT + preference
+    one) on the test split (at most eval.max_examples conversations) and eval.critical_questions, each
     question marked taught when the train split holds one of its conversations; compared with eval.bootstrap_samples
     resamples seeded with base.seed; answers decoded as params.yaml's generation section says (the repetition penalty
-    ask and chat use; eval.max_new_tokens long). Returns (report: metrics/eval.json, {"base": rows, "tuned": rows}).
+    ask and chat use; eval.max_new_tokens long). Returns (report: metrics/eval.json, {"base": rows, "tuned": rows}
+    and "sft": rows with three models). The report's top level is base vs tuned either way; with three models it
+    also holds "sft_vs_base" and "tuned_vs_sft", blocks of the same form in which "base" is the first model named
+    in the block's "compared" and "tuned" the second.
 
     Raises ValueError or OSError for a missing or malformed input file before any model is loaded.
     """
@@ -408,11 +420,17 @@ def evaluate_base_vs_tuned(
     taught = taught_question_ids(questions, [row["id"] for row in load_chatml_dataset(train)])
     if config.max_examples:
         test_rows = test_rows[: config.max_examples]  # test.jsonl is in hash order: a fixed sample
-    results = evaluate_models(
-        {"base": base, "tuned": tuned}, test_rows, questions, config, generation, max_length=max_length
-    )
+    models = {"base": base, "tuned": tuned}
+    if sft_adapter is not None:
+        models = {"base": base, "sft": (base, sft_adapter), "tuned": tuned}
+    results = evaluate_models(models, test_rows, questions, config, generation, max_length=max_length)
     examples = {name: rows for name, (_, rows) in results.items()}
-    report = compare_models(examples["base"], examples["tuned"], taught, samples=config.bootstrap_samples, seed=seed)
+    compare = functools.partial(compare_models, taught=taught, samples=config.bootstrap_samples, seed=seed)
+    report = compare(examples["base"], examples["tuned"])
+    if sft_adapter is not None:
+        report["models"] = ["base", "sft", "tuned"]
+        report["sft_vs_base"] = {"compared": ["base", "sft"], **compare(examples["base"], examples["sft"])}
+        report["tuned_vs_sft"] = {"compared": ["sft", "tuned"], **compare(examples["sft"], examples["tuned"])}
     return report, examples
 
 
@@ -447,6 +465,12 @@ def headline(report: dict) -> dict:
             "tuned": significant(block["tuned"], VALUE_DIGITS),
             "p": significant(block["p_value"], P_DIGITS),
         }
+        if "tuned_vs_sft" in report:  # three models: the SFT model's value and tuned's test against it
+            against_sft = report["tuned_vs_sft"]
+            for key in path:
+                against_sft = against_sft[key]
+            numbers[name]["sft"] = significant(against_sft["base"], VALUE_DIGITS)
+            numbers[name]["p_vs_sft"] = significant(against_sft["p_value"], P_DIGITS)
     return numbers
 
 
@@ -457,13 +481,9 @@ def write_eval_outputs(report: dict, examples: dict, *, out: Path, examples_path
     for path in (examples_path, plot):
         path.parent.mkdir(parents=True, exist_ok=True)
     with open(examples_path, "w", encoding="utf-8") as handle:
-        for base_row, tuned_row in zip(examples["base"], examples["tuned"]):
-            handle.write(
-                json.dumps(
-                    {"id": base_row["id"], "base": base_row, "tuned": tuned_row}, ensure_ascii=False, sort_keys=True
-                )
-                + "\n"
-            )
+        for rows in zip(*examples.values()):
+            record = {"id": rows[0]["id"], **dict(zip(examples, rows))}
+            handle.write(json.dumps(record, ensure_ascii=False, sort_keys=True) + "\n")
     plot.write_text(
         "id,base,tuned\n"
         + "".join(
@@ -475,15 +495,26 @@ def write_eval_outputs(report: dict, examples: dict, *, out: Path, examples_path
 
 
 def eval_summary(report: dict) -> str:
-    """One line: each headline metric base -> tuned with its paired test's p-value."""
-    critical = report["critical_questions"]
-    return "evaluate: " + ", ".join(
-        f"{k} {v['base']:.3f} -> {v['tuned']:.3f} (p {v['p_value']:.3g})"
-        for k, v in (
-            ("perplexity", report["perplexity"]),
-            ("rougeL", report["rougeL"]),
-            ("stop_rate", report["stop_rate"]),
-            ("critical questions (length_norm)", critical["length_norm"]),
-            ("critical questions (calibrated)", critical["calibrated"]),
+    """One line per comparison: each headline metric first -> second model with its paired test's p-value."""
+    blocks = [("base -> tuned", report)]
+    if "tuned_vs_sft" in report:
+        blocks = [("base -> sft", report["sft_vs_base"]), ("sft -> tuned", report["tuned_vs_sft"]), *blocks]
+    lines = []
+    for title, block in blocks:
+        critical = block["critical_questions"]
+        lines.append(
+            f"evaluate {title}: "
+            + ", ".join(
+                f"{k} {v['base']:.3f} -> {v['tuned']:.3f} (p {v['p_value']:.3g})"
+                for k, v in (
+                    ("perplexity", block["perplexity"]),
+                    ("rougeL", block["rougeL"]),
+                    ("stop_rate", block["stop_rate"]),
+                    ("critical questions (length_norm)", critical["length_norm"]),
+                    ("critical questions (calibrated)", critical["calibrated"]),
+                    ("taught (calibrated)", critical.get("calibrated_taught")),
+                )
+                if v is not None
+            )
         )
-    )
+    return "\n".join(lines)

@@ -98,7 +98,12 @@ def check_profile(params: Params, stage: str) -> None:
 
 
 # the file that makes a folder what the stage builds: a model (config.json) or a LoRA adapter
-BUILT_MARKER = {"base": "config.json", "merge": "config.json", "train": "adapter_config.json"}
+BUILT_MARKER = {
+    "base": "config.json",
+    "merge": "config.json",
+    "train": "adapter_config.json",
+    "align": "adapter_config.json",
+}
 
 
 def require(path: Path, stage: str) -> None:

@@ -1,6 +1,8 @@
-"""Stage `evaluate`: base vs fine-tuned on the test split and the critical questions.
+"""Stage `evaluate`: base vs fine-tuned (and the SFT model between them) on the test split and critical questions.
 
-Params: eval, generation (how answers pick their tokens), base.seed (bootstrap) and train.max_seq_length.
+Params: eval, generation (how answers pick their tokens), base.seed (bootstrap), train.max_seq_length and
+align.enabled: on, --sft (the SFT adapter) on --base is evaluated too, as the middle of three models (base, SFT,
+SFT + preference tuning = --tuned), each compared with a paired test.
 --train: the split that trained the model, for the taught / not taught split of the critical questions.
 
 Reads --base and --tuned (model folders), --test and --train (splits); writes --out (the report, JSON),
@@ -14,12 +16,15 @@ from expqa.evaluation.evaluate import eval_summary, evaluate_base_vs_tuned, head
 from expqa.files import write_json
 from expqa.pipeline import check_profile, require, stage_main
 
-PATHS = "--base --tuned --test --train --out --headline --examples --plot"  # required path options: dvc.yaml gives them
+# required path options: dvc.yaml gives them
+PATHS = "--base --sft --tuned --test --train --out --headline --examples --plot"
 
 
 def run(args, params):
     require(args.base, "base")
     require(args.tuned, "merge")
+    if params.align.enabled:
+        require(args.sft, "train")
     check_profile(params, "evaluate")
     report, examples = evaluate_base_vs_tuned(
         args.base,
@@ -30,6 +35,7 @@ def run(args, params):
         params.generation,
         seed=params.base.seed,
         max_length=params.train.max_seq_length,
+        sft_adapter=args.sft if params.align.enabled else None,
     )
     if params.profile is not None:  # `dvc metrics diff` / `exp show` tell a cpu run from a gpu run
         report = {**report, "profile": params.profile}

@@ -16,7 +16,7 @@ PATHS = "--base --adapter --out --report"  # required path options: dvc.yaml giv
 
 def run(args, params):
     require(args.base, "base")
-    require(args.adapter, "train")
+    require(args.adapter, "align")
     report = merge_adapter(args.base, args.adapter, args.out)
     write_json(args.report, report)
     print(merge_summary(report, args.out))

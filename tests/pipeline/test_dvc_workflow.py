@@ -156,6 +156,8 @@ def configure(repo: Path, tiny_base: Path) -> None:
         num_threads=1,
         num_processes=1,
     )
+    # a few preference pairs (the shipped file, all of it checked): the stage's workflow, not DPO's effect
+    updates["align"] = dict(num_train_epochs=0.02, pairs_per_step=2, logging_steps=1)
     updates["cpu.eval"] = dict(max_new_tokens=4, max_examples=2, batch_size=2, num_processes=1, num_threads=1)
     updates["export"] = dict(types=["q8_0"], ollama_type="q8_0")  # one GGUF: each is loaded back twice (~10 s)
     write_params(repo / "params.yaml", updates, source=repo / "params.yaml", sort_keys=False)
@@ -243,7 +245,7 @@ def project(tmp_path_factory, tiny_base) -> Project:
 
 def test_repro_runs_every_stage_and_leaves_the_pipeline_up_to_date(project):
     out = project.repro.stdout + project.repro.stderr
-    for stage in ("base", "collect", "combine", "stats", "train", "merge", "evaluate", "export"):
+    for stage in ("base", "collect", "combine", "stats", "train", "align", "merge", "evaluate", "export"):
         assert f"Running stage '{stage}'" in out, f"stage {stage} did not run:\n{out[-4000:]}"
     assert_up_to_date(project)
     assert git(project, "status", "--porcelain").stdout == ""  # everything the run wrote was committed
@@ -254,6 +256,10 @@ def test_repro_runs_every_stage_and_leaves_the_pipeline_up_to_date(project):
         assert {"base", "tuned", "delta", "delta_ci95_lo", "delta_ci95_hi", "p_value"} <= set(block), block
     assert {"length_norm", "calibrated", "length_norm_untaught"} <= set(critical), critical
     assert critical["questions"] == len(QUESTIONS) and evaluation["test_examples"] == 2
+    assert evaluation["models"] == ["base", "sft", "tuned"]  # align ran: the SFT model is the middle of three
+    assert evaluation["tuned_vs_sft"]["compared"] == ["sft", "tuned"]
+    aligned = json.loads((project.repo / "metrics/align.json").read_text())
+    assert aligned["enabled"] and aligned["train_pairs"] + aligned["held_out_pairs"] == aligned["records"]
     exported = json.loads((project.repo / "metrics/export.json").read_text())
     assert exported["passed"] and set(exported["types"]) == {"q8_0"}
     assert (project.repo / "models/gguf/expqa-q8_0.gguf").stat().st_size == exported["types"]["q8_0"]["bytes"]
@@ -409,10 +415,10 @@ def test_pull_names_outputs_never_pushed_and_what_to_run(project):
         lines, missing = pull_failure(expqa(project, "pull", cwd=dest, check=False))
     # every output the pull could not give is named, and only those (an empty file needs no remote)
     absent = {out for out in cached_outs(dest) if not (dest / out).exists()}
-    assert missing == absent and {"models/adapter", "models/merged", "models/gguf"} <= missing, lines
+    assert missing == absent and {"models/adapter", "models/aligned", "models/merged", "models/gguf"} <= missing, lines
     assert len(lines) == 3, lines
     assert lines[0].startswith("error: DVC remote 'partial' and the local cache lack "), lines
-    assert lines[0].endswith("train, merge, export)"), lines  # the stages that make them, in pipeline order
+    assert lines[0].endswith("train, align, merge, export)"), lines  # the stages that make them, in pipeline order
     assert "did not `dvc push`" in lines[1], lines
     assert "`dvc push` on the machine that made them" in lines[2] and "`dvc repro`" in lines[2], lines
     assert (dest / "models/base/model.safetensors").is_file() and (dest / "data/processed/train.jsonl").is_file()

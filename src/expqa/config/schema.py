@@ -534,7 +534,7 @@ class AlignConfig:
         "dpo",
     )
     beta: float = _help("How far the policy may move from the SFT reference (the loss's temperature).", 0.1)
-    learning_rate: float = _help("Peak learning rate of the adapter during preference tuning.", 5.0e-5)
+    learning_rate: float = _help("Peak learning rate of the adapter during preference tuning.", 2.0e-4)
     num_train_epochs: float = _help("Passes over the preference train split.", 2.0)
     pairs_per_step: int = _help(
         "Preference pairs per optimizer step and process (each pair is two sequences: chosen and rejected).", 8

@@ -90,8 +90,19 @@ def make_dpo_trainer_class():
     from transformers.trainer_pt_utils import LengthGroupedSampler
     from trl import DPOTrainer
 
+    class EpochSeededSampler(LengthGroupedSampler):
+        """transformers' length-grouped order, drawn from (seed, epoch) alone: a run resumed at an epoch boundary
+        sees the same order as one that never stopped (the global generator's state there differs)."""
+
+        def __init__(self, batch_size: int, lengths: list[int], seed: int):
+            super().__init__(batch_size, lengths=lengths, generator=torch.Generator().manual_seed(seed))
+            self.seed = seed
+
+        def set_epoch(self, epoch: int) -> None:  # the Trainer calls it before each epoch
+            self.generator.manual_seed(self.seed + epoch)
+
     class LengthGroupedDPOTrainer(DPOTrainer):
-        """DPOTrainer whose micro-batches hold pairs of similar length (in a random order of such batches, seeded):
+        """DPOTrainer whose micro-batches hold pairs of similar length (in a seeded random order of such batches):
         TRL pads every chosen and rejected sequence of a micro-batch to its longest, and with random batches of the
         shipped pairs a CPU step spent about half its tokens on padding."""
 
@@ -103,9 +114,8 @@ def make_dpo_trainer_class():
                     dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"]
                 )
             ]
-            return LengthGroupedSampler(
-                self.args.train_batch_size * self.args.gradient_accumulation_steps, lengths=lengths
-            )
+            batch = self.args.train_batch_size * self.args.gradient_accumulation_steps
+            return EpochSeededSampler(batch, lengths, self.args.seed)
 
     return LengthGroupedDPOTrainer
 
@@ -168,6 +178,8 @@ class AlignTrainer:
     def _dpo_config(self, has_eval: bool):
         from trl import DPOConfig
 
+        from expqa.training.trainer import checkpointing_argument
+
         a, t, plan = self.align, self.params.train, self.plan
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(self.log_dir / "tensorboard")  # transformers 5 reads only this
         return DPOConfig(
@@ -191,10 +203,12 @@ class AlignTrainer:
             precompute_ref_log_probs=True,
             bf16=plan.bf16,
             use_cpu=plan.device == "cpu",
-            gradient_checkpointing=False,  # the plan's, enabled on the model by load_for_training
+            # the plan's, enabled on the model by load_for_training (the argument by this version's name)
+            **{checkpointing_argument(DPOConfig): False},
             logging_steps=a.logging_steps,
             logging_first_step=True,
             eval_strategy="epoch" if has_eval else "no",
+            prediction_loss_only=True,  # else TRL's evaluation keeps every batch's full-vocabulary logits (OOM on CPU)
             save_strategy="steps",
             save_steps=a.logging_steps * 5,
             save_total_limit=2,

@@ -156,8 +156,10 @@ def configure(repo: Path, tiny_base: Path) -> None:
         num_threads=1,
         num_processes=1,
     )
-    # a few preference pairs (the shipped file, all of it checked): the stage's workflow, not DPO's effect
-    updates["align"] = dict(num_train_epochs=0.02, pairs_per_step=2, logging_steps=1)
+    # a few preference pairs (the shipped file's first 30): the stage's workflow, not DPO's effect
+    updates["align"] = dict(num_train_epochs=1, pairs_per_step=4, logging_steps=1)
+    preferences = repo / "data/raw/preferences.jsonl"
+    preferences.write_text("".join(preferences.read_text().splitlines(keepends=True)[:30]))
     updates["cpu.eval"] = dict(max_new_tokens=4, max_examples=2, batch_size=2, num_processes=1, num_threads=1)
     updates["export"] = dict(types=["q8_0"], ollama_type="q8_0")  # one GGUF: each is loaded back twice (~10 s)
     write_params(repo / "params.yaml", updates, source=repo / "params.yaml", sort_keys=False)

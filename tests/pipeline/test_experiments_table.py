@@ -21,7 +21,8 @@ from helpers import REPO, write_params
 pytestmark = pytest.mark.slow  # `dvc repro` of 10 stages and two `dvc exp run`s (~40 s on 2 cores)
 
 WIDTH = 120
-MOVING = ["cq.p", "cq.tuned", "ppl.p", "ppl.tuned", "rougeL.p", "rougeL.tuned"]  # the headline but the base values
+SHOWN = ["cq.p", "cq.tuned", "ppl.p", "ppl.tuned", "rougeL.p", "rougeL.tuned"]  # what `make exps` keeps
+MOVING = SHOWN + [f"{m}.{k}" for m in ("cq", "ppl", "rougeL") for k in ("sft", "p_vs_sft")]  # all but base values
 FAKE_STAGE = """\
 import hashlib, json, sys
 from pathlib import Path
@@ -164,7 +165,13 @@ def test_exp_show_only_changed_fits_120_columns(experiments):
     for name, rank in (("rank32", "32"), ("rank8", "8")):
         assert any(f"[{name}]" in line and line.split()[-1] == rank for line in lines), out
     # without --drop: the same columns in full, then what of the three hashes fits, the rest folded into "…"
-    hashes = ["metrics/params/train.json", "models/adapter", "models/merged"]
+    hashes = [
+        "metrics/params/align.json",
+        "metrics/params/train.json",
+        "models/adapter",
+        "models/aligned",
+        "models/merged",
+    ]
     csv = run(["dvc", "exp", "show", "--only-changed", "--csv"], project, env).splitlines()[0].split(",")
     assert [column for column in csv if "/" in column] == hashes
     whole = run(["dvc", "exp", "show", "--only-changed", "--no-pager"], project, env).splitlines()
@@ -186,7 +193,7 @@ def test_make_exps_shows_key_metrics_and_changed_params_within_120_columns(exper
     # -o install: the target's venv prerequisite is this test's interpreter, already installed
     out = run(["make", "-s", "-f", str(REPO / "Makefile"), "-o", "install", "exps"], project, env)
     lines = assert_fits(out)
-    assert header(lines) == ["Experiment", *MOVING]
+    assert header(lines) == ["Experiment", *SHOWN]
     for name in ("rank32", "rank8"):
         assert sum(f"[{name}]" in line for line in lines) == 1, out
     params = out[out.index("\nParam") :].strip().split("\n\n")

@@ -83,7 +83,7 @@ def test_params_stage_writes_each_stage_its_resolved_sections(copy_repo):
         env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout == "params: params.yaml checked, profile auto -> cpu; 8 stage files in resolved\n"
+    assert result.stdout == "params: params.yaml checked, profile auto -> cpu; 9 stage files in resolved\n"
     train = json.loads((repo / "resolved" / "train.json").read_text())
     assert (train["stage"], train["profile"], train["train"]["micro_batch"]) == ("train", "cpu", "2 conversations")
     assert sorted(p.stem for p in (repo / "resolved").iterdir()) == sorted(STAGE_SECTIONS)
@@ -124,7 +124,7 @@ def test_the_params_stage_runs_on_every_repro_and_re_resolves_auto_for_this_mach
     train = json.loads(on_gpu["train.json"])
     assert (train["profile"], train["train"]["micro_batch"]) == ("gpu", "16384 tokens")
     changed = {name for name in on_cpu if on_cpu[name] != on_gpu[name]}
-    assert changed == {"train.json", "evaluate.json", "stats.json"}  # the sections the cpu: overrides touch
+    assert changed == {"train.json", "align.json", "evaluate.json", "stats.json"}  # what the cpu: overrides touch
     assert run_params_stage(repo, monkeypatch, gpus=0) == 0
     assert resolved_files(repo) == on_cpu
     out = capsys.readouterr().out
@@ -142,11 +142,14 @@ def test_stages_depend_on_the_keys_they_read(copy_repo, monkeypatch):
     params.write_text(params.read_text().replace("fp8_matmul: auto ", "fp8_matmul: off ", 1))
     assert run_params_stage(repo, monkeypatch, gpus=0) == 0
     after = resolved_files(repo)
-    assert {name for name in before if before[name] != after[name]} == {"train.json"}
+    assert {name for name in before if before[name] != after[name]} == {
+        "train.json",
+        "align.json",
+    }  # align runs with train
     params.write_text(params.read_text().replace("    max_seq_length: 512", "    max_seq_length: 384", 1))
     assert run_params_stage(repo, monkeypatch, gpus=0) == 0
     changed = {name for name, data in resolved_files(repo).items() if data != after[name]}
-    assert changed == {"train.json", "stats.json", "evaluate.json"}
+    assert changed == {"train.json", "align.json", "stats.json", "evaluate.json"}
 
 
 def test_a_stage_reads_only_its_keys_of_a_section(tmp_path):

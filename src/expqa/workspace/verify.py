@@ -70,13 +70,6 @@ TOLERANCES: dict[Metric, Tolerance] = {
     Metric("metrics/eval.json", "critical_questions.length_norm.tuned"): Tolerance("of_n", 2),
     Metric("metrics/eval.json", "critical_questions.calibrated.base"): Tolerance("of_n", 2),
     Metric("metrics/eval.json", "critical_questions.calibrated.tuned"): Tolerance("of_n", 2),
-    # the SFT model, evaluated when align ran (base + models/adapter merged in memory): as the tuned model's
-    Metric("metrics/eval.json", "sft_vs_base.perplexity.tuned"): Tolerance("relative", 0.002),
-    Metric("metrics/eval.json", "sft_vs_base.critical_questions.calibrated.tuned"): Tolerance("of_n", 2),
-    # the align stage: not yet measured across machines (added 2026-12-07); its loss by analogy with train's, the
-    # held-out reward accuracy to 2 of the 71 held-out pairs
-    Metric("metrics/align.json", "train_loss"): Tolerance("relative", 0.003),
-    Metric("metrics/align.json", "rewards/accuracies"): Tolerance("absolute", 0.03),
     # GGUF vs models/merged, greedy tokens that differ (of 72 steps; each type in params.yaml export.types), all at
     # near ties: f16 1 on AVX2, 0 on AVX-512; seeds: 0-1 (f16), 1-2 (q8_0)
     Metric("metrics/export.json", "types.*.greedy_flips"): Tolerance("absolute", 2),

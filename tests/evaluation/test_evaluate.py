@@ -116,13 +116,10 @@ QUESTIONS = [
 ]
 
 
-def test_evaluate_base_vs_tuned_takes_the_first_max_examples_and_marks_taught_questions(
-    tiny_base, processed_dir, tmp_path
-):
-    from expqa.data.chatml import load_chatml_dataset
-
+def small_eval_config(tmp_path):
+    """QUESTIONS in tmp_path and an eval config that scores them and 2 test conversations in seconds."""
     (tmp_path / "questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
-    config = dataclasses.replace(
+    return dataclasses.replace(
         EvalConfig(),
         max_new_tokens=2,
         batch_size=4,
@@ -132,6 +129,14 @@ def test_evaluate_base_vs_tuned_takes_the_first_max_examples_and_marks_taught_qu
         num_processes=1,
         num_threads=0,
     )
+
+
+def test_evaluate_base_vs_tuned_takes_the_first_max_examples_and_marks_taught_questions(
+    tiny_base, processed_dir, tmp_path
+):
+    from expqa.data.chatml import load_chatml_dataset
+
+    config = small_eval_config(tmp_path)
     report, examples = evaluate_base_vs_tuned(
         tiny_base,
         tiny_base,
@@ -249,17 +254,7 @@ def test_evaluate_with_an_sft_adapter_compares_three_models(tiny_base, processed
                 param.copy_(torch.randn_like(param) * 0.5)
     sft.save_pretrained(tmp_path / "sft")
     AutoTokenizer.from_pretrained(tiny_base).save_pretrained(tmp_path / "sft")  # train saves it with the adapter
-    (tmp_path / "questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
-    config = dataclasses.replace(
-        EvalConfig(),
-        max_new_tokens=2,
-        batch_size=4,
-        max_examples=2,
-        bootstrap_samples=20,
-        critical_questions=str(tmp_path / "questions.jsonl"),
-        num_processes=1,
-        num_threads=0,
-    )
+    config = small_eval_config(tmp_path)
     report, examples = evaluate_base_vs_tuned(
         tiny_base,
         tiny_base,

@@ -119,6 +119,6 @@ def test_evaluate_bars_name_the_model_and_count_batches(tiny_base, embedded_toke
     screen = on_terminal(monkeypatch)
     assert evaluate_model(model, embedded_tokenizer, rows, questions, **options) == quiet
     drawn = screen.getvalue()
-    # 3 conversations in batches of 2; 2 options alone, 2 with their question: 1 batch each
-    for desc, batches in (("perplexity", 2), ("generate", 2), ("options alone", 1), ("critical questions", 1)):
+    # 3 conversations in batches of 2; the 2 options alone and with their question: 1 prefix tree, 1 batch
+    for desc, batches in (("perplexity", 2), ("generate", 2), ("critical questions", 1)):
         assert f"evaluate base: {desc}: 100%" in drawn and f"{batches}/{batches} [" in drawn, desc

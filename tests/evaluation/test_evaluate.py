@@ -63,6 +63,31 @@ def test_perplexity_of_a_uniform_model_is_the_vocabulary_size(tiny_base, embedde
     assert batched["assistant_tokens"] == result["assistant_tokens"] > 0
 
 
+def test_prefix_trees_score_what_separate_sequences_score(tiny_base, embedded_tokenizer):
+    """Shared prefixes computed once give each example the sums it gets alone (within 1e-4 in fp32), also for
+    identical options, an option that is a prefix of another, the empty user turn, trees cut by their size and an
+    example longer than a tree may be."""
+    from transformers import AutoModelForCausalLM
+
+    from expqa.evaluation.evaluate import pack_prefix_trees, score_examples, score_shared_prefixes
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    options = ["Yes.", "Yes, so reject H0.", "No.", "Yes.", "Only with a pre-registered stopping rule."]
+    prompts = ["Is 0.03 < 0.05?", "", "Can I stop when p < 0.05?", "Is power P(reject | H1)? " * 12]
+    examples = [option_example(embedded_tokenizer, q, o) for q in prompts for o in options]
+    alone = score_examples(model, examples, batch_size=3)
+    for budget in (40, 256):
+        trees = pack_prefix_trees(examples, budget)
+        assert sum(len(tree["targets"]) for tree in trees) == sum(count for _, count in alone)
+        if budget == 256:  # every prompt's options in one tree: far fewer tokens than the examples hold
+            assert sum(len(tree["ids"]) for tree in trees) < sum(len(e["input_ids"]) for e in examples) / 3
+        else:  # the long prompt (> 40 tokens) alone in its trees
+            assert any(len(tree["ids"]) > budget for tree in trees)
+    shared = score_shared_prefixes(model, examples, batch_size=2)
+    for (lp_alone, n_alone), (lp_shared, n_shared) in zip(alone, shared, strict=True):
+        assert n_shared == n_alone > 0 and lp_shared == pytest.approx(lp_alone, abs=1e-4)
+
+
 @pytest.mark.slow
 def test_evaluating_in_two_processes_gives_what_one_process_gives(tiny_base, capfd):
     from expqa.evaluation.evaluate import evaluate_models
@@ -70,13 +95,9 @@ def test_evaluating_in_two_processes_gives_what_one_process_gives(tiny_base, cap
 
     rows = [conversation(i) for i in range(3)]
     questions = [
-        {
-            "id": "q",
-            "question": "Is 0.03 < 0.05?",
-            "options": ["Yes, so reject H0.", "No."],
-            "answer": 0,
-            "taught_by": [],
-        }
+        {"id": "q", "question": "Is 0.03 < 0.05?", "options": ["Yes, so reject H0.", "No."], "answer": 0},
+        {"id": "r", "question": "Is power P(reject | H0)?", "options": ["Yes.", "No, P(reject | H1)."], "answer": 1},
+        {"id": "s", "question": "Peeking?", "options": ["Fine.", "Inflates alpha.", "Lowers power."], "answer": 1},
     ]
     config = dataclasses.replace(EvalConfig(), max_new_tokens=4, batch_size=2, num_processes=1, num_threads=0)
     one = evaluate_models({"base": tiny_base}, rows, questions, config, GenerationConfig(), max_length=128)
@@ -89,19 +110,21 @@ def test_evaluating_in_two_processes_gives_what_one_process_gives(tiny_base, cap
         GenerationConfig(),
         max_length=128,
     )
-    # side by side, each process's timing line says which model it timed
+    # each process takes every other item of both models, and its timing lines say which model and part they timed
     timed = sorted(line.split(":")[0] for line in capfd.readouterr().out.splitlines() if "tokens/s" in line)
-    assert timed == ["evaluate again", "evaluate base"]
+    assert timed == [f"evaluate {name} (part {k} of 2)" for name in ("again", "base") for k in (1, 2)]
     # exact on any CPU: the same model, rows and batches in two processes of 1 thread each (same kernels and order)
     assert two["base"] == two["again"]
+    # put back in the order of the items, with the summary of all of them
+    assert [row["id"] for row in two["base"][1]] == [row["id"] for row in one["base"][1]]
     for row_two, row_one in zip(two["base"][1], one["base"][1], strict=True):  # per-item rows
         assert row_two.keys() == row_one.keys()
-        # other thread counts may round sums differently in the last bits (one: torch's default, two: 1 thread each):
-        # floats get rel=1e-5; the rest (greedy answers, chosen options) are argmaxes whose measured margins (top-2
-        # logit gaps >= 0.47, option score gaps >= 0.02) are over 1000x such rounding, so they compare exactly
+        # other thread counts and batches may round sums differently in the last bits (one: torch's default and
+        # all items, two: 1 thread each and half the items): floats get rel=1e-5; the rest (greedy answers, chosen
+        # options) are argmaxes whose margins (top-2 logit gaps, option score gaps) are far over such rounding
         for key, value in row_one.items():
             assert row_two[key] == (pytest.approx(value, rel=1e-5) if isinstance(value, float) else value), key
-    assert two["base"][0]["perplexity"] == pytest.approx(one["base"][0]["perplexity"], rel=1e-5)
+    assert two["base"][0] == pytest.approx(one["base"][0], rel=1e-5)
 
 
 QUESTIONS = [

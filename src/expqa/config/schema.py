@@ -534,7 +534,7 @@ class AlignConfig:
         "dpo",
     )
     beta: float = _help("How far the policy may move from the SFT reference (the loss's temperature).", 0.1)
-    learning_rate: float = _help("Peak learning rate of the adapter during preference tuning.", 2.0e-4)
+    learning_rate: float = _help("Peak learning rate of the adapter during preference tuning.", 5.0e-5)
     num_train_epochs: float = _help("Passes over the preference train split.", 2.0)
     pairs_per_step: int = _help(
         "Preference pairs per optimizer step and process (each pair is two sequences: chosen and rejected).", 8
@@ -578,7 +578,8 @@ class EvalConfig:
         10000,
     )
     num_processes: int = _help(
-        "Evaluate base and tuned side by side in this many processes (1 = one after the other in the stage's process).",
+        "Evaluation processes: each takes every n-th test conversation and question of every model "
+        "(1 = all in the stage's process).",
         1,
     )
     num_threads: int = _help("torch threads per evaluation process; 0 = torch's default.", 0)

@@ -114,6 +114,104 @@ def perplexity(
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# scoring many sequences that share prefixes: each shared prefix computed once
+
+
+TREE_TOKENS = 256  # tokens of one packed prefix tree: attention over a row costs its square, so rows stay short
+
+
+def pack_prefix_trees(examples: list[dict], max_tokens: int = TREE_TOKENS) -> list[dict]:
+    """The examples (input_ids, labels) as prefix trees of at most max_tokens nodes (an example longer than that
+    gets a tree of its own): a prefix that several examples share is one path of nodes, each token after it a node
+    whose parent is the token before it. Examples are inserted in token order, so that the options of one question
+    (one prompt), and all the prompts' common chat-template head, meet in one tree.
+
+    Each tree: ids, positions (depth: the position the token has in its own sequence), parents (-1 for a root) and
+    targets (node that predicts the label, label token, example index) for every label after the first token.
+    """
+    order = sorted(range(len(examples)), key=lambda i: examples[i]["input_ids"])
+    trees: list[dict] = []
+    tree, children = None, {}
+    for index in order:
+        ids, labels = examples[index]["input_ids"], examples[index]["labels"]
+        node, shared = -1, 0
+        while shared < len(ids) and (node, ids[shared]) in children:  # how much of it the current tree holds
+            node = children[node, ids[shared]]
+            shared += 1
+        if tree is None or (len(tree["ids"]) + len(ids) - shared > max_tokens and tree["ids"]):
+            tree = {"ids": [], "positions": [], "parents": [], "targets": []}
+            trees.append(tree)
+            children = {}
+        nodes, node = [], -1
+        for position, token in enumerate(ids):
+            if (node, token) not in children:
+                children[node, token] = len(tree["ids"])
+                tree["ids"].append(token)
+                tree["positions"].append(position)
+                tree["parents"].append(node)
+            node = children[node, token]
+            nodes.append(node)
+        tree["targets"] += [(nodes[t - 1], labels[t], index) for t in range(1, len(ids)) if labels[t] != IGNORE_INDEX]
+    return trees
+
+
+def tree_attention_mask(trees: list[dict], width: int, dtype: torch.dtype) -> torch.Tensor:
+    """(trees, 1, width, width) additive mask: a node sees itself and its ancestors, nothing else (so each
+    example's tokens see exactly the prefix they have in their own sequence); a padding node sees itself only."""
+    allowed = np.zeros((len(trees), width, width), dtype=bool)
+    for row, tree in enumerate(trees):
+        for node, parent in enumerate(tree["parents"]):
+            if parent >= 0:
+                allowed[row, node] = allowed[row, parent]
+            allowed[row, node, node] = True
+        for pad in range(len(tree["parents"]), width):
+            allowed[row, pad, pad] = True
+    mask = torch.zeros(allowed.shape, dtype=dtype)
+    mask[~torch.from_numpy(allowed)] = torch.finfo(dtype).min
+    return mask[:, None]
+
+
+@torch.no_grad()
+def tree_logprobs(model, trees: list[dict], results: list[tuple[float, int]]) -> None:
+    """sequence_logprobs for the examples packed in one batch of trees, written into results[example index]."""
+    width = max(len(tree["ids"]) for tree in trees)
+    device, dtype = model.device, model.get_output_embeddings().weight.dtype
+    ids = pad_right([tree["ids"] for tree in trees], 0).to(device)
+    positions = pad_right([tree["positions"] for tree in trees], 0).to(device)
+    mask = tree_attention_mask(trees, width, dtype).to(device)
+    hidden = model.get_decoder()(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
+    rows = torch.tensor([row for row, tree in enumerate(trees) for _ in tree["targets"]], device=device)
+    nodes = torch.tensor([node for tree in trees for node, _, _ in tree["targets"]], device=device)
+    wanted = torch.tensor([token for tree in trees for _, token, _ in tree["targets"]], device=device)
+    owners = [example for tree in trees for _, _, example in tree["targets"]]
+    head, picked = model.get_output_embeddings(), []
+    for start in range(0, len(rows), LOGIT_CHUNK):
+        chunk = slice(start, start + LOGIT_CHUNK)
+        logits = head(hidden[rows[chunk], nodes[chunk]]).float()
+        picked.append(logits.gather(-1, wanted[chunk, None])[:, 0] - torch.logsumexp(logits, dim=-1))
+    for example, logprob in zip(owners, torch.cat(picked).tolist() if picked else []):
+        total, count = results[example]
+        results[example] = (total + logprob, count + 1)
+
+
+def score_shared_prefixes(
+    model, examples: list[dict], batch_size: int, desc: str = "score", position: int | None = None
+) -> list[tuple[float, int]]:
+    """What score_examples gives (sum of label log-probabilities, label tokens per example, in input order),
+    with every prefix that examples share computed once: the examples packed into prefix trees
+    (pack_prefix_trees), batch_size trees per forward pass. For the critical questions this runs about a third
+    of the tokens: a question's four options share its prompt, and all prompts share the chat template's head."""
+    trees = pack_prefix_trees(examples)
+    trees.sort(key=lambda tree: len(tree["ids"]))  # similar widths in one batch: little padding
+    results: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
+    for batch in progress(
+        batches(trees, batch_size), desc=desc, total=-(-len(trees) // batch_size), unit="batch", position=position
+    ):
+        tree_logprobs(model, batch, results)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # critical questions
 
 
@@ -143,19 +241,14 @@ def choose_calibrated(scores: list[tuple[float, int]], unconditional: list[float
 def critical_questions_accuracy(
     model, tokenizer, questions: list[dict], batch_size: int, label: str = "evaluate", position: int | None = None
 ) -> dict:
-    """Every option of every question scored in length-sorted batches (not one question at a time), with the
-    question and, once per distinct option text, after an empty user turn; both scorings."""
+    """Every option of every question scored with the question as the user turn and, once per distinct option
+    text, after an empty user turn (both scorings), in one pass over prefix trees (score_shared_prefixes)."""
     examples = [option_example(tokenizer, q["question"], option) for q in questions for option in q["options"]]
     distinct = sorted({option for q in questions for option in q["options"]})
-    priors = score_examples(
-        model,
-        [option_example(tokenizer, "", option) for option in distinct],
-        batch_size,
-        f"{label}: options alone",
-        position,
-    )
-    prior = {option: logprob for option, (logprob, _) in zip(distinct, priors)}
-    scores = score_examples(model, examples, batch_size, f"{label}: critical questions", position)
+    examples += [option_example(tokenizer, "", option) for option in distinct]
+    scored = score_shared_prefixes(model, examples, batch_size, f"{label}: critical questions", position)
+    scores = scored[: len(scored) - len(distinct)]
+    prior = {option: logprob for option, (logprob, _) in zip(distinct, scored[len(scores) :])}
     per_question, start = [], 0
     for q in questions:
         own = scores[start : start + len(q["options"])]
@@ -221,7 +314,6 @@ def evaluate_model(
     """
     started = time.perf_counter()
     ppl = perplexity(model, tokenizer, [r["messages"] for r in test_rows], max_length, batch_size, label, position)
-    summary = {"perplexity": ppl["perplexity"], "assistant_tokens": ppl["assistant_tokens"]}
     scored = time.perf_counter()
     prompts = [r["messages"][:-1] for r in test_rows]
     references = [r["messages"][-1]["content"] for r in test_rows]
@@ -230,24 +322,35 @@ def evaluate_model(
     )
     generated = time.perf_counter()
     rouge = rouge_scores([g["answer"] for g in generations], references)
-    for key in ("rouge1", "rouge2", "rougeL"):
-        summary[key] = sum(r[key] for r in rouge) / len(rouge)
-    summary["stop_rate"] = sum(g["stopped"] for g in generations) / len(generations)
     mc = critical_questions_accuracy(model, tokenizer, questions, batch_size, label, position)
-    summary["critical_questions_accuracy"] = mc["accuracy"]
-    summary["critical_questions_accuracy_calibrated"] = mc["accuracy_calibrated"]
     new_tokens = sum(g["new_tokens"] for g in generations)
     seconds = (scored - started, generated - scored, time.perf_counter() - generated)
     print(timing_line(label, model.device.type, batch_size, new_tokens, len(questions), seconds), flush=True)
-    examples = [
+    rows = [
         {"id": row["id"], **g, **r, "logprob": lp, "tokens": n}
         for row, g, r, (lp, n) in zip(test_rows, generations, rouge, ppl["per_conversation"])
     ]
-    examples += [
+    rows += [
         {"id": q["id"], "chosen": q["chosen"], "chosen_calibrated": q["chosen_calibrated"], "answer_index": q["answer"]}
         for q in mc["per_question"]
     ]
-    return summary, examples
+    return summarize(rows), rows
+
+
+def summarize(rows: list[dict]) -> dict:
+    """One model's summary from its per-item rows (evaluate_model's): pooled perplexity, mean ROUGE, stop rate,
+    both critical-question accuracies."""
+    conversations = [r for r in rows if "logprob" in r]
+    questions = [r for r in rows if "answer_index" in r]
+    tokens = sum(r["tokens"] for r in conversations)
+    summary = {"perplexity": math.exp(-sum(r["logprob"] for r in conversations) / tokens), "assistant_tokens": tokens}
+    for key in ("rouge1", "rouge2", "rougeL"):
+        summary[key] = sum(r[key] for r in conversations) / len(conversations)
+    summary["stop_rate"] = sum(r["stopped"] for r in conversations) / len(conversations)
+    for key, field in (("", "chosen"), ("_calibrated", "chosen_calibrated")):
+        right = sum(r[field] == r["answer_index"] for r in questions)
+        summary["critical_questions_accuracy" + key] = right / len(questions) if questions else 0.0
+    return summary
 
 
 def timing_line(
@@ -263,21 +366,46 @@ def timing_line(
     )
 
 
-def _evaluate_path(
-    model: str | tuple[str, str], test_rows: list[dict], questions: list[dict], threads: int, options: dict
-) -> tuple[dict, list[dict]]:
+def _load(model: str | tuple[str, str]):
     """model: a model folder, or (base folder, adapter folder): the adapter merged in memory (the SFT model when
     the align stage tuned further, so that no second merged copy is written to disk)."""
     from expqa.model.loading import load_for_inference
 
-    if threads:
-        torch.set_num_threads(threads)
     if isinstance(model, tuple):
         loaded, tokenizer = load_for_inference(model[0], adapter_dir=model[1])
-        loaded = loaded.merge_and_unload()
-    else:
-        loaded, tokenizer = load_for_inference(model)
-    return evaluate_model(loaded, tokenizer, test_rows, questions, **options)
+        return loaded.merge_and_unload(), tokenizer
+    return load_for_inference(model)
+
+
+def _evaluate_share(
+    models: dict[str, str | tuple[str, str]],
+    test_rows: list[dict],
+    questions: list[dict],
+    threads: int,
+    options: dict,
+    share: tuple[int, int] = (0, 1),
+) -> dict[str, tuple[dict, list[dict]]]:
+    """evaluate_model for each model on share (k, n) of the items: test rows and questions k, k + n, k + 2n, ..."""
+    if threads:
+        torch.set_num_threads(threads)
+    k, n = share
+    part = f" (part {k + 1} of {n})" if n > 1 else ""
+    results = {}
+    for name, model in models.items():
+        loaded, tokenizer = _load(model)
+        results[name] = evaluate_model(
+            loaded, tokenizer, test_rows[k::n], questions[k::n], **options, label=f"evaluate {name}{part}"
+        )
+        del loaded
+    return results
+
+
+def _interleave(parts: list[list[dict]]) -> list[dict]:
+    """The inverse of taking items k::n for k in 0..n-1."""
+    merged: list[dict] = [{}] * sum(len(p) for p in parts)
+    for k, part in enumerate(parts):
+        merged[k :: len(parts)] = part
+    return merged
 
 
 def evaluate_models(
@@ -289,39 +417,51 @@ def evaluate_models(
     *,
     max_length: int,
 ) -> dict[str, tuple[dict, list[dict]]]:
-    """evaluate_model for each named model (a folder, or a (base, adapter) pair): one after the other in this
-    process, or with eval.num_processes > 1 side by side in that many processes (spawned) of eval.num_threads torch
-    threads each (0 = torch's default). max_length: train.max_seq_length, the length the model was trained on.
+    """evaluate_model for each named model (a folder, or a (base, adapter) pair): all in this process, or with
+    eval.num_processes = n > 1 in n processes (spawned) of eval.num_threads torch threads each (0 = torch's
+    default), process k taking items k, k + n, ... of every model; the rows are put back in order and each model's
+    summary computed from all of them. max_length: train.max_seq_length, the length the model was trained on.
 
-    On a 2-core CPU, base and tuned in 2 single-thread processes keep both cores busy without the per-operation
-    barrier between 2 threads of one process, which stalls whenever other jobs share the cores.
+    Splitting the items rather than the models keeps every process busy to the end whatever the number of models
+    (three models on two processes would leave one alone for a third of the time), and single-thread processes on
+    a 2-core CPU avoid the per-operation barrier between 2 threads of one process, which stalls whenever other jobs
+    share the cores.
     """
-    processes = config.num_processes
+    processes = min(config.num_processes, len(test_rows), max(len(questions), 1))  # no process without items
+    paths = {name: tuple(str(p) for p in m) if isinstance(m, tuple) else str(m) for name, m in models.items()}
     options = dict(
         max_length=max_length,
         max_new_tokens=config.max_new_tokens,
         batch_size=config.batch_size,
         decoding=decoding_options(generation),
     )
-    # side by side, each process draws its bars on its own terminal line
-    args = {
-        name: (
-            tuple(str(p) for p in path) if isinstance(path, tuple) else str(path),
-            test_rows,
-            questions,
-            config.num_threads,
-            {**options, "label": f"evaluate {name}", "position": index if processes > 1 else None},
-        )
-        for index, (name, path) in enumerate(models.items())
-    }
     if processes <= 1:
-        return {name: _evaluate_path(*a) for name, a in args.items()}
+        return _evaluate_share(paths, test_rows, questions, config.num_threads, options)
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {name: pool.submit(_evaluate_path, *a) for name, a in args.items()}
-        return {name: future.result() for name, future in futures.items()}
+        futures = [
+            # each process draws its bars on its own terminal line
+            pool.submit(
+                _evaluate_share,
+                paths,
+                test_rows,
+                questions,
+                config.num_threads,
+                {**options, "position": k},
+                (k, processes),
+            )
+            for k in range(processes)
+        ]
+        shares = [future.result() for future in futures]
+    results = {}
+    for name in paths:
+        rows = [share[name][1] for share in shares]
+        conversations = _interleave([[r for r in part if "logprob" in r] for part in rows])
+        answered = _interleave([[r for r in part if "answer_index" in r] for part in rows])
+        results[name] = (summarize(conversations + answered), conversations + answered)
+    return results
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -156,8 +156,10 @@ def configure(repo: Path, tiny_base: Path) -> None:
         num_threads=1,
         num_processes=1,
     )
-    # a few preference pairs (the shipped file's first 30): the stage's workflow, not DPO's effect
+    # a few preference pairs (the shipped file's first 30): the stage's workflow, not DPO's effect; on, although the
+    # shipped CPU profile turns it off: the longer path through DVC (off: test_pipeline.py checks its outputs)
     updates["align"] = dict(num_train_epochs=1, pairs_per_step=4, logging_steps=1)
+    updates["cpu.align"] = dict(enabled=True)
     preferences = repo / "data/raw/preferences.jsonl"
     preferences.write_text("".join(preferences.read_text().splitlines(keepends=True)[:30]))
     updates["cpu.eval"] = dict(max_new_tokens=4, max_examples=2, batch_size=2, num_processes=1, num_threads=1)

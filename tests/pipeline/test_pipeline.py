@@ -320,6 +320,34 @@ def test_stages_check_their_output_paths_before_running(tmp_path, monkeypatch, c
     assert err.startswith(f"error: {expected.format(**paths)}") and err.endswith("(nothing was written)\n"), err
 
 
+def test_align_off_writes_every_output_dvc_yaml_declares(tmp_path, monkeypatch):
+    """align.enabled false (the CPU profile's): DVC fails a stage that leaves a declared output missing, and the
+    curves of an earlier run must not stay beside the SFT adapter passed through."""
+    import yaml
+
+    from expqa.pipeline.align import main
+    from helpers import REPO
+
+    stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["align"]
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path / "params.yaml", {"align": {"enabled": False}})
+    for folder, marker in (("models/base", "config.json"), ("models/adapter", "adapter_config.json")):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / marker).write_text("{}")
+    (tmp_path / "models/adapter/adapter_model.safetensors").write_bytes(b"weights")
+    stale = tmp_path / "metrics/align/plots/metrics/eval/loss.tsv"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("step\tloss\n1\t0.5\n")
+    argv = stage["cmd"].split()[2:]  # after `python stages/align.py`
+    argv[argv.index("--params") + 1] = "params.yaml"
+    assert main(argv) == 0
+    declared = [next(iter(out)) if isinstance(out, dict) else out for out in stage["outs"] + stage["plots"]]
+    assert [path for path in declared if not (tmp_path / path).exists()] == []
+    assert not stale.exists()
+    assert (tmp_path / "models/aligned/adapter_model.safetensors").read_bytes() == b"weights"
+    assert json.loads((tmp_path / "metrics/align.json").read_text()) == {"enabled": False}
+
+
 # Modules a stage imports that cannot change what it writes, so that editing them does not re-run the pipeline.
 GLUE = {
     "src/expqa/pipeline/__init__.py": "argument parsing and the one-line error",

@@ -29,7 +29,13 @@ def run(args, params):
     require(args.base, "base")
     require(args.adapter, "train")
     check_profile(params, "align")
-    from expqa.training.align import AlignTrainer, pass_through, preference_data, write_align_report
+    from expqa.training.align import (
+        AlignTrainer,
+        pass_through,
+        preference_data,
+        write_align_report,
+        write_disabled_outputs,
+    )
     from expqa.training.distributed import (
         die_with_parent,
         inside_launch,
@@ -44,6 +50,7 @@ def run(args, params):
         pass_through(args.adapter, args.out)
         write_align_report(args.report, None, None, enabled=False)
         write_json(args.quarantine, [])
+        write_disabled_outputs(args.metrics, args.log_folder)
         print(f"align: align.enabled is false; {args.out} is the SFT adapter unchanged")
         return 0
     data = preference_data(args.preferences, args.questions, args.data, params)  # errors before any process starts

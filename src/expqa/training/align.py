@@ -50,6 +50,24 @@ def pass_through(adapter: Path, out: Path) -> None:
                 shutil.copy2(item, tmp / item.name)
 
 
+# the curves dvc.yaml plots (dvclive's names): with align off they exist without rows
+PLOTTED_CURVES = ("loss", "rewards/accuracies", "rewards/margins")
+
+
+def write_disabled_outputs(metrics_dir: Path, log_dir: Path) -> None:
+    """align.enabled false: dvclive's folder with the plotted curves empty and a log folder that says the stage was
+    off. DVC fails a stage that leaves a declared output missing, and curves of an earlier run left in place would
+    describe a model that is not the one shipped."""
+    with atomic_dir(metrics_dir) as tmp:
+        write_json(tmp / "metrics.json", {"enabled": False})
+        for name in PLOTTED_CURVES:
+            curve = tmp / "plots" / "metrics" / f"{name}.tsv"
+            curve.parent.mkdir(parents=True, exist_ok=True)
+            curve.write_text(f"step\t{name.rsplit('/', 1)[-1]}\n")
+    with atomic_dir(log_dir) as tmp:
+        write_json(tmp / "align_run.json", {"enabled": False})
+
+
 def check_adapter(adapter: Path, lora) -> None:
     """The SFT adapter must have the shape params.yaml's lora section gives the fresh adapter it is loaded into."""
     saved = json.loads((adapter / "adapter_config.json").read_text())

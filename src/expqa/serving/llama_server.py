@@ -1,6 +1,7 @@
 """`expqa llama-serve`: llama.cpp's OpenAI-compatible server on a GGUF file, from the xllamacpp wheel (no C++ build).
 
     expqa llama-serve models/gguf/expqa-q8_0.gguf --port 8080 --threads 2
+    expqa llama-serve embedded --port 8080            # SmolLM2-135M-Instruct, the GGUF inside the embedded wheel
 
 Made to be the generate stage's teacher (`make generate-qa TEACHER=http://127.0.0.1:8080/v1`): llama.cpp turns a
 request's `response_format` JSON schema into a grammar, so every answer is JSON of the asked form, and serves
@@ -48,7 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="expqa llama-serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("gguf", type=Path, help="the GGUF file to serve, e.g. models/gguf/expqa-q8_0.gguf")
+    parser.add_argument(
+        "gguf",
+        type=Path,
+        help="the GGUF file to serve, e.g. models/gguf/expqa-q8_0.gguf, or `embedded`: the embedded model's own file "
+        "(SmolLM2-135M-Instruct Q4_1, from the wheel the base stage reads)",
+    )
     parser.add_argument("--port", type=int, default=8080, help="port on 127.0.0.1 (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads (default: every core)")
     parser.add_argument("--parallel", type=int, default=2, help="requests answered at once (default: %(default)s)")
@@ -60,6 +66,14 @@ def main(argv: list[str] | None = None) -> int:
     for option in ("threads", "parallel", "ctx_size"):
         if getattr(args, option) < 1:
             parser.error(f"--{option.replace('_', '-')} must be 1 or more, got {getattr(args, option)}")
+    if args.gguf == Path("embedded"):
+        from expqa.model.base import BaseModelError, embedded_gguf
+
+        try:
+            args.gguf = embedded_gguf()
+        except BaseModelError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     if not args.gguf.is_file():
         print(f"error: {args.gguf} is not a file; export one with `dvc repro export` (models/gguf)", file=sys.stderr)
         return 2

@@ -68,12 +68,13 @@ ASPECTS = (
     "how this compares with the usual approach",
 )  # pair n asks about ASPECTS[(n - 1) % 6]
 # What the server constrains each answer to. The lengths bound a teacher stuck in a loop (its string is closed at
-# the limit, and the repetition check drops it) within max_new_tokens: 1,100 characters are about 300 tokens.
+# the limit, and the repetition check drops it) and what it costs: 800 characters are about 200 tokens; the two or
+# three sentences asked for are 200 to 500.
 PAIR_SCHEMA = {
     "type": "object",
     "properties": {
-        "question": {"type": "string", "minLength": 10, "maxLength": 300},
-        "answer": {"type": "string", "minLength": 20, "maxLength": 800},
+        "question": {"type": "string", "minLength": 10, "maxLength": 200},
+        "answer": {"type": "string", "minLength": 20, "maxLength": 600},
     },
     "required": ["question", "answer"],
     "additionalProperties": False,

@@ -7,9 +7,9 @@ Starts `expqa llama-serve <gguf>` (--threads, --parallel slots) on a free port, 
 with the teacher switched on and pointed at it (generate.model: its /v1 address; everything else as shipped:
 concurrency, max_new_tokens, the checks) and runs the stage script twice on the shipped papers sample, as dvc.yaml
 does, with a new answer cache: the first run asks every pair, the second should ask none. Writes, under --out, each
-run's printed lines (run1.txt, run2.txt), the first run's report, rows and answer cache, and summary.json: wall time,
-papers per minute, the server's CPU seconds (from /proc: what the run cost it, whatever else the machine ran), the
-load average before and after (other work on a shared machine slows the run), the CPU model and the counts.
+run's printed lines (run1.txt, run2.txt), the reports, rows and answer cache, and summary.json: wall time, papers per
+minute, the answers' tokens (as the server counted them) per second, the server's CPU seconds (from /proc), the load
+average before and after (other work on a shared machine slows the run), the CPU model and the counts.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-PAPERS = REPO / "data" / "raw" / "arxiv_papers_sample.jsonl"
+PAPERS = "data/raw/arxiv_papers_sample.jsonl"  # the stage runs in REPO
 ASKED = re.compile(r"generate: (\d+) answers asked of .* \((\d+) HTTP requests\), (\d+) taken from")
 
 
@@ -69,7 +69,7 @@ def start_server(gguf: Path, port: int, threads: int, parallel: int) -> subproce
 
 
 def run_stage(params: Path, out: Path, name: str) -> tuple[float, str]:
-    command = [sys.executable, "stages/generate.py", "--params", str(params), "--papers", str(PAPERS)]
+    command = [sys.executable, "stages/generate.py", "--params", str(params), "--papers", PAPERS]
     command += ["--base", "models/base", "--cache", str(out / "cache.jsonl"), "--out", str(out / "rows.jsonl")]
     command += ["--report", str(out / f"report_{name}.json")]
     started = time.perf_counter()
@@ -85,7 +85,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gguf", type=Path, required=True)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--parallel", type=int, default=2, help="the server's slots")
+    parser.add_argument("--parallel", type=int, default=1, help="the server's slots (llama-serve's default)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -126,6 +126,9 @@ def main() -> None:
         server.terminate()
         server_log = server.communicate(timeout=60)[0]
     (args.out / "server.txt").write_text(server_log)
+    answers = [json.loads(line) for line in (args.out / "cache.jsonl").read_text().splitlines()]
+    tokens = sum(answer.get("completion_tokens") or 0 for answer in answers)
+    runs["run1"] |= {"completion_tokens": tokens, "tokens_per_second": round(tokens / runs["run1"]["wall_s"], 1)}
     summary = {
         "command": " ".join(sys.argv),
         "machine": f"{cpu_model()}, {os.cpu_count()} cores (shared with another session)",

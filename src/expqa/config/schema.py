@@ -174,7 +174,9 @@ class GenerateConfig:
         "The key itself is never written anywhere.",
         "EXPQA_TEACHER_API_KEY",
     )
-    concurrency: int = _help("With a server: requests in flight at once (match the server's parallel slots).", 2)
+    concurrency: int = _help(
+        "With a server: requests in flight at once; its parallel slots + 1 keeps it busy (a GPU's vLLM: 32 or more).", 2
+    )
     timeout_s: float = _help("With a server: seconds one request may take before it counts as timed out.", 120.0)
     retries: int = _help("With a server: tries after the first when it answers 429 or 5xx, or times out.", 3)
     retry_wait_s: float = _help("With a server: seconds before the first retry, doubled before each next one.", 2.0)

@@ -545,7 +545,14 @@ def _ask_concurrently(
                         pending.cancel()
                 continue
             entry = _cache_entry(key, papers[index], number, PAIR_PROMPT_VERSION, reply.model, sampling, reply.text)
-            cache.add(entry | {"output_format": reply.output_format, "finish_reason": reply.finish_reason})
+            cache.add(
+                entry
+                | {
+                    "output_format": reply.output_format,
+                    "finish_reason": reply.finish_reason,
+                    "completion_tokens": reply.completion_tokens,
+                }
+            )
     finally:  # Ctrl-C too: nothing more is sent
         pool.shutdown(wait=True, cancel_futures=True)
     if failure is not None:

@@ -36,12 +36,14 @@ class TeacherError(RuntimeError):
 
 @dataclass(frozen=True)
 class Reply:
-    """One chat completion: the text, the model id the server reported, and how the text was asked for."""
+    """One chat completion: the text, the model id the server reported, how the text was asked for, and the tokens
+    the server counted (what the answer cost; None where it does not say)."""
 
     text: str
     model: str
     finish_reason: str | None
     output_format: str  # json_schema (constrained by the server) | plain (parsed from free text)
+    completion_tokens: int | None
 
 
 class Refused(Exception):
@@ -146,7 +148,9 @@ class Endpoint:
                 f"{exc}); generate.model must be an OpenAI-compatible base address ending in /v1"
             ) from None
         model = answer.get("model") if isinstance(answer.get("model"), str) else self.model
-        return Reply(text, model, finish_reason, "json_schema" if constrained else "plain")
+        usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else {}
+        tokens = usage.get("completion_tokens") if isinstance(usage.get("completion_tokens"), int) else None
+        return Reply(text, model, finish_reason, "json_schema" if constrained else "plain", tokens)
 
     def _give_up_constraints(self, refusal: Refused) -> None:
         with self._lock:

@@ -4,10 +4,11 @@
     expqa llama-serve embedded --port 8080            # SmolLM2-135M-Instruct, the GGUF inside the embedded wheel
 
 Made to be the generate stage's teacher (`make generate-qa TEACHER=http://127.0.0.1:8080/v1`): llama.cpp turns a
-request's `response_format` JSON schema into a grammar, so every answer is JSON of the asked form, and serves
---parallel requests at once. The model id it reports is the file's name and the first 12 hex digits of its SHA-256
-(`expqa-q8_0.gguf@0123456789ab`): the stage's answer cache is keyed by that id, so a re-exported file is asked
-again instead of answered from the old file's cache.
+request's `response_format` JSON schema into a grammar, so every answer is JSON of the asked form, and answers
+--parallel requests at once (one on a CPU; the generate stage keeps another waiting, generate.concurrency: 2). The
+model id it reports is the file's name and the first 12 hex digits of its SHA-256 (`expqa-q8_0.gguf@0123456789ab`):
+the stage's answer cache is keyed by that id, so a re-exported file is asked again instead of answered from the old
+file's cache.
 
 Listens on 127.0.0.1 only. With EXPQA_API_KEY set (as for `expqa serve`), requests need `Authorization: Bearer <key>`
 (the stage sends the variable generate.api_key_env names). llama.cpp's own log is off unless --verbose.
@@ -25,6 +26,7 @@ import threading
 from pathlib import Path
 
 from expqa.files import sha256_file
+from expqa.wording import plural
 
 API_KEY_ENV = "EXPQA_API_KEY"  # the variable `expqa serve` reads too
 
@@ -57,7 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--port", type=int, default=8080, help="port on 127.0.0.1 (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads (default: every core)")
-    parser.add_argument("--parallel", type=int, default=2, help="requests answered at once (default: %(default)s)")
+    # one slot on a CPU: two slots on 2 cores gave the generate stage 7.9 papers/min, one slot 13.1
+    # (benchmarks/results/teacher_endpoint_2026-12-07); a GPU serves many at once
+    parser.add_argument(
+        "--parallel", type=int, default=1, help="requests answered at once; more on a GPU (default: %(default)s)"
+    )
     parser.add_argument(
         "--ctx-size", type=int, default=4096, help="context tokens, shared by the parallel slots (default: %(default)s)"
     )
@@ -105,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(
         f"serving {args.gguf} as {next(iter(params.model_alias))!r} on {server.listening_address}/v1 "
-        f"({args.threads} threads, {args.parallel} parallel requests; Ctrl-C stops)",
+        f"({plural(args.threads, 'thread')}, {plural(args.parallel, 'request')} at a time; Ctrl-C stops)",
         flush=True,
     )
     auth = f"on (requests need the key in {API_KEY_ENV})" if key else f"off (set {API_KEY_ENV} to require a key)"

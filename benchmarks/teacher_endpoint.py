@@ -31,7 +31,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 PAPERS = "data/raw/arxiv_papers_sample.jsonl"  # the stage runs in REPO
-ASKED = re.compile(r"generate: (\d+) answers asked of .* \((\d+) HTTP requests\), (\d+) taken from")
+ASKED = re.compile(r"generate: ([\d,]+) answers? asked of .* \(([\d,]+) HTTP requests?\), ([\d,]+) taken from")
 
 
 def free_port() -> int:
@@ -86,6 +86,7 @@ def main() -> None:
     parser.add_argument("--gguf", type=Path, required=True)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--parallel", type=int, default=1, help="the server's slots (llama-serve's default)")
+    parser.add_argument("--concurrency", type=int, help="generate.concurrency (default: params.yaml's)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
 
@@ -97,6 +98,8 @@ def main() -> None:
     args.out.mkdir(parents=True)
     port = free_port()
     config = dataclasses.replace(generate, enabled=True, model=f"http://127.0.0.1:{port}/v1")
+    if args.concurrency is not None:
+        config = dataclasses.replace(config, concurrency=args.concurrency)
     params = args.out / "params.json"
     params.write_text(json.dumps({"stage": "generate", "generate": dataclasses.asdict(config)}, indent=2) + "\n")
 
@@ -108,7 +111,7 @@ def main() -> None:
             cpu_before = cpu_seconds(server.pid)
             wall, printed = run_stage(params, args.out, name)
             report = json.loads((args.out / f"report_{name}.json").read_text())
-            asked, requests, cached = (int(n) for n in ASKED.search(printed).groups())
+            asked, requests, cached = (int(n.replace(",", "")) for n in ASKED.search(printed).groups())
             runs[name] = {
                 "wall_s": round(wall, 1),
                 "server_cpu_s": round(cpu_seconds(server.pid) - cpu_before, 1),

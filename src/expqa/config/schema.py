@@ -175,7 +175,9 @@ class GenerateConfig:
         "EXPQA_TEACHER_API_KEY",
     )
     concurrency: int = _help(
-        "With a server: requests in flight at once; its parallel slots + 1 keeps it busy (a GPU's vLLM: 32 or more).", 2
+        "With a server: requests in flight at once. 1 keeps its greedy answers reproducible (with more, the order they "
+        "arrive in varies, and with it what the server batches or reuses from its prompt cache); vLLM on a GPU: 32+.",
+        1,
     )
     timeout_s: float = _help("With a server: seconds one request may take before it counts as timed out.", 120.0)
     retries: int = _help("With a server: tries after the first when it answers 429 or 5xx, or times out.", 3)

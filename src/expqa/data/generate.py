@@ -14,9 +14,12 @@ reason (the last three were added after the 135M teacher's repetition loops and 
   copying    the answer repeats no run of max_copied_words words from the abstract (`copies_abstract`)
   duplicate  no earlier kept question normalises to the same text (`duplicate_question`)
   grounding  at least min_grounding of the answer's content words occur in the title or abstract (`ungrounded`)
-Decoding is greedy, so the same papers, teacher and params give the same rows, and dvc.lock means something. Each
-row carries its provenance: arXiv id, title, authors, the teacher (weights hash, or the model id its server
-reported), the sampling settings, the prompt version and whether a schema constrained the answer.
+Decoding is greedy, so the same papers, teacher and params give the same rows, and dvc.lock means something (a
+server's teacher with generate.concurrency 1: with more requests in flight their order varies, and with it what the
+server batches or reuses from its prompt cache, which can change an answer slightly); a rerun that finds every answer
+in the cache gives the same rows in any case. Each row carries its provenance: arXiv id, title, authors, the teacher
+(weights hash, or the model id its server reported), the sampling settings, the prompt version and whether a schema
+constrained the answer.
 """
 
 from __future__ import annotations

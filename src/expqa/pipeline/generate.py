@@ -16,6 +16,7 @@ from expqa.data.generate import generate_qa
 from expqa.data.teacher_endpoint import TeacherError
 from expqa.files import write_json
 from expqa.pipeline import stage_main
+from expqa.wording import plural
 
 PATHS = "--papers --base --cache --out --report"  # required path options: dvc.yaml gives them
 
@@ -38,8 +39,8 @@ def run(args, params):
     print("generate: dropped " + ", ".join(f"{reason} {n}" for reason, n in counts.get("dropped", {}).items()))
     if this_run is not None:
         print(
-            f"generate: {this_run['answers_asked']} answers asked of {counts['teacher']} "
-            f"({this_run['requests']} HTTP requests), {this_run['answers_cached']} taken from {args.cache}"
+            f"generate: {plural(this_run['answers_asked'], 'answer')} asked of {counts['teacher']} "
+            f"({plural(this_run['requests'], 'HTTP request')}), {this_run['answers_cached']} taken from {args.cache}"
         )
 
 

@@ -5,7 +5,7 @@
 
 Made to be the generate stage's teacher (`make generate-qa TEACHER=http://127.0.0.1:8080/v1`): llama.cpp turns a
 request's `response_format` JSON schema into a grammar, so every answer is JSON of the asked form, and answers
---parallel requests at once (one on a CPU; the generate stage keeps another waiting, generate.concurrency: 2). The
+--parallel requests at once (one on a CPU, where the stage asks one at a time: generate.concurrency). The
 model id it reports is the file's name and the first 12 hex digits of its SHA-256 (`expqa-q8_0.gguf@0123456789ab`):
 the stage's answer cache is keyed by that id, so a re-exported file is asked again instead of answered from the old
 file's cache.
@@ -59,8 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--port", type=int, default=8080, help="port on 127.0.0.1 (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads (default: every core)")
-    # one slot on a CPU: two slots on 2 cores gave the generate stage 7.9 papers/min, one slot 13.1
-    # (benchmarks/results/teacher_endpoint_2026-12-07); a GPU serves many at once
+    # one slot on a CPU: on 2 cores the generate stage (2 requests in flight) ran 7.9 papers/min with two slots, 14.1
+    # with one (benchmarks/results/teacher_endpoint_2026-12-07); a GPU serves many at once
     parser.add_argument(
         "--parallel", type=int, default=1, help="requests answered at once; more on a GPU (default: %(default)s)"
     )

@@ -400,9 +400,9 @@ def generate_qa(papers: Path, out: Path, config: GenerateConfig, *, base_dir: Pa
     with AnswerCache(Path(cache)) as answers:
         if config.enabled and selected:
             if is_endpoint(config.model):
-                entries, teacher = _ask_endpoint(selected, config, answers)
+                entries, provenance = _ask_endpoint(selected, config, answers)
             else:
-                entries, teacher = _ask_model(selected, config, answers, Path(base_dir))
+                entries, provenance = _ask_model(selected, config, answers, Path(base_dir))
             checks = Checks(
                 config.pairs_per_paper,
                 config.min_answer_words,
@@ -412,15 +412,15 @@ def generate_qa(papers: Path, out: Path, config: GenerateConfig, *, base_dir: Pa
             )
             rows, drops = _check_answers(selected, entries, checks)
             counts.update(
-                teacher=teacher["teacher"],
-                teacher_weights_sha256=teacher["teacher_weights_sha256"],
-                sampling=teacher["sampling"],
+                teacher=provenance["teacher"],
+                teacher_weights_sha256=provenance["teacher_weights_sha256"],
+                sampling=provenance["sampling"],
                 output_format=sorted({entry["output_format"] for paper in entries for entry in paper}),
                 pairs_requested=config.pairs_per_paper * len(selected),
                 pairs_kept=len(rows),
                 dropped=drops,
                 papers_with_pairs=len({row["metadata"]["arxiv_id"] for row in rows}),
-                this_run=teacher["this_run"],
+                this_run=provenance["this_run"],
             )
     _write_jsonl(Path(out), rows)
     return counts

@@ -156,10 +156,12 @@ collect-cv-full:
 	dvc exp run -S 'collect.posts=$(ARCHIVE)' combine
 
 # synthetic Q&A grounded in the arXiv papers' metadata (README "More training data"): the generate stage with its
-# teacher switched on, a DVC experiment up to combine. TEACHER=<local model folder or hub id> replaces the base model
-# (a strong instruct model on a GPU is the point; the embedded 135M teacher keeps few pairs)
+# teacher switched on, a DVC experiment up to combine. TEACHER=<local model folder, hub id, or an OpenAI-compatible
+# server's http://host:port/v1> replaces the base model (a strong instruct model on a GPU is the point; the embedded
+# 135M teacher keeps few pairs); TEACHER_MODEL=<name> picks the model of a server that serves several (Ollama)
 generate-qa: install
-	dvc exp run -S generate.enabled=true $(if $(TEACHER),-S 'generate.model=$(TEACHER)') combine
+	dvc exp run -S generate.enabled=true $(if $(TEACHER),-S 'generate.model=$(TEACHER)') \
+	  $(if $(TEACHER_MODEL),-S 'generate.endpoint_model=$(TEACHER_MODEL)') combine
 
 stats: install
 	dvc repro stats

@@ -17,9 +17,9 @@ def expqa(*args, cwd=REPO):
 def test_help_lists_every_subcommand_and_each_has_help():
     result = expqa("--help")
     assert result.returncode == 0
-    for name in [*STAGES, "ask", "chat", "serve", "params", "plots", "verify", "pull"]:
+    for name in [*STAGES, "ask", "chat", "serve", "llama-serve", "params", "plots", "verify", "pull"]:
         assert name in result.stdout
-    for name in [*STAGES, "ask", "chat", "serve", "params", "plots", "verify", "pull"]:
+    for name in [*STAGES, "ask", "chat", "serve", "llama-serve", "params", "plots", "verify", "pull"]:
         sub = expqa(name, "--help")
         assert sub.returncode == 0 and f"expqa {name}" in sub.stdout, sub.stderr
 

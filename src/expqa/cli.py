@@ -1,4 +1,5 @@
-"""`expqa` command line: the pipeline stages plus `ask`, `chat`, `serve`, `params`, `plots`, `verify` and `pull`.
+"""`expqa` command line: the pipeline stages plus `ask`, `chat`, `serve`, `llama-serve`, `params`, `plots`, `verify`
+and `pull`.
 
 Stage subcommands call the same functions `dvc repro` runs (expqa.pipeline.<stage>, through stages/<stage>.py), so
 there is one implementation of each stage, and they work from any folder once expqa is installed.
@@ -44,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_parser("chat", help="interactive chat with the fine-tuned model (history, /reset, /system)", add_help=False)
     sub.add_parser("serve", help="OpenAI-compatible chat-completions endpoint on 127.0.0.1", add_help=False)
+    sub.add_parser(
+        "llama-serve",
+        help="llama.cpp's OpenAI-compatible server on a GGUF file (xllamacpp), e.g. generate's teacher",
+        add_help=False,
+    )
     sub.add_parser(
         "params", help="every params.yaml key: the value that runs here (profile) and its meaning", add_help=False
     )
@@ -96,6 +102,10 @@ def dispatch(argv: list[str] | None = None) -> int:
         from expqa.serving.serve import main as serve_main
 
         return serve_main(rest)
+    if command == "llama-serve":
+        from expqa.serving.llama_server import main as llama_serve_main
+
+        return llama_serve_main(rest)
     if command == "plots":
         from expqa.evaluation.plots import main as plots_main
 

@@ -46,8 +46,15 @@ def changed_lines(old: list[str], new: list[str]) -> list[str]:
             "  ollama_type: f16              # the file models/gguf/Modelfile's FROM points at: auto = the type whose "
             "greedy",
         ),
+        (  # what `make generate-qa TEACHER=http://127.0.0.1:8080/v1` sets
+            "generate.model=http://127.0.0.1:8080/v1",
+            "  model: base                   # teacher: base (the base stage's model) | a local model folder | a hub "
+            "id | an",
+            "  model: http://127.0.0.1:8080/v1 # teacher: base (the base stage's model) | a local model folder | a "
+            "hub id | an",
+        ),
     ],
-    ids=["lora.r", "cpu.train.num_train_epochs", "export.ollama_type"],
+    ids=["lora.r", "cpu.train.num_train_epochs", "export.ollama_type", "generate.model"],
 )
 def test_set_param_rewrites_exactly_one_line(tmp_path, override, removed, added):
     old, path = set_params(tmp_path, override)

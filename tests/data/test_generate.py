@@ -139,13 +139,15 @@ def test_paper_without_an_abstract_names_file_line_and_key(tmp_path: Path) -> No
 
 
 def test_disabled_stage_writes_an_empty_output_and_loads_no_model(tmp_path: Path, capsys) -> None:
-    out, report = tmp_path / "generated.jsonl", tmp_path / "generate.json"
+    out, report, cache = tmp_path / "generated.jsonl", tmp_path / "generate.json", tmp_path / "cache.jsonl"
     code = STAGE(
         [
             "--papers",
             str(SAMPLE_PAPERS),
             "--base",
             str(tmp_path / "no-model"),
+            "--cache",
+            str(cache),
             "--out",
             str(out),
             "--report",
@@ -154,7 +156,7 @@ def test_disabled_stage_writes_an_empty_output_and_loads_no_model(tmp_path: Path
             str(REPO / "params.yaml"),
         ]
     )
-    assert code == 0 and out.read_text() == ""
+    assert code == 0 and out.read_text() == "" and cache.read_text() == ""  # DVC needs every output, empty or not
     counts = json.loads(report.read_text())
     assert counts["enabled"] is False and counts["papers_read"] >= 30 and counts["papers_selected"] >= 10
     assert "make generate-qa" in capsys.readouterr().out
@@ -167,6 +169,7 @@ def test_missing_teacher_is_a_clear_error(tmp_path: Path) -> None:
             tmp_path / "out.jsonl",
             shipped_generate_config(enabled=True, max_papers=1),
             base_dir=tmp_path / "no-model",
+            cache=tmp_path / "cache.jsonl",
         )
 
 
@@ -178,19 +181,31 @@ def test_invalid_config_is_rejected_before_reading_papers(tmp_path: Path) -> Non
             tmp_path / "out.jsonl",
             shipped_generate_config(min_grounding=1.5),
             base_dir=tmp_path / "no-model",
+            cache=tmp_path / "cache.jsonl",
         )
     assert list(tmp_path.iterdir()) == []
 
 
-def test_random_teacher_output_is_dropped_counted_and_deterministic(tiny_base: Path, tmp_path: Path) -> None:
+def test_random_teacher_output_is_dropped_counted_and_deterministic(
+    tiny_base: Path, tmp_path: Path, monkeypatch
+) -> None:
     config = shipped_generate_config(enabled=True, max_papers=2, max_new_tokens=24)
-    first = generate_qa(SAMPLE_PAPERS, tmp_path / "a.jsonl", config, base_dir=tiny_base)
-    second = generate_qa(SAMPLE_PAPERS, tmp_path / "b.jsonl", config, base_dir=tiny_base)
+    first = generate_qa(SAMPLE_PAPERS, tmp_path / "a.jsonl", config, base_dir=tiny_base, cache=tmp_path / "a-cache")
+    second = generate_qa(SAMPLE_PAPERS, tmp_path / "b.jsonl", config, base_dir=tiny_base, cache=tmp_path / "b-cache")
     # exact on any CPU: the same greedy generation twice in one process (same kernels, shapes and thread count)
+    assert first.pop("this_run") == second.pop("this_run") == {"answers_asked": 2, "answers_cached": 0, "requests": 0}
     assert first == second and (tmp_path / "a.jsonl").read_bytes() == (tmp_path / "b.jsonl").read_bytes()
+    assert (tmp_path / "a-cache").read_bytes() == (tmp_path / "b-cache").read_bytes()
     assert first["pairs_requested"] == 2 * config.pairs_per_paper
     assert first["pairs_kept"] + sum(first["dropped"].values()) == first["pairs_requested"]
     assert first["teacher"] == "tiny-random-llama (base stage)" and len(first["teacher_weights_sha256"]) == 64
+    # a rerun answers from the cache: the model is not even loaded, and the output is the same
+    from expqa.model import loading
+
+    monkeypatch.setattr(loading, "load_for_inference", lambda *a, **kw: pytest.fail("the teacher was loaded"))
+    third = generate_qa(SAMPLE_PAPERS, tmp_path / "c.jsonl", config, base_dir=tiny_base, cache=tmp_path / "a-cache")
+    assert third.pop("this_run") == {"answers_asked": 0, "answers_cached": 2, "requests": 0} and third == first
+    assert (tmp_path / "c.jsonl").read_bytes() == (tmp_path / "a.jsonl").read_bytes()
 
 
 def test_kept_rows_carry_provenance_and_feed_combine(tiny_base: Path, tmp_path: Path, monkeypatch) -> None:
@@ -213,7 +228,9 @@ def test_kept_rows_carry_provenance_and_feed_combine(tiny_base: Path, tmp_path: 
         + "\n"
     )
     out = tmp_path / "generated.jsonl"
-    counts = generate_qa(papers, out, shipped_generate_config(enabled=True), base_dir=tiny_base)
+    counts = generate_qa(
+        papers, out, shipped_generate_config(enabled=True), base_dir=tiny_base, cache=tmp_path / "cache.jsonl"
+    )
     assert counts["pairs_kept"] == 1 and counts["dropped"]["unparseable"] == counts["pairs_requested"] - 1
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]
     validate_conversation(row)
@@ -222,6 +239,7 @@ def test_kept_rows_carry_provenance_and_feed_combine(tiny_base: Path, tmp_path: 
     assert metadata["arxiv_id"] == "1512.04922" and metadata["prompt_version"] == PROMPT_VERSION
     assert metadata["teacher_weights_sha256"] == counts["teacher_weights_sha256"]
     assert "arXiv:1512.04922" in metadata["attribution"] and metadata["grounding"] == 1.0
+    assert metadata["sampling"] == {"temperature": 0.0, "max_tokens": 384} and metadata["output_format"] == "plain"
     data = dataclasses.replace(DataConfig(), weights={"cross_validated": 2.0, "arxiv_synthetic": 1.0})
     manifest = combine_datasets(
         [REPO / "data" / "raw" / "arxiv_synthetic.jsonl", out], tmp_path / "processed", data, seed=42

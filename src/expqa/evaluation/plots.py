@@ -50,17 +50,28 @@ PAGE = """<!DOCTYPE html>
 {bundle}
 </script>
 <script>
-// SVG, so that every mark is an element (crisp screenshots, countable in tests); a chart that fails says why
+// SVG, so that every mark is an element (crisp screenshots, countable in tests); a chart that fails says why.
+// DVC gives a curve file without rows (align's, with align.enabled false) an empty spec: say so instead of an
+// empty frame
 const bundledEmbed = window.vegaEmbed;
-window.vegaEmbed = (el, spec, opt) => bundledEmbed(el, spec, Object.assign({{renderer: "svg"}}, opt))
-  .catch(err => {{ document.querySelector(el).insertAdjacentHTML("beforeend",
-    "<pre class='chart-error'></pre>"); document.querySelector(el + " .chart-error").textContent = String(err); }});
+window.vegaEmbed = (el, spec, opt) => {{
+  if (!spec || !spec.data) {{
+    document.querySelector(el).insertAdjacentHTML("beforeend", "<p class='no-rows'></p>");
+    document.querySelector(el + " .no-rows").textContent =
+      el.slice(1) + ": no rows (the stage that writes it did not run or was off)";
+    return Promise.resolve();
+  }}
+  return bundledEmbed(el, spec, Object.assign({{renderer: "svg"}}, opt))
+    .catch(err => {{ document.querySelector(el).insertAdjacentHTML("beforeend",
+      "<pre class='chart-error'></pre>"); document.querySelector(el + " .chart-error").textContent = String(err); }});
+}};
 </script>
 <style>
 body {{ font-family: sans-serif; margin: 16px; }}
 .charts {{ display: grid; grid-template-columns: repeat(auto-fill, minmax(420px, 1fr)); gap: 16px; }}
 #eval-base-vs-tuned {{ grid-column: 1 / -1; }}
 .chart-error {{ color: #b00; white-space: pre-wrap; }}
+.no-rows {{ color: #666; }}
 </style>
 </head>
 <body>
